@@ -1,0 +1,151 @@
+"""The adapter protocol.
+
+An :class:`AdapterSet` is one named set of parameter-efficient modules of one method (LoRA,
+bottleneck, prefix, ...). It never edits the backbone: it declares *hook points* and the model
+(``align.model.AlignModel``) installs one dispatcher per point, which applies the contributions of
+the sets that the active role stacks, in stack order. Deactivated sets cost nothing.
+
+Hook point kinds (``(module_path, kind) -> fn``):
+
+* ``"out"``   forward hook on a module: ``fn(module_input, output) -> output``. For a block that
+  returns a tuple (attention), ``output`` is its first element.
+* ``"in"``    forward pre-hook: ``fn(module_input) -> module_input``.
+
+Methods that act inside attention (prefix tuning, LLaMA-Adapter) implement ``attention_extra``;
+methods that add virtual tokens to the input (prompt tuning, P-tuning) implement
+``virtual_embeddings``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+
+from align.arch import Arch
+
+
+@dataclass
+class AdapterConfig:
+    """One adapter set's method and hyper-parameters (fields unused by a method are ignored).
+
+    The same dataclass is the ``adapter:`` section of every stage config.
+    """
+    method: str = "lora"  # lora | bottleneck | prefix | ia3 | prompt | ptuning | llama_adapter | full | top_k
+    # LoRA
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Any = None  # list of module-name suffixes, or one regex string; None = family default
+    use_rslora: bool = False
+    # bottleneck adapters
+    variant: str = "houlsby"  # houlsby (after attention and MLP) | pfeiffer (after MLP only)
+    bottleneck_size: int = 16
+    nonlinearity: str = "relu"
+    init_std: float = 1e-2
+    # prefix / prompt / p-tuning / llama-adapter
+    num_virtual_tokens: int = 8
+    prefix_projection: bool = False
+    encoder_hidden_size: int = 64
+    prompt_init: str = "random"  # random | sample_vocab | text
+    prompt_init_text: str = ""
+    encoder_type: str = "mlp"  # p-tuning prompt encoder: mlp | lstm
+    adapter_layers: int = 2  # LLaMA-Adapter: top L layers
+    # IA3
+    feedforward_modules: Any = None
+    # top_k baseline
+    top_k: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def match_target(name: str, targets) -> bool:
+    """peft's rule: a string is a full-match regex; a list matches a module-name suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class AdapterSet(nn.Module):
+    """Base class: one named set of adapter tensors of one method."""
+
+    method: ClassVar[str] = ""
+    peft_type: ClassVar[str | None] = None  # the HF peft type when peft has this method
+
+    def __init__(self, name: str, config: AdapterConfig, arch: Arch):
+        super().__init__()
+        self.set_name = name
+        self.config = config
+        self.arch = arch
+
+    # --- what the set contributes ---------------------------------------------------------
+    def hook_points(self) -> dict[tuple[str, str], Callable]:
+        return {}
+
+    def attention_extra(self, layer_idx: int, batch_size: int):
+        """Extra key/value for a layer's attention, or None. See align.attention."""
+        return None
+
+    def virtual_embeddings(self, batch_size: int, embed: nn.Embedding) -> torch.Tensor | None:
+        """[B, N, hidden] embeddings prepended to the input at prefill, or None."""
+        return None
+
+    def num_prefix_positions(self) -> int:
+        """Positions the real tokens are shifted by (prefix tuning follows peft: N)."""
+        return 0
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    def expected_num_params(self) -> int:
+        """Closed-form count of trainable parameters (tested against the real count)."""
+        raise NotImplementedError
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors needed at inference (training-only reparameterisations folded away)."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def copy_from(self, other: "AdapterSet") -> None:
+        self.load_state_dict(other.state_dict())
+
+    # --- on-disk format ----------------------------------------------------------------------
+    # Methods that exist in HF peft override these four to read and write peft's layout.
+    def peft_config(self) -> dict | None:
+        """The ``adapter_config.json`` peft would write, or None if peft lacks the method."""
+        return None
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors as written to ``adapter_model.safetensors`` (peft key names where peft has it)."""
+        return self.inference_state_dict()
+
+    def import_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`export_state_dict` onto a set built from the saved config."""
+        self.load_state_dict(sd)
+
+    @classmethod
+    def config_from_peft(cls, peft_cfg: dict) -> AdapterConfig:
+        raise NotImplementedError(f"{cls.method} has no HF peft counterpart")
+
+    def saved_config(self) -> AdapterConfig:
+        """The config of what :meth:`export_state_dict` writes (reparameterisations folded)."""
+        return self.config
+
+
+METHODS: dict[str, type[AdapterSet]] = {}
+
+
+def register(cls: type[AdapterSet]) -> type[AdapterSet]:
+    METHODS[cls.method] = cls
+    return cls
+
+
+def create_adapter_set(name: str, config: AdapterConfig, backbone: nn.Module, arch: Arch) -> AdapterSet:
+    import align.adapters  # noqa: F401  (registers the methods)
+    if config.method not in METHODS:
+        raise ValueError(f"adapter.method={config.method!r} is unknown; available: {sorted(METHODS)}")
+    return METHODS[config.method](name, config, arch, backbone)

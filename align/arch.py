@@ -1,0 +1,72 @@
+"""Where things live inside a Hugging Face causal LM, per model family.
+
+Adapters attach by module path; this file is the one place that knows the paths of the
+decoder blocks, their attention and MLP sub-modules, and the shapes the methods need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str              # llama-like ("llama", "qwen2", "mistral") or "gpt2"
+    model_type: str
+    layers_path: str         # e.g. "model.layers" / "transformer.h"
+    attn_name: str           # attribute of a block: "self_attn" / "attn"
+    mlp_name: str            # "mlp"
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    k_proj: str              # module name (inside attn) producing keys; gpt2 fuses q,k,v
+    v_proj: str
+    mlp_down: str            # module name (inside mlp) whose input is the intermediate activation
+    conv1d: bool             # gpt2's Conv1D stores weights as [in, out]
+
+    def block_path(self, i: int) -> str:
+        return f"{self.layers_path}.{i}"
+
+    def attn_path(self, i: int) -> str:
+        return f"{self.block_path(i)}.{self.attn_name}"
+
+    def mlp_path(self, i: int) -> str:
+        return f"{self.block_path(i)}.{self.mlp_name}"
+
+
+LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "olmo", "olmo2", "phi3"}
+
+
+def detect_arch(model: nn.Module) -> Arch:
+    cfg = model.config
+    mt = cfg.model_type
+    if mt in LLAMA_LIKE:
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return Arch("llama", mt, "model.layers", "self_attn", "mlp", cfg.num_hidden_layers,
+                    cfg.hidden_size, heads, getattr(cfg, "num_key_value_heads", None) or heads,
+                    head_dim, cfg.intermediate_size, "k_proj", "v_proj", "down_proj", False)
+    if mt == "gpt2":
+        return Arch("gpt2", mt, "transformer.h", "attn", "mlp", cfg.n_layer, cfg.n_embd,
+                    cfg.n_head, cfg.n_head, cfg.n_embd // cfg.n_head,
+                    cfg.n_inner or 4 * cfg.n_embd, "c_attn", "c_attn", "c_proj", True)
+    raise NotImplementedError(
+        f"model_type {mt!r} is not supported yet; supported: {sorted(LLAMA_LIKE | {'gpt2'})}")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a transformers Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    w = getattr(module, "weight", None)
+    if w is not None and type(module).__name__ == "Conv1D":
+        return w.shape[0], w.shape[1]
+    raise TypeError(f"{type(module).__name__} is not a Linear/Conv1D layer")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

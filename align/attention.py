@@ -1,0 +1,50 @@
+"""The attention function that lets adapters act inside attention.
+
+transformers routes attention through ``AttentionInterface``; we register ``"align"``, which
+prepends the active adapter sets' extra key/value (prefix tuning) in front of the layer's own and
+widens the mask, then calls the stock sdpa function. With no such set active it is exactly sdpa.
+``AlignModel`` always passes its own 4-D boolean mask (True = attend), so the mask arriving here is
+a tensor; a ``None`` mask (someone else calling the model with plain causal attention) is rebuilt.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "align"
+
+
+def causal_bool_mask(batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """[B,1,Q,K] causal mask for queries at the last ``q_len`` of ``kv_len`` positions."""
+    q_abs = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    return (k <= q_abs)[None, None].expand(batch, 1, q_len, kv_len)
+
+
+def align_attention(module, query, key, value, attention_mask, **kwargs):
+    owner = getattr(module, "_align_owner", None)
+    extra = owner.attention_extra(module.layer_idx, query.shape[0]) if owner is not None else None
+    if extra is not None:
+        pk, pv = extra  # [B, H_kv, P, D]
+        b, _, q_len, _ = query.shape
+        if attention_mask is None:
+            attention_mask = causal_bool_mask(b, q_len, key.shape[2], query.device)
+        p = pk.shape[2]
+        if attention_mask.dtype == torch.bool:
+            pad = torch.ones(b, 1, q_len, p, dtype=torch.bool, device=query.device)
+        else:  # additive float mask
+            pad = torch.zeros(b, 1, q_len, p, dtype=attention_mask.dtype, device=query.device)
+        attention_mask = torch.cat([pad.expand(attention_mask.shape[0], -1, -1, -1)
+                                    if attention_mask.shape[0] != b else pad, attention_mask], dim=-1)
+        key = torch.cat([pk.to(key.dtype), key], dim=2)
+        value = torch.cat([pv.to(value.dtype), value], dim=2)
+        kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register() -> str:
+    AttentionInterface.register(NAME, align_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME

@@ -1,0 +1,83 @@
+"""Sampling from a role with the KV cache.
+
+Our own small loop rather than ``transformers.generate`` because every role's adapters (prefix
+key/values, virtual tokens at prefill only, hooks) must be live, positions must follow the
+left-padded mask exactly as in the training forward, and the log-probabilities of the sampled
+tokens must come from the same temperature-warped distribution that PPO later recomputes.
+Pure sampling only: no top-k/top-p and no minimum length, which would make the sampling
+distribution differ from the one PPO optimises (ppo-details §1.B5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Samples:
+    tokens: torch.Tensor     # [B, max_new_tokens]; after the first stop token everything is PAD
+    logprobs: torch.Tensor   # [B, max_new_tokens] log pi(token) under logits / temperature
+    lengths: torch.Tensor    # [B] number of tokens up to and including the stop token
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role: str,
+           max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
+           stop_token_id: int | None = None, pad_token_id: int = 0,
+           generator: torch.Generator | None = None, use_cache: bool = True) -> Samples:
+    """Sample continuations of left-padded prompts from ``role``.
+
+    With ``use_cache=False`` every step re-runs the whole sequence (used by tests to check the
+    cache gives the same tokens).
+    """
+    b = input_ids.shape[0]
+    device = input_ids.device
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    seq, mask = input_ids, attention_mask.long()
+    cache = DynamicCache() if use_cache else None
+    past_mask = None
+    step_ids, step_mask = seq, mask
+    with model.use(role):
+        for _ in range(max_new_tokens):
+            out = model(step_ids, step_mask, cache=cache, past_mask=past_mask, logits=True)
+            logits = out.logits[:, -1].float()
+            logp_all = torch.log_softmax(logits / temperature, dim=-1)
+            if greedy:
+                nxt = logp_all.argmax(-1)
+            else:
+                nxt = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+            lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            lp = torch.where(done, torch.zeros_like(lp), lp)
+            tokens.append(nxt)
+            logps.append(lp)
+            if stop_token_id is not None:
+                done = done | (nxt == stop_token_id)
+            new_mask = (~done | (nxt == stop_token_id)).long()[:, None] if stop_token_id is not None \
+                else torch.ones(b, 1, dtype=torch.long, device=device)
+            if use_cache:
+                cache, past_mask = out.cache, out.mask
+                step_ids, step_mask = nxt[:, None], new_mask
+            else:
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                mask = torch.cat([mask, new_mask], dim=1)
+                step_ids, step_mask = seq, mask
+            if bool(done.all()):
+                break
+    toks = torch.stack(tokens, 1)
+    lps = torch.stack(logps, 1)
+    if toks.shape[1] < max_new_tokens:  # everyone stopped early: pad to the fixed length
+        extra = max_new_tokens - toks.shape[1]
+        toks = torch.cat([toks, toks.new_full((b, extra), pad_token_id)], 1)
+        lps = torch.cat([lps, lps.new_zeros(b, extra)], 1)
+    if stop_token_id is not None:
+        is_stop = toks == stop_token_id
+        has = is_stop.any(1)
+        first = torch.where(has, is_stop.float().argmax(1), torch.full_like(has, max_new_tokens, dtype=torch.long))
+        lengths = torch.where(has, first + 1, torch.full_like(first, max_new_tokens))
+    else:
+        lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
+    return Samples(toks, lps, lengths)

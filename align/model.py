@@ -1,0 +1,260 @@
+"""One frozen backbone, many roles.
+
+``AlignModel`` holds the Hugging Face backbone once, the named adapter sets, the scalar heads and
+the roles. A role is a stack of adapter sets plus an optional head::
+
+    model = AlignModel(backbone)
+    model.add_adapter("sft", AdapterConfig(method="lora", r=8))
+    model.add_role("reference", adapters=["sft"])
+    model.copy_adapter("sft", "policy"); model.add_role("policy", adapters=["policy"])
+    model.add_head("value"); model.add_adapter("value", cfg); model.add_role("value", ["value"], head="value")
+    out = model(input_ids, attention_mask, role="policy")      # out.logits
+    with model.use("reference"): ...                            # or as a context
+
+Activating a role only changes which sets the hook dispatchers apply and which head reads the
+final hidden state; the backbone is never copied or modified (DESIGN invariants 1 and 2).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from align import attention
+from align.adapters.base import AdapterConfig, AdapterSet, create_adapter_set
+from align.arch import detect_arch
+from align.backbone import fingerprint, freeze
+from align.heads import ScalarHead
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    adapters: tuple[str, ...] = ()
+    head: str | None = None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None = None   # [B, T, V]
+    values: torch.Tensor | None = None   # [B, T] scalar head at every position
+    hidden: torch.Tensor | None = None   # [B, T, H] final hidden state
+    cache: object | None = None
+    mask: torch.Tensor | None = None     # the full 2-D mask the cache now covers (virtual tokens incl.)
+
+
+class AlignModel(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        freeze(backbone)
+        self.backbone = backbone
+        self.arch = detect_arch(backbone)
+        self.fingerprint = fingerprint(backbone)
+        self.adapters = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        self.roles: dict[str, Role] = {"base": Role("base")}
+        self.active: tuple[str, ...] = ()
+        self.active_head: str | None = None
+        self._dispatch: dict[tuple[str, str], list] = {}
+        self._handles = []
+        backbone.set_attn_implementation(attention.register())
+        for i in range(self.arch.num_layers):
+            attn = backbone.get_submodule(self.arch.attn_path(i))
+            # read by align.attention for prefix key/values; set in __dict__ so it is not
+            # registered as a submodule (that would make the model contain itself)
+            attn.__dict__["_align_owner"] = self
+            if getattr(attn, "layer_idx", None) is None:
+                attn.layer_idx = i
+
+    # ----------------------------------------------------------------- adapter sets and roles
+    def add_adapter(self, name: str, config: AdapterConfig) -> AdapterSet:
+        if name in self.adapters:
+            raise ValueError(f"adapter set {name!r} already exists")
+        aset = create_adapter_set(name, config, self.backbone, self.arch)
+        dev = next(self.backbone.parameters()).device
+        aset.to(dev)
+        self.adapters[name] = aset
+        for point, fn in aset.hook_points().items():
+            self._dispatch.setdefault(point, [])
+            if len(self._dispatch[point]) == 0:
+                self._install(point)
+            self._dispatch[point].append((name, fn))
+        return aset
+
+    def copy_adapter(self, src: str, dst: str) -> AdapterSet:
+        """A new set ``dst`` with the method, config and current values of ``src``."""
+        aset = self.add_adapter(dst, copy.deepcopy(self.adapters[src].config))
+        aset.copy_from(self.adapters[src])
+        return aset
+
+    def add_head(self, name: str, init: str = "reward") -> ScalarHead:
+        head = ScalarHead(self.arch.hidden_size, init=init).to(next(self.backbone.parameters()).device)
+        self.heads[name] = head
+        return head
+
+    def add_role(self, name: str, adapters: Iterable[str] = (), head: str | None = None) -> Role:
+        adapters = tuple(adapters)
+        for a in adapters:
+            if a not in self.adapters:
+                raise KeyError(f"role {name!r}: no adapter set {a!r} (have {list(self.adapters)})")
+        if head is not None and head not in self.heads:
+            raise KeyError(f"role {name!r}: no head {head!r} (have {list(self.heads)})")
+        role = Role(name, adapters, head)
+        self.roles[name] = role
+        return role
+
+    def set_trainable(self, names: Iterable[str]) -> list[nn.Parameter]:
+        """Make exactly the named adapter sets / heads trainable; everything else is frozen."""
+        names = set(names)
+        unknown = names - set(self.adapters) - set(self.heads)
+        if unknown:
+            raise KeyError(f"no adapter set or head named {sorted(unknown)}")
+        for coll in (self.adapters, self.heads):
+            for n, m in coll.items():
+                m.requires_grad_(n in names)
+        return self.trainable_parameters()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # the frozen backbone never runs dropout
+        return self
+
+    @contextlib.contextmanager
+    def use(self, role: str):
+        prev = (self.active, self.active_head)
+        r = self.roles[role]
+        self.active, self.active_head = r.adapters, r.head
+        try:
+            yield r
+        finally:
+            self.active, self.active_head = prev
+
+    # ----------------------------------------------------------------- hook dispatch
+    def _install(self, point: tuple[str, str]) -> None:
+        path, kind = point
+        module = self.backbone.get_submodule(path)
+        entries = self._dispatch[point]
+
+        def live():
+            if not self.active:
+                return []
+            # stack order: the role's adapter order
+            return [fn for a in self.active for (n, fn) in entries if n == a]
+
+        if kind == "out":
+            def hook(mod, args, kwargs, output):
+                fns = live()
+                if not fns:
+                    return None
+                x = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(output, tuple):
+                    out0 = output[0]
+                    for fn in fns:
+                        out0 = fn(x, out0)
+                    return (out0,) + tuple(output[1:])
+                for fn in fns:
+                    output = fn(x, output)
+                return output
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        elif kind == "in":
+            def pre_hook(mod, args, kwargs):
+                fns = live()
+                if not fns:
+                    return None
+                if args:
+                    x = args[0]
+                    for fn in fns:
+                        x = fn(x)
+                    return (x,) + tuple(args[1:]), kwargs
+                x = kwargs["hidden_states"]
+                for fn in fns:
+                    x = fn(x)
+                return args, {**kwargs, "hidden_states": x}
+            self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        else:
+            raise ValueError(f"unknown hook kind {kind!r}")
+
+    def live_sets(self) -> list[AdapterSet]:
+        return [self.adapters[a] for a in self.active]
+
+    def attention_extra(self, layer_idx: int, batch_size: int):
+        extras = [e for s in self.live_sets() if (e := s.attention_extra(layer_idx, batch_size)) is not None]
+        if not extras:
+            return None
+        if len(extras) == 1:
+            return extras[0]
+        return torch.cat([e[0] for e in extras], dim=2), torch.cat([e[1] for e in extras], dim=2)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                role: str | None = None, cache=None, past_mask: torch.Tensor | None = None,
+                logits: bool | None = None) -> ModelOutput:
+        """Run the backbone under ``role`` (or the role already active).
+
+        ``attention_mask`` is the 2-D mask of ``input_ids`` (1 = real token; left or right padding).
+        For incremental decoding pass ``cache`` (a transformers ``DynamicCache``) and ``past_mask``,
+        the ``mask`` of the previous output. Virtual tokens (prompt tuning) are prepended at
+        prefill only and are never part of the returned tensors.
+        """
+        if role is not None:
+            with self.use(role):
+                return self.forward(input_ids, attention_mask, cache=cache, past_mask=past_mask, logits=logits)
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(torch.long)
+        embed = self.backbone.get_input_embeddings()
+        embeds = embed(input_ids)
+        n_virtual = 0
+        if past_mask is None:  # prefill: virtual tokens go in front
+            virtual = [v for s in self.live_sets() if (v := s.virtual_embeddings(b, embed)) is not None]
+            if virtual:
+                virtual = torch.cat(virtual, dim=1).to(embeds.dtype)
+                n_virtual = virtual.shape[1]
+                embeds = torch.cat([virtual, embeds], dim=1)
+                attention_mask = torch.cat(
+                    [attention_mask.new_ones(b, n_virtual), attention_mask], dim=1)
+            full_mask = attention_mask
+        else:
+            full_mask = torch.cat([past_mask, attention_mask], dim=1)
+        q_len = embeds.shape[1]
+        kv_len = full_mask.shape[1]
+        # Positions count real tokens only (correct under left padding for absolute-position
+        # models), shifted by the prefix length as peft does for prefix tuning.
+        shift = sum(s.num_prefix_positions() for s in self.live_sets())
+        positions = (full_mask.cumsum(1) - 1).clamp(min=0)[:, kv_len - q_len:] + shift
+        q_abs = torch.arange(kv_len - q_len, kv_len, device=embeds.device)
+        k_idx = torch.arange(kv_len, device=embeds.device)
+        causal = k_idx[None, :] <= q_abs[:, None]
+        # Padding rows attend to themselves so no softmax row is empty (avoids NaN); nothing
+        # real ever attends to them.
+        mask4 = (causal[None] & full_mask.bool()[:, None, :]) | (k_idx[None, :] == q_abs[:, None])[None]
+        out = self.backbone.base_model(
+            inputs_embeds=embeds, attention_mask=mask4[:, None], position_ids=positions,
+            past_key_values=cache, use_cache=cache is not None)
+        hidden = out.last_hidden_state[:, n_virtual:]
+        head = self.active_head
+        want_logits = logits if logits is not None else head is None
+        result = ModelOutput(hidden=hidden, cache=out.past_key_values if cache is not None else None,
+                             mask=full_mask)
+        if want_logits:
+            result.logits = self.backbone.get_output_embeddings()(hidden)
+        if head is not None:
+            result.values = self.heads[head](hidden)
+        return result
+
+    # ----------------------------------------------------------------- introspection
+    def backbone_num_params(self) -> int:
+        return sum(p.numel() for p in self.backbone.parameters())
+
+    def role_num_params(self, role: str) -> int:
+        r = self.roles[role]
+        n = sum(self.adapters[a].num_params() for a in r.adapters)
+        return n + (sum(p.numel() for p in self.heads[r.head].parameters()) if r.head else 0)
