@@ -126,6 +126,12 @@ class AlignModel(nn.Module):
         self.backbone.eval()  # the frozen backbone never runs dropout
         return self
 
+    def activate(self, role: str) -> Role:
+        """Make ``role`` the active one until changed (``use`` is the scoped form)."""
+        r = self.roles[role]
+        self.active, self.active_head = r.adapters, r.head
+        return r
+
     @contextlib.contextmanager
     def use(self, role: str):
         prev = (self.active, self.active_head)
@@ -195,17 +201,26 @@ class AlignModel(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 role: str | None = None, cache=None, past_mask: torch.Tensor | None = None,
-                logits: bool | None = None) -> ModelOutput:
+                logits: bool | None = None, segment_ids: torch.Tensor | None = None,
+                roles: tuple[str, ...] | None = None):
         """Run the backbone under ``role`` (or the role already active).
 
         ``attention_mask`` is the 2-D mask of ``input_ids`` (1 = real token; left or right padding).
         For incremental decoding pass ``cache`` (a transformers ``DynamicCache``) and ``past_mask``,
         the ``mask`` of the previous output. Virtual tokens (prompt tuning) are prepended at
-        prefill only and are never part of the returned tensors.
+        prefill only and are never part of the returned tensors. ``segment_ids`` [B, T] (packed
+        sequences, no cache) restricts attention to tokens of the same segment and restarts
+        positions at each segment.
         """
+        if roles is not None:
+            # several roles over the same inputs inside one module call, so DDP / DeepSpeed see a
+            # single forward per backward; returns {role: ModelOutput}
+            return {r: self.forward(input_ids, attention_mask, role=r, logits=logits,
+                                    segment_ids=segment_ids) for r in roles}
         if role is not None:
             with self.use(role):
-                return self.forward(input_ids, attention_mask, cache=cache, past_mask=past_mask, logits=logits)
+                return self.forward(input_ids, attention_mask, cache=cache, past_mask=past_mask,
+                                    logits=logits, segment_ids=segment_ids)
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -235,7 +250,17 @@ class AlignModel(nn.Module):
         causal = k_idx[None, :] <= q_abs[:, None]
         # Padding rows attend to themselves so no softmax row is empty (avoids NaN); nothing
         # real ever attends to them.
-        mask4 = (causal[None] & full_mask.bool()[:, None, :]) | (k_idx[None, :] == q_abs[:, None])[None]
+        allowed = causal[None] & full_mask.bool()[:, None, :]
+        if segment_ids is not None:
+            if cache is not None or n_virtual:
+                raise ValueError("segment_ids (packing) is for training forwards without cache or virtual tokens")
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            start = torch.cat([torch.ones_like(segment_ids[:, :1], dtype=torch.bool),
+                               segment_ids[:, 1:] != segment_ids[:, :-1]], dim=1)
+            idx = torch.arange(q_len, device=embeds.device).expand_as(segment_ids)
+            seg_start = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), dim=1).values
+            positions = idx - seg_start + shift
+        mask4 = allowed | (k_idx[None, :] == q_abs[:, None])[None]
         out = self.backbone.base_model(
             inputs_embeds=embeds, attention_mask=mask4[:, None], position_ids=positions,
             past_key_values=cache, use_cache=cache is not None)

@@ -1,0 +1,109 @@
+"""Atomic checkpoints for exact resume.
+
+A checkpoint is a directory ``checkpoints/step_<N>/`` with:
+
+* ``trainable.safetensors``: every trainable tensor (adapters, heads) by name;
+* ``optimizer.pt``: the optimizer's state_dict (tensors and numbers only, so it loads with
+  ``torch.load(weights_only=True)``);
+* ``rng.pt``: torch (CPU and CUDA) RNG states as tensors; ``rng.json``: Python's ``random`` state;
+* ``state.json``: the trainer's position (step, epoch, batch index), scheduler state, KL controller
+  and anything else the stage needs.
+
+It is written to a temporary directory and renamed into place, then ``checkpoints/latest`` is
+replaced atomically, so a kill at any moment leaves the previous checkpoint usable.
+Under DeepSpeed the optimizer state is partitioned across ranks, so each rank saves its own
+``optimizer_rank<r>.pt`` (same format) into the same directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return tensors, {"python": [py[0], list(py[1]), py[2]],
+                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _set_rng_state(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda{i}"], i)
+    v, st, g = plain["python"]
+    random.setstate((v, tuple(st), g))
+    n = plain["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+
+
+def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer,
+                    state: dict, *, rank: int = 0, is_main: bool = True, keep: int = 2,
+                    barrier=None) -> Path:
+    ckpt_root = Path(run_dir) / "checkpoints"
+    final = ckpt_root / f"step_{step}"
+    tmp = ckpt_root / f".tmp_step_{step}"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if barrier:
+        barrier()
+    opt_name = "optimizer.pt" if rank == 0 else f"optimizer_rank{rank}.pt"
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / opt_name)
+    rng_t, rng_p = _rng_state()
+    torch.save(rng_t, tmp / f"rng_rank{rank}.pt")
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_p))
+    if is_main:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                  tmp / "trainable.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    if barrier:
+        barrier()
+    if is_main:
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = ckpt_root / ".latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, ckpt_root / "latest")
+        done = sorted((p for p in ckpt_root.glob("step_*")), key=lambda p: int(p.name[5:]))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if barrier:
+        barrier()
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.json").exists() else None
+
+
+def load_checkpoint(path: Path, *, rank: int = 0) -> dict:
+    """Returns {"trainable", "optimizer", "state"} and restores this rank's RNG states."""
+    path = Path(path)
+    opt_name = "optimizer.pt" if rank == 0 else f"optimizer_rank{rank}.pt"
+    opt = torch.load(path / opt_name, weights_only=True) if (path / opt_name).exists() else None
+    rng_t = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
+    _set_rng_state(rng_t, json.loads((path / f"rng_rank{rank}.json").read_text()))
+    return {"trainable": load_file(path / "trainable.safetensors"), "optimizer": opt,
+            "state": json.loads((path / "state.json").read_text())}

@@ -1,0 +1,66 @@
+"""``align`` command line: one sub-command per stage plus the pipeline, import, eval and export."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+STAGES = {
+    "sft": ("align.stages.sft", "SFTConfig", "Stage 1: instruction tuning of an adapter set"),
+    "reward": ("align.stages.reward", "RewardConfig", "Stage 2: reward model on ranked comparisons"),
+    "ppo": ("align.stages.ppo", "PPOConfig", "Stage 3: PPO against the reward model, KL to the SFT policy"),
+    "pipeline": ("align.pipeline", "PipelineConfig", "Run SFT -> reward -> PPO (the quickstart) end to end"),
+    "eval": ("align.evaluate", "EvalConfig", "Compare two policies on held-out prompts"),
+}
+
+
+def _available(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="align", description="RLHF where every trainable part is a parameter-efficient module "
+                                  "over one frozen, shared backbone.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, _, helptext) in STAGES.items():
+        if _available(module):
+            p = sub.add_parser(name, help=helptext, description=helptext)
+            p.add_argument("config", nargs="?", help="YAML config (optional: defaults + overrides)")
+            p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 resume=true")
+    if _available("data_tools.cli"):
+        sub.add_parser("import", help="Import human annotations into canonical records", add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] == "import":
+        from data_tools.cli import main as import_main
+        return import_main(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)
+        config = None
+    import importlib
+
+    from align.config import ConfigError, load_config
+    module, cls_name, _ = STAGES[args.command]
+    mod = importlib.import_module(module)
+    try:
+        cfg = load_config(getattr(mod, cls_name), config, overrides)
+        mod.run(cfg)
+    except ConfigError as e:
+        print(f"align {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"align {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

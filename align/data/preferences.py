@@ -1,0 +1,154 @@
+"""Preference data for the reward model: pairs and K-wise rankings as *prompt groups*.
+
+Every record becomes one group ``(prompt, K completions, ranks)`` (lower rank = better, equal
+ranks = tie). A pair is a group with K = 2. A group is one batch element, as in InstructGPT: its
+K completions go through one forward pass and its C(K,2) ordered pairs are averaged into one
+loss term, so a prompt with many completions is not weighted K(K-1)/2 times.
+
+Accepted records: canonical rankings ``{prompt, completions, ranks}``; pairs ``{prompt, chosen,
+rejected}`` (TRL explicit prompt, standard or conversational); implicit-prompt pairs ``{chosen,
+rejected}`` whose shared beginning is taken as the prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from align.data.sft import render
+
+
+@dataclass
+class Group:
+    prompt: object                  # str or list of messages
+    completions: list               # K completions (str or message lists)
+    ranks: list[int]
+    margin: float = 0.0             # pairs only: required reward gap (TRL's margin)
+    weight: float = 1.0
+
+
+def _common_prefix(a, b):
+    if isinstance(a, list):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[:n], a[n:], b[n:]
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    cut = a.rfind(" ", 0, n + 1) if n < min(len(a), len(b)) else n
+    cut = max(cut, 0)
+    return a[:cut], a[cut:], b[cut:]
+
+
+def to_group(rec: dict, where: str) -> Group:
+    try:
+        w = float(rec.get("weight", 1.0) or 1.0)
+        if "completions" in rec:
+            comps, ranks = rec["completions"], [int(r) for r in rec["ranks"]]
+            if len(comps) < 2 or len(ranks) != len(comps):
+                raise ValueError("'completions' needs K >= 2 entries and 'ranks' one per completion")
+            return Group(rec["prompt"], comps, ranks, 0.0, w)
+        chosen, rejected = rec["chosen"], rec["rejected"]
+        if "prompt" in rec:
+            prompt = rec["prompt"]
+        else:
+            prompt, chosen, rejected = _common_prefix(chosen, rejected)
+        return Group(prompt, [chosen, rejected], [0, 1], float(rec.get("margin", 0.0) or 0.0), w)
+    except KeyError as e:
+        raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass
+class TokenGroup:
+    sequences: list[list[int]]      # prompt + completion + EOS, per completion
+    ranks: list[int]
+    margin: float
+    weight: float
+
+
+def tokenize_group(g: Group, tokenizer, max_length: int, chat_template=None) -> TokenGroup:
+    from align.data.sft import tokenize_pair
+    seqs = []
+    for c in g.completions:
+        if isinstance(g.prompt, list) or isinstance(c, list):
+            p, t = render({"prompt": g.prompt, "completion": c if isinstance(c, list) else
+                           [{"role": "assistant", "content": c}]}, tokenizer, chat_template)
+        else:
+            p, t = g.prompt, c
+        pi, ci = tokenize_pair(p, t, tokenizer, max_length)
+        seqs.append(pi + ci)
+    return TokenGroup(seqs, list(g.ranks), g.margin, g.weight)
+
+
+def collate_groups(groups: list[TokenGroup], pad_id: int, padding_side: str = "right") -> dict:
+    seqs = [s for g in groups for s in g.sequences]
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(t - len(s), t) if padding_side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s)
+        mask[i, sl] = 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "group": torch.tensor([gi for gi, g in enumerate(groups) for _ in g.sequences]),
+            "ranks": torch.tensor([r for g in groups for r in g.ranks], dtype=torch.float),
+            "margin": torch.tensor([g.margin for g in groups]),
+            "weight": torch.tensor([g.weight for g in groups])}
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for left or right padding."""
+    t = mask.shape[1]
+    return t - 1 - mask.long().flip(1).argmax(1)
+
+
+def sequence_rewards(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head's output at each row's last real token."""
+    return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
+
+
+def ranking_pairs(ranks: torch.Tensor, group: torch.Tensor, ties: str = "skip"):
+    """All ordered (better, worse) index pairs inside each group; tied pairs when ties='half'."""
+    same = group[:, None] == group[None, :]
+    better = same & (ranks[:, None] < ranks[None, :])
+    i, j = better.nonzero(as_tuple=True)
+    if ties == "half":
+        tied = same & (ranks[:, None] == ranks[None, :])
+        tied = torch.triu(tied, diagonal=1)
+        ti, tj = tied.nonzero(as_tuple=True)
+        return i, j, ti, tj
+    if ties != "skip":
+        raise ValueError(f"ties={ties!r}: choose skip or half")
+    return i, j, i[:0], j[:0]
+
+
+def kwise_loss(rewards: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor, n_groups: int,
+               margin: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+               ties: str = "skip") -> tuple[torch.Tensor, dict]:
+    """InstructGPT's loss: per group, the mean over its C(K,2) ordered pairs of
+    ``-log sigmoid(r_better - r_worse - margin)``; then the (weighted) mean over groups.
+    With ``ties='half'`` a tied pair contributes the Bradley-Terry loss with target 1/2."""
+    i, j, ti, tj = ranking_pairs(ranks, group, ties)
+    d = rewards[i] - rewards[j]
+    if margin is not None:
+        d = d - margin[group[i]]
+    pair_loss = -F.logsigmoid(d)
+    gidx = group[i]
+    if len(ti):
+        dt = rewards[ti] - rewards[tj]
+        pair_loss = torch.cat([pair_loss, -(0.5 * F.logsigmoid(dt) + 0.5 * F.logsigmoid(-dt))])
+        gidx = torch.cat([gidx, group[ti]])
+    sums = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(0, gidx, pair_loss)
+    counts = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(
+        0, gidx, torch.ones_like(pair_loss))
+    has = counts > 0
+    per_group = sums[has] / counts[has]
+    w = weight[has].to(rewards.dtype) if weight is not None else torch.ones_like(per_group)
+    loss = (per_group * w).sum() / w.sum().clamp(min=1e-8)
+    with torch.no_grad():
+        acc = (rewards[i] > rewards[j]).float().mean() if len(i) else torch.tensor(0.0)
+    return loss, {"accuracy": acc, "pairs": float(len(i)), "margin": d.detach().mean() if len(i) else 0.0}

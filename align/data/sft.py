@@ -1,0 +1,156 @@
+"""SFT examples: the dataset formats users know from TRL, tokenized with completion-only labels.
+
+Accepted records (canonical format, data_tools/README.md): ``{"prompt", "completion"}`` with
+strings (standard) or message lists (conversational), or ``{"messages": [...]}`` (the last
+assistant turn is the completion; earlier turns are the prompt). Conversations are rendered with
+the tokenizer's chat template, or ``data.chat_template`` for tokenizers without one.
+
+Prompt and completion are tokenized separately (as the policy will later see them: prompt
+tokens, then generated tokens) and an EOS is appended to the completion. Truncation never drops
+a completion silently: the prompt is cut from the left first; only a completion that alone
+exceeds the budget is cut, and every cut is counted and reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class TruncationReport:
+    examples: int = 0
+    prompt_truncated: int = 0
+    completion_truncated: int = 0   # completion cut (its EOS lost)
+    dropped: int = 0                # no completion token fits at all (counted, never silent)
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+def render(record: dict, tokenizer, chat_template: str | None = None) -> tuple[str, str]:
+    """(prompt text, completion text) of one record."""
+    def apply(msgs, gen_prompt):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt,
+                                             chat_template=chat_template)
+    if "messages" in record:
+        msgs = record["messages"]
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise ValueError("a 'messages' record needs at least one assistant turn")
+        prompt_msgs, completion_msgs = msgs[:last], msgs[last:last + 1]
+    else:
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return prompt, completion
+        if isinstance(prompt, str) or isinstance(completion, str):
+            raise ValueError("prompt and completion must both be strings or both be message lists")
+        prompt_msgs, completion_msgs = prompt, completion
+    p = apply(prompt_msgs, True)
+    full = apply(prompt_msgs + completion_msgs, False)
+    if not full.startswith(p):
+        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+    return p, full[len(p):]
+
+
+def tokenize_pair(prompt: str, completion: str, tokenizer, max_length: int,
+                  report: TruncationReport | None = None, add_eos: bool = True):
+    """Token ids of prompt and completion (+EOS), truncated to ``max_length`` in total."""
+    p = tokenizer(prompt, add_special_tokens=False).input_ids
+    c = tokenizer(completion, add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    if add_eos and (not c or c[-1] != eos):
+        c = c + [eos]
+    rep = report or TruncationReport()
+    rep.examples += 1
+    if len(p) + len(c) > max_length:
+        keep_prompt = max(1, max_length - len(c))
+        if keep_prompt < len(p):
+            p = p[-keep_prompt:]
+            rep.prompt_truncated += 1
+        if len(p) + len(c) > max_length:
+            c = c[:max_length - len(p)]
+            rep.completion_truncated += 1
+            if not c:
+                rep.dropped += 1
+    return p, c
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def build_examples(records, tokenizer, max_length: int, completion_only: bool = True,
+                   chat_template: str | None = None, where: str = "data") -> tuple[list, TruncationReport]:
+    report = TruncationReport()
+    out = []
+    for i, rec in enumerate(records):
+        try:
+            prompt, completion = render(rec, tokenizer, chat_template)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{where}: record {i}: {e}") from None
+        p, c = tokenize_pair(prompt, completion, tokenizer, max_length, report)
+        if not c:
+            continue
+        labels = ([IGNORE] * len(p) if completion_only else list(p)) + c
+        out.append(SFTExample(p + c, labels))
+    return out, report
+
+
+def pack(examples: list[SFTExample], max_length: int) -> list[dict]:
+    """Greedy packing into rows of at most ``max_length`` tokens with segment ids (no
+    cross-example attention: the model masks across segments and restarts positions)."""
+    rows, cur = [], {"input_ids": [], "labels": [], "segment_ids": []}
+    seg = 0
+    for ex in examples:
+        if cur["input_ids"] and len(cur["input_ids"]) + len(ex.input_ids) > max_length:
+            rows.append(cur)
+            cur, seg = {"input_ids": [], "labels": [], "segment_ids": []}, 0
+        seg += 1
+        cur["input_ids"] += ex.input_ids
+        cur["labels"] += ex.labels
+        cur["segment_ids"] += [seg] * len(ex.input_ids)
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows
+
+
+@dataclass
+class Collator:
+    pad_token_id: int
+    packed: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __call__(self, items) -> dict:
+        items = [it if isinstance(it, dict) else {"input_ids": it.input_ids, "labels": it.labels}
+                 for it in items]
+        t = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), t), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), t), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(items), t), dtype=torch.long)
+        seg = torch.zeros((len(items), t), dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[i, :n] = torch.tensor(it["input_ids"])
+            labels[i, :n] = torch.tensor(it["labels"])
+            mask[i, :n] = 1
+            seg[i, :n] = torch.tensor(it["segment_ids"]) if "segment_ids" in it else 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.packed:
+            batch["segment_ids"] = seg
+        return batch
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over labelled positions; returns (loss, token count)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    n = (shift_labels != IGNORE).sum()
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE, reduction="sum")
+    return loss / n.clamp(min=1), n

@@ -1,0 +1,91 @@
+"""What every stage does the same way: run directory, config record, runtime, backbone, tracker."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from align.backbone import load_backbone, load_tokenizer
+from align.checkpoint import latest_checkpoint
+from align.config import ConfigError, save_config, to_dict
+from align.distributed import Runtime
+from align.model import AlignModel
+from align.tracking import Tracker
+
+
+@dataclass
+class Stage:
+    run_dir: Path
+    rt: Runtime
+    tokenizer: object
+    model: AlignModel
+    tracker: Tracker
+    backbone_path: str
+    resume_step: int | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def backbone_from_run(run_dir: str | Path) -> dict:
+    """The backbone record (path, fingerprint) a previous stage's run dir was trained on."""
+    f = Path(run_dir) / "backbone.json"
+    if not f.exists():
+        raise ConfigError(f"{run_dir} is not a finished align run directory (no backbone.json)")
+    return json.loads(f.read_text())
+
+
+def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
+    run_dir = Path(cfg.output_dir)
+    if not backbone_path or not Path(backbone_path).exists():
+        raise ConfigError(f"model.path: backbone {backbone_path!r} does not exist")
+    resume_step = None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        ckpt = latest_checkpoint(run_dir)
+        if cfg.resume and ckpt is not None:
+            resume_step = json.loads((ckpt / "state.json").read_text())["step"]
+        elif not cfg.resume and (run_dir / "config.yaml").exists():
+            raise ConfigError(f"output_dir {run_dir} already holds a run; pass resume=true to continue "
+                              f"it or choose another output_dir")
+    rt = Runtime(grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    rt.barrier()
+    seed_everything(cfg.train.seed)
+    tok = load_tokenizer(backbone_path, trust_remote_code=cfg.model.trust_remote_code)
+    backbone = load_backbone(backbone_path, cfg.model.dtype, rt.device, cfg.model.trust_remote_code, tok)
+    if cfg.model.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = AlignModel(backbone)
+    if rt.is_main:
+        (run_dir / "backbone.json").write_text(json.dumps(
+            {"path": str(Path(backbone_path).resolve()), "fingerprint": model.fingerprint,
+             "dtype": cfg.model.dtype, "num_params": model.backbone_num_params()}, indent=2))
+    tracker = Tracker(run_dir, cfg.tracking, job_type=job_type, config=to_dict(cfg),
+                      is_main=rt.is_main, resume_step=resume_step)
+    return Stage(run_dir, rt, tok, model, tracker, backbone_path, resume_step)
+
+
+def write_summary(stage: Stage, summary: dict) -> None:
+    if stage.rt.is_main:
+        (stage.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    stage.tracker.summary(summary)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, t - len(s):] = torch.tensor(s)
+            mask[i, t - len(s):] = 1
+    return ids.to(device), mask.to(device)

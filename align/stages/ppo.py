@@ -1,0 +1,503 @@
+"""Stage 3: PPO against the reward model with a per-token KL penalty to the SFT policy.
+
+Every role lives on one frozen backbone held once in memory:
+
+    reference = [sft]                 frozen: the SFT adapters (never the bare backbone)
+    policy    = [policy]              trainable copy of sft
+    value     = [value] + value head  trainable; from the reward role (default) or fresh,
+                                      or the policy's adapters with its own head (value.share_policy)
+    reward    = [reward...] + head    frozen: the trained reward role
+
+One PPO iteration (CleanRL / N+ implementation details; ppo-details.md §1):
+
+    1. sample responses to left-padded prompts from the policy (KV cache, temperature T, pure sampling)
+    2. truncate after the first stop token; score query+response with the reward role at the last
+       real token; normalise with the reward stage's statistics; penalise responses with no stop
+    3. one batched no-grad forward of policy, reference and value: old log-probs at T, reference
+       log-probs at T, values
+    4. per-token KL penalty in the reward, score added at the last real token; GAE(gamma, lambda);
+       advantages whitened over real tokens
+    5. num_ppo_epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss,
+       one optimizer step per minibatch (gradient accumulation over micro-batches)
+    6. KL controller update; log; checkpoint
+
+``align ppo CONFIG`` writes adapters/policy (peft layout where possible), adapters/value,
+heads/value, checkpoints/ (exact resume incl. KL controller and data position), metrics.jsonl,
+samples.jsonl and summary.json.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from align.adapters.base import AdapterConfig
+from align.adapters.peft_format import load_adapter, load_head, save_adapter, save_head
+from align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align.config import ConfigError, ModelConfig, TrackingConfig, require_file
+from align.data.common import read_records, split_by_prompt
+from align.data.preferences import sequence_rewards
+from align.data.sft import render
+from align.generation import sample
+from align.rl.functional import entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten
+from align.rl.gae import compute_gae
+from align.rl.kl import kl_per_token, make_kl_controller
+from align.rl.losses import explained_variance, policy_loss, value_loss
+from align.rl.rewards import compute_token_rewards, whiten_rewards
+from align.rl.rollout import apply_missing_stop_penalty, response_mask_from_lengths, truncate_after_stop
+from align.stages.common import backbone_from_run, left_pad, start_stage, write_summary
+from align.trainer import make_optimizer
+
+
+@dataclass
+class PPODataConfig:
+    prompts: str = ""                    # records with a "prompt" (other fields ignored)
+    eval_prompts: str = ""               # held-out prompts; else eval_fraction of prompts
+    eval_fraction: float = 0.05
+    max_prompt_length: int = 256         # longer prompts keep their last tokens
+    chat_template: Optional[str] = None
+
+
+@dataclass
+class ValueConfig:
+    init: str = "reward"                 # reward: copy of the reward role (adapters + head) | fresh
+    share_policy: bool = False           # value head on the policy's adapters instead of its own set
+    adapter: Optional[AdapterConfig] = None  # for init=fresh (default: the policy's method and config)
+
+
+@dataclass
+class PPOAlgoConfig:
+    seed: int = 0
+    iterations: int = 100                # PPO iterations (rollout + update)
+    rollout_batch_size: int = 64         # prompts per iteration, over all processes
+    num_minibatches: int = 1             # optimizer steps per PPO epoch
+    num_ppo_epochs: int = 4
+    micro_batch_size: int = 16           # per process, per forward/backward
+    response_length: int = 48
+    temperature: float = 0.7
+    lr: float = 1e-4
+    lr_schedule: str = "linear"          # linear (to 0, N+) | constant
+    adam_eps: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"             # k1 | k2 | k3 (in the reward)
+    kl_controller: str = "fixed"         # fixed | adaptive (Ziegler et al.)
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    normalize_reward: bool = True        # (r - mean) / std with the reward stage's statistics
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    missing_stop_penalty: float = -1.0   # N+: a response with no stop token scores -1
+    missing_stop_mode: str = "replace"   # replace | subtract | none
+    log_every: int = 1
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    stop_after_iterations: int = 0       # testing aid: stop as if killed
+
+
+@dataclass
+class PPOEvalConfig:
+    every: int = 0                       # iterations; 0: at the end only
+    num_prompts: int = 64
+    temperature: float = 0.7
+    gold: str = ""                       # optional "module:function(prompts, responses, ended) -> list[float]"
+    num_samples_logged: int = 8
+
+
+@dataclass
+class PPOConfig:
+    output_dir: str = "runs/ppo"
+    resume: bool = False
+    sft_run: str = ""
+    reward_run: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+    data: PPODataConfig = field(default_factory=PPODataConfig)
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def train(self):
+        """start_stage reads seed and grad_accum from here: one optimizer step per minibatch,
+        accumulated over its micro-batches (world size from the launcher's environment)."""
+        a = self.ppo
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        mb = a.rollout_batch_size // world // max(1, a.num_minibatches)
+        return _TrainView(a.seed, max(1, mb // a.micro_batch_size))
+
+
+@dataclass
+class _TrainView:
+    seed: int
+    grad_accum: int = 1
+
+
+# ------------------------------------------------------------------------------------ roles
+def build_roles(model, cfg: PPOConfig) -> dict:
+    """reference, policy, value and reward roles over the one backbone; returns their stacks."""
+    sft_dir = Path(cfg.sft_run) / "adapters" / "sft"
+    load_adapter(model, "sft", sft_dir)
+    model.add_role("reference", ["sft"])
+    model.copy_adapter("sft", "policy")
+    model.add_role("policy", ["policy"])
+
+    rr = json.loads((Path(cfg.reward_run) / "reward_role.json").read_text())
+    reward_stack = []
+    for entry in rr["adapters"]:
+        d = Path(entry["dir"])
+        d = d if d.is_absolute() else Path(cfg.reward_run) / d
+        if entry["name"] == "sft" and d.resolve() == sft_dir.resolve():
+            reward_stack.append("sft")  # the same frozen SFT set, not a second copy
+            continue
+        name = "reward" if entry["name"] == "reward" else f"reward_{entry['name']}"
+        load_adapter(model, name, d)
+        reward_stack.append(name)
+    head_rec = load_head(model, "reward", Path(cfg.reward_run) / rr["head"])
+    model.add_role("reward", reward_stack, head="reward")
+    norm = head_rec.get("normalisation") or {"mean": 0.0, "std": 1.0}
+
+    v = cfg.value
+    if v.share_policy:
+        value_stack = ["policy"]
+        trainable_value = []
+        if v.init == "reward":
+            model.add_head("value")
+            model.heads["value"].load_state_dict(model.heads["reward"].state_dict())
+        else:
+            model.add_head("value", init="zero")
+    elif v.init == "reward":
+        model.copy_adapter("reward", "value")
+        model.add_head("value")
+        model.heads["value"].load_state_dict(model.heads["reward"].state_dict())
+        value_stack = [a if a != "reward" else "value" for a in reward_stack]
+        trainable_value = ["value"]
+    elif v.init == "fresh":
+        model.add_adapter("value", v.adapter or model.adapters["sft"].config)
+        model.add_head("value", init="zero")
+        value_stack, trainable_value = ["value"], ["value"]
+    else:
+        raise ConfigError(f"value.init={v.init!r}: choose reward or fresh")
+    model.add_role("value", value_stack, head="value")
+    model.set_trainable(["policy", "value", *trainable_value])
+    return {"reward_norm": norm, "stacks": {r: list(model.roles[r].adapters) for r in
+                                            ("reference", "policy", "value", "reward")}}
+
+
+# ------------------------------------------------------------------------------------ data
+def load_prompts(cfg: PPOConfig, tok) -> tuple[list, list]:
+    recs = read_records(require_file(cfg.data.prompts, "data.prompts"))
+    if cfg.data.eval_prompts:
+        held = read_records(require_file(cfg.data.eval_prompts, "data.eval_prompts"))
+    else:
+        recs, held = split_by_prompt(recs, cfg.data.eval_fraction)
+
+    def encode(rs, where):
+        out = []
+        for i, r in enumerate(rs):
+            if "prompt" not in r:
+                raise ValueError(f"{where}: record {i}: missing field 'prompt'")
+            p = r["prompt"]
+            text = p if isinstance(p, str) else render(
+                {"prompt": p, "completion": [{"role": "assistant", "content": ""}]}, tok,
+                cfg.data.chat_template)[0]
+            ids = tok(text, add_special_tokens=False).input_ids[-cfg.data.max_prompt_length:]
+            out.append({"text": text, "ids": ids})
+        return out
+    return encode(recs, cfg.data.prompts), encode(held, cfg.data.eval_prompts or "held-out prompts")
+
+
+def load_gold(spec: str):
+    if not spec:
+        return None
+    mod, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+# ------------------------------------------------------------------------------------ rollout
+@dataclass
+class Rollout:
+    query: torch.Tensor          # [B, Q] left-padded prompt ids
+    query_mask: torch.Tensor
+    response: torch.Tensor       # [B, R] PAD after the stop token
+    response_mask: torch.Tensor  # [B, R] bool, real response tokens (stop token included)
+    seq_lengths: torch.Tensor    # [B] index of the last real response token
+    has_stop: torch.Tensor
+    logprobs: torch.Tensor       # [B, R] old log-probs (policy at T)
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    raw_scores: torch.Tensor
+    scores: torch.Tensor         # normalised, penalised
+    sample_logprobs: torch.Tensor
+
+
+def response_stats(model, query, qmask, response, rmask, roles, temperature):
+    """Log-probs (at T), entropies and values of ``response`` under ``roles`` in one module call."""
+    ids = torch.cat([query, response], 1)
+    mask = torch.cat([qmask, rmask.long()], 1)
+    q = query.shape[1]
+    outs = model(ids, mask, roles=tuple(roles))
+    res = {}
+    for r, o in outs.items():
+        if o.logits is not None:
+            logits = o.logits[:, q - 1:-1]
+            res[r] = {"logprobs": logprobs_from_logits(logits, response, temperature), "logits": logits}
+        if o.values is not None:
+            res.setdefault(r, {})["values"] = o.values[:, q - 1:-1].float()
+            res[r]["score"] = sequence_rewards(o.values.float(), mask)
+    return res
+
+
+@torch.no_grad()
+def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, generator) -> Rollout:
+    a = cfg.ppo
+    query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device)
+    with rt.gathered(model.parameters()):
+        s = sample(model, query, qmask, role="policy", max_new_tokens=a.response_length,
+                   temperature=a.temperature, stop_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id, generator=generator)
+    response, seq_lengths, has_stop = truncate_after_stop(s.tokens, tok.eos_token_id, tok.pad_token_id)
+    rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
+    logp, ref, values, raw = [], [], [], []
+    for i in range(0, len(prompts), a.micro_batch_size):
+        sl = slice(i, i + a.micro_batch_size)
+        st = response_stats(engine, query[sl], qmask[sl], response[sl], rmask[sl],
+                            ("policy", "reference", "value", "reward"), a.temperature)
+        logp.append(st["policy"]["logprobs"])
+        ref.append(st["reference"]["logprobs"])
+        values.append(st["value"]["values"])
+        raw.append(st["reward"]["score"])
+    raw = torch.cat(raw)
+    scores = (raw - norm["mean"]) / norm["std"] if a.normalize_reward else raw.clone()
+    if a.missing_stop_mode != "none":
+        scores = apply_missing_stop_penalty(scores, has_stop, a.missing_stop_penalty, a.missing_stop_mode)
+    return Rollout(query, qmask, response, rmask, seq_lengths, has_stop, torch.cat(logp), torch.cat(ref),
+                   torch.cat(values), raw, scores, s.logprobs)
+
+
+# ------------------------------------------------------------------------------------ the stage
+def run(cfg: PPOConfig) -> dict:
+    for key in ("sft_run", "reward_run"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{key} is required")
+    backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]
+    a = cfg.ppo
+    world_batch = a.rollout_batch_size
+    st = start_stage(cfg, "ppo", backbone)
+    rt, tok, model = st.rt, st.tokenizer, st.model
+    if world_batch % rt.world_size or (world_batch // rt.world_size) % a.num_minibatches:
+        raise ConfigError("ppo.rollout_batch_size must split evenly over processes and ppo.num_minibatches")
+    local_batch = world_batch // rt.world_size
+    mb_size = local_batch // a.num_minibatches
+    if mb_size % a.micro_batch_size and mb_size > a.micro_batch_size:
+        raise ConfigError("the per-process minibatch must be a multiple of ppo.micro_batch_size")
+    info = build_roles(model, cfg)
+    norm = info["reward_norm"]
+    train_prompts, eval_prompts = load_prompts(cfg, tok)
+    gold_fn = load_gold(cfg.eval.gold)
+    model.eval()  # dropout off in every role (ppo-details B7); nothing here uses train mode
+
+    params = model.trainable_parameters()
+    from align.config import TrainConfig
+    optimizer = make_optimizer(params, TrainConfig(lr=a.lr, weight_decay=a.weight_decay, adam_eps=a.adam_eps))
+    total_updates = a.iterations * a.num_ppo_epochs * a.num_minibatches
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: max(0.0, 1 - k / total_updates) if a.lr_schedule == "linear" else 1.0)
+    kl_ctl = make_kl_controller(a.kl_controller, kl_coef=a.kl_coef, target=a.kl_target, horizon=a.kl_horizon)
+
+    start = 0
+    ckpt = latest_checkpoint(st.run_dir) if cfg.resume else None
+    if ckpt is not None:
+        loaded = load_checkpoint(ckpt, rank=rt.rank)
+        rt.load_trainable(model, loaded["trainable"])
+    engine, optimizer = rt.prepare(model, optimizer, a.micro_batch_size)
+    if ckpt is not None:
+        s = loaded["state"]
+        if loaded["optimizer"] is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+        sched.load_state_dict(s["scheduler"])
+        kl_ctl.load_state_dict(s["kl_controller"])
+        start = s["step"]
+        load_checkpoint(ckpt, rank=rt.rank)  # RNG last
+        rt.print(f"[ppo] resumed from {ckpt} at iteration {start}/{a.iterations}")
+
+    steps_per_epoch = max(1, len(train_prompts) // world_batch)
+    if len(train_prompts) < world_batch:
+        raise ConfigError(f"{len(train_prompts)} training prompts cannot fill ppo.rollout_batch_size={world_batch}")
+
+    def prompts_for(it: int) -> list:
+        epoch, idx = divmod(it, steps_per_epoch)
+        g = torch.Generator().manual_seed(a.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(train_prompts), generator=g)[idx * world_batch:(idx + 1) * world_batch]
+        mine = perm[rt.rank * local_batch:(rt.rank + 1) * local_batch]
+        return [train_prompts[i] for i in mine.tolist()]
+
+    bar = tqdm(total=a.iterations, initial=start, desc="ppo", disable=not rt.is_main, dynamic_ncols=True)
+    last_eval: dict = {}
+    it = start
+    while it < a.iterations:
+        t0 = time.time()
+        gen = torch.Generator(device=rt.device).manual_seed(rt.local_seed * 1_000_003 + it)
+        ro = rollout(model, engine, prompts_for(it), cfg, tok, rt, norm, gen)
+        t_rollout = time.time() - t0
+        # --- rewards with the per-token KL penalty, advantages ---------------------------
+        kl = kl_per_token(ro.logprobs, ro.ref_logprobs, a.kl_estimator) * ro.response_mask
+        rewards, non_score = compute_token_rewards(ro.scores, kl, kl_ctl.value, ro.response_mask,
+                                                   ro.seq_lengths)
+        if a.whiten_rewards:
+            rewards = whiten_rewards(rewards, ro.response_mask)
+        advantages, returns = compute_gae(rewards, ro.values, ro.response_mask, a.gamma, a.lam)
+        if a.whiten_advantages:
+            advantages = masked_whiten(advantages, ro.response_mask, shift_mean=True)
+        # --- PPO epochs ---------------------------------------------------------------------
+        t1 = time.time()
+        stats: dict[str, list] = {}
+        n_micro = max(1, mb_size // a.micro_batch_size)
+        for epoch in range(a.num_ppo_epochs):
+            g = torch.Generator().manual_seed(a.seed * 7919 + it * 131 + epoch)
+            perm = torch.randperm(local_batch, generator=g)
+            for mb in range(a.num_minibatches):
+                mb_idx = perm[mb * mb_size:(mb + 1) * mb_size]
+                for k in range(n_micro):
+                    idx = mb_idx[k * a.micro_batch_size:(k + 1) * a.micro_batch_size].to(rt.device)
+                    with rt.accelerator.accumulate(engine):
+                        out = response_stats(engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
+                                             ro.response_mask[idx], ("policy", "value"), a.temperature)
+                        m = ro.response_mask[idx]
+                        pg, pg_stats = policy_loss(out["policy"]["logprobs"], ro.logprobs[idx],
+                                                   advantages[idx], m, a.cliprange)
+                        vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], returns[idx], m,
+                                                  a.cliprange_value)
+                        # accelerate divides by the accumulation steps (n_micro) for us
+                        rt.accelerator.backward(pg + a.vf_coef * vf)
+                        if rt.accelerator.sync_gradients:
+                            if a.max_grad_norm > 0:
+                                rt.accelerator.clip_grad_norm_(params, a.max_grad_norm)
+                            optimizer.step()
+                            sched.step()
+                            optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        ent = masked_mean(entropy_from_logits(out["policy"]["logits"], a.temperature), m)
+                    for key, val in {"policy/loss": pg, "value/loss": vf, "policy/entropy": ent,
+                                     **{f"policy/{k}": v for k, v in pg_stats.items()},
+                                     **{f"value/{k}": v for k, v in vf_stats.items()}}.items():
+                        stats.setdefault(key, []).append(float(val))
+                    if epoch == 0 and mb == 0 and k == 0:
+                        stats["policy/first_approxkl"] = [float(pg_stats["approxkl"])]
+                        stats["policy/first_ratio_mean"] = [float(pg_stats["ratio_mean"])]
+        t_train = time.time() - t1
+        # --- bookkeeping ------------------------------------------------------------------
+        seq_kl = kl.sum(1)
+        mean_kl = rt.mean_across({"kl": float(seq_kl.mean())})["kl"]
+        kl_ctl.update(mean_kl, world_batch)
+        it += 1
+        bar.update(1)
+        gen_tokens = float(ro.response_mask.sum())
+        logs = {
+            "objective/kl": mean_kl,
+            "objective/kl_coef": kl_ctl.value,
+            "objective/scores": float(ro.scores.mean()),
+            "objective/raw_scores": float(ro.raw_scores.mean()),
+            "objective/rlhf_reward": float((ro.scores + non_score.sum(1)).mean()),
+            "objective/non_score_reward": float(non_score.sum(1).mean()),
+            "policy/entropy_rollout": float(masked_mean(-ro.logprobs, ro.response_mask)),
+            "value/explained_variance": float(explained_variance(ro.values, returns, ro.response_mask)),
+            "response/length": float(ro.response_mask.sum(1).float().mean()),
+            "response/stop_rate": float(ro.has_stop.float().mean()),
+            "lr": sched.get_last_lr()[0],
+            "throughput/generated_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
+            "throughput/train_tokens_per_s":
+                gen_tokens * a.num_ppo_epochs / max(t_train, 1e-9),
+            "time/rollout_s": t_rollout, "time/update_s": t_train,
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+        }
+        logs = rt.mean_across(logs)
+        if it % max(1, a.log_every) == 0 or it == a.iterations:
+            st.tracker.log(logs, it)
+            bar.set_postfix(score=f"{logs['objective/scores']:.3f}", kl=f"{logs['objective/kl']:.3f}")
+        if (cfg.eval.every and it % cfg.eval.every == 0) or it == a.iterations:
+            last_eval = evaluate_policy(model, engine, eval_prompts, cfg, tok, rt, gold_fn, it, st.tracker)
+            st.tracker.log(last_eval, it)
+        if (a.save_every and it % a.save_every == 0) or it == a.iterations:
+            state = {"step": it, "scheduler": sched.state_dict(), "kl_controller": kl_ctl.state_dict(),
+                     "world_size": rt.world_size}
+            save_checkpoint(st.run_dir, it, rt.trainable_state(model), optimizer, state, rank=rt.rank,
+                            is_main=rt.is_main, keep=a.keep_checkpoints, barrier=rt.barrier)
+        if a.stop_after_iterations and it >= a.stop_after_iterations and it < a.iterations:
+            rt.print(f"[ppo] stopping after {it} iterations (ppo.stop_after_iterations)")
+            bar.close()
+            st.tracker.finish()
+            return {"stopped_at": it}
+    bar.close()
+    trained = ["policy", "value"] if "value" in model.adapters else ["policy"]
+    with rt.gathered([p for n in trained for p in model.adapters[n].parameters()] +
+                     list(model.heads["value"].parameters())):
+        if rt.is_main:
+            for n in trained:
+                save_adapter(model, n, st.run_dir / "adapters" / n, backbone_name=backbone)
+            save_head(model, "value", st.run_dir / "heads" / "value")
+            (st.run_dir / "roles.json").write_text(json.dumps(info["stacks"], indent=2))
+    summary = {"stage": "ppo", "iterations": it, **last_eval, "kl_coef_final": kl_ctl.value,
+               "trainable_params": {r: model.role_num_params(r) for r in ("policy", "value")},
+               "backbone_params": model.backbone_num_params()}
+    write_summary(st, summary)
+    st.tracker.log_artifact(st.run_dir / "adapters" / "policy", "policy-adapters", "adapter")
+    st.tracker.finish()
+    return summary
+
+
+@torch.no_grad()
+def policy_eval_batch(model, engine, prompts, tok, rt, *, role, temperature, response_length,
+                      generator, micro_batch_size=32) -> dict:
+    """Sample from ``role`` on ``prompts``; return responses, raw reward and KL to the reference."""
+    query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device)
+    with rt.gathered(model.parameters()):
+        s = sample(model, query, qmask, role=role, max_new_tokens=response_length, temperature=temperature,
+                   stop_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=generator)
+    response, seq_lengths, has_stop = truncate_after_stop(s.tokens, tok.eos_token_id, tok.pad_token_id)
+    rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
+    rewards, kls = [], []
+    for i in range(0, len(prompts), micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        out = response_stats(engine, query[sl], qmask[sl], response[sl], rmask[sl],
+                             (role, "reference", "reward"), temperature)
+        rewards.append(out["reward"]["score"])
+        kls.append(((out[role]["logprobs"] - out["reference"]["logprobs"]) * rmask[sl]).sum(1))
+    texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(response, rmask)]
+    return {"responses": texts, "reward": torch.cat(rewards).float().cpu(), "kl": torch.cat(kls).float().cpu(),
+            "ended": has_stop.cpu().tolist()}
+
+
+def evaluate_policy(model, engine, eval_prompts, cfg: PPOConfig, tok, rt, gold_fn, it, tracker) -> dict:
+    prompts = eval_prompts[:cfg.eval.num_prompts]
+    if not prompts:
+        return {}
+    gen = torch.Generator(device=rt.device).manual_seed(cfg.ppo.seed + 99991)
+    res = policy_eval_batch(model, engine, prompts, tok, rt, role="policy", temperature=cfg.eval.temperature,
+                            response_length=cfg.ppo.response_length, generator=gen)
+    out = {"eval/reward": float(res["reward"].mean()), "eval/kl": float(res["kl"].mean()),
+           "eval/num_prompts": len(prompts)}
+    rows = [{"prompt": p["text"], "response": r, "reward": float(s)}
+            for p, r, s in zip(prompts, res["responses"], res["reward"])]
+    if gold_fn is not None:
+        gold = torch.tensor(gold_fn([p["text"] for p in prompts], res["responses"], res["ended"]), dtype=torch.float)
+        out["eval/gold"] = float(gold.mean())
+        out["eval/gold_sem"] = float(gold.std() / math.sqrt(len(gold))) if len(gold) > 1 else 0.0
+        for row, gsc in zip(rows, gold.tolist()):
+            row["gold"] = gsc
+    tracker.log_samples("ppo/samples", rows[:cfg.eval.num_samples_logged], it)
+    return out

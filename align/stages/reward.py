@@ -1,0 +1,221 @@
+"""Stage 2: a reward model = backbone + reward adapter set + scalar head, on ranked comparisons.
+
+``align reward CONFIG`` writes::
+
+    adapters/reward/   heads/reward/ (head.json holds the normalisation mean/std)
+    reward_role.json   (the adapter stack PPO must rebuild, with paths)
+    config.yaml backbone.json metrics.jsonl summary.json checkpoints/ wandb/
+
+The reward role starts from the SFT adapters (``init: sft_copy``: a trainable copy;
+``sft_stack``: frozen SFT adapters with a new trainable set on top) or from the bare backbone
+(``init: base``). Training shares the SFT stage's loop, checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.adapters.base import AdapterConfig
+from align.adapters.peft_format import load_adapter, save_adapter, save_head
+from align.config import ConfigError, ModelConfig, TrackingConfig, TrainConfig, require_file
+from align.data.common import read_records, split_by_prompt
+from align.data.preferences import (collate_groups, kwise_loss, ranking_pairs, sequence_rewards,
+                                    to_group, tokenize_group)
+from align.data.sft import render
+from align.generation import sample
+from align.stages.common import backbone_from_run, left_pad, start_stage, write_summary
+from align.trainer import Trainer
+
+
+@dataclass
+class RewardDataConfig:
+    train: str = ""
+    eval: str = ""
+    eval_fraction: float = 0.1          # split by prompt: no prompt is on both sides
+    max_length: int = 512
+    chat_template: str | None = None
+    ties: str = "skip"                  # skip | half (a tie is a Bradley-Terry target of 1/2)
+
+
+@dataclass
+class NormalizeConfig:
+    source: str = "sft_samples"         # sft_samples | best_completions | none
+    num_prompts: int = 64
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    output_dir: str = "runs/reward"
+    resume: bool = False
+    sft_run: str = ""                   # the SFT run dir (gives backbone and SFT adapters)
+    init: str = "sft_copy"              # sft_copy | sft_stack | base
+    center_coef: float = 0.0            # TRL's center_rewards_coefficient: coef * mean(r^2)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=1.0))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def build_reward_role(model, cfg: RewardConfig) -> list[dict]:
+    """Adds the reward role; returns the stack description written to reward_role.json."""
+    stack = []
+    if cfg.init in ("sft_copy", "sft_stack"):
+        if not cfg.sft_run:
+            raise ConfigError(f"init={cfg.init} needs sft_run (or use init=base)")
+        sft_dir = Path(cfg.sft_run) / "adapters" / "sft"
+        load_adapter(model, "sft", sft_dir)
+        if cfg.init == "sft_copy":
+            model.copy_adapter("sft", "reward")
+            names = ["reward"]
+        else:
+            model.add_adapter("reward", cfg.adapter)
+            names = ["sft", "reward"]
+            stack.append({"name": "sft", "dir": str(sft_dir.resolve())})
+    elif cfg.init == "base":
+        model.add_adapter("reward", cfg.adapter)
+        names = ["reward"]
+    else:
+        raise ConfigError(f"init={cfg.init!r}: choose sft_copy, sft_stack or base")
+    stack.append({"name": "reward", "dir": "adapters/reward"})
+    model.add_head("reward", init="reward")
+    model.add_role("reward", names, head="reward")
+    model.set_trainable(["reward"])
+    return stack
+
+
+def reward_loss_fn(center_coef: float, ties: str):
+    def loss_fn(model, batch):
+        out = model(batch["input_ids"], batch["attention_mask"])
+        r = sequence_rewards(out.values, batch["attention_mask"])
+        loss, stats = kwise_loss(r, batch["ranks"], batch["group"], len(batch["weight"]),
+                                 batch["margin"], batch["weight"], ties)
+        if center_coef:
+            loss = loss + center_coef * (r ** 2).mean()
+        return loss, stats
+    return loss_fn
+
+
+@torch.no_grad()
+def score_groups(model, groups, pad_id, device, batch_size) -> list[torch.Tensor]:
+    """Rewards of every completion of every group (reward role active)."""
+    out = []
+    for i in range(0, len(groups), batch_size):
+        b = collate_groups(groups[i:i + batch_size], pad_id)
+        r = sequence_rewards(model(b["input_ids"].to(device), b["attention_mask"].to(device)).values,
+                             b["attention_mask"].to(device)).cpu()
+        out.extend(r[b["group"] == g] for g in range(len(groups[i:i + batch_size])))
+    return out
+
+
+def pairwise_eval(scores: list[torch.Tensor], groups) -> dict:
+    """Held-out accuracy, mean margin and calibration (accuracy by predicted-probability bucket)."""
+    d_all = []
+    for s, g in zip(scores, groups):
+        ranks = torch.tensor(g.ranks, dtype=torch.float)
+        i, j, _, _ = ranking_pairs(ranks, torch.zeros(len(ranks), dtype=torch.long))
+        d_all.append(s[i] - s[j])
+    d = torch.cat(d_all) if d_all else torch.zeros(0)
+    res = {"eval/accuracy": float((d > 0).float().mean()) if len(d) else float("nan"),
+           "eval/margin": float(d.mean()) if len(d) else float("nan"), "eval/pairs": len(d)}
+    conf = torch.sigmoid(d.abs())  # the model's probability for the pair order it predicts
+    edges = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0001]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf >= lo) & (conf < hi)
+        if sel.any():
+            res[f"eval/calibration/{lo:.1f}-{min(hi, 1.0):.1f}"] = float((d[sel] > 0).float().mean())
+            res[f"eval/calibration_n/{lo:.1f}-{min(hi, 1.0):.1f}"] = int(sel.sum())
+    return res
+
+
+def run(cfg: RewardConfig) -> dict:
+    backbone = cfg.model.path or (backbone_from_run(cfg.sft_run)["path"] if cfg.sft_run else "")
+    records = read_records(require_file(cfg.data.train, "data.train"))
+    if cfg.data.eval:
+        eval_records = read_records(require_file(cfg.data.eval, "data.eval"))
+    else:
+        records, eval_records = split_by_prompt(records, cfg.data.eval_fraction)
+    groups = [to_group(r, f"{cfg.data.train}: record {i}") for i, r in enumerate(records)]
+    eval_groups = [to_group(r, f"eval record {i}") for i, r in enumerate(eval_records)]
+
+    st = start_stage(cfg, "reward", backbone)
+    rt, tok, model = st.rt, st.tokenizer, st.model
+    stack = build_reward_role(model, cfg)
+    model.activate("reward")
+    tgroups = [tokenize_group(g, tok, cfg.data.max_length, cfg.data.chat_template) for g in groups]
+    egroups = [tokenize_group(g, tok, cfg.data.max_length, cfg.data.chat_template) for g in eval_groups]
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        with model.use("reward"):
+            scores = score_groups(model, egroups, tok.pad_token_id, rt.device, cfg.train.batch_size)
+        return pairwise_eval(scores, egroups)
+
+    trainer = Trainer("reward", st.run_dir, cfg.train, rt, model, tgroups,
+                      lambda gs: collate_groups(gs, tok.pad_token_id),
+                      reward_loss_fn(cfg.center_coef, cfg.data.ties), st.tracker, eval_fn=evaluate)
+    result = trainer.run(resume=cfg.resume)
+    if "stopped_at" in result:
+        st.tracker.finish()
+        return result
+    norm = reward_normalisation(model, tok, cfg, eval_groups, rt)
+    with rt.gathered(list(model.adapters["reward"].parameters()) + list(model.heads["reward"].parameters())):
+        if rt.is_main:
+            save_adapter(model, "reward", st.run_dir / "adapters" / "reward", backbone_name=backbone)
+            save_head(model, "reward", st.run_dir / "heads" / "reward", extra={"normalisation": norm})
+            (st.run_dir / "reward_role.json").write_text(json.dumps(
+                {"adapters": stack, "head": "heads/reward", "normalisation": norm}, indent=2))
+    summary = {"stage": "reward", **result, "normalisation": norm, "train_groups": len(tgroups),
+               "eval_groups": len(egroups), "trainable_params": model.role_num_params("reward"),
+               "backbone_params": model.backbone_num_params()}
+    write_summary(st, summary)
+    st.tracker.log_artifact(st.run_dir / "adapters" / "reward", "reward-adapters", "adapter")
+    st.tracker.finish()
+    return summary
+
+
+@torch.no_grad()
+def reward_normalisation(model, tok, cfg: RewardConfig, eval_groups, rt) -> dict:
+    """Mean and std of the reward over reference responses (Stiennon et al.: the SFT policy's
+    samples on held-out prompts), so PPO can use normalised rewards."""
+    n = cfg.normalize
+    if n.source == "none":
+        return {"mean": 0.0, "std": 1.0, "source": "none", "n": 0}
+    prompts = [g.prompt for g in eval_groups][:n.num_prompts]
+    if not prompts:
+        return {"mean": 0.0, "std": 1.0, "source": "none (no held-out prompts)", "n": 0}
+    if n.source == "sft_samples" and "sft" in model.adapters:
+        if "sft" not in model.roles:
+            model.add_role("sft", ["sft"])
+        texts = [render({"prompt": p, "completion": "" if isinstance(p, str) else
+                         [{"role": "assistant", "content": ""}]}, tok, cfg.data.chat_template)[0]
+                 if isinstance(p, list) else p for p in prompts]
+        ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+        pid, pmask = left_pad(ids, tok.pad_token_id, rt.device)
+        g = torch.Generator(device=rt.device).manual_seed(cfg.train.seed + 17)
+        s = sample(model, pid, pmask, role="sft", max_new_tokens=n.max_new_tokens, temperature=n.temperature,
+                   stop_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=g)
+        seqs = [p + t[:ln] for p, t, ln in zip(ids, s.tokens.tolist(), s.lengths.tolist())]
+        source = "sft_samples"
+    else:
+        from align.data.sft import tokenize_pair
+        seqs = []
+        for grp in eval_groups[:n.num_prompts]:
+            best = grp.completions[min(range(len(grp.ranks)), key=lambda k: grp.ranks[k])]
+            if isinstance(grp.prompt, str) and isinstance(best, str):
+                pi, ci = tokenize_pair(grp.prompt, best, tok, cfg.data.max_length)
+                seqs.append(pi + ci)
+        source = "best_completions"
+    ids, mask = left_pad(seqs, tok.pad_token_id, rt.device)
+    with model.use("reward"):
+        r = sequence_rewards(model(ids, mask).values, mask).float()
+    std = float(r.std()) if len(r) > 1 else 1.0
+    return {"mean": float(r.mean()), "std": std if math.isfinite(std) and std > 0 else 1.0,
+            "source": source, "n": len(r)}

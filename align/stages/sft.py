@@ -1,0 +1,119 @@
+"""Stage 1: instruction tuning (SFT) of an adapter set over the frozen backbone.
+
+``align sft CONFIG [key=value ...]`` writes a run directory::
+
+    config.yaml  backbone.json  metrics.jsonl  samples.jsonl  summary.json
+    adapters/sft/          (peft layout where the method has one)
+    checkpoints/step_N/    (exact resume: resume=true)
+    wandb/
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from align.adapters.base import AdapterConfig
+from align.adapters.peft_format import save_adapter
+from align.config import ModelConfig, TrackingConfig, TrainConfig, require_file
+from align.data.common import read_records, split_by_prompt
+from align.data.sft import Collator, build_examples, lm_loss, pack, render
+from align.generation import sample
+from align.stages.common import left_pad, start_stage, write_summary
+from align.trainer import Trainer
+
+
+@dataclass
+class SFTDataConfig:
+    train: str = ""                      # canonical/TRL records: JSONL, JSON, Parquet or a datasets dir
+    eval: str = ""                       # optional held-out file; else eval_fraction of train by prompt
+    eval_fraction: float = 0.05
+    max_length: int = 512
+    completion_only_loss: bool = True    # false: loss on the prompt tokens too
+    packing: bool = False
+    chat_template: Optional[str] = None  # Jinja template for tokenizers without one
+    num_samples: int = 4                 # samples generated at each evaluation
+    max_new_tokens: int = 48
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = "runs/sft"
+    resume: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def sft_loss(model, batch):
+    out = model(batch["input_ids"], batch["attention_mask"], segment_ids=batch.get("segment_ids"))
+    loss, n = lm_loss(out.logits, batch["labels"])
+    return loss, {"tokens": n}
+
+
+def run(cfg: SFTConfig) -> dict:
+    train_path = require_file(cfg.data.train, "data.train")
+    records = read_records(train_path)
+    if cfg.data.eval:
+        eval_records = read_records(require_file(cfg.data.eval, "data.eval"))
+    else:
+        records, eval_records = split_by_prompt(records, cfg.data.eval_fraction)
+    st = start_stage(cfg, "sft", cfg.model.path)
+    rt, tok, model = st.rt, st.tokenizer, st.model
+    model.add_adapter("sft", cfg.adapter)
+    model.add_role("sft", ["sft"])
+    model.set_trainable(["sft"])
+    model.activate("sft")
+
+    examples, report = build_examples(records, tok, cfg.data.max_length, cfg.data.completion_only_loss,
+                                      cfg.data.chat_template, where=str(train_path))
+    eval_examples, _ = build_examples(eval_records, tok, cfg.data.max_length,
+                                      cfg.data.completion_only_loss, cfg.data.chat_template, where="eval")
+    if report.prompt_truncated or report.completion_truncated:
+        rt.print(f"[sft] truncation (max_length={cfg.data.max_length}): {report.as_dict()}")
+    train_set = pack(examples, cfg.data.max_length) if cfg.data.packing else examples
+    collate = Collator(tok.pad_token_id, packed=cfg.data.packing)
+    eval_prompts = [render(r, tok, cfg.data.chat_template)[0] for r in eval_records[:cfg.data.num_samples]]
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict:
+        model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(eval_examples), cfg.train.batch_size):
+            b = collate(eval_examples[i:i + cfg.train.batch_size])
+            b = {k: v.to(rt.device) for k, v in b.items()}
+            loss, n = lm_loss(model(b["input_ids"], b["attention_mask"], role="sft").logits, b["labels"])
+            total += float(loss) * int(n)
+            count += int(n)
+        sums = rt.mean_across({"sum": total, "n": count})  # identical on all ranks here
+        eval_loss = sums["sum"] / max(sums["n"], 1)
+        if eval_prompts:
+            ids, mask = left_pad([tok(p, add_special_tokens=False).input_ids for p in eval_prompts],
+                                 tok.pad_token_id, rt.device)
+            s = sample(model, ids, mask, role="sft", max_new_tokens=cfg.data.max_new_tokens, greedy=True,
+                       stop_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            rows = [{"prompt": p, "completion": tok.decode(t[:n], skip_special_tokens=True)}
+                    for p, t, n in zip(eval_prompts, s.tokens.tolist(), s.lengths.tolist())]
+            st.tracker.log_samples("sft/samples", rows, step)
+        return {"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))}
+
+    trainer = Trainer("sft", st.run_dir, cfg.train, rt, model, train_set, collate, sft_loss,
+                      st.tracker, eval_fn=evaluate)
+    result = trainer.run(resume=cfg.resume)
+    if "stopped_at" in result:
+        st.tracker.finish()
+        return result
+    with rt.gathered(model.adapters["sft"].parameters()):
+        if rt.is_main:
+            save_adapter(model, "sft", st.run_dir / "adapters" / "sft", backbone_name=st.backbone_path)
+    summary = {"stage": "sft", **result, "train_examples": len(examples), "eval_examples": len(eval_examples),
+               "truncation": report.as_dict(), "trainable_params": model.adapters["sft"].num_params(),
+               "backbone_params": model.backbone_num_params()}
+    write_summary(st, summary)
+    st.tracker.log_artifact(st.run_dir / "adapters" / "sft", "sft-adapters", "adapter")
+    st.tracker.finish()
+    return summary

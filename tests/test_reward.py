@@ -1,0 +1,94 @@
+"""Reward model: InstructGPT K-wise loss, last-token reading, prompt-level split, learning."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from align.data.common import split_by_prompt
+from align.data.preferences import (Group, collate_groups, kwise_loss, sequence_rewards, to_group,
+                                    tokenize_group)
+from tests.conftest import load
+
+
+def test_kwise_loss_matches_hand_computation_for_three_completions():
+    # one prompt, K=3, ranks: c0 best, c2 middle, c1 worst -> pairs (0,2), (0,1), (2,1)
+    r = torch.tensor([1.0, -0.5, 0.2])
+    loss, stats = kwise_loss(r, torch.tensor([0.0, 2.0, 1.0]), torch.zeros(3, dtype=torch.long), 1)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    by_hand = -(math.log(sig(1.0 - 0.2)) + math.log(sig(1.0 + 0.5)) + math.log(sig(0.2 + 0.5))) / 3
+    assert loss.item() == pytest.approx(by_hand, abs=1e-6)
+    assert stats["pairs"] == 3 and stats["accuracy"] == 1.0
+
+
+def test_kwise_equals_pairwise_when_k_is_two_and_groups_weigh_as_one_unit():
+    rc, rr = torch.tensor([0.3, 1.2]), torch.tensor([-0.1, 1.5])
+    pairwise = -F.logsigmoid(rc - rr).mean()
+    r = torch.stack([rc, rr], 1).reshape(-1)     # [c0, r0, c1, r1]
+    group = torch.tensor([0, 0, 1, 1])
+    ranks = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    loss, _ = kwise_loss(r, ranks, group, 2)
+    assert loss.item() == pytest.approx(pairwise.item(), abs=1e-6)
+    # a K=4 group (6 pairs) next to a K=2 group (1 pair): each group counts once
+    r2 = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, 0.0])
+    g2 = torch.tensor([0, 0, 0, 0, 1, 1])
+    loss2, stats = kwise_loss(r2, torch.tensor([0.0, 1, 2, 3, 0, 1]), g2, 2)
+    d4 = torch.tensor([1.0, 2, 3, 1, 2, 1])
+    want = 0.5 * (-F.logsigmoid(d4).mean() - F.logsigmoid(torch.tensor(0.5)))
+    assert loss2.item() == pytest.approx(want.item(), abs=1e-6) and stats["pairs"] == 7
+
+
+def test_ties_are_skipped_or_half_and_margin_shifts_the_pair():
+    r = torch.tensor([1.0, 1.0, 0.0])
+    ranks = torch.tensor([0.0, 0.0, 1.0])
+    g = torch.zeros(3, dtype=torch.long)
+    skip, st = kwise_loss(r, ranks, g, 1, ties="skip")
+    assert st["pairs"] == 2
+    assert skip.item() == pytest.approx(-F.logsigmoid(torch.tensor(1.0)).item(), abs=1e-6)
+    half, _ = kwise_loss(r, ranks, g, 1, ties="half")
+    want = (2 * -F.logsigmoid(torch.tensor(1.0)) + math.log(2)) / 3
+    assert half.item() == pytest.approx(want.item(), abs=1e-6)
+    m, _ = kwise_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.zeros(2, dtype=torch.long), 1,
+                      margin=torch.tensor([0.5]))
+    assert m.item() == pytest.approx(-F.logsigmoid(torch.tensor(0.5)).item(), abs=1e-6)
+
+
+def test_record_forms_become_groups():
+    assert to_group({"prompt": "p", "chosen": " a", "rejected": " b"}, "x").ranks == [0, 1]
+    g = to_group({"chosen": "The sky is blue.", "rejected": "The sky is green."}, "x")
+    assert g.prompt == "The sky is" and g.completions == [" blue.", " green."]
+    conv = to_group({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                     "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}, "x")
+    assert conv.prompt == [{"role": "user", "content": "q"}]
+    k = to_group({"prompt": "p", "completions": ["a", "b", "c"], "ranks": [1, 0, 1]}, "x")
+    assert k.ranks == [1, 0, 1]
+    with pytest.raises(ValueError, match="file.jsonl: record 3: missing field 'rejected'"):
+        to_group({"prompt": "p", "chosen": "a"}, "file.jsonl: record 3")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_head_reads_the_last_real_token_under_left_and_right_padding(tiny_paths, family):
+    model, tok = load(tiny_paths[family])
+    model.add_adapter("reward", __import__("align.adapters", fromlist=["AdapterConfig"]).AdapterConfig(r=2))
+    model.add_head("reward")
+    model.add_role("reward", ["reward"], head="reward")
+    group = tokenize_group(Group("the happy dog", [" sings a good song", " bad"], [0, 1]), tok, 64)
+    alone = []
+    with model.use("reward"):
+        for s in group.sequences:
+            ids = torch.tensor([s])
+            alone.append(model(ids, torch.ones_like(ids)).values[0, -1])
+        for side in ("left", "right"):
+            b = collate_groups([group], tok.pad_token_id, padding_side=side)
+            assert (b["attention_mask"] == 0).any()  # the batch really is padded
+            r = sequence_rewards(model(b["input_ids"], b["attention_mask"]).values, b["attention_mask"])
+            torch.testing.assert_close(r, torch.stack(alone), atol=1e-5, rtol=0)
+
+
+def test_prompt_level_split_leaks_no_prompt():
+    recs = [{"prompt": f"prompt {i % 50}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(500)]
+    train, held = split_by_prompt(recs, 0.2)
+    assert len(train) + len(held) == 500 and 0 < len(held) < 250
+    assert not ({r["prompt"] for r in train} & {r["prompt"] for r in held})
