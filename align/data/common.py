@@ -7,9 +7,38 @@ from pathlib import Path
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Canonical records from JSONL/JSON/Parquet or a ``datasets`` directory (see data_tools)."""
-    from data_tools.canonical import read_records as _read
-    return _read(path)
+    """Records from JSONL (``.jsonl``, or ``.json`` holding one object per line), a JSON array,
+    Parquet, or a ``datasets`` directory saved with ``save_to_disk``. Errors name file and line."""
+    path = Path(path)
+    if path.is_dir():
+        import datasets
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            raise ValueError(f"{path} holds several splits ({list(ds)}); point at one of them")
+        return [dict(r) for r in ds]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        return list(data)
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: line {n}: a record must be a JSON object")
+        out.append(rec)
+    return out
 
 
 def prompt_key(record: dict) -> str:

@@ -123,7 +123,9 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     resume: bool = False
     sft_run: str = ""
-    reward_run: str = ""
+    reward_run: str = ""                 # the reward stage's run dir (the learned reward role)
+    reward_fn: str = ""                  # or a programmatic reward "module:function(prompts,
+                                         # responses, ended) -> list[float]" (then value.init=fresh)
     model: ModelConfig = field(default_factory=ModelConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
     data: PPODataConfig = field(default_factory=PPODataConfig)
@@ -156,6 +158,20 @@ def build_roles(model, cfg: PPOConfig) -> dict:
     model.copy_adapter("sft", "policy")
     model.add_role("policy", ["policy"])
 
+    v = cfg.value
+    if cfg.reward_fn:
+        if v.init == "reward":
+            raise ConfigError("value.init=reward needs a learned reward (reward_run); use value.init=fresh")
+        norm = {"mean": 0.0, "std": 1.0}
+        reward_stack = None
+    else:
+        norm, reward_stack = _load_reward_role(model, cfg, sft_dir)
+    _build_value(model, v, reward_stack)
+    roles = ("reference", "policy", "value") + (("reward",) if reward_stack is not None else ())
+    return {"reward_norm": norm, "stacks": {r: list(model.roles[r].adapters) for r in roles}}
+
+
+def _load_reward_role(model, cfg: PPOConfig, sft_dir: Path):
     rr = json.loads((Path(cfg.reward_run) / "reward_role.json").read_text())
     reward_stack = []
     for entry in rr["adapters"]:
@@ -169,9 +185,10 @@ def build_roles(model, cfg: PPOConfig) -> dict:
         reward_stack.append(name)
     head_rec = load_head(model, "reward", Path(cfg.reward_run) / rr["head"])
     model.add_role("reward", reward_stack, head="reward")
-    norm = head_rec.get("normalisation") or {"mean": 0.0, "std": 1.0}
+    return head_rec.get("normalisation") or {"mean": 0.0, "std": 1.0}, reward_stack
 
-    v = cfg.value
+
+def _build_value(model, v: ValueConfig, reward_stack):
     if v.share_policy:
         value_stack = ["policy"]
         trainable_value = []
@@ -194,8 +211,6 @@ def build_roles(model, cfg: PPOConfig) -> dict:
         raise ConfigError(f"value.init={v.init!r}: choose reward or fresh")
     model.add_role("value", value_stack, head="value")
     model.set_trainable(["policy", "value", *trainable_value])
-    return {"reward_norm": norm, "stacks": {r: list(model.roles[r].adapters) for r in
-                                            ("reference", "policy", "value", "reward")}}
 
 
 # ------------------------------------------------------------------------------------ data
@@ -263,7 +278,7 @@ def response_stats(model, query, qmask, response, rmask, roles, temperature):
 
 
 @torch.no_grad()
-def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, generator) -> Rollout:
+def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, generator, reward_fn=None) -> Rollout:
     a = cfg.ppo
     query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device)
     with rt.gathered(model.parameters()):
@@ -273,15 +288,21 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, generator) ->
     response, seq_lengths, has_stop = truncate_after_stop(s.tokens, tok.eos_token_id, tok.pad_token_id)
     rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
     logp, ref, values, raw = [], [], [], []
+    roles = ("policy", "reference", "value") + (() if reward_fn else ("reward",))
     for i in range(0, len(prompts), a.micro_batch_size):
         sl = slice(i, i + a.micro_batch_size)
-        st = response_stats(engine, query[sl], qmask[sl], response[sl], rmask[sl],
-                            ("policy", "reference", "value", "reward"), a.temperature)
+        st = response_stats(engine, query[sl], qmask[sl], response[sl], rmask[sl], roles, a.temperature)
         logp.append(st["policy"]["logprobs"])
         ref.append(st["reference"]["logprobs"])
         values.append(st["value"]["values"])
-        raw.append(st["reward"]["score"])
-    raw = torch.cat(raw)
+        if not reward_fn:
+            raw.append(st["reward"]["score"])
+    if reward_fn:
+        texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(response, rmask)]
+        raw = torch.tensor(reward_fn([p["text"] for p in prompts], texts, has_stop.tolist()),
+                           dtype=torch.float, device=rt.device)
+    else:
+        raw = torch.cat(raw)
     scores = (raw - norm["mean"]) / norm["std"] if a.normalize_reward else raw.clone()
     if a.missing_stop_mode != "none":
         scores = apply_missing_stop_penalty(scores, has_stop, a.missing_stop_penalty, a.missing_stop_mode)
@@ -291,9 +312,10 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, generator) ->
 
 # ------------------------------------------------------------------------------------ the stage
 def run(cfg: PPOConfig) -> dict:
-    for key in ("sft_run", "reward_run"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"{key} is required")
+    if not cfg.sft_run:
+        raise ConfigError("sft_run is required (the reference policy is the SFT adapters)")
+    if bool(cfg.reward_run) == bool(cfg.reward_fn):
+        raise ConfigError("give exactly one of reward_run (learned reward) and reward_fn (programmatic)")
     backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]
     a = cfg.ppo
     world_batch = a.rollout_batch_size
@@ -309,6 +331,7 @@ def run(cfg: PPOConfig) -> dict:
     norm = info["reward_norm"]
     train_prompts, eval_prompts = load_prompts(cfg, tok)
     gold_fn = load_gold(cfg.eval.gold)
+    reward_fn = load_gold(cfg.reward_fn)
     model.eval()  # dropout off in every role (ppo-details B7); nothing here uses train mode
 
     params = model.trainable_parameters()
@@ -352,7 +375,7 @@ def run(cfg: PPOConfig) -> dict:
     while it < a.iterations:
         t0 = time.time()
         gen = torch.Generator(device=rt.device).manual_seed(rt.local_seed * 1_000_003 + it)
-        ro = rollout(model, engine, prompts_for(it), cfg, tok, rt, norm, gen)
+        ro = rollout(model, engine, prompts_for(it), cfg, tok, rt, norm, gen, reward_fn)
         t_rollout = time.time() - t0
         # --- rewards with the per-token KL penalty, advantages ---------------------------
         kl = kl_per_token(ro.logprobs, ro.ref_logprobs, a.kl_estimator) * ro.response_mask
@@ -395,7 +418,7 @@ def run(cfg: PPOConfig) -> dict:
                     for key, val in {"policy/loss": pg, "value/loss": vf, "policy/entropy": ent,
                                      **{f"policy/{k}": v for k, v in pg_stats.items()},
                                      **{f"value/{k}": v for k, v in vf_stats.items()}}.items():
-                        stats.setdefault(key, []).append(float(val))
+                        stats.setdefault(key, []).append(float(val.detach() if torch.is_tensor(val) else val))
                     if epoch == 0 and mb == 0 and k == 0:
                         stats["policy/first_approxkl"] = [float(pg_stats["approxkl"])]
                         stats["policy/first_ratio_mean"] = [float(pg_stats["ratio_mean"])]
@@ -430,7 +453,8 @@ def run(cfg: PPOConfig) -> dict:
             st.tracker.log(logs, it)
             bar.set_postfix(score=f"{logs['objective/scores']:.3f}", kl=f"{logs['objective/kl']:.3f}")
         if (cfg.eval.every and it % cfg.eval.every == 0) or it == a.iterations:
-            last_eval = evaluate_policy(model, engine, eval_prompts, cfg, tok, rt, gold_fn, it, st.tracker)
+            last_eval = evaluate_policy(model, engine, eval_prompts, cfg, tok, rt, gold_fn, it, st.tracker,
+                                        reward_fn)
             st.tracker.log(last_eval, it)
         if (a.save_every and it % a.save_every == 0) or it == a.iterations:
             state = {"step": it, "scheduler": sched.state_dict(), "kl_controller": kl_ctl.state_dict(),
@@ -462,7 +486,7 @@ def run(cfg: PPOConfig) -> dict:
 
 @torch.no_grad()
 def policy_eval_batch(model, engine, prompts, tok, rt, *, role, temperature, response_length,
-                      generator, micro_batch_size=32) -> dict:
+                      generator, micro_batch_size=32, reward_fn=None) -> dict:
     """Sample from ``role`` on ``prompts``; return responses, raw reward and KL to the reference."""
     query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device)
     with rt.gathered(model.parameters()):
@@ -473,22 +497,26 @@ def policy_eval_batch(model, engine, prompts, tok, rt, *, role, temperature, res
     rewards, kls = [], []
     for i in range(0, len(prompts), micro_batch_size):
         sl = slice(i, i + micro_batch_size)
-        out = response_stats(engine, query[sl], qmask[sl], response[sl], rmask[sl],
-                             (role, "reference", "reward"), temperature)
-        rewards.append(out["reward"]["score"])
+        roles = (role, "reference") + (() if reward_fn else ("reward",))
+        out = response_stats(engine, query[sl], qmask[sl], response[sl], rmask[sl], roles, temperature)
+        if not reward_fn:
+            rewards.append(out["reward"]["score"])
         kls.append(((out[role]["logprobs"] - out["reference"]["logprobs"]) * rmask[sl]).sum(1))
     texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(response, rmask)]
+    if reward_fn:
+        rewards = [torch.tensor(reward_fn([p["text"] for p in prompts], texts, has_stop.tolist()))]
     return {"responses": texts, "reward": torch.cat(rewards).float().cpu(), "kl": torch.cat(kls).float().cpu(),
             "ended": has_stop.cpu().tolist()}
 
 
-def evaluate_policy(model, engine, eval_prompts, cfg: PPOConfig, tok, rt, gold_fn, it, tracker) -> dict:
+def evaluate_policy(model, engine, eval_prompts, cfg: PPOConfig, tok, rt, gold_fn, it, tracker,
+                    reward_fn=None) -> dict:
     prompts = eval_prompts[:cfg.eval.num_prompts]
     if not prompts:
         return {}
     gen = torch.Generator(device=rt.device).manual_seed(cfg.ppo.seed + 99991)
     res = policy_eval_batch(model, engine, prompts, tok, rt, role="policy", temperature=cfg.eval.temperature,
-                            response_length=cfg.ppo.response_length, generator=gen)
+                            response_length=cfg.ppo.response_length, generator=gen, reward_fn=reward_fn)
     out = {"eval/reward": float(res["reward"].mean()), "eval/kl": float(res["kl"].mean()),
            "eval/num_prompts": len(prompts)}
     rows = [{"prompt": p["text"], "response": r, "reward": float(s)}

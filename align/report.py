@@ -1,0 +1,98 @@
+"""The pipeline's report: report.json, report.md and PNG plots in the pipeline's run dir."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    f = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in f.read_text().splitlines() if ln] if f.exists() else []
+
+
+def _plot(out: Path, ppo_metrics: list[dict]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    files = []
+    train = [m for m in ppo_metrics if "objective/scores" in m]
+    evals = [m for m in ppo_metrics if "eval/reward" in m]
+    if train:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+        steps = [m["step"] for m in train]
+        ax[0].plot(steps, [m["objective/scores"] for m in train], label="learned reward (normalised)")
+        if evals and "eval/gold" in evals[0]:
+            ax[0].errorbar([m["step"] for m in evals], [m["eval/gold"] for m in evals],
+                           yerr=[m.get("eval/gold_sem", 0) for m in evals], label="gold score (held-out)",
+                           marker="o", capsize=2)
+        ax[0].set_xlabel("PPO iteration")
+        ax[0].legend()
+        ax[0].set_title("reward and gold score")
+        ax[1].plot(steps, [m["objective/kl"] for m in train], label="KL(policy || SFT), rollout")
+        if evals:
+            ax[1].plot([m["step"] for m in evals], [m["eval/kl"] for m in evals], "o-", label="held-out")
+        ax[1].set_xlabel("PPO iteration")
+        ax[1].legend()
+        ax[1].set_title("KL to the SFT policy (nats / sequence)")
+        fig.tight_layout()
+        fig.savefig(out / "ppo_curves.png", dpi=110)
+        plt.close(fig)
+        files.append("ppo_curves.png")
+    return files
+
+
+def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, runs: dict) -> dict:
+    out = Path(out)
+    summaries = {k: json.loads((Path(v) / "summary.json").read_text())
+                 for k, v in runs.items() if (Path(v) / "summary.json").exists()}
+    ppo_metrics = _metrics(Path(runs["ppo"]))
+    trainable = {"sft": summaries.get("sft", {}).get("trainable_params"),
+                 "reward": summaries.get("reward", {}).get("trainable_params")}
+    trainable.update(summaries.get("ppo", {}).get("trainable_params", {}))
+    a, b = comparison["a"], comparison["b"]
+    report = {
+        "rm_accuracy_vs_gold": rm_acc["rm_accuracy_vs_gold"],
+        "rm_eval_pairs": rm_acc["rm_eval_pairs"],
+        "rm_heldout_accuracy": summaries.get("reward", {}).get("eval/accuracy"),
+        "gold_sft_mean": a.get("gold_mean"), "gold_sft_sem": a.get("gold_sem"),
+        "gold_ppo_mean": b.get("gold_mean"), "gold_ppo_sem": b.get("gold_sem"),
+        "gold_diff_mean": comparison.get("gold_diff_mean"), "gold_diff_sem": comparison.get("gold_diff_sem"),
+        "reward_sft_mean": a["reward_mean"], "reward_ppo_mean": b["reward_mean"],
+        "win_rate_ppo_by_gold": comparison.get("win_rate_b_by_gold"),
+        "win_rate_ppo_by_reward": comparison.get("win_rate_b_by_reward"),
+        "n_eval_prompts": comparison["n_prompts"],
+        "kl_to_sft_mean": b["kl_to_sft_mean"],
+        "kl_target": cfg.ppo_kl_target,
+        "stop_rate_sft": a["stop_rate"], "stop_rate_ppo": b["stop_rate"],
+        "seconds_per_stage": {k: round(v, 1) for k, v in seconds.items()},
+        "trainable_params": trainable,
+        "backbone_params": summaries.get("sft", {}).get("backbone_params"),
+        "runs": runs,
+        "samples": comparison["samples"],
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plots = _plot(out, ppo_metrics)
+    lines = ["# align quickstart report", "",
+             f"Backbone: {report['backbone_params']:,} parameters (pretrained from scratch, frozen).", "",
+             "| quantity | value |", "|---|---|",
+             f"| reward-model accuracy vs gold (held-out SFT sample pairs, n={report['rm_eval_pairs']}) | "
+             f"{report['rm_accuracy_vs_gold']:.3f} |",
+             f"| gold score, SFT policy | {report['gold_sft_mean']:.3f} ± {report['gold_sft_sem']:.3f} |",
+             f"| gold score, PPO policy | {report['gold_ppo_mean']:.3f} ± {report['gold_ppo_sem']:.3f} |",
+             f"| gold improvement (paired) | {report['gold_diff_mean']:.3f} ± {report['gold_diff_sem']:.3f} |",
+             f"| learned reward, SFT → PPO | {report['reward_sft_mean']:.3f} → {report['reward_ppo_mean']:.3f} |",
+             f"| PPO win rate vs SFT by gold / by RM | {report['win_rate_ppo_by_gold']:.3f} / "
+             f"{report['win_rate_ppo_by_reward']:.3f} |",
+             f"| KL(PPO ‖ SFT), nats per response (target {report['kl_target']}) | {report['kl_to_sft_mean']:.3f} |",
+             f"| stop-token rate SFT / PPO | {report['stop_rate_sft']:.2f} / {report['stop_rate_ppo']:.2f} |",
+             f"| held-out prompts | {report['n_eval_prompts']} |", "",
+             "Trainable parameters per role: " + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v), "",
+             "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds_per_stage"].items()), ""]
+    for p in plots:
+        lines += [f"![{p}]({p})", ""]
+    lines += ["## Samples (same prompt, SFT vs PPO)", "", "| prompt | SFT | PPO |", "|---|---|---|"]
+    for s in comparison["samples"]:
+        esc = lambda t: t.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        lines.append(f"| {esc(s['prompt'])} | {esc(s['a'])} | {esc(s['b'])} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return report

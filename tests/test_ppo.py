@@ -1,0 +1,168 @@
+"""PPO stage: invariants at step 0, a closed-form KL-regularised bandit, a toy reward, one
+backbone in memory, and exact kill-and-resume."""
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import align.stages.ppo as ppo
+import tests.ppo_helpers as H
+from align.adapters import AdapterConfig
+from align.adapters.peft_format import load_adapter
+from align.config import load_config
+from align.generation import sample
+from align.stages.common import left_pad
+from tests.conftest import load
+
+LORA_HEAD = AdapterConfig(method="lora", r=8, alpha=16, target_modules=["q_proj", "v_proj", "lm_head"])
+
+
+def ppo_cfg(tmp, sft, prompts, *extra, name="ppo"):
+    return load_config(ppo.PPOConfig, None, [
+        f"output_dir={tmp / name}", f"sft_run={sft}", f"data.prompts={prompts}", f"data.eval_prompts={prompts}",
+        "value.init=fresh", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=16", "ppo.num_minibatches=2",
+        "ppo.temperature=1.0", "eval.num_prompts=16", "tracking.wandb=false", *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rollout_logprobs_equal_a_fresh_forward_with_temperature_and_left_padding(tiny_paths, family):
+    model, tok = load(tiny_paths[family])
+    model.add_adapter("policy", AdapterConfig(method="lora", r=4))
+    with torch.no_grad():
+        for p in model.adapters["policy"].parameters():
+            p.normal_(0, 0.05)
+    model.add_role("policy", ["policy"])
+    query, qmask = left_pad([tok(t).input_ids for t in ("the happy dog sings", "bad", "a good song was")],
+                            tok.pad_token_id, "cpu")
+    assert (qmask == 0).any()
+    s = sample(model, query, qmask, role="policy", max_new_tokens=10, temperature=0.7,
+               stop_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               generator=torch.Generator().manual_seed(0))
+    from align.rl.rollout import response_mask_from_lengths, truncate_after_stop
+    resp, seq_len, _ = truncate_after_stop(s.tokens, tok.eos_token_id, tok.pad_token_id)
+    rmask = response_mask_from_lengths(seq_len, resp.shape[1])
+    fresh = ppo.response_stats(model, query, qmask, resp, rmask, ("policy",), 0.7)["policy"]["logprobs"]
+    torch.testing.assert_close(fresh[rmask], s.logprobs[rmask], atol=1e-5, rtol=0)
+
+
+def test_first_iteration_has_zero_kl_ratio_one_and_no_clipping(tiny_llama, tmp_path):
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    rm = H.fake_reward_run(tiny_llama, tmp_path / "rm")
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 8)
+    cfg = ppo_cfg(tmp_path, sft, prompts, "reward_run=" + str(rm), "value.init=reward", "ppo.iterations=2",
+                  "ppo.response_length=8")
+    ppo.run(cfg)
+    first = metrics(tmp_path / "ppo")[0]
+    assert first["step"] == 1
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)       # policy == reference at start
+    assert first["policy/first_approxkl"] == pytest.approx(0.0, abs=1e-10)
+    assert first["policy/first_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert first["policy/clipfrac"] < 0.5 and first["value/loss"] >= 0
+    # the run dir has what the next user needs
+    for f in ("adapters/policy/adapter_config.json", "adapters/value/adapter_model.safetensors",
+              "heads/value/head.safetensors", "summary.json", "checkpoints/latest", "roles.json"):
+        assert (tmp_path / "ppo" / f).exists(), f
+
+
+def _bandit_setup(tiny_llama, tmp_path, beta):
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft", LORA_HEAD)
+    model, tok = load(tiny_llama)
+    prompt = "the happy dog"
+    ids = torch.tensor([tok(prompt).input_ids])
+    ref = torch.softmax(model(ids, role="base").logits[0, -1], -1)
+    g = torch.Generator().manual_seed(0)
+    cands = [i for i in torch.randperm(len(tok), generator=g).tolist()
+             if i not in tok.all_special_ids and "\ufffd" not in tok.decode([i])][:40]
+    H.BANDIT_TARGETS.clear()
+    H.BANDIT_TARGETS.update(tok.decode([i]) for i in cands)
+    r = torch.zeros(len(tok))
+    r[cands] = 1.0
+    return sft, ids, ref, cands, H.bandit_optimum(ref, r, beta), H.write_prompts(tmp_path / "p.jsonl", [prompt] * 64)
+
+
+def test_kl_regularised_bandit_reaches_the_closed_form_optimum(tiny_llama, tmp_path):
+    """max E[r] - beta KL(pi || pi_ref) has pi* = pi_ref exp(r/beta) / Z. One-token responses, a
+    target set of 40 tokens; PPO's final exact (enumerated) reward and KL must land near pi*'s:
+    |reward - reward*| <= 0.05, |KL - KL*| <= 0.1 nats, objective >= J* - 0.02."""
+    beta = 0.5
+    sft, ids, ref, cands, opt, prompts = _bandit_setup(tiny_llama, tmp_path, beta)
+    assert float(ref[cands].sum()) < opt["reward"] - 0.2  # there is something to learn
+    cfg = ppo_cfg(tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:bandit_reward", "ppo.iterations=150",
+                  "ppo.rollout_batch_size=64", "ppo.micro_batch_size=32", "ppo.response_length=1", "ppo.lr=1.5e-2",
+                  "ppo.missing_stop_mode=none", f"ppo.kl_coef={beta}", "ppo.whiten_advantages=false")
+    ppo.run(cfg)
+    model, _ = load(tiny_llama)
+    load_adapter(model, "policy", tmp_path / "ppo" / "adapters" / "policy")
+    model.add_role("policy", ["policy"])
+    with torch.no_grad():
+        pi = torch.softmax(model(ids, role="policy").logits[0, -1], -1)
+    reward = float(pi[cands].sum())
+    kl = float((pi * (pi.log() - ref.log())).sum())
+    assert abs(reward - opt["reward"]) <= 0.05, (reward, opt["reward"])
+    assert abs(kl - opt["kl"]) <= 0.1, (kl, opt["kl"])
+    assert reward - beta * kl >= opt["objective"] - 0.02
+
+
+def test_toy_reward_rises_while_kl_stays_bounded(tiny_llama, tmp_path):
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft", LORA_HEAD)
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 16)
+    cfg = ppo_cfg(tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target", "ppo.iterations=40",
+                  "ppo.rollout_batch_size=64", "ppo.micro_batch_size=32", "ppo.response_length=8", "ppo.lr=3e-2",
+                  "ppo.missing_stop_mode=none", "ppo.kl_coef=0.05")
+    ppo.run(cfg)
+    m = [x for x in metrics(tmp_path / "ppo") if "objective/scores" in x]
+    early = sum(x["objective/scores"] for x in m[:5]) / 5
+    late = sum(x["objective/scores"] for x in m[-5:]) / 5
+    assert late > early + 0.5, (early, late)
+    assert max(x["objective/kl"] for x in m) < 30.0
+
+
+def test_all_roles_share_one_backbone_in_memory(tiny_llama, tmp_path):
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    rm = H.fake_reward_run(tiny_llama, tmp_path / "rm")
+    cfg = ppo_cfg(tmp_path, sft, tmp_path / "none.jsonl", f"reward_run={rm}", "value.init=reward")
+    gc.collect()
+    model, _ = load(tiny_llama)
+    ppo.build_roles(model, cfg)
+    assert set(model.roles) >= {"reference", "policy", "value", "reward"}
+    backbone_ptrs = {p.data_ptr() for p in model.backbone.parameters()}
+    # every live tensor in the process: the backbone's weights exist exactly once
+    emb = model.backbone.get_input_embeddings().weight
+    copies = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.shape == emb.shape
+              and t.dtype == emb.dtype and torch.equal(t, emb)]
+    assert len({t.untyped_storage().data_ptr() for t in copies}) == 1
+    adapter_numel = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
+    backbone_numel = sum(p.numel() for p in model.backbone.parameters())
+    assert adapter_numel < 0.25 * backbone_numel
+    for role in ("reference", "policy", "value", "reward"):
+        assert model.roles[role].adapters  # each role is adapters over the same module tree
+    assert len(backbone_ptrs) == len(list(model.backbone.parameters()))
+
+
+def test_kill_and_resume_gives_the_same_final_adapters(tiny_llama, tmp_path):
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    rm = H.fake_reward_run(tiny_llama, tmp_path / "rm")
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 16)
+    common = [f"reward_run={rm}", "value.init=reward", "ppo.iterations=5", "ppo.response_length=6",
+              "ppo.kl_controller=adaptive", "ppo.kl_horizon=100", "ppo.save_every=1"]
+    ppo.run(ppo_cfg(tmp_path, sft, prompts, *common, name="full"))
+    out = ppo.run(ppo_cfg(tmp_path, sft, prompts, *common, "ppo.stop_after_iterations=2", name="killed"))
+    assert out == {"stopped_at": 2}
+    assert not (tmp_path / "killed" / "adapters").exists()
+    ppo.run(ppo_cfg(tmp_path, sft, prompts, *common, "resume=true", name="killed"))
+    for name in ("policy", "value"):
+        a = load_file(tmp_path / "full" / "adapters" / name / "adapter_model.safetensors")
+        b = load_file(tmp_path / "killed" / "adapters" / name / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    full_m = [m for m in metrics(tmp_path / "full") if "objective/kl_coef" in m]
+    res_m = [m for m in metrics(tmp_path / "killed") if "objective/kl_coef" in m]
+    assert [m["objective/kl_coef"] for m in full_m] == [m["objective/kl_coef"] for m in res_m]
+    assert [m["objective/scores"] for m in full_m] == [m["objective/scores"] for m in res_m]
