@@ -1,0 +1,1 @@
+"""The quickstart task: corpus, gold scorer, backbone pretraining and the simulated annotator."""
