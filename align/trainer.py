@@ -108,6 +108,9 @@ class Trainer:
                    dynamic_ncols=True)
         last_eval: dict = {}
         step = start
+        if self.eval_fn and c.eval_every and start == 0:  # the baseline every curve starts from
+            engine.eval()
+            self.tracker.log(self.eval_fn(0), 0)
         t0 = time.time()
         while step < self.total_steps:
             engine.train()
