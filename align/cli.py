@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             p = sub.add_parser(name, help=helptext, description=helptext)
             p.add_argument("config", nargs="?", help="YAML config (optional: defaults + overrides)")
             p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 resume=true")
+    cp = sub.add_parser("config", help="Print a stage's full config with every default (the config reference)")
+    cp.add_argument("stage", choices=[n for n, (m, _, _) in STAGES.items() if _available(m)])
     if _available("data_tools.cli"):
         sub.add_parser("import", help="Import human annotations into canonical records", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
@@ -41,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "config":
+        import importlib
+
+        from omegaconf import OmegaConf
+        module, cls_name, _ = STAGES[args.stage]
+        print(OmegaConf.to_yaml(OmegaConf.structured(getattr(importlib.import_module(module), cls_name))), end="")
+        return 0
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides.insert(0, config)

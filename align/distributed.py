@@ -40,9 +40,13 @@ class Runtime:
         if self.world_size > 1:
             self.accelerator.wait_for_everyone()
 
-    def prepare(self, model, optimizer, micro_batch_size: int | None = None):
+    def prepare(self, model, optimizer, micro_batch_size: int | None = None, max_grad_norm: float = 1.0):
         if self.ds is not None:
             cfg = self.ds.deepspeed_config
+            if cfg.get("gradient_clipping", "auto") == "auto":
+                cfg["gradient_clipping"] = max_grad_norm
+            if isinstance(cfg.get("bf16"), dict) and cfg["bf16"].get("enabled") == "auto":
+                cfg["bf16"]["enabled"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             if cfg.get("train_micro_batch_size_per_gpu", "auto") == "auto":
                 cfg["train_micro_batch_size_per_gpu"] = micro_batch_size or 1
             cfg["gradient_accumulation_steps"] = self.accelerator.gradient_accumulation_steps

@@ -26,9 +26,13 @@ class Samples:
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role: str,
            max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
            stop_token_id: int | None = None, pad_token_id: int = 0,
-           generator: torch.Generator | None = None, use_cache: bool = True) -> Samples:
+           generator: torch.Generator | None = None, use_cache: bool = True,
+           row_seeds: list[int] | None = None) -> Samples:
     """Sample continuations of left-padded prompts from ``role``.
 
+    ``row_seeds`` gives each row its own random stream (Gumbel-max with noise seeded by the row's
+    seed and the step), so a row's sample does not depend on which other rows share its batch or
+    process: runs with different world sizes or micro-batches sample the same tokens.
     With ``use_cache=False`` every step re-runs the whole sequence (used by tests to check the
     cache gives the same tokens).
     """
@@ -47,6 +51,11 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
             logp_all = torch.log_softmax(logits / temperature, dim=-1)
             if greedy:
                 nxt = logp_all.argmax(-1)
+            elif row_seeds is not None:
+                u = torch.stack([torch.rand(logp_all.shape[-1], device=device, generator=torch.Generator(
+                    device=device).manual_seed(int(s) * 1_000_003 + len(tokens))) for s in row_seeds])
+                gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+                nxt = (logp_all + gumbel).argmax(-1)
             else:
                 nxt = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
             lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)

@@ -226,7 +226,9 @@ def annotate(cfg: PipelineConfig, backbone: Path, sft_dir: Path, data: Path) -> 
                                          beta=cfg.annotate_beta, seed=cfg.seed)
     export = data / "label_studio_export.json"
     write_export(tasks, export)
-    rc = import_main(["label-studio", str(export), "--out", str(data / "rankings.jsonl")])
+    # as with human exports, malformed tasks (here: an empty response) are skipped with a reason
+    # in rankings.rejects.jsonl rather than silently dropped
+    rc = import_main(["label-studio", str(export), "--out", str(data / "rankings.jsonl"), "--on-error", "skip"])
     if rc != 0:
         raise RuntimeError(f"importing {export} failed (exit {rc})")
     return data / "rankings.jsonl"

@@ -27,6 +27,7 @@ samples.jsonl and summary.json.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -278,13 +279,15 @@ def response_stats(model, query, qmask, response, rmask, roles, temperature):
 
 
 @torch.no_grad()
-def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, generator, reward_fn=None) -> Rollout:
+def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, width, reward_fn=None) -> Rollout:
+    """Sample, score and evaluate one batch. ``width``: the prompt width of the *global* batch, so
+    every process pads alike (gatherable, and numerically identical whatever the world size)."""
     a = cfg.ppo
-    query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device)
+    query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device, width=width)
     with rt.gathered(model.parameters()):
         s = sample(model, query, qmask, role="policy", max_new_tokens=a.response_length,
                    temperature=a.temperature, stop_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id, generator=generator)
+                   pad_token_id=tok.pad_token_id, row_seeds=row_seeds)
     response, seq_lengths, has_stop = truncate_after_stop(s.tokens, tok.eos_token_id, tok.pad_token_id)
     rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
     logp, ref, values, raw = [], [], [], []
@@ -308,6 +311,15 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, generator, re
         scores = apply_missing_stop_penalty(scores, has_stop, a.missing_stop_penalty, a.missing_stop_mode)
     return Rollout(query, qmask, response, rmask, seq_lengths, has_stop, torch.cat(logp), torch.cat(ref),
                    torch.cat(values), raw, scores, s.logprobs)
+
+
+def gather_rollout(ro: Rollout, rt) -> Rollout:
+    """All-gather every rollout tensor across processes (rows in rank order)."""
+    out = {}
+    for f in dataclasses.fields(ro):
+        t = getattr(ro, f.name)
+        out[f.name] = rt.accelerator.gather(t.contiguous())
+    return Rollout(**out)
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -362,20 +374,25 @@ def run(cfg: PPOConfig) -> dict:
     if len(train_prompts) < world_batch:
         raise ConfigError(f"{len(train_prompts)} training prompts cannot fill ppo.rollout_batch_size={world_batch}")
 
-    def prompts_for(it: int) -> list:
+    def prompts_for(it: int) -> tuple[list, list[int]]:
+        """This rank's prompts of iteration ``it`` and their sampling seeds (by global row)."""
         epoch, idx = divmod(it, steps_per_epoch)
         g = torch.Generator().manual_seed(a.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(train_prompts), generator=g)[idx * world_batch:(idx + 1) * world_batch]
-        mine = perm[rt.rank * local_batch:(rt.rank + 1) * local_batch]
-        return [train_prompts[i] for i in mine.tolist()]
+        rows = range(rt.rank * local_batch, (rt.rank + 1) * local_batch)
+        width = max(len(train_prompts[i]["ids"]) for i in perm.tolist())
+        return ([train_prompts[perm[r]] for r in rows], [a.seed * 7_919_000 + it * world_batch + r for r in rows],
+                width)
 
     bar = tqdm(total=a.iterations, initial=start, desc="ppo", disable=not rt.is_main, dynamic_ncols=True)
     last_eval: dict = {}
     it = start
     while it < a.iterations:
         t0 = time.time()
-        gen = torch.Generator(device=rt.device).manual_seed(rt.local_seed * 1_000_003 + it)
-        ro = rollout(model, engine, prompts_for(it), cfg, tok, rt, norm, gen, reward_fn)
+        prompts, seeds, width = prompts_for(it)
+        ro = rollout(model, engine, prompts, cfg, tok, rt, norm, seeds, width, reward_fn)
+        if rt.world_size > 1:
+            ro = gather_rollout(ro, rt)  # every rank holds the global batch: whitening and minibatches are global
         t_rollout = time.time() - t0
         # --- rewards with the per-token KL penalty, advantages ---------------------------
         kl = kl_per_token(ro.logprobs, ro.ref_logprobs, a.kl_estimator) * ro.response_mask
@@ -389,14 +406,18 @@ def run(cfg: PPOConfig) -> dict:
         # --- PPO epochs ---------------------------------------------------------------------
         t1 = time.time()
         stats: dict[str, list] = {}
-        n_micro = max(1, mb_size // a.micro_batch_size)
         for epoch in range(a.num_ppo_epochs):
             g = torch.Generator().manual_seed(a.seed * 7919 + it * 131 + epoch)
-            perm = torch.randperm(local_batch, generator=g)
+            perm = torch.randperm(world_batch, generator=g)
             for mb in range(a.num_minibatches):
-                mb_idx = perm[mb * mb_size:(mb + 1) * mb_size]
-                for k in range(n_micro):
-                    idx = mb_idx[k * a.micro_batch_size:(k + 1) * a.micro_batch_size].to(rt.device)
+                # the global minibatch in micro-batch chunks; chunk m goes to rank m % world as its
+                # accumulation step m // world (as in the SFT/RM trainer): world-size invariant
+                gmb = perm[mb * mb_size * rt.world_size:(mb + 1) * mb_size * rt.world_size]
+                chunks = [gmb[m * a.micro_batch_size:(m + 1) * a.micro_batch_size]
+                          for m in range(len(gmb) // a.micro_batch_size or 1)]
+                mine = [c for m, c in enumerate(chunks) if m % rt.world_size == rt.rank]
+                for k, idx in enumerate(mine):
+                    idx = idx.to(rt.device)
                     with rt.accelerator.accumulate(engine):
                         out = response_stats(engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
                                              ro.response_mask[idx], ("policy", "value"), a.temperature)
@@ -405,7 +426,7 @@ def run(cfg: PPOConfig) -> dict:
                                                    advantages[idx], m, a.cliprange)
                         vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], returns[idx], m,
                                                   a.cliprange_value)
-                        # accelerate divides by the accumulation steps (n_micro) for us
+                        # accelerate divides by the accumulation steps (micro-batches per minibatch)
                         rt.accelerator.backward(pg + a.vf_coef * vf)
                         if rt.accelerator.sync_gradients:
                             if a.max_grad_norm > 0:
