@@ -2,7 +2,10 @@
 
 transformers routes attention through ``AttentionInterface``; we register ``"align"``, which
 prepends the active adapter sets' extra key/value (prefix tuning) in front of the layer's own and
-widens the mask, then calls the stock sdpa function. With no such set active it is exactly sdpa.
+widens the mask, then calls the stock sdpa function. Active sets with an
+``attention_output(layer_idx, module, query)`` method (LLaMA-Adapter) may then add a tensor
+[B, T, H, D] to the attention output (before the output projection); they see the layer's own
+queries, RoPE already applied. With no such set active it is exactly sdpa.
 ``AlignModel`` always passes its own 4-D boolean mask (True = attend), so the mask arriving here is
 a tensor; a ``None`` mask (someone else calling the model with plain causal attention) is rebuilt.
 """
@@ -41,7 +44,14 @@ def align_attention(module, query, key, value, attention_mask, **kwargs):
         key = torch.cat([pk.to(key.dtype), key], dim=2)
         value = torch.cat([pv.to(value.dtype), value], dim=2)
         kwargs.pop("is_causal", None)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if owner is not None:
+        for s in owner.live_sets():
+            fn = getattr(s, "attention_output", None)
+            add = fn(module.layer_idx, module, query) if fn is not None else None
+            if add is not None:
+                out = out + add.to(out.dtype)
+    return out, weights
 
 
 def register() -> str:

@@ -40,7 +40,10 @@ class PipelineConfig:
     cache_dir: str = ""                       # default: ~/.cache/align
     seed: int = 0
     method: str = "lora"                      # adapter method for every role
-    lora_r: int = 16
+    lora_r: int = 8
+    # LoRA on every linear layer of attention and MLP: with attention-only LoRA the policy barely
+    # moves the gold score at this scale (measured: +0.15 vs +0.33 gold, same budget)
+    target_modules: str = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     sft_examples: int = 2000
     sft_steps: int = 300
@@ -49,12 +52,13 @@ class PipelineConfig:
     annotate_k: int = 4
     annotate_beta: float = 0.1               # Bradley-Terry noise temperature of the annotator
     annotate_temperature: float = 1.0
-    reward_steps: int = 0                     # 0: one epoch
-    reward_lr: float = 1e-3
-    ppo_iterations: int = 60
+    reward_steps: int = 0                     # 0: reward_epochs epochs
+    reward_epochs: float = 3.0
+    reward_lr: float = 3e-3
+    ppo_iterations: int = 80
     ppo_prompts: int = 2000
     ppo_rollout_batch_size: int = 64
-    ppo_lr: float = 1e-3
+    ppo_lr: float = 3e-3
     ppo_kl_coef: float = 0.05
     ppo_kl_target: float = 6.0                # reported "KL below target" bound (adaptive controller target)
     ppo_kl_controller: str = "fixed"
@@ -93,7 +97,8 @@ def run(cfg: PipelineConfig) -> dict:
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path.home() / ".cache" / "align"
     seconds: dict[str, float] = {}
     runs: dict[str, str] = {}
-    adapter = AdapterConfig(method=cfg.method, r=cfg.lora_r, alpha=2 * cfg.lora_r)
+    adapter = AdapterConfig(method=cfg.method, r=cfg.lora_r, alpha=2 * cfg.lora_r,
+                            target_modules=cfg.target_modules if cfg.method == "lora" else None)
 
     def stage_done(d: Path) -> bool:
         return (d / "summary.json").exists() and "stopped_at" not in json.loads((d / "summary.json").read_text())
@@ -139,7 +144,7 @@ def run(cfg: PipelineConfig) -> dict:
         rm_cfg = reward_stage.RewardConfig(output_dir=str(rm_dir), sft_run=str(sft_dir), init="sft_copy")
         rm_cfg.data.train, rm_cfg.data.eval_fraction, rm_cfg.data.max_length = str(rankings), 0.1, 96
         rm_cfg.train.lr, rm_cfg.train.batch_size, rm_cfg.train.seed = cfg.reward_lr, 8, cfg.seed
-        rm_cfg.train.max_steps, rm_cfg.train.epochs, rm_cfg.train.eval_every = cfg.reward_steps, 1.0, 25
+        rm_cfg.train.max_steps, rm_cfg.train.epochs, rm_cfg.train.eval_every = cfg.reward_steps, cfg.reward_epochs, 50
         rm_cfg.train.scheduler = "linear"
         rm_cfg.normalize.max_new_tokens = cfg.response_length
         rm_cfg.tracking = _tracking(cfg, "reward")

@@ -1,158 +1,163 @@
-"""Label Studio full JSON exports: the Pairwise and the Ranker (List + Ranker) templates.
+"""Label Studio full JSON exports (a JSON array of tasks): the Pairwise and the Ranker templates.
 
-* Pairwise (``data = {prompt, answer1, answer2}``, result ``{"type": "pairwise",
-  "value": {"selected": "left"|"right"}}``): left means answer1 wins. A Choices result whose
-  choice is "Tie" (``--tie-choice``) records a tie.
-* Ranker (``data = {prompt, items: [{id, body|text|title}]}``, result ``{"type": "ranker",
-  "value": {"ranker": {...}}}``): rank mode (one key, the tag's name, ids best first); bucket mode
-  (several buckets: pass ``--bucket-order best,ok,bad``; items in one bucket tie; items left in
-  the unsorted ``"_"`` bucket are dropped from that annotation); the legacy bare list.
-* Every non-cancelled annotation is one annotator's ranking; several are aggregated
-  (``--aggregate mean``: mean position per item, equal means tie; ``majority``: per pair, the
-  majority order, ranks from the number of pairwise wins) with ``agreement`` = the share of
-  annotator pairs that judge an item pair the same way (better / worse / tie). Drafts and predictions are not labels.
+* Pairwise (``data = {prompt, answer1, answer2}``; result ``{"type": "pairwise", "value":
+  {"selected": "left"|"right"}}``): left means answer1 wins. Pairwise has no tie: a Choices
+  result whose choice is ``--tie-choice`` (default "Tie") records one. An annotation with an
+  empty result (the annotator deselected) expresses no preference and is skipped.
+* Ranker (``data = {prompt, items: [{id, body|text|title}]}``; result ``{"type": "ranker",
+  "value": {"ranker": {...}}}``): rank mode (one key, the Ranker's name: ids best first); bucket
+  mode (``--bucket-order best,ok,bad`` names the buckets best first; one bucket's items tie;
+  items left in the unsorted ``"_"`` bucket are unjudged by that annotator unless ``_`` is
+  listed in ``--bucket-order``); the legacy bare list. The pre-1.9 ``{items, weights,
+  selected}`` shape is rejected explicitly.
+* Each non-cancelled annotation is one annotator's judgement (``completed_by``); the judgements
+  of one task are aggregated by ``--aggregate`` with their ``agreement``. Cancelled annotations,
+  drafts and predictions are not labels (kept in ``meta``, not counted). A task without any
+  completed judgement is dropped (counted).
 """
 from __future__ import annotations
 
-from itertools import combinations
-
-from data_tools.base import Source
+from data_tools.base import GROUP, Dropped, Source, content_hash, judged, module_main, require_object, without
 from data_tools.canonical import RecordError
 
 TEXT_KEYS = ("body", "text", "content", "html", "title")
+PROMPT_KEYS = ("prompt", "instruction", "question", "text")
 
 
-def _item_text(item: dict, where: str, k: int) -> str:
+def _item_text(item, where: str, k: int) -> tuple[str, str]:
+    if not isinstance(item, dict) or item.get("id") is None:
+        raise RecordError(where, f"data.items[{k}]", "an item needs an 'id'")
     for key in TEXT_KEYS:
         if isinstance(item.get(key), str):
-            return item[key]
-    raise RecordError(where, f"data.items[{k}]", f"no text field (one of {TEXT_KEYS})")
+            return str(item["id"]), item[key]
+    raise RecordError(where, f"data.items[{k}]", f"no text field (one of {', '.join(TEXT_KEYS)})")
 
 
-def _order_from_ranker(value, ids: list[str], where: str, bucket_order):
-    """Position (0 = best; equal = tie) per item id, or None for items the annotator left unsorted."""
-    r = value.get("ranker") if isinstance(value, dict) else None
-    if isinstance(r, list):                      # legacy: bare list
-        return {i: p for p, i in enumerate(r)}
-    if not isinstance(r, dict) or not r:
-        raise RecordError(where, "annotations.result.value.ranker", "missing or empty")
-    keys = [k for k in r if k != "_"]
-    if len(keys) == 1 and "_" not in r:          # rank mode: {tag_name: [ids best first]}
-        return {i: p for p, i in enumerate(r[keys[0]])}
-    if not bucket_order:
-        raise RecordError(where, "annotations.result.value.ranker",
-                          f"bucket mode ({sorted(r)}) needs --bucket-order to know which bucket is better")
-    pos = {}
-    for rank, bucket in enumerate(bucket_order):
-        for i in r.get(bucket, []):
-            pos[i] = rank
-    unknown = set(keys) - set(bucket_order)
-    if unknown:
-        raise RecordError(where, "annotations.result.value.ranker", f"buckets {sorted(unknown)} not in --bucket-order")
-    return pos
-
-
-def aggregate(orders: list[dict], ids: list[str], how: str) -> tuple[list[int], float | None]:
-    """Consensus ranks over ``ids`` from several annotators' positions, and their agreement."""
-    if how == "mean":
-        means = []
-        for i in ids:
-            ps = [o[i] for o in orders if i in o]
-            means.append(sum(ps) / len(ps) if ps else float("inf"))
-        levels = sorted(set(means))
-        ranks = [levels.index(m) for m in means]
-    elif how == "majority":
-        wins = [0] * len(ids)
-        for a, b in combinations(range(len(ids)), 2):
-            votes = [(o[ids[a]] > o[ids[b]]) - (o[ids[a]] < o[ids[b]]) for o in orders if ids[a] in o and ids[b] in o]
-            s = sum(votes)
-            if s < 0:
-                wins[a] += 1
-            elif s > 0:
-                wins[b] += 1
-        levels = sorted(set(wins), reverse=True)
-        ranks = [levels.index(w) for w in wins]
+def ranker_positions(value, ids: list[str], where: str, field: str, bucket_order) -> dict:
+    """Position per item id (0 = best, equal = tie) for the ids this annotator judged."""
+    if not isinstance(value, dict):
+        raise RecordError(where, field, "must be an object")
+    if "ranker" not in value and {"items", "weights"} & set(value):
+        raise RecordError(where, field, "the pre-1.9 Ranker result ({items, weights, selected}) is not "
+                                        "supported: re-export from Label Studio >= 1.9 (List + Ranker)")
+    r = value.get("ranker")
+    if isinstance(r, list):                                    # legacy bare list, best first
+        pos = {str(i): p for p, i in enumerate(r)}
+    elif isinstance(r, dict) and r:
+        keys = [k for k in r if k != "_"]
+        if len(keys) == 1 and "_" not in r:                    # rank mode {tag name: ids best first}
+            pos = {str(i): p for p, i in enumerate(r[keys[0]])}
+        else:
+            if not bucket_order:
+                raise RecordError(where, f"{field}.ranker", f"bucket mode (buckets {sorted(r)}) needs "
+                                                            "--bucket-order naming the buckets best first")
+            unknown = set(keys) - set(bucket_order)
+            if unknown:
+                raise RecordError(where, f"{field}.ranker", f"buckets {sorted(unknown)} are not in --bucket-order")
+            pos = {}
+            for rank, bucket in enumerate(bucket_order):
+                for i in r.get(bucket) or []:
+                    pos[str(i)] = rank
     else:
-        raise ValueError(f"--aggregate {how!r}: choose mean or majority")
-    if len(orders) < 2:
-        return ranks, None
-    # inter-annotator agreement: over item pairs both annotators judged, the share of annotator
-    # pairs giving the same judgement (better / worse / tie)
-    same = total = 0
-    for o1, o2 in combinations(orders, 2):
-        for a, b in combinations(ids, 2):
-            if a in o1 and b in o1 and a in o2 and b in o2:
-                total += 1
-                same += ((o1[a] > o1[b]) - (o1[a] < o1[b])) == ((o2[a] > o2[b]) - (o2[a] < o2[b]))
-    return ranks, (same / total if total else None)
+        raise RecordError(where, f"{field}.ranker", "is missing or empty")
+    stray = set(pos) - set(ids)
+    if stray:
+        raise RecordError(where, f"{field}.ranker", f"ranks ids {sorted(stray)} that are not among the task's items")
+    return pos
 
 
 class LabelStudio(Source):
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--bucket-order", help="Ranker bucket mode: bucket names best first, comma-separated")
-        parser.add_argument("--tie-choice", default="Tie", help="Choices value that marks a pairwise tie")
+        parser.add_argument("--bucket-order", help="Ranker bucket mode: bucket names best first, comma-separated "
+                                                   "(list _ to rank the unsorted items too)")
+        parser.add_argument("--tie-choice", default="Tie", help="Choices value that marks a pairwise tie (default Tie)")
+        parser.add_argument("--answers", default="answer1,answer2",
+                            help="Pairwise: the data keys of the left and right answer (default answer1,answer2)")
 
-    def convert(self, task, where: str, opts) -> list[dict]:
-        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+    def convert(self, item, opts, state) -> list[dict]:
+        task = require_object(item.raw, item.where)
+        where = item.where
+        data = task.get("data")
+        if not isinstance(data, dict):
             raise RecordError(where, "data", "a task needs a 'data' object")
-        data = task["data"]
-        prompt = data.get("prompt", data.get("instruction", data.get("question")))
-        if not isinstance(prompt, str):
-            raise RecordError(where, "data.prompt", "missing (expected 'prompt', 'instruction' or 'question')")
-        bucket_order = [b.strip() for b in opts.bucket_order.split(",")] if getattr(opts, "bucket_order", None) else None
+        pkey = next((k for k in PROMPT_KEYS if isinstance(data.get(k), str)), None)
+        if pkey is None:
+            raise RecordError(where, "data.prompt", f"is missing (one of {', '.join(PROMPT_KEYS)})")
+        prompt = data[pkey]
+        bucket_order = [b.strip() for b in opts.bucket_order.split(",")] if opts.bucket_order else None
+        left, right = [a.strip() for a in opts.answers.split(",")]
         if isinstance(data.get("items"), list):
-            ids = [str(it.get("id")) for it in data["items"]]
-            texts = [_item_text(it, where, k) for k, it in enumerate(data["items"])]
-        elif "answer1" in data and "answer2" in data:
-            ids, texts = ["left", "right"], [data["answer1"], data["answer2"]]
+            ids, texts = zip(*[_item_text(it, where, k) for k, it in enumerate(data["items"])]) if data["items"] \
+                else ((), ())
+            used = {pkey, "items"}
+        elif left in data and right in data:
+            for k in (left, right):
+                if not isinstance(data[k], str):
+                    raise RecordError(where, f"data.{k}", "must be a string")
+            ids, texts = ("left", "right"), (data[left], data[right])
+            used = {pkey, left, right}
         else:
-            raise RecordError(where, "data", "neither 'items' (Ranker) nor 'answer1'/'answer2' (Pairwise)")
-        orders, annotators = [], []
-        for a_i, ann in enumerate(task.get("annotations") or []):
-            if ann.get("was_cancelled"):
-                continue
-            aw = f"{where}: annotation {a_i}"
-            pos = None
-            for res in ann.get("result") or []:
-                t = res.get("type")
-                if t == "ranker":
-                    pos = _order_from_ranker(res.get("value"), ids, aw, bucket_order)
-                elif t == "pairwise":
-                    sel = (res.get("value") or {}).get("selected")
-                    if sel not in ("left", "right"):
-                        raise RecordError(aw, "result.value.selected", f"expected left or right, got {sel!r}")
-                    pos = {"left": 0, "right": 1} if sel == "left" else {"left": 1, "right": 0}
-                elif t == "choices" and opts.tie_choice in ((res.get("value") or {}).get("choices") or []):
-                    pos = {"left": 0, "right": 0}
-            if pos is None:
-                continue
-            if not any(i in pos for i in ids):
-                raise RecordError(aw, "result.value", "ranks none of the task's item ids")
-            orders.append(pos)
-            annotators.append(str(ann.get("completed_by", f"annotation{a_i}")))
-        if not orders:
-            raise RecordError(where, "annotations", "no completed ranking or pairwise annotation")
-        ranks, agreement = aggregate(orders, ids, opts.aggregate)
-        keep = [k for k, r in enumerate(ranks) if any(ids[k] in o for o in orders)]
-        if len(keep) < 2:
-            raise RecordError(where, "annotations", "fewer than 2 items were ranked")
-        meta = {"task_id": task.get("id")}
-        if task.get("meta"):
-            meta["task_meta"] = task["meta"]
-        extra = {k: v for k, v in data.items() if k not in ("prompt", "items", "answer1", "answer2")}
+            raise RecordError(where, "data", f"neither 'items' (Ranker) nor '{left}'/'{right}' (Pairwise)")
+        ids, texts = list(ids), list(texts)
+        if len(set(ids)) != len(ids):
+            raise RecordError(where, "data.items", "item ids are not unique")
+        group = content_hash("label-studio", prompt, sorted(texts))
+        meta = without(task, "data", "annotations", "drafts", "predictions")
+        for k in ("drafts", "predictions"):
+            if task.get(k):
+                meta[k] = task[k]
+        extra = without(data, *used)
         if extra:
             meta["data"] = extra
-        rec = {"prompt": prompt, "annotators": annotators, "meta": meta}
-        if agreement is not None:
-            rec["agreement"] = agreement
-        texts_k, ranks_k = [texts[k] for k in keep], [ranks[k] for k in keep]
-        if len(keep) == 2 and ranks_k[0] != ranks_k[1]:
-            better = 0 if ranks_k[0] < ranks_k[1] else 1
-            rec.update(chosen=texts_k[better], rejected=texts_k[1 - better])
-        else:
-            levels = sorted(set(ranks_k))
-            rec.update(completions=texts_k, ranks=[levels.index(r) for r in ranks_k])
-        return [rec]
+        notes = state.setdefault("notes", {})
+        votes = []
+        for a_i, ann in enumerate(task.get("annotations") or []):
+            if not isinstance(ann, dict):
+                raise RecordError(where, f"annotations[{a_i}]", "must be an object")
+            if ann.get("was_cancelled"):
+                notes["cancelled annotations skipped"] = notes.get("cancelled annotations skipped", 0) + 1
+                continue
+            pos, unused = None, []
+            for r_i, res in enumerate(ann.get("result") or []):
+                f = f"annotations[{a_i}].result[{r_i}].value"
+                t = res.get("type") if isinstance(res, dict) else None
+                value = res.get("value") if isinstance(res, dict) else None
+                if t == "ranker":
+                    pos = ranker_positions(value, ids, where, f, bucket_order)
+                elif t == "pairwise":
+                    sel = (value or {}).get("selected")
+                    if sel not in ("left", "right"):
+                        raise RecordError(where, f + ".selected", f"expected 'left' or 'right', got {sel!r}")
+                    pos = {"left": 0, "right": 1} if sel == "left" else {"left": 1, "right": 0}
+                elif (t == "choices" and ids == ["left", "right"]
+                      and opts.tie_choice in ((value or {}).get("choices") or [])):
+                    pos = {"left": 0, "right": 0}
+                else:
+                    unused.append(res)
+            if pos is None:
+                notes["annotations without a ranking/pairwise result skipped"] = \
+                    notes.get("annotations without a ranking/pairwise result skipped", 0) + 1
+                continue
+            judged_ids = [i for i in ids if i in pos]
+            if len(judged_ids) < 2:
+                notes["annotations judging fewer than 2 items skipped"] = \
+                    notes.get("annotations judging fewer than 2 items skipped", 0) + 1
+                continue
+            who = ann.get("completed_by")
+            if isinstance(who, dict):
+                who = who.get("email") or who.get("id")
+            vote_meta = dict(meta, annotation=without(ann, "result", "completed_by"))
+            if unused:
+                vote_meta["annotation"]["other_results"] = unused
+            votes.append(judged(prompt, [texts[ids.index(i)] for i in judged_ids], [pos[i] for i in judged_ids],
+                                annotators=[str(who if who is not None else f"annotation{a_i}")],
+                                meta=vote_meta, **{GROUP: group}))
+        if not votes:
+            raise Dropped("task without a completed ranking or pairwise annotation")
+        return votes
 
 
 SOURCE = LabelStudio("label-studio", "Label Studio JSON export (Pairwise and Ranker templates)")
+
+if __name__ == "__main__":
+    module_main(SOURCE.name)

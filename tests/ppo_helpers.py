@@ -23,7 +23,7 @@ def fake_sft_run(backbone: Path, run_dir: Path, config: AdapterConfig | None = N
     return run_dir
 
 
-def fake_reward_run(backbone: Path, run_dir: Path, seed: int = 0) -> Path:
+def fake_reward_run(backbone: Path, run_dir: Path, seed: int = 0, mean: float = 0.0, std: float = 1.0) -> Path:
     """A reward run dir with a random (but fixed) LoRA reward role and head."""
     model, _ = load(backbone)
     torch.manual_seed(seed)
@@ -34,7 +34,7 @@ def fake_reward_run(backbone: Path, run_dir: Path, seed: int = 0) -> Path:
     model.add_head("reward")
     save_adapter(model, "reward", run_dir / "adapters" / "reward")
     save_head(model, "reward", run_dir / "heads" / "reward",
-              extra={"normalisation": {"mean": 0.0, "std": 1.0, "source": "test", "n": 0}})
+              extra={"normalisation": {"mean": mean, "std": std, "source": "test", "n": 0}})
     (run_dir / "reward_role.json").write_text(json.dumps(
         {"adapters": [{"name": "reward", "dir": "adapters/reward"}], "head": "heads/reward"}))
     (run_dir / "backbone.json").write_text(json.dumps({"path": str(backbone), "fingerprint": model.fingerprint}))

@@ -147,6 +147,24 @@ def test_all_roles_share_one_backbone_in_memory(tiny_llama, tmp_path):
     assert len(backbone_ptrs) == len(list(model.backbone.parameters()))
 
 
+@pytest.mark.parametrize("share_policy", [False, True])
+def test_critic_from_the_reward_model_starts_at_the_normalised_reward(tiny_llama, tmp_path, share_policy):
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    rm = H.fake_reward_run(tiny_llama, tmp_path / "rm", mean=0.7, std=2.5)
+    cfg = ppo_cfg(tmp_path, sft, tmp_path / "none.jsonl", f"reward_run={rm}", "value.init=reward",
+                  f"value.share_policy={share_policy}")
+    model, tok = load(tiny_llama)
+    ppo.build_roles(model, cfg)
+    ids = torch.tensor([tok("the happy dog sings").input_ids])
+    raw = model(ids, role="reward").values[0, -1]
+    value = model(ids, role="value").values[0, -1]
+    if share_policy:  # the head is the reward head, but the trunk is the policy's (SFT) adapters
+        with model.use("policy"):
+            hidden = model(ids, logits=False).hidden
+        raw = model.heads["reward"](hidden)[0, -1]
+    torch.testing.assert_close(value, (raw - 0.7) / 2.5, atol=1e-5, rtol=1e-5)
+
+
 def test_kill_and_resume_gives_the_same_final_adapters(tiny_llama, tmp_path):
     sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
     rm = H.fake_reward_run(tiny_llama, tmp_path / "rm")

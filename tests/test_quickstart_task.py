@@ -1,68 +1,220 @@
-"""The quickstart task: gold scorer, generators, simulated annotator and its import."""
+"""The quickstart task: gold scorer, generators, simulated annotator, its import, backbone cache."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import statistics
+
+import pytest
 
 from align.quickstart import task
-from align.quickstart.annotator import simulate_label_studio_ranker, write_export
+from align.quickstart.annotator import plackett_luce_order, simulate_label_studio_ranker, write_export
+
+g = task.gold_score
 
 
-def test_gold_scorer_on_hand_written_examples():
-    g = task.gold_score
-    assert g("", " The food was great and the staff felt lovely.", True) == math.tanh(1.2)
-    assert g("", " The food was bad.", True) == math.tanh(-0.6)
+# ------------------------------------------------------------------------------- gold scorer
+def test_gold_scorer_exact_values():
+    # P = 2 distinct positive words, N = 0
+    assert g("Review of The Lost Road:", " The plot was great and the cast felt lovely.", True) == math.tanh(1.2)
+    # P = 1, N = 2: "Boring" counts however it is capitalised
+    assert g("", " Boring. The soup was bad but the bread was great.", True) == math.tanh(-0.6)
     assert g("", " The room was quiet.", True) == 0.0
-    # repeating one positive word is worth one word, and repetition beyond twice costs 0.15 each
-    assert g("", " great great great great", True) == math.tanh(0.6) - 0.3
-    assert g("", " The food was great.", False) == math.tanh(0.6) - 1.0   # never stopped
-    pos, neu, neg = (g("", t, True) for t in (" The soup was tasty.", " The soup was hot.", " The soup was cold."))
+    # one positive word four times: counted once; the two uses beyond the second cost 0.15 each
+    assert g("", " great great great great", True) == pytest.approx(math.tanh(0.6) - 0.3)
+    # the same clause three times: "food" and "great" are each repeated once too often
+    assert g("", " The food was great. The food was great. The food was great.", True) == pytest.approx(
+        math.tanh(0.6) - 0.3)
+    assert g("", " The food was great.", False) == pytest.approx(math.tanh(0.6) - 1.0)   # never stopped
+    assert g("", " Great.", True) == pytest.approx(math.tanh(0.6) - 0.5)                # too short
+    assert g("", "", True) == -0.5
+    # stop words may repeat freely
+    assert g("", " The food was good, the room was plain, the view was dull and the bed was bad.", True) == \
+        math.tanh(-0.6)
+
+
+def test_gold_scorer_orders_hand_written_examples():
+    pos, neu, neg = (g("", t, True) for t in (" The soup was superb.", " The soup was plain.", " The soup was awful."))
     assert pos > neu > neg
+    varied = g("", " The plot was brilliant and the cast was superb. The ending felt perfect.", True)
+    assert varied > pos > 0
+    assert varied > g("", " The plot was brilliant and the cast was brilliant. The ending felt brilliant.", True)
+    assert g("", " The soup was superb.", False) < neu          # not ending outweighs sentiment
+    assert task.gold_scores(["a", "b"], [" The soup was superb.", " The soup was awful."], [True, True]) == [pos, neg]
+    with pytest.raises(ValueError):
+        task.gold_scores(["a"], [], [True])
 
 
-def test_generators_are_deterministic_and_eval_prompts_are_held_out():
-    assert task.sft_demonstrations(20, 3) == task.sft_demonstrations(20, 3)
-    assert task.prompts("ppo", 50, 1) == task.prompts("ppo", 50, 1)
-    held = set(task.prompts("eval", 300, 0))
-    for split in ("sft", "rm", "ppo"):
-        assert not held & set(task.prompts(split, 300, 0))
-    assert not held & {d["prompt"] for d in task.sft_demonstrations(500, 0)}
-    golds = [task.gold_score(d["prompt"], d["completion"], True) for d in task.sft_demonstrations(1000, 0)]
-    assert abs(sum(golds) / len(golds)) < 0.2  # demonstrations are mixed: SFT starts near neutral
+# -------------------------------------------------------------------------------- generators
+def test_generators_are_deterministic_for_a_seed():
+    assert task.sft_demonstrations(50, 3) == task.sft_demonstrations(50, 3)
+    assert task.sft_demonstrations(50, 3) != task.sft_demonstrations(50, 4)
+    assert task.pretrain_corpus(50, 1) == task.pretrain_corpus(50, 1)
+    for split in task.SPLITS:
+        assert task.prompts(split, 50, 1) == task.prompts(split, 50, 1)
+    assert task.prompts("ppo", 50, 1) != task.prompts("rm", 50, 1)
+    with pytest.raises(ValueError):
+        task.prompts("test", 5, 0)
 
 
-def _rankings(beta, n=400, seed=0):
-    prompts = ["p"] * n
-    responses = [[" The food was great and the music felt lovely.", " The food was bad."]] * n
-    tasks = simulate_label_studio_ranker(prompts, responses, [[True, True]] * n, gold_fn=task.gold_score,
-                                         beta=beta, seed=seed)
-    return tasks, sum(t["annotations"][0]["result"][0]["value"]["ranker"]["rank"][0] == "r0" for t in tasks) / n
+def test_eval_prompts_are_held_out():
+    held = set(task.prompts("eval", 500, 0))
+    train = {p for s in ("sft", "rm", "ppo") for seed in (0, 1) for p in task.prompts(s, 2000, seed)}
+    train |= {d["prompt"] for d in task.sft_demonstrations(2000, 0)}
+    assert not held & train
+    held_words = set(task.HELD_OUT_TITLE_ADJ) | set(task.HELD_OUT_PLACE_ADJ)
+    assert all(set(p.rstrip(":").split()) & held_words for p in held)
+    assert not any(set(p.rstrip(":").split()) & held_words for p in train)
+    assert len(held) >= 100                        # enough distinct held-out prompts to evaluate on
+
+
+def test_sft_demonstrations_are_mixed_and_well_formed():
+    demos = task.sft_demonstrations(2000, 0)
+    for d in demos:
+        assert set(d) == {"prompt", "completion"} and d["prompt"].endswith(":")
+        assert d["completion"].startswith(" ") and "<|" not in d["completion"]
+        assert 4 <= len(d["completion"].split()) <= 25
+    golds = [g(d["prompt"], d["completion"], True) for d in demos]
+    assert abs(statistics.mean(golds)) < 0.05      # about neutral: PPO has room to improve
+    assert 0.4 < statistics.pstdev(golds) < 0.8    # but spread out: rankings carry signal
+    assert max(golds) > 0.9 and min(golds) < -0.9
+
+
+# ----------------------------------------------------------------------------------- annotator
+def _agreement(beta: float, n: int = 600, seed: int = 0) -> tuple[float, float]:
+    """Share of response pairs the annotator orders as gold does, and the Bradley-Terry prediction."""
+    demos = task.sft_demonstrations(4 * n, seed)
+    responses = [[d["completion"] for d in demos[4 * i:4 * i + 4]] for i in range(n)]
+    prompts = [demos[4 * i]["prompt"] for i in range(n)]
+    tasks = simulate_label_studio_ranker(prompts, responses, [[True] * 4] * n, gold_fn=g, beta=beta, seed=seed)
+    agree = total = 0
+    expected = 0.0
+    for t, resp in zip(tasks, responses):
+        order = t["annotations"][0]["result"][0]["value"]["ranker"]["rank"]
+        pos = {item: i for i, item in enumerate(order)}
+        gold = [g("", r, True) for r in resp]
+        for a in range(4):
+            for b in range(a + 1, 4):
+                if abs(gold[a] - gold[b]) < 1e-9:
+                    continue
+                hi, lo = (a, b) if gold[a] > gold[b] else (b, a)
+                agree += pos[f"response_{hi + 1}"] < pos[f"response_{lo + 1}"]
+                total += 1
+                expected += 1 / (1 + math.exp(-(gold[hi] - gold[lo]) / beta)) if beta else 1.0
+    return agree / total, expected / total
 
 
 def test_annotator_follows_gold_as_beta_shrinks_and_is_random_as_it_grows():
-    _, sharp = _rankings(0.05)
-    _, noisy = _rankings(100.0)
-    gap = task.gold_score("", " The food was great and the music felt lovely.", True) - task.gold_score(
-        "", " The food was bad.", True)
+    sharp, _ = _agreement(0.01)
+    noisy, _ = _agreement(100.0)
+    mid, predicted = _agreement(0.5)
+    print(f"agreement with gold: beta=0.01 {sharp:.3f}, 0.5 {mid:.3f} (BT {predicted:.3f}), 100 {noisy:.3f}")
     assert sharp > 0.99
-    assert abs(noisy - 0.5) < 0.08
-    _, mid = _rankings(1.0)
-    assert abs(mid - 1 / (1 + math.exp(-gap))) < 0.06  # Bradley-Terry for K = 2
+    assert abs(noisy - 0.5) < 0.04
+    assert 0.6 < mid < 0.95 and abs(mid - predicted) < 0.03    # pairwise marginals are Bradley-Terry
+    assert _agreement(0.0)[0] == 1.0
 
 
-def test_export_has_label_studio_ranker_layout_and_imports(tmp_path):
-    tasks, _ = _rankings(0.1, n=5)
-    t = tasks[0]
-    assert set(t["data"]) == {"prompt", "items"} and {"id", "title", "body"} <= set(t["data"]["items"][0])
-    res = t["annotations"][0]["result"][0]
-    assert res["type"] == "ranker" and res["from_name"] == "rank" and set(res["value"]["ranker"]) == {"rank"}
-    path = write_export(tasks, tmp_path / "export.json")
+def test_plackett_luce_first_choice_probabilities():
+    import random
+    rng = random.Random(0)
+    gold, beta, n = [1.0, 0.0, -1.0], 1.0, 20000
+    firsts = [plackett_luce_order(gold, beta, rng)[0] for _ in range(n)]
+    z = sum(math.exp(x / beta) for x in gold)
+    for i, x in enumerate(gold):
+        assert abs(firsts.count(i) / n - math.exp(x / beta) / z) < 0.015
+
+
+def _export(n=3, annotators=1, seed=0):
+    prompts = task.prompts("rm", n, 0)
+    responses = [[" The food was great.", " The food was bad and the staff was rude.", " The food was"]] * n
+    ended = [[True, True, False]] * n
+    return simulate_label_studio_ranker(prompts, responses, ended, gold_fn=g, beta=0.05, seed=seed,
+                                        annotators=annotators)
+
+
+def test_export_has_the_label_studio_ranker_layout(tmp_path):
+    tasks = _export(annotators=2)
+    assert tasks == _export(annotators=2)                         # deterministic for a seed
+    path = write_export(tasks, tmp_path / "sub" / "export.json")
+    loaded = json.loads(path.read_text())
+    assert isinstance(loaded, list) and loaded == tasks           # a JSON array of tasks
+    for t in loaded:
+        # §7a task fields; §7c data of the LLM Ranker template
+        assert {"id", "data", "annotations", "drafts", "predictions", "meta"} <= set(t)
+        assert set(t["data"]) == {"prompt", "items"} and isinstance(t["data"]["prompt"], str)
+        ids = [it["id"] for it in t["data"]["items"]]
+        assert len(set(ids)) == 3 and all({"id", "title", "body"} <= set(it) for it in t["data"]["items"])
+        assert [a["completed_by"] for a in t["annotations"]] == [1, 2]
+        for a in t["annotations"]:
+            assert {"id", "completed_by", "result", "was_cancelled", "ground_truth", "lead_time"} <= set(a)
+            assert a["was_cancelled"] is False and len(a["result"]) == 1
+            r = a["result"][0]
+            assert {k: r[k] for k in ("from_name", "to_name", "type", "origin")} == {
+                "from_name": "rank", "to_name": "answers", "type": "ranker", "origin": "manual"}
+            assert isinstance(r["id"], str) and len(r["id"]) == 10
+            assert list(r["value"]) == ["ranker"] and list(r["value"]["ranker"]) == ["rank"]  # rank mode
+            assert sorted(r["value"]["ranker"]["rank"]) == sorted(ids)
+            # beta = 0.05: the ranking follows gold (positive, negative, unfinished)
+            assert r["value"]["ranker"]["rank"] == ["response_1", "response_2", "response_3"]
+    assert "gold" not in json.dumps(loaded)                       # the scorer stays hidden
+    with pytest.raises(ValueError):
+        simulate_label_studio_ranker(["p"], [["a", "b"]], [[True]], gold_fn=g, beta=1.0, seed=0)
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:                   # the parent package is missing too
+        return False
+
+
+@pytest.mark.skipif(not _has_module("data_tools.label_studio"),
+                    reason="the Label Studio importer (data_tools/label_studio.py) is not in this checkout yet")
+def test_export_goes_through_the_label_studio_importer(tmp_path):
     from data_tools.cli import main
-    assert main(["label-studio", str(path), "--out", str(tmp_path / "r.jsonl")]) == 0
-    recs = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
-    # five identical tasks deduplicate only if their rankings agree; every one is accounted for
-    assert 1 <= len(recs) <= 5 and all(r["source"] == "label-studio" for r in recs)
-    first = recs[0]
-    order = res["value"]["ranker"]["rank"]
-    best = t["data"]["items"][int(order[0][1:])]["body"]
-    assert first.get("chosen", best) == best
+    n = 40
+    prompts = task.prompts("rm", n, 0)
+    demos = task.sft_demonstrations(4 * n, 1)
+    responses = [[d["completion"] for d in demos[4 * i:4 * i + 4]] for i in range(n)]
+    ended = [[True, True, True, i % 5 != 0] for i in range(n)]
+    tasks = simulate_label_studio_ranker(prompts, responses, ended, gold_fn=g, beta=0.3, seed=0)
+    path = write_export(tasks, tmp_path / "export.json")
+    out = tmp_path / "rankings.jsonl"
+    assert main(["label-studio", str(path), "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == n
+    by_prompt = {}
+    for t in tasks:
+        order = t["annotations"][0]["result"][0]["value"]["ranker"]["rank"]
+        body = {it["id"]: it["body"] for it in t["data"]["items"]}
+        by_prompt.setdefault(t["data"]["prompt"], []).append([body[i] for i in order])
+    for rec in recs:
+        assert rec["source"] == "label-studio"
+        ranked = [c for _, c in sorted(zip(rec["ranks"], rec["completions"]))]
+        assert ranked in by_prompt[rec["prompt"]]                # the ranking came back, best first
+
+
+# ------------------------------------------------------------------------------------ backbone
+def test_ensure_backbone_trains_once_and_caches(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.quickstart import pretrain
+    kw = dict(vocab_size=400, hidden=32, layers=1, heads=2, steps=3, batch_size=4, seq_len=32, n_docs=300)
+    path = pretrain.ensure_backbone(tmp_path, **kw)
+    assert path.parent == tmp_path and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    info = json.loads((path / "pretrain.json").read_text())
+    assert info["steps"] == 3 and math.isfinite(info["final_loss"]) and info["seconds"] >= 0
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
+    assert tok.pad_token_id != tok.eos_token_id and model.config.eos_token_id == tok.eos_token_id
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+
+    def no_training(*a, **k):
+        raise AssertionError("retrained although a cached backbone exists")
+    monkeypatch.setattr(pretrain, "train_tokenizer", no_training)
+    assert pretrain.ensure_backbone(tmp_path, **kw) == path
+    with pytest.raises(AssertionError, match="retrained"):
+        pretrain.ensure_backbone(tmp_path, **{**kw, "steps": 4})   # other settings: another backbone

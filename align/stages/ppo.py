@@ -167,7 +167,7 @@ def build_roles(model, cfg: PPOConfig) -> dict:
         reward_stack = None
     else:
         norm, reward_stack = _load_reward_role(model, cfg, sft_dir)
-    _build_value(model, v, reward_stack)
+    _build_value(model, v, reward_stack, norm if cfg.ppo.normalize_reward else None)
     roles = ("reference", "policy", "value") + (("reward",) if reward_stack is not None else ())
     return {"reward_norm": norm, "stacks": {r: list(model.roles[r].adapters) for r in roles}}
 
@@ -189,19 +189,29 @@ def _load_reward_role(model, cfg: PPOConfig, sft_dir: Path):
     return head_rec.get("normalisation") or {"mean": 0.0, "std": 1.0}, reward_stack
 
 
-def _build_value(model, v: ValueConfig, reward_stack):
+def _copy_reward_head_to_value(model, norm: dict | None) -> None:
+    """The value head starts as the reward head, in the units PPO's scores use: with reward
+    normalisation ``(r - mean) / std`` is folded into its weight and bias, so the critic's first
+    predictions are calibrated to the returns it must fit."""
+    model.add_head("value")
+    sd = {k: v.clone() for k, v in model.heads["reward"].state_dict().items()}
+    if norm is not None:
+        sd["linear.weight"] = sd["linear.weight"] / norm["std"]
+        sd["linear.bias"] = (sd["linear.bias"] - norm["mean"]) / norm["std"]
+    model.heads["value"].load_state_dict(sd)
+
+
+def _build_value(model, v: ValueConfig, reward_stack, norm: dict | None):
     if v.share_policy:
         value_stack = ["policy"]
         trainable_value = []
         if v.init == "reward":
-            model.add_head("value")
-            model.heads["value"].load_state_dict(model.heads["reward"].state_dict())
+            _copy_reward_head_to_value(model, norm)
         else:
             model.add_head("value", init="zero")
     elif v.init == "reward":
         model.copy_adapter("reward", "value")
-        model.add_head("value")
-        model.heads["value"].load_state_dict(model.heads["reward"].state_dict())
+        _copy_reward_head_to_value(model, norm)
         value_stack = [a if a != "reward" else "value" for a in reward_stack]
         trainable_value = ["value"]
     elif v.init == "fresh":

@@ -1,0 +1,288 @@
+"""One import: read every input, convert, account for every record, combine, split, write, report.
+
+:func:`run` accounts for every input record (converted, dropped with a reason, or rejected with
+file, record number, field and reason) and for every produced canonical record (written, removed
+as an exact duplicate, or merged with the other judgements of its item).
+"""
+from __future__ import annotations
+
+import hashlib
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_tools.aggregate import combine
+from data_tools.base import Dropped, Item, Source, UsageError, finalize, parse_kv
+from data_tools.canonical import (RecordError, completions_of, dumps, record_kind, text_of, validate_record,
+                                  write_records)
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+def split_key(rec: dict) -> str:
+    """What decides a record's split: the prompt, and for conversations only the first user turn,
+    so that every record of one conversation tree (and every record of one prompt) shares a split."""
+    p = rec.get("prompt")
+    if p is None and "messages" in rec:
+        p = rec["messages"]
+    if p is None:                                   # implicit-prompt pair: the shared beginning
+        a, b = rec.get("chosen"), rec.get("rejected")
+        if isinstance(a, list):
+            p = a
+        else:
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            p = a[:n]
+    if isinstance(p, list):
+        users = [m.get("content", "") for m in p if isinstance(m, dict) and m.get("role") == "user"]
+        return users[0] if users else dumps(p)
+    return p
+
+
+def parse_splits(spec: str | None) -> dict[str, float] | None:
+    if not spec:
+        return None
+    out = parse_kv(spec, "--split", float)
+    if not out or any(f < 0 for f in out.values()):
+        raise UsageError(f"--split {spec!r}: give name=fraction pairs with fractions >= 0")
+    if abs(sum(out.values()) - 1.0) > 1e-6:
+        raise UsageError(f"--split fractions sum to {sum(out.values()):g}, not 1")
+    return out
+
+
+def split_of(rec: dict, splits: dict[str, float]) -> str:
+    u = int(hashlib.sha256(split_key(rec).encode("utf-8")).hexdigest()[:15], 16) / 16 ** 15
+    acc = 0.0
+    for name, frac in splits.items():
+        acc += frac
+        if u < acc:
+            return name
+    return list(splits)[-1]
+
+
+# ----------------------------------------------------------------------------------------- summary
+
+def _stats(xs: list[int]) -> str:
+    if not xs:
+        return "-"
+    s = sorted(xs)
+    return (f"n {len(s)}, min {s[0]}, median {statistics.median(s):g}, mean {statistics.mean(s):.1f}, "
+            f"p95 {s[min(len(s) - 1, int(0.95 * len(s)))]}, max {s[-1]}")
+
+
+@dataclass
+class Report:
+    source: str = ""
+    read: int = 0
+    converted: int = 0
+    rejected: int = 0
+    dropped: dict = field(default_factory=dict)     # reason -> count
+    produced: int = 0
+    duplicates: int = 0
+    merged_votes: int = 0
+    aggregated: int = 0
+    written: int = 0
+    by_kind: dict = field(default_factory=dict)
+    ties: int = 0
+    agreements: list = field(default_factory=list)
+    prompt_chars: list = field(default_factory=list)
+    completion_chars: list = field(default_factory=list)
+    splits: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)       # source notes, e.g. parts of records left out
+    outputs: list = field(default_factory=list)
+    rejects_path: str | None = None
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "read": self.read, "converted": self.converted, "rejected": self.rejected,
+                "dropped": dict(self.dropped), "produced": self.produced, "duplicates": self.duplicates,
+                "merged_votes": self.merged_votes, "aggregated": self.aggregated, "written": self.written,
+                "by_kind": dict(self.by_kind), "ties": self.ties, "splits": dict(self.splits),
+                "notes": dict(self.notes)}
+
+    def text(self) -> str:
+        lines = [f"{self.source}: read {self.read} input records: {self.converted} converted, "
+                 f"{self.dropped_total} dropped, {self.rejected} rejected (skipped)"]
+        for reason, n in sorted(self.dropped.items()):
+            lines.append(f"  dropped {n}: {reason}")
+        for note, n in sorted(self.notes.items()):
+            lines.append(f"  note: {note}: {n}")
+        lines.append(f"canonical records: {self.produced} produced -> {self.written} written, "
+                     f"{self.duplicates} exact duplicates removed, {self.merged_votes} merged as further "
+                     f"judgements into {self.aggregated} aggregated records")
+        lines.append("by kind: " + (", ".join(f"{k} {v}" for k, v in sorted(self.by_kind.items())) or "-"))
+        lines.append(f"ties: {self.ties} records with tied completions")
+        if self.agreements:
+            lines.append(f"agreement: mean {statistics.mean(self.agreements):.3f}, min {min(self.agreements):.3f} "
+                         f"over {len(self.agreements)} records")
+        else:
+            lines.append("agreement: - (no item with several judgements)")
+        lines.append(f"prompt chars: {_stats(self.prompt_chars)}")
+        lines.append(f"completion chars: {_stats(self.completion_chars)}")
+        if self.splits:
+            lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in self.splits.items()))
+        for o in self.outputs:
+            lines.append(f"wrote {o}")
+        if self.rejects_path:
+            lines.append(f"wrote {self.rejected} rejects to {self.rejects_path}")
+        return "\n".join(lines)
+
+    def count(self, records: list[dict]) -> None:
+        for r in records:
+            kind = record_kind(r)
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+            if kind == "ranking" and len(set(r["ranks"])) < len(r["ranks"]):
+                self.ties += 1
+            if "agreement" in r:
+                self.agreements.append(r["agreement"])
+            if "messages" in r:
+                last = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
+                self.prompt_chars.append(len(text_of(r["messages"][:last])))
+            elif "prompt" in r:
+                self.prompt_chars.append(len(text_of(r["prompt"])))
+            for _, c in completions_of(r):
+                self.completion_chars.append(len(text_of(c)))
+
+
+# --------------------------------------------------------------------------------------------- run
+
+def rejects_path_for(out: str | Path) -> Path:
+    p = Path(out)
+    name = p.name
+    for suf in (".gz", ".jsonl", ".json", ".parquet"):
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+    return p.parent / f"{name}.rejects.jsonl"
+
+
+def run(source: Source, inputs: list[str], out: str, opts, *, on_error: str = "fail", split: str | None = None,
+        fmt: str | None = None, stream=None) -> Report:
+    """Import ``inputs`` with ``source`` into ``out``. With ``on_error="fail"`` the first bad record
+    raises :class:`RecordError` and nothing is written."""
+    stream = sys.stdout if stream is None else stream
+    splits = parse_splits(split)
+    how = getattr(opts, "aggregate", "mean") or "mean"
+    if how not in ("mean", "majority"):
+        raise UsageError(f"--aggregate {how!r}: choose mean or majority")
+    empty = getattr(opts, "empty_completions", None) or source.empty_completions
+    rep = Report(source=source.name)
+    status: dict[tuple, str] = {}
+    rejects: list[dict] = []
+    produced: list[dict] = []
+
+    def reject(item: Item, err: RecordError) -> None:
+        if on_error == "fail":
+            raise err
+        status[item.key] = "rejected"
+        raw = item.raw if not isinstance(item.raw, RecordError) else None
+        rejects.append({"file": str(item.path), "record": item.n, "unit": item.unit, "field": err.field,
+                        "reason": err.reason, "error": str(err), "raw": raw})
+
+    def drop(item: Item, reason: str) -> None:
+        status[item.key] = "dropped"
+        rep.dropped[reason] = rep.dropped.get(reason, 0) + 1
+
+    def prepare(recs: list[dict], item: Item) -> list[dict]:
+        out_recs, same = [], 0
+        for r in recs:
+            r = finalize(r, source.name)
+            validate_record(r, item.where)
+            if "chosen" in r and r["chosen"] == r["rejected"]:
+                same += 1
+                continue
+            if "completions" in r:
+                seen = {}
+                for i, c in enumerate(r["completions"]):
+                    j = seen.setdefault(dumps(c), i)
+                    if j != i:
+                        raise RecordError(item.where, f"completions[{i}]", f"repeats completions[{j}]")
+            if empty == "reject":
+                for f, c in completions_of(r):
+                    if not text_of(c).strip():
+                        raise RecordError(item.where, f, "the completion is empty (pass --empty-completions "
+                                                         "keep to import empty completions)")
+            out_recs.append(r)
+        if recs and not out_recs:
+            raise Dropped("chosen and rejected are identical (no preference)")
+        if same:
+            note = "pairs left out: chosen and rejected are identical (no preference)"
+            rep.notes[note] = rep.notes.get(note, 0) + same
+        return out_recs
+
+    state: dict = {}
+    for i, inp in enumerate(inputs):
+        path = Path(inp)
+        if not path.exists():
+            raise FileNotFoundError(f"input {path} does not exist")
+        for item in source.read(path, opts):
+            item.file_index = i
+            rep.read += 1
+            status[item.key] = "converted"
+            try:
+                if isinstance(item.raw, RecordError):
+                    raise item.raw
+                recs = prepare(source.convert(item, opts, state), item)
+            except Dropped as d:
+                drop(item, d.reason)
+                continue
+            except RecordError as e:
+                reject(item, e)
+                continue
+            produced.extend(recs)
+    for event, item, payload in source.finish(opts, state):
+        if status.get(item.key) == "rejected":
+            continue
+        if event == "records":
+            try:
+                produced.extend(prepare(payload, item))
+            except Dropped as d:
+                drop(item, d.reason)
+            except RecordError as e:
+                reject(item, e)
+        elif event == "reject":
+            reject(item, payload)
+        elif event == "drop":
+            drop(item, payload)
+    for note, n in state.get("notes", {}).items():
+        rep.notes[note] = rep.notes.get(note, 0) + n
+    rep.converted = sum(s == "converted" for s in status.values())
+    rep.rejected = sum(s == "rejected" for s in status.values())
+    rep.produced = len(produced)
+    comb = combine(produced, how, source.name)
+    records = comb.records
+    for r in records:
+        validate_record(r, "aggregated record")
+    rep.duplicates, rep.merged_votes, rep.aggregated = comb.duplicates, comb.merged_votes, comb.aggregated
+    rep.written = len(records)
+    rep.count(records)
+
+    out_path = Path(out)
+    if splits:
+        directory = out_path
+        if out_path.suffix in (".jsonl", ".parquet"):     # out.jsonl -> out/train.jsonl, ...
+            directory, fmt = out_path.with_suffix(""), fmt or out_path.suffix[1:]
+        fmt = fmt or "jsonl"
+        if directory.exists() and not directory.is_dir():
+            raise UsageError(f"--split writes a directory, but {directory} is a file")
+        parts: dict[str, list] = {name: [] for name in splits}
+        for r in records:
+            parts[split_of(r, splits)].append(r)
+        for name, rs in parts.items():
+            target = directory / (name if fmt == "datasets" else f"{name}.{fmt}")
+            write_records(rs, target, fmt)
+            rep.splits[name] = len(rs)
+            rep.outputs.append(str(target))
+    else:
+        write_records(records, out_path, fmt)
+        rep.outputs.append(str(out_path))
+    if on_error == "skip":
+        rp = rejects_path_for(out_path)
+        write_records(rejects, rp, "jsonl")
+        rep.rejects_path = str(rp)
+    print(rep.text(), file=stream)
+    return rep
