@@ -58,7 +58,13 @@ def fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     cfg = model.config
     h.update(f"{cfg.model_type}|{cfg.vocab_size}|{getattr(cfg, 'hidden_size', '')}".encode())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, t in sorted(model.state_dict().items()):
+        p = params.get(name)
+        if p is not None and hasattr(p, "ds_id"):  # partitioned at load under ZeRO-3: gather one at a time
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([p]):
+                t = p.detach().clone()
         t = t.detach()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())

@@ -102,8 +102,24 @@ def load_checkpoint(path: Path, *, rank: int = 0) -> dict:
     """Returns {"trainable", "optimizer", "state"} and restores this rank's RNG states."""
     path = Path(path)
     opt_name = "optimizer.pt" if rank == 0 else f"optimizer_rank{rank}.pt"
-    opt = torch.load(path / opt_name, weights_only=True) if (path / opt_name).exists() else None
+    opt = None
+    if (path / opt_name).exists():
+        with torch.serialization.safe_globals(_optimizer_state_globals()):
+            opt = torch.load(path / opt_name, weights_only=True)
     rng_t = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
     _set_rng_state(rng_t, json.loads((path / f"rng_rank{rank}.json").read_text()))
     return {"trainable": load_file(path / "trainable.safetensors"), "optimizer": opt,
             "state": json.loads((path / "state.json").read_text())}
+
+
+def _optimizer_state_globals() -> list:
+    """The non-tensor types a DeepSpeed ZeRO optimizer puts in its state dict (the stage enum, the
+    plain-attribute loss scaler, ZeRO-2's (numel, start) slice records), allow-listed by name so loading stays ``weights_only=True``
+    (found with ``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, LossScaler, fragment_address]

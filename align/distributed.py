@@ -79,6 +79,16 @@ class Runtime:
         else:
             yield
 
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """Restore this rank's optimizer state (as written by ``optimizer.state_dict()``). A ZeRO
+        optimizer takes the list of every rank's partition and picks its own by rank."""
+        if self.ds is not None:
+            states = [None] * self.world_size
+            states[self.rank] = state
+            optimizer.load_state_dict(states)
+        else:
+            optimizer.load_state_dict(state)
+
     def trainable_state(self, model) -> dict[str, torch.Tensor]:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         with self.gathered([p for _, p in named]):

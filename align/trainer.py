@@ -98,7 +98,7 @@ class Trainer:
         if ckpt is not None:
             st = loaded["state"]
             if loaded["optimizer"] is not None:
-                optimizer.load_state_dict(loaded["optimizer"])
+                rt.load_optimizer_state(optimizer, loaded["optimizer"])
             scheduler.load_state_dict(st["scheduler"])
             start = st["step"]
             self.extra_state.update(st.get("extra", {}))

@@ -53,10 +53,12 @@ def sft_data(tmp_path_factory):
 
 def test_sft_zero2_two_processes_matches_one_process(tiny_llama, sft_data, tmp_path):
     """2 processes x batch 4 under ZeRO-2 == 1 process x batch 4 x 2 accumulation steps: the same
-    micro-batches (micro-batch m goes to rank m % world), so losses and adapters agree."""
+    micro-batches (micro-batch m goes to rank m % world), so losses and adapters agree, also when
+    the ZeRO-2 run is killed after step 3 and resumed."""
     common = [f"model.path={tiny_llama}", f"data.train={sft_data}", "train.max_steps=6", "train.batch_size=4",
               "train.log_every=1", "tracking.wandb=false", "data.num_samples=0", "train.lr=5e-3"]
-    launch("zero2", "sft", f"output_dir={tmp_path / 'ds'}", *common)
+    launch("zero2", "sft", f"output_dir={tmp_path / 'ds'}", "train.stop_after_steps=3", "train.save_every=3", *common)
+    launch("zero2", "sft", f"output_dir={tmp_path / 'ds'}", "resume=true", *common)  # killed at 3, resumed
     single("sft", f"output_dir={tmp_path / 'one'}", "train.grad_accum=2", *common)
     assert (tmp_path / "ds" / "checkpoints" / "step_6" / "optimizer_rank1.pt").exists()  # really 2 ranks
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "ds")), torch.tensor(losses(tmp_path / "one")),
@@ -82,9 +84,11 @@ def test_reward_zero2_two_processes_matches_one_process(tiny_llama, tmp_path):
     same_tensors(tmp_path / "ds/heads/reward/head.safetensors", tmp_path / "one/heads/reward/head.safetensors", 1e-5)
 
 
-def test_ppo_zero3_two_processes_matches_one_process_and_resumes(tiny_llama, tmp_path):
-    """Under ZeRO-3 the rollout gathers the sharded weights; sampling is seeded per global row
-    and rollouts are gathered, so 2 processes reproduce the 1-process run of the same batch."""
+@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+def test_ppo_two_processes_matches_one_process_and_resumes(preset, tiny_llama, tmp_path):
+    """Killed after 2 iterations and resumed under ZeRO-2 or ZeRO-3 (where the rollout gathers the
+    sharded weights): sampling is seeded per global row and rollouts are gathered, so 2 processes
+    reproduce the 1-process run of the same batch."""
     from tests.ppo_helpers import fake_reward_run, fake_sft_run, write_prompts
     sft = fake_sft_run(tiny_llama, tmp_path / "sft")
     rm = fake_reward_run(tiny_llama, tmp_path / "rm")
@@ -92,8 +96,8 @@ def test_ppo_zero3_two_processes_matches_one_process_and_resumes(tiny_llama, tmp
     common = [f"sft_run={sft}", f"reward_run={rm}", f"data.prompts={prompts}", f"data.eval_prompts={prompts}",
               "ppo.iterations=3", "ppo.rollout_batch_size=16", "ppo.micro_batch_size=4", "ppo.num_minibatches=2",
               "ppo.response_length=6", "eval.num_prompts=4", "tracking.wandb=false", "ppo.save_every=1"]
-    launch("zero3", "ppo", f"output_dir={tmp_path / 'ds'}", "ppo.stop_after_iterations=2", *common)
-    launch("zero3", "ppo", f"output_dir={tmp_path / 'ds'}", "resume=true", *common)
+    launch(preset, "ppo", f"output_dir={tmp_path / 'ds'}", "ppo.stop_after_iterations=2", *common)
+    launch(preset, "ppo", f"output_dir={tmp_path / 'ds'}", "resume=true", *common)
     single("ppo", f"output_dir={tmp_path / 'one'}", *common)
     for key in ("objective/scores", "objective/kl", "policy/loss"):
         torch.testing.assert_close(torch.tensor(losses(tmp_path / "ds", key)),

@@ -373,7 +373,7 @@ def run(cfg: PPOConfig) -> dict:
     if ckpt is not None:
         s = loaded["state"]
         if loaded["optimizer"] is not None:
-            optimizer.load_state_dict(loaded["optimizer"])
+            rt.load_optimizer_state(optimizer, loaded["optimizer"])
         sched.load_state_dict(s["scheduler"])
         kl_ctl.load_state_dict(s["kl_controller"])
         start = s["step"]

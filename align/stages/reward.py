@@ -88,6 +88,11 @@ def build_reward_role(model, cfg: RewardConfig) -> list[dict]:
     model.add_head("reward", init="reward")
     model.add_role("reward", names, head="reward")
     model.set_trainable(["reward"])
+    if not cfg.center_coef:
+        # The Bradley-Terry loss is invariant to a shift of every reward, so the head's bias gets
+        # only round-off gradients, which Adam would blow up into +-lr steps of noise; the scale is
+        # set after training by the normalisation statistics instead.
+        model.heads["reward"].linear.bias.requires_grad_(False)
     return stack
 
 
