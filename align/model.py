@@ -126,6 +126,52 @@ class AlignModel(nn.Module):
         self.backbone.eval()  # the frozen backbone never runs dropout
         return self
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+        Gradients still flow through the frozen backbone into the adapters. transformers only
+        checkpoints layers in training mode, but the backbone stays in eval mode (no dropout), so
+        ``forward`` flags just the layer modules as training around grad-enabled, cache-free calls.
+        The recomputation runs under the role that was active in the forward (``context_fn``):
+        a multi-role forward followed by one backward recomputes each role's layers with its own
+        adapters."""
+        kwargs = {"use_reentrant": False, "context_fn": self._recompute_context}
+        if hasattr(self.backbone, "activation_checkpointing_enable"):  # its name since transformers 5.2x
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._ckpt_layers = [m for m in self.backbone.modules() if getattr(m, "gradient_checkpointing", False)]
+        if not self._ckpt_layers:
+            raise ValueError(f"{type(self.backbone).__name__} does not support gradient checkpointing")
+
+    def _recompute_context(self):
+        saved = (self.active, self.active_head)
+
+        @contextlib.contextmanager
+        def recompute():
+            prev = (self.active, self.active_head)
+            self.active, self.active_head = saved
+            try:
+                yield
+            finally:
+                self.active, self.active_head = prev
+        return contextlib.nullcontext(), recompute()
+
+    @contextlib.contextmanager
+    def _checkpointing(self, active: bool):
+        layers = getattr(self, "_ckpt_layers", None) if active else None
+        if not layers:
+            yield
+            return
+        was = [m.training for m in layers]
+        for m in layers:
+            m.training = True  # the layer only: its dropout submodules stay in eval mode
+        try:
+            yield
+        finally:
+            for m, w in zip(layers, was):
+                m.training = w
+
     def activate(self, role: str) -> Role:
         """Make ``role`` the active one until changed (``use`` is the scoped form)."""
         r = self.roles[role]
@@ -261,9 +307,10 @@ class AlignModel(nn.Module):
             seg_start = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), dim=1).values
             positions = idx - seg_start + shift
         mask4 = allowed | (k_idx[None, :] == q_abs[:, None])[None]
-        out = self.backbone.base_model(
-            inputs_embeds=embeds, attention_mask=mask4[:, None], position_ids=positions,
-            past_key_values=cache, use_cache=cache is not None)
+        with self._checkpointing(torch.is_grad_enabled() and cache is None):
+            out = self.backbone.base_model(
+                inputs_embeds=embeds, attention_mask=mask4[:, None], position_ids=positions,
+                past_key_values=cache, use_cache=cache is not None)
         hidden = out.last_hidden_state[:, n_virtual:]
         head = self.active_head
         want_logits = logits if logits is not None else head is None

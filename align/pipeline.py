@@ -109,6 +109,10 @@ def run(cfg: PipelineConfig) -> dict:
     backbone = ensure_backbone(cache / "backbones", vocab_size=b.vocab_size, hidden=b.hidden, layers=b.layers,
                                heads=b.heads, steps=b.steps, seed=b.seed)
     seconds["backbone"] = time.time() - t
+    link = out / "backbone"  # so configs/{sft,reward,ppo}.yaml can say model.path: runs/quickstart/backbone
+    if link.is_symlink() or not link.exists():
+        link.unlink(missing_ok=True)
+        link.symlink_to(backbone.resolve(), target_is_directory=True)
     runs["backbone"] = str(backbone)
 
     # 1. SFT ---------------------------------------------------------------------------------

@@ -62,9 +62,9 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     seed_everything(cfg.train.seed)
     tok = load_tokenizer(backbone_path, trust_remote_code=cfg.model.trust_remote_code)
     backbone = load_backbone(backbone_path, cfg.model.dtype, rt.device, cfg.model.trust_remote_code, tok)
-    if cfg.model.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = AlignModel(backbone)
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     if rt.is_main:
         (run_dir / "backbone.json").write_text(json.dumps(
             {"path": str(Path(backbone_path).resolve()), "fingerprint": model.fingerprint,
