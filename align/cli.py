@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 resume=true")
     cp = sub.add_parser("config", help="Print a stage's full config with every default (the config reference)")
     cp.add_argument("stage", choices=[n for n, (m, _, _) in STAGES.items() if _available(m)])
+    cp.add_argument("--markdown", action="store_true", help="a table of every key, default and meaning")
     if _available("data_tools.cli"):
         sub.add_parser("import", help="Import human annotations into canonical records", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from omegaconf import OmegaConf
         module, cls_name, _ = STAGES[args.stage]
+        if args.markdown:
+            from align.config import reference_markdown
+            print(reference_markdown(getattr(importlib.import_module(module), cls_name)), end="")
+            return 0
         print(OmegaConf.to_yaml(OmegaConf.structured(getattr(importlib.import_module(module), cls_name))), end="")
         return 0
     config, overrides = args.config, list(args.overrides)

@@ -25,38 +25,38 @@ class ModelConfig:
     path: str = ""                       # a HF model directory (or a run dir's backbone reference)
     dtype: str = "float32"               # float32 | bfloat16 | float16
     trust_remote_code: bool = False      # never on unless asked
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute backbone activations in backward (memory for time)
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    seed: int = 0                        # data order and initialisation; sampling adds rank * 100003 per process
+    lr: float = 1e-3                     # peak learning rate (AdamW)
+    weight_decay: float = 0.0            # AdamW weight decay (adapter tensors only)
+    adam_eps: float = 1e-8               # AdamW epsilon
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     scheduler: str = "cosine"            # cosine | linear | constant
-    warmup_steps: int = 0
-    epochs: float = 1.0
+    warmup_steps: int = 0                # linear warm-up from 0
+    epochs: float = 1.0                  # passes over the training set (fractions allowed)
     max_steps: int = 0                   # >0 overrides epochs
     batch_size: int = 8                  # per process, per micro-batch
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    log_every: int = 10
+    grad_accum: int = 1                  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0           # gradient clipping (0: off)
+    log_every: int = 10                  # steps between logged training metrics
     eval_every: int = 0                  # 0: at the end only
     save_every: int = 0                  # 0: at the end only
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2            # most recent checkpoints kept in checkpoints/
     stop_after_steps: int = 0            # testing aid: stop (as if killed) after this many steps
 
 
 @dataclass
 class TrackingConfig:
-    wandb: bool = True
-    project: str = "align"
+    wandb: bool = True                   # false: metrics.jsonl only
+    project: str = "align"               # W&B project
     group: Optional[str] = None          # stages of one pipeline share a group
-    name: Optional[str] = None
+    name: Optional[str] = None           # W&B run name (default: the stage)
     mode: Optional[str] = None           # online | offline | disabled; default offline without an API key
-    tags: list = field(default_factory=list)
+    tags: list = field(default_factory=list)  # W&B tags
 
 
 def load_config(cls, path: str | None = None, overrides: list[str] | tuple = ()) -> Any:
@@ -99,3 +99,63 @@ def require_file(path: str, key: str) -> Path:
 
 __all__ = ["AdapterConfig", "ModelConfig", "TrainConfig", "TrackingConfig", "ConfigError",
            "load_config", "save_config", "to_dict", "require_file"]
+
+
+def reference(cls) -> list[tuple[str, str, str]]:
+    """(dotted key, default, comment) for every leaf of a config dataclass, the comment taken from
+    the field's trailing ``# ...`` in the source: one source of truth for the README's reference."""
+    import inspect
+    import re
+    import typing
+
+    rows: list[tuple[str, str, str]] = []
+
+    def comments(c) -> dict[str, str]:
+        out, last, col = {}, None, -1
+        for line in inspect.getsource(c).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+            cont = re.match(r"\s+#\s*(.*)$", line)
+            if m:
+                out[m.group(1)], last, col = m.group(2).strip(), m.group(1), line.index("#")
+            elif cont and last and line.index("#") == col:  # the comment continued in its column
+                out[last] += " " + cont.group(1).strip()
+            else:
+                last = None
+        return out
+
+    def walk(c, prefix: str):
+        notes = comments(c)
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            t = hints[f.name]
+            inner = [a for a in typing.get_args(t) if dataclasses.is_dataclass(a)]
+            sub = t if dataclasses.is_dataclass(t) else (inner[0] if inner else None)
+            if sub is not None and f.default is not None:
+                walk(sub, f"{prefix}{f.name}.")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = ""
+            if default is None:
+                shown = "null"
+            elif isinstance(default, str):
+                shown = default if default else "''"
+            elif isinstance(default, bool):
+                shown = str(default).lower()
+            else:
+                shown = str(default)
+            rows.append((prefix + f.name, shown, notes.get(f.name, "")))
+
+    walk(cls, "")
+    return rows
+
+
+def reference_markdown(cls) -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, note in reference(cls):
+        note, default = note.replace("|", "\\|"), default.replace("|", "\\|")
+        lines.append(f"| `{key}` | `{default}` | {note} |")
+    return "\n".join(lines) + "\n"

@@ -19,16 +19,16 @@ from align.config import ConfigError
 
 @dataclass
 class EvalConfig:
-    sft_run: str = ""
-    reward_run: str = ""
-    policy_a: str = "sft"
-    policy_b: str = ""
-    prompts: str = ""
-    num_prompts: int = 256
-    temperature: float = 1.0
-    response_length: int = 48
+    sft_run: str = ""                    # the SFT run dir (backbone and reference policy)
+    reward_run: str = ""                 # the reward run dir (learned reward)
+    policy_a: str = "sft"                # sft, or a PPO run dir
+    policy_b: str = ""                   # a PPO run dir (or sft)
+    prompts: str = ""                    # held-out prompts (records with a prompt)
+    num_prompts: int = 256               # how many of them
+    temperature: float = 1.0             # sampling temperature
+    response_length: int = 48            # max new tokens
     gold: str = ""                 # "module:function(prompts, responses, ended) -> list[float]"
-    seed: int = 0
+    seed: int = 0                        # sampling seed (the same for both policies)
     output: str = ""               # optional: write the comparison JSON here
 
 

@@ -26,46 +26,46 @@ from align.config import TrackingConfig
 
 @dataclass
 class BackboneSpec:
-    vocab_size: int = 1024
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    steps: int = 600
-    seed: int = 0
+    vocab_size: int = 1024               # BPE vocabulary trained on the bundled corpus
+    hidden: int = 128                    # hidden size
+    layers: int = 4                      # decoder layers
+    heads: int = 4                       # attention heads
+    steps: int = 600                     # pretraining steps (cached by all of these)
+    seed: int = 0                        # pretraining seed
 
 
 @dataclass
 class PipelineConfig:
-    output_dir: str = "runs/quickstart"
+    output_dir: str = "runs/quickstart"  # everything goes here: data/, sft/, reward/, ppo/, report.*
     cache_dir: str = ""                       # default: ~/.cache/align
-    seed: int = 0
+    seed: int = 0                        # one seed for every stage
     method: str = "lora"                      # adapter method for every role
-    lora_r: int = 8
+    lora_r: int = 8                      # LoRA rank (alpha = 2r)
     # LoRA on every linear layer of attention and MLP: with attention-only LoRA the policy barely
     # moves the gold score at this scale (measured: +0.15 vs +0.33 gold, same budget)
-    target_modules: str = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    target_modules: str = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # LoRA targets (regex)
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
-    sft_examples: int = 2000
-    sft_steps: int = 300
-    sft_lr: float = 2e-3
-    annotate_prompts: int = 600
-    annotate_k: int = 4
+    sft_examples: int = 2000             # bundled demonstrations generated
+    sft_steps: int = 300                 # SFT optimizer steps
+    sft_lr: float = 2e-3                 # SFT learning rate
+    annotate_prompts: int = 600          # prompts the simulated annotator ranks
+    annotate_k: int = 4                  # responses per prompt (K-wise rankings)
     annotate_beta: float = 0.1               # Bradley-Terry noise temperature of the annotator
-    annotate_temperature: float = 1.0
+    annotate_temperature: float = 1.0    # SFT sampling temperature for them
     reward_steps: int = 0                     # 0: reward_epochs epochs
-    reward_epochs: float = 3.0
-    reward_lr: float = 3e-3
-    ppo_iterations: int = 80
-    ppo_prompts: int = 2000
-    ppo_rollout_batch_size: int = 64
-    ppo_lr: float = 3e-3
-    ppo_kl_coef: float = 0.05
+    reward_epochs: float = 3.0           # reward-model epochs
+    reward_lr: float = 3e-3              # reward-model learning rate
+    ppo_iterations: int = 80             # PPO iterations
+    ppo_prompts: int = 2000              # PPO training prompts
+    ppo_rollout_batch_size: int = 64     # prompts per PPO iteration
+    ppo_lr: float = 3e-3                 # PPO learning rate
+    ppo_kl_coef: float = 0.05            # KL penalty beta
     ppo_kl_target: float = 6.0                # reported "KL below target" bound (adaptive controller target)
-    ppo_kl_controller: str = "fixed"
-    response_length: int = 32
-    temperature: float = 1.0
-    eval_prompts: int = 256
-    resume: bool = False
+    ppo_kl_controller: str = "fixed"     # fixed | adaptive
+    response_length: int = 32            # max new tokens everywhere
+    temperature: float = 1.0             # sampling temperature for PPO and evaluation
+    eval_prompts: int = 256              # held-out prompts in the final SFT-vs-PPO comparison
+    resume: bool = False                 # continue a killed pipeline (finished stages are skipped anyway)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

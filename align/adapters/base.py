@@ -35,29 +35,29 @@ class AdapterConfig:
     """
     method: str = "lora"  # lora | bottleneck | prefix | ia3 | prompt | ptuning | llama_adapter | full | top_k
     # LoRA
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = 8                           # LoRA rank
+    alpha: float = 16.0                  # LoRA scaling alpha (scale alpha/r)
+    dropout: float = 0.0                 # LoRA dropout on the adapter input
     target_modules: Any = None  # list of module-name suffixes, or one regex string; None = family default
-    use_rslora: bool = False
+    use_rslora: bool = False             # scale alpha/sqrt(r) (rank-stabilised LoRA)
     # bottleneck adapters
     variant: str = "houlsby"  # houlsby (after attention and MLP) | pfeiffer (after MLP only)
-    bottleneck_size: int = 16
-    nonlinearity: str = "relu"
-    init_std: float = 1e-2
+    bottleneck_size: int = 16            # bottleneck adapter width
+    nonlinearity: str = "relu"           # bottleneck adapter: relu | gelu | silu | tanh
+    init_std: float = 1e-2               # bottleneck down-projection init std
     # prefix / prompt / p-tuning / llama-adapter
-    num_virtual_tokens: int = 8
-    prefix_projection: bool = False
-    encoder_hidden_size: int = 64
+    num_virtual_tokens: int = 8          # prefix / prompt / p-tuning length; LLaMA-Adapter prompt length
+    prefix_projection: bool = False      # prefix tuning: train through an MLP reparameterisation (folded away at save)
+    encoder_hidden_size: int = 64        # prefix MLP / p-tuning encoder hidden size
     prompt_init: str = "random"  # random | sample_vocab | text
-    prompt_init_text: str = ""
+    prompt_init_text: str = ""           # text for prompt_init=text
     encoder_type: str = "mlp"  # p-tuning prompt encoder: mlp | lstm
     adapter_layers: int = 2  # LLaMA-Adapter: top L layers
     # IA3
-    feedforward_modules: Any = None
+    feedforward_modules: Any = None      # IA3: which targets are feed-forward (scaled on the input); None = family default
     # top_k baseline
-    top_k: int = 1
-    extra: dict = field(default_factory=dict)
+    top_k: int = 1                       # top_k baseline: number of top blocks trained (with the final norm and LM head)
+    extra: dict = field(default_factory=dict)  # method-specific extras
 
     def to_dict(self) -> dict:
         return asdict(self)

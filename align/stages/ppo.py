@@ -62,9 +62,9 @@ from align.trainer import make_optimizer
 class PPODataConfig:
     prompts: str = ""                    # records with a "prompt" (other fields ignored)
     eval_prompts: str = ""               # held-out prompts; else eval_fraction of prompts
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.05          # held-out share of prompts when eval_prompts is empty
     max_prompt_length: int = 256         # longer prompts keep their last tokens
-    chat_template: Optional[str] = None
+    chat_template: Optional[str] = None  # Jinja template for tokenizers without one
 
 
 @dataclass
@@ -76,54 +76,54 @@ class ValueConfig:
 
 @dataclass
 class PPOAlgoConfig:
-    seed: int = 0
+    seed: int = 0                        # data order; sampling is seeded per prompt row
     iterations: int = 100                # PPO iterations (rollout + update)
     rollout_batch_size: int = 64         # prompts per iteration, over all processes
     num_minibatches: int = 1             # optimizer steps per PPO epoch
-    num_ppo_epochs: int = 4
+    num_ppo_epochs: int = 4              # passes over each rollout batch
     micro_batch_size: int = 16           # per process, per forward/backward
-    response_length: int = 48
-    temperature: float = 0.7
-    lr: float = 1e-4
+    response_length: int = 48            # max new tokens per response
+    temperature: float = 0.7             # sampling temperature, also applied in every log-prob
+    lr: float = 1e-4                     # peak learning rate (policy and value)
     lr_schedule: str = "linear"          # linear (to 0, N+) | constant
-    adam_eps: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    kl_coef: float = 0.05
+    adam_eps: float = 1e-5               # AdamW epsilon
+    weight_decay: float = 0.0            # AdamW weight decay
+    max_grad_norm: float = 1.0           # gradient clipping
+    kl_coef: float = 0.05                # initial beta of the per-token KL penalty
     kl_estimator: str = "k1"             # k1 | k2 | k3 (in the reward)
     kl_controller: str = "fixed"         # fixed | adaptive (Ziegler et al.)
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
+    kl_target: float = 6.0               # adaptive controller's target KL (nats per sequence)
+    kl_horizon: int = 10000              # adaptive controller's horizon (samples)
+    gamma: float = 1.0                   # GAE discount
+    lam: float = 0.95                    # GAE lambda
+    cliprange: float = 0.2               # PPO policy ratio clip
+    cliprange_value: float = 0.2         # value clip around the old values
+    vf_coef: float = 0.1                 # value loss weight
     normalize_reward: bool = True        # (r - mean) / std with the reward stage's statistics
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
+    whiten_rewards: bool = False         # whiten the token rewards per batch (off by default)
+    whiten_advantages: bool = True       # whiten advantages over real tokens
     missing_stop_penalty: float = -1.0   # N+: a response with no stop token scores -1
     missing_stop_mode: str = "replace"   # replace | subtract | none
-    log_every: int = 1
-    save_every: int = 0
-    keep_checkpoints: int = 2
+    log_every: int = 1                   # iterations between logged metrics
+    save_every: int = 0                  # iterations between checkpoints (0: at the end only)
+    keep_checkpoints: int = 2            # most recent checkpoints kept
     stop_after_iterations: int = 0       # testing aid: stop as if killed
 
 
 @dataclass
 class PPOEvalConfig:
     every: int = 0                       # iterations; 0: at the end only
-    num_prompts: int = 64
-    temperature: float = 0.7
+    num_prompts: int = 64                # held-out prompts per evaluation
+    temperature: float = 0.7             # sampling temperature at evaluation
     gold: str = ""                       # optional "module:function(prompts, responses, ended) -> list[float]"
-    num_samples_logged: int = 8
+    num_samples_logged: int = 8          # samples written to samples.jsonl / W&B per evaluation
 
 
 @dataclass
 class PPOConfig:
-    output_dir: str = "runs/ppo"
-    resume: bool = False
-    sft_run: str = ""
+    output_dir: str = "runs/ppo"         # the run directory
+    resume: bool = False                 # continue the run in output_dir from its latest checkpoint
+    sft_run: str = ""                    # the SFT run dir: backbone, reference and initial policy
     reward_run: str = ""                 # the reward stage's run dir (the learned reward role)
     reward_fn: str = ""                  # or a programmatic reward "module:function(prompts,
                                          # responses, ended) -> list[float]" (then value.init=fresh)
@@ -396,6 +396,9 @@ def run(cfg: PPOConfig) -> dict:
 
     bar = tqdm(total=a.iterations, initial=start, desc="ppo", disable=not rt.is_main, dynamic_ncols=True)
     last_eval: dict = {}
+    if start == 0 and cfg.eval.every:  # the SFT policy's score: the baseline of every curve
+        st.tracker.log(evaluate_policy(model, engine, eval_prompts, cfg, tok, rt, gold_fn, 0, st.tracker,
+                                       reward_fn), 0)
     it = start
     while it < a.iterations:
         t0 = time.time()

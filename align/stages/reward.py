@@ -33,26 +33,26 @@ from align.trainer import Trainer
 
 @dataclass
 class RewardDataConfig:
-    train: str = ""
-    eval: str = ""
+    train: str = ""                      # pairs or K-wise rankings (canonical or TRL records)
+    eval: str = ""                       # optional held-out file; else eval_fraction of train by prompt
     eval_fraction: float = 0.1          # split by prompt: no prompt is on both sides
-    max_length: int = 512
-    chat_template: str | None = None
+    max_length: int = 512                # tokens per prompt+completion
+    chat_template: str | None = None     # Jinja template for tokenizers without one
     ties: str = "skip"                  # skip | half (a tie is a Bradley-Terry target of 1/2)
 
 
 @dataclass
 class NormalizeConfig:
     source: str = "sft_samples"         # sft_samples | best_completions | none
-    num_prompts: int = 64
-    max_new_tokens: int = 48
-    temperature: float = 1.0
+    num_prompts: int = 64                # held-out prompts sampled for the statistics
+    max_new_tokens: int = 48             # length of those samples
+    temperature: float = 1.0             # sampling temperature of those samples
 
 
 @dataclass
 class RewardConfig:
-    output_dir: str = "runs/reward"
-    resume: bool = False
+    output_dir: str = "runs/reward"      # the run directory
+    resume: bool = False                 # continue the run in output_dir from its latest checkpoint
     sft_run: str = ""                   # the SFT run dir (gives backbone and SFT adapters)
     init: str = "sft_copy"              # sft_copy | sft_stack | base
     center_coef: float = 0.0            # TRL's center_rewards_coefficient: coef * mean(r^2)

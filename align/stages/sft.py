@@ -29,19 +29,19 @@ from align.trainer import Trainer
 class SFTDataConfig:
     train: str = ""                      # canonical/TRL records: JSONL, JSON, Parquet or a datasets dir
     eval: str = ""                       # optional held-out file; else eval_fraction of train by prompt
-    eval_fraction: float = 0.05
-    max_length: int = 512
+    eval_fraction: float = 0.05          # held-out share of prompts when data.eval is empty
+    max_length: int = 512                # tokens per example (the prompt is cut first, counted)
     completion_only_loss: bool = True    # false: loss on the prompt tokens too
-    packing: bool = False
+    packing: bool = False                # pack examples into max_length rows (attention kept within each example)
     chat_template: Optional[str] = None  # Jinja template for tokenizers without one
     num_samples: int = 4                 # samples generated at each evaluation
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48             # length of the eval samples
 
 
 @dataclass
 class SFTConfig:
-    output_dir: str = "runs/sft"
-    resume: bool = False
+    output_dir: str = "runs/sft"         # the run directory
+    resume: bool = False                 # continue the run in output_dir from its latest checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
