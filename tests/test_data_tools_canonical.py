@@ -9,8 +9,7 @@ import pytest
 
 from data_tools.canonical import RecordError, read_records, record_id, record_kind, validate_record, write_records
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "annotations"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared/fixtures not checked out next to the repo")
+SHARED = Path(__file__).resolve().parent / "fixtures" / "annotations"  # samples of the real sources
 
 U = {"role": "user", "content": "What color is the sky?"}
 A = {"role": "assistant", "content": "It is blue."}
@@ -62,7 +61,6 @@ def test_id_is_a_stable_hash_of_the_content_only():
     assert record_id(a) == record_id(json.loads(json.dumps(a)))
 
 
-@needs_shared
 def test_trl_files_are_valid_canonical_input_and_the_others_are_rejected():
     ok = ["language_modeling_conversational", "preference_explicit_conversational", "preference_explicit_standard",
           "preference_implicit_conversational", "preference_implicit_standard",

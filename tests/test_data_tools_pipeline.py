@@ -17,10 +17,10 @@ from data_tools.canonical import RecordError, read_records, record_kind
 from data_tools.importer import run
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "fixtures" / "annotations"
+SHARED = Path(__file__).resolve().parent / "fixtures" / "annotations"  # samples of the real sources
 EXTRA = Path(__file__).resolve().parent / "fixtures" / "annotations_extra"
 
-# (source, inputs, extra args) covering every importer; shared fixtures only where they exist
+# (source, inputs, extra args) covering every importer
 CASES = [("hh-rlhf", [EXTRA / "hh_rlhf_verbatim.jsonl"], []),
          ("hh-rlhf", [EXTRA / "hh_rlhf_broken.jsonl"], ["--on-error", "skip"]),
          ("summarize-from-feedback", [EXTRA / "summarize_multi_worker.json"], ["--on-error", "skip"]),
@@ -29,26 +29,25 @@ CASES = [("hh-rlhf", [EXTRA / "hh_rlhf_verbatim.jsonl"], []),
          ("label-studio", [EXTRA / "label_studio_pairwise_verbatim.json"], ["--on-error", "skip"]),
          ("csv", [EXTRA / "generic_pairs.csv"],
           ["--map", "prompt=question,chosen=good,rejected=bad", "--on-error", "skip"])]
-if SHARED.exists():
-    S = SHARED
-    CASES += [("summarize-from-feedback", [S / "summarize_from_feedback/comparisons/batch9.json",
-                                           S / "summarize_from_feedback/axis_evals/cnndm1.json"], ["--ref-sft"]),
-              ("shp", [S / "shp/askculinary/train.json", S / "shp/askacademia/train.json"], ["--min-ratio", "1.5"]),
-              ("ultrafeedback", [S / "ultrafeedback/truthful_qa.jsonl"], []),
-              ("ultrafeedback-binarized", [S / "ultrafeedback_binarized/train_prefs.jsonl"], []),
-              ("oasst", sorted((S / "oasst1").glob("2023*")), []),           # a tree twice: duplicates
-              ("oasst", [S / "oasst1/hf_parquet_rows_as_json.jsonl"], ["--sft", "all"]),
-              ("helpsteer2", [S / "helpsteer2/train.jsonl", S / "helpsteer2/preference/preference.jsonl",
-                              S / "helpsteer2/disagreements/disagreements.jsonl"], []),
-              ("label-studio", sorted((S / "label_studio").glob("*.json")),
-               ["--bucket-order", "relevant_results,_,biased_results", "--empty-completions", "keep"]),
-              ("argilla", [S / "argilla/v1_feedback_records_SYNTHETIC.jsonl",
-                           S / "argilla/v1_hf_row_as_read_by_pyarrow_SYNTHETIC.jsonl"], []),
-              ("argilla", [S / "argilla/v2_records_SYNTHETIC.json", S / "argilla/v2_flat_row_SYNTHETIC.jsonl"], []),
-              ("alpaca", [S / "sft/alpaca_data.json"], []),
-              ("dolly", [S / "sft/databricks-dolly-15k.jsonl"], []),
-              ("sharegpt", [S / "sft/sharegpt.json"], []),
-              ("jsonl", sorted((S / "trl").glob("*.jsonl")), ["--on-error", "skip"])]
+S = SHARED  # samples of each real source (tests/fixtures/annotations/README.md)
+CASES += [("summarize-from-feedback", [S / "summarize_from_feedback/comparisons/batch9.json",
+                                       S / "summarize_from_feedback/axis_evals/cnndm1.json"], ["--ref-sft"]),
+          ("shp", [S / "shp/askculinary/train.json", S / "shp/askacademia/train.json"], ["--min-ratio", "1.5"]),
+          ("ultrafeedback", [S / "ultrafeedback/truthful_qa.jsonl"], []),
+          ("ultrafeedback-binarized", [S / "ultrafeedback_binarized/train_prefs.jsonl"], []),
+          ("oasst", sorted((S / "oasst1").glob("2023*")), []),           # a tree twice: duplicates
+          ("oasst", [S / "oasst1/hf_parquet_rows_as_json.jsonl"], ["--sft", "all"]),
+          ("helpsteer2", [S / "helpsteer2/train.jsonl", S / "helpsteer2/preference/preference.jsonl",
+                          S / "helpsteer2/disagreements/disagreements.jsonl"], []),
+          ("label-studio", sorted((S / "label_studio").glob("*.json")),
+           ["--bucket-order", "relevant_results,_,biased_results", "--empty-completions", "keep"]),
+          ("argilla", [S / "argilla/v1_feedback_records_SYNTHETIC.jsonl",
+                       S / "argilla/v1_hf_row_as_read_by_pyarrow_SYNTHETIC.jsonl"], []),
+          ("argilla", [S / "argilla/v2_records_SYNTHETIC.json", S / "argilla/v2_flat_row_SYNTHETIC.jsonl"], []),
+          ("alpaca", [S / "sft/alpaca_data.json"], []),
+          ("dolly", [S / "sft/databricks-dolly-15k.jsonl"], []),
+          ("sharegpt", [S / "sft/sharegpt.json"], []),
+          ("jsonl", sorted((S / "trl").glob("*.jsonl")), ["--on-error", "skip"])]
 IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 
 

@@ -9,9 +9,8 @@ import pytest
 from data_tools.canonical import read_records
 from data_tools.cli import main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "annotations"
+SHARED = Path(__file__).resolve().parent / "fixtures" / "annotations"  # samples of the real sources
 EXTRA = Path(__file__).resolve().parent / "fixtures" / "annotations_extra"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared/fixtures not checked out next to the repo")
 
 
 def U(text):
@@ -63,7 +62,6 @@ def test_hh_rlhf_verbatim_lines(tmp_path):
                                      "stereotypical woman.")]
 
 
-@needs_shared
 def test_hh_rlhf_gzip_gives_the_same_records(tmp_path):
     plain = imp(tmp_path, "hh-rlhf", SHARED / "hh_rlhf/harmless-base/test.jsonl", out="a.jsonl")
     gz = imp(tmp_path, "hh-rlhf", SHARED / "hh_rlhf/harmless-base/test.jsonl.gz", out="b.jsonl")
@@ -79,7 +77,6 @@ def test_hh_rlhf_empty_completions_can_be_rejected(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ summarize-from-feedback
 
-@needs_shared
 def test_summarize_comparisons_tldr_and_cnndm(tmp_path):
     recs = imp(tmp_path, "summarize-from-feedback", SHARED / "summarize_from_feedback/comparisons/batch9.json")
     assert len(recs) == 2
@@ -116,7 +113,6 @@ def test_summarize_several_workers_are_aggregated(tmp_path, capsys):
     assert [(r["record"], r["field"]) for r in rejects] == [(6, "summaries")]
 
 
-@needs_shared
 def test_summarize_axis_evals_need_two_summaries_of_a_post(tmp_path, capsys):
     imp(tmp_path, "summarize-from-feedback", SHARED / "summarize_from_feedback/axis_evals/cnndm1.json")
     assert "dropped 1: axis evals: fewer than 2 rated summaries of one post" in capsys.readouterr().out
@@ -134,7 +130,6 @@ def test_summarize_axis_evals_need_two_summaries_of_a_post(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------- shp
 
-@needs_shared
 def test_shp_labels_pick_the_side_and_min_ratio_filters(tmp_path, capsys):
     files = [SHARED / "shp/askculinary/train.json", SHARED / "shp/askacademia/train.json"]
     culinary, academia = imp(tmp_path, "shp", *files)
@@ -155,7 +150,6 @@ def test_shp_labels_pick_the_side_and_min_ratio_filters(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ ultrafeedback
 
-@needs_shared
 def test_ultrafeedback_rankings_handle_na_and_ties(tmp_path):
     rank, pair = imp(tmp_path, "ultrafeedback", SHARED / "ultrafeedback/truthful_qa.jsonl")
     assert rank["prompt"] == [U("What is the composition of the trails left in the sky by aircraft?")]
@@ -173,7 +167,6 @@ def test_ultrafeedback_rankings_handle_na_and_ties(tmp_path):
     assert len(hon["completions"]) == 3 and hon["meta"]["unscored"] == [3] and hon["ranks"] == [0, 1, 1]
 
 
-@needs_shared
 def test_ultrafeedback_binarized_pair_and_tie(tmp_path):
     (r,) = imp(tmp_path, "ultrafeedback-binarized", SHARED / "ultrafeedback_binarized/train_prefs.jsonl")
     assert r["prompt"] == [U("Which books are still banned in Canada?")]
@@ -190,7 +183,6 @@ def test_ultrafeedback_binarized_pair_and_tie(tmp_path):
 
 # -------------------------------------------------------------------------------------------- oasst
 
-@needs_shared
 @pytest.mark.parametrize("name", ["2023-04-12_oasst_ready.messages.jsonl", "2023-04-12_oasst_ready.trees.jsonl",
                                   "hf_parquet_rows_as_json.jsonl"])
 def test_oasst_every_shape_gives_the_same_ranking_and_sft(tmp_path, name):
@@ -209,7 +201,6 @@ def test_oasst_every_shape_gives_the_same_ranking_and_sft(tmp_path, name):
     assert (rank["id"], sft["id"]) == ("c46dc97af83c0d8a", "9df6c0d43a68ae5c")      # the same in every shape
 
 
-@needs_shared
 def test_oasst_options_and_broken_trees(tmp_path, capsys):
     trees = SHARED / "oasst1/2023-04-12_oasst_ready.trees.jsonl"
     assert len(by_kind(imp(tmp_path, "oasst", trees, args=["--sft", "all"], out="a.jsonl"), "sft")) == 2
@@ -231,7 +222,6 @@ def test_oasst_options_and_broken_trees(tmp_path, capsys):
 
 # -------------------------------------------------------------------------------------- helpsteer2
 
-@needs_shared
 def test_helpsteer2_ratings_preference_and_disagreements(tmp_path, capsys):
     recs = imp(tmp_path, "helpsteer2", SHARED / "helpsteer2/train.jsonl")
     assert "dropped 1: ratings: only one response to the prompt" in capsys.readouterr().out
@@ -279,7 +269,6 @@ def test_label_studio_pairwise_verbatim(tmp_path, capsys):
     assert rc == 1 and "record 2: field 'rejected': the completion is empty" in capsys.readouterr().err
 
 
-@needs_shared
 def test_label_studio_multi_annotator_pairwise_with_tie_and_cancelled(tmp_path, capsys):
     (r,) = imp(tmp_path, "label-studio", SHARED / "label_studio/pairwise_export_multi_annotator_SYNTHETIC.json")
     assert "note: cancelled annotations skipped: 1" in capsys.readouterr().out
@@ -288,7 +277,6 @@ def test_label_studio_multi_annotator_pairwise_with_tie_and_cancelled(tmp_path, 
     assert [v["ranks"] for v in r["meta"]["votes"]] == [[0, 1], [1, 0], [0, 0]]
 
 
-@needs_shared
 def test_label_studio_ranker_rank_and_bucket_mode(tmp_path, capsys):
     f = SHARED / "label_studio/ranker_export_SYNTHETIC.json"
     rc = main(["label-studio", str(f), "--out", str(tmp_path / "x.jsonl")])
@@ -323,7 +311,6 @@ def test_label_studio_ranker_multi_annotator_majority(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ argilla
 
-@needs_shared
 def test_argilla_v1_layouts_agree_and_keep_ties(tmp_path):
     names = ["v1_feedback_records_SYNTHETIC.jsonl", "v1_hf_row_as_loaded_by_datasets_SYNTHETIC.jsonl",
              "v1_hf_row_as_read_by_pyarrow_SYNTHETIC.jsonl"]
@@ -340,7 +327,6 @@ def test_argilla_v1_layouts_agree_and_keep_ties(tmp_path):
     assert [q["value"] for q in r["meta"]["other_responses"]["quality"]] == [4, 3]
 
 
-@needs_shared
 def test_argilla_v2_layouts_agree(tmp_path):
     a = imp(tmp_path, "argilla", SHARED / "argilla/v2_records_SYNTHETIC.json", out="a.jsonl")
     b = imp(tmp_path, "argilla", SHARED / "argilla/v2_flat_row_SYNTHETIC.jsonl", out="b.jsonl")
@@ -364,7 +350,6 @@ def test_argilla_rating_questions_rank_their_fields(tmp_path):
 
 # -------------------------------------------------------------------------------------------- SFT
 
-@needs_shared
 def test_alpaca_dolly_sharegpt(tmp_path):
     alp = imp(tmp_path, "alpaca", SHARED / "sft/alpaca_data.json", out="a.jsonl")
     assert alp[0]["messages"] == [U("Give three tips for staying healthy."),
