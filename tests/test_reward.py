@@ -92,3 +92,47 @@ def test_prompt_level_split_leaks_no_prompt():
     train, held = split_by_prompt(recs, 0.2)
     assert len(train) + len(held) == 500 and 0 < len(held) < 250
     assert not ({r["prompt"] for r in train} & {r["prompt"] for r in held})
+
+
+def rule_rankings(path, n=240, seed=0):
+    """K=3 rankings by a known rule: more positive words rank higher (ties none). Held-out prompts
+    (split by prompt) and completions recombined from the same words, so only the rule carries over."""
+    import json
+    import random
+    rng = random.Random(seed)
+    pos, neg, neutral = ["happy", "great", "lovely", "bright"], ["sad", "awful", "dull", "grim"], ["dog", "song", "day", "film"]
+    with open(path, "w") as f:
+        for i in range(n):
+            comps, scores = [], []
+            for k in range(3):
+                p = k  # 0, 1 or 2 positive words, the rest negative
+                words = rng.sample(pos, p) + rng.sample(neg, 2 - p) + [rng.choice(neutral)]
+                rng.shuffle(words)
+                comps.append(" " + " ".join(words))
+                scores.append(p)
+            order = list(range(3))
+            rng.shuffle(order)
+            f.write(json.dumps({"prompt": f"review {i}:", "completions": [comps[j] for j in order],
+                                "ranks": [2 - scores[j] for j in order]}) + "\n")
+    return path
+
+
+def test_reward_model_learns_a_known_rule_well_above_chance(tiny_llama, tmp_path):
+    """Held-out pairwise accuracy on prompts never trained on (chance: 0.5)."""
+    import json
+
+    import align.stages.reward as reward
+    from align.config import load_config
+    from tests.ppo_helpers import fake_sft_run
+    sft = fake_sft_run(tiny_llama, tmp_path / "sft")
+    data = rule_rankings(tmp_path / "rules.jsonl")
+    out = reward.run(load_config(reward.RewardConfig, None, [
+        f"output_dir={tmp_path / 'rm'}", f"sft_run={sft}", f"data.train={data}", "data.eval_fraction=0.2",
+        "train.batch_size=8", "train.epochs=3", "train.lr=1e-2", "train.eval_every=30", "tracking.wandb=false",
+        "normalize.num_prompts=8", "normalize.max_new_tokens=4"]))
+    evals = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines() if "eval/accuracy" in x]
+    assert evals[0]["step"] == 0 and 0.25 < evals[0]["eval/accuracy"] < 0.75   # untrained: about chance
+    assert out["eval/accuracy"] >= 0.9, evals
+    assert out["eval/pairs"] >= 100 and out["eval/margin"] > 0
+    norm = out["normalisation"]
+    assert norm["n"] == 8 and norm["std"] > 0
