@@ -36,6 +36,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     With ``use_cache=False`` every step re-runs the whole sequence (used by tests to check the
     cache gives the same tokens).
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
     b = input_ids.shape[0]
     device = input_ids.device
     done = torch.zeros(b, dtype=torch.bool, device=device)
