@@ -1,6 +1,10 @@
-"""Keep README.md's generated sections true: ``python -m align.docs [README.md]`` rewrites the text
-between ``<!-- config-reference -->`` and ``<!-- /config-reference -->`` from the config
-dataclasses (a test fails when the README and the code disagree)."""
+"""Keep README.md's generated sections true.
+
+``python -m align.docs`` rewrites the text between ``<!-- config-reference -->`` and
+``<!-- /config-reference -->`` from the config dataclasses (a test fails when the README and the
+code disagree). ``python -m align.docs --quickstart DIR`` puts the report of the quickstart run in
+DIR into the README (and its plot into docs/); ``--methods FILE`` and ``--bench FILE`` paste the
+Markdown tables written by the benchmark scripts."""
 from __future__ import annotations
 
 import importlib
@@ -32,10 +36,38 @@ def replace_section(text: str, tag: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
-def main(path: str = "README.md") -> None:
-    p = Path(path)
-    p.write_text(replace_section(p.read_text(), "config-reference", config_reference()))
+def quickstart_report(run_dir: Path) -> str:
+    """report.md of a quickstart run without its title and plot lines, plus the total wall time."""
+    import json
+    report = json.loads((run_dir / "report.json").read_text())
+    body = [ln for ln in (run_dir / "report.md").read_text().splitlines()[1:] if not ln.startswith("![")]
+    total = sum(report["seconds_per_stage"].values())
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(body)).strip().replace("## Samples", "#### Samples")
+    return text + f"\n\nTotal wall time: {total / 60:.1f} min.\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import shutil
+    ap = argparse.ArgumentParser(prog="python -m align.docs", description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", default="README.md")
+    ap.add_argument("--quickstart", help="a quickstart run dir whose report goes into the README")
+    ap.add_argument("--methods", help="benchmarks/results/methods.md")
+    ap.add_argument("--bench", help="a Markdown summary of the benchmark tables")
+    args = ap.parse_args(argv)
+    p = Path(args.readme)
+    text = replace_section(p.read_text(), "config-reference", config_reference())
+    if args.quickstart:
+        run = Path(args.quickstart)
+        text = replace_section(text, "quickstart-report", quickstart_report(run))
+        (p.parent / "docs").mkdir(exist_ok=True)
+        shutil.copy(run / "ppo_curves.png", p.parent / "docs" / "quickstart_ppo_curves.png")
+    if args.methods:
+        text = replace_section(text, "methods-table", Path(args.methods).read_text())
+    if args.bench:
+        text = replace_section(text, "bench-summary", Path(args.bench).read_text())
+    p.write_text(text)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1:])

@@ -1,0 +1,31 @@
+"""The quickstart pipeline end to end, shortened (a smaller backbone, fewer steps, fewer prompts):
+the same three claims as the full run's report, at looser thresholds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_shortened_quickstart_aligns_the_model(tmp_path):
+    from align.config import load_config
+    from align.pipeline import PipelineConfig, run
+    cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
+        f"output_dir={tmp_path / 'qs'}", f"cache_dir={tmp_path / 'cache'}", "tracking.wandb=false",
+        "backbone.hidden=96", "backbone.layers=3", "backbone.steps=400",
+        "sft_steps=200", "annotate_prompts=300", "reward_epochs=2", "ppo_iterations=30", "eval_prompts=200"])
+    report = run(cfg)
+    assert report == json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert report["rm_accuracy_vs_gold"] >= 0.7, report
+    assert report["n_eval_prompts"] >= 200
+    # PPO beats SFT on the hidden gold score (paired over the same prompts) by at least 2 SE
+    assert report["gold_diff_mean"] > 2 * report["gold_diff_sem"], report
+    assert report["kl_to_sft_mean"] < report["kl_target"], report
+    for f in ("report.md", "ppo_curves.png", "data/rankings.jsonl", "data/label_studio_export.json"):
+        assert (tmp_path / "qs" / f).exists(), f
+    assert set(report["seconds_per_stage"]) >= {"backbone", "sft", "annotate", "reward", "ppo", "eval"}
+    assert set(report["trainable_params"]) == {"sft", "reward", "policy", "value"}
+    assert all(v < 0.2 * report["backbone_params"] for v in report["trainable_params"].values())
