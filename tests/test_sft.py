@@ -165,3 +165,21 @@ def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, override, mess
     assert r.returncode != 0
     assert message in r.stderr
     assert not (tmp_path / "x").exists()  # failed before any work
+
+
+CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_conversations_render_through_the_chat_template_split_before_the_last_reply(tiny_llama):
+    from align.data.sft import render
+    _, tok = load(tiny_llama)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "name a dog"}, {"role": "assistant", "content": "Rex"}]
+    p, c = render({"messages": msgs}, tok, CHATML)
+    assert p == "<|user|>hi\n<|assistant|>hello\n<|user|>name a dog\n<|assistant|>" and c == "Rex\n"
+    # the conversational prompt/completion form gives the same split
+    assert render({"prompt": msgs[:3], "completion": msgs[3:]}, tok, CHATML) == (p, c)
+    assert render({"prompt": "a", "completion": " b"}, tok, CHATML) == ("a", " b")
+    with pytest.raises(ValueError, match="assistant"):
+        render({"messages": msgs[:1]}, tok, CHATML)

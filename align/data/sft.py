@@ -31,10 +31,14 @@ class TruncationReport:
 
 
 def render(record: dict, tokenizer, chat_template: str | None = None) -> tuple[str, str]:
-    """(prompt text, completion text) of one record."""
-    def apply(msgs, gen_prompt):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt,
-                                             chat_template=chat_template)
+    """(prompt text, completion text) of one record.
+
+    Conversations go through TRL's ``apply_chat_template`` (prompt rendered with the generation
+    prompt, the completion as the rest of the rendered conversation, with TRL's handling of templates
+    that render the prompt differently alone); a ``messages`` record is split before its last
+    assistant turn, which is what the loss is taken on."""
+    from trl.data_utils import apply_chat_template
+
     if "messages" in record:
         msgs = record["messages"]
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
@@ -48,11 +52,9 @@ def render(record: dict, tokenizer, chat_template: str | None = None) -> tuple[s
         if isinstance(prompt, str) or isinstance(completion, str):
             raise ValueError("prompt and completion must both be strings or both be message lists")
         prompt_msgs, completion_msgs = prompt, completion
-    p = apply(prompt_msgs, True)
-    full = apply(prompt_msgs + completion_msgs, False)
-    if not full.startswith(p):
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-    return p, full[len(p):]
+    kwargs = {"chat_template": chat_template} if chat_template else {}
+    out = apply_chat_template({"prompt": prompt_msgs, "completion": completion_msgs}, tokenizer, **kwargs)
+    return out["prompt"], out["completion"]
 
 
 def tokenize_pair(prompt: str, completion: str, tokenizer, max_length: int,
