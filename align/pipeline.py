@@ -235,9 +235,11 @@ def annotate(cfg: PipelineConfig, backbone: Path, sft_dir: Path, data: Path) -> 
                                          beta=cfg.annotate_beta, seed=cfg.seed)
     export = data / "label_studio_export.json"
     write_export(tasks, export)
-    # as with human exports, malformed tasks (here: an empty response) are skipped with a reason
-    # in rankings.rejects.jsonl rather than silently dropped
-    rc = import_main(["label-studio", str(export), "--out", str(data / "rankings.jsonl"), "--on-error", "skip"])
+    # An empty response is a real sample the annotator ranked (low), so it is kept: a reward model
+    # that never saw one cannot know that saying nothing is bad. Malformed tasks would be skipped
+    # with their reason in rankings.rejects.jsonl, as with human exports.
+    rc = import_main(["label-studio", str(export), "--out", str(data / "rankings.jsonl"), "--on-error", "skip",
+                      "--empty-completions", "keep"])
     if rc != 0:
         raise RuntimeError(f"importing {export} failed (exit {rc})")
     return data / "rankings.jsonl"

@@ -1,5 +1,8 @@
-"""The quickstart pipeline end to end, shortened (a smaller backbone, fewer steps, fewer prompts):
-the same three claims as the full run's report, at looser thresholds."""
+"""The quickstart pipeline end to end, shortened (60 PPO iterations instead of 80, 200 eval
+prompts): the same three claims as the full run's report, at looser thresholds. The backbone is the
+quickstart's own, from the usual cache (~/.cache/align), pretrained on first use (2.5 min). With
+fewer annotations (400 prompts) the reward model, which never sees an empty answer, gets hacked by
+one: see README, Limitations."""
 from __future__ import annotations
 
 import json
@@ -14,9 +17,8 @@ def test_shortened_quickstart_aligns_the_model(tmp_path):
     from align.config import load_config
     from align.pipeline import PipelineConfig, run
     cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
-        f"output_dir={tmp_path / 'qs'}", f"cache_dir={tmp_path / 'cache'}", "tracking.wandb=false",
-        "backbone.hidden=96", "backbone.layers=3", "backbone.steps=400",
-        "sft_steps=200", "annotate_prompts=300", "reward_epochs=2", "ppo_iterations=30", "eval_prompts=200"])
+        f"output_dir={tmp_path / 'qs'}", "tracking.wandb=false",
+        "ppo_iterations=60", "eval_prompts=200"])
     report = run(cfg)
     assert report == json.loads((tmp_path / "qs" / "report.json").read_text())
     assert report["rm_accuracy_vs_gold"] >= 0.7, report
