@@ -1,0 +1,186 @@
+"""PPO step (rollout + update) of align against TRL's last PPO trainer, side by side.
+
+    python benchmarks/bench_ppo.py --size 100m --reps 3            # both sides, CPU
+    python benchmarks/bench_ppo.py --size 1b --device cuda --side align
+
+Same on both sides: the random-init Llama of ``--size``, the prompts, the rollout batch, response
+length (no early stop: a random model almost never samples EOS, and both sides count the tokens
+they generate), PPO epochs and minibatches, a LoRA of rank 8 on q_proj/v_proj for the policy,
+temperature 1. TRL (``trl.experimental.ppo.PPOTrainer`` from trl 1.12.0, run from its own virtual
+environment) holds what its design holds: the policy with peft LoRA (reference = adapters
+disabled), and a separate full value model and reward model (``AutoModelForSequenceClassification``).
+align holds one backbone with four roles: policy and reference (LoRA), value (LoRA + head,
+initialised from the reward role), reward (LoRA + head).
+
+A step's time is the median over the timed iterations (after ``--warmup``) within one process;
+each side runs ``--reps`` processes and the table shows the median over them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPTS = [f"Review of the {a} {b}:" for a in ("quiet", "bright", "old", "new", "small", "grand", "dark", "calm")
+           for b in ("harbor", "bistro", "film", "hotel", "garden", "river", "song", "story")]
+
+
+# ----------------------------------------------------------------------------- workers
+def align_worker(a) -> dict:
+    import statistics
+
+    import torch
+
+    import align.stages.ppo as ppo
+    from align.config import load_config
+    from benchmarks.common import fake_stage_runs, peak_memory_mb
+    work = Path(a.workdir)
+    sft, rm = fake_stage_runs(a.model, work)
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 8))
+    n_it = a.warmup + a.steps
+    cfg = load_config(ppo.PPOConfig, None, [
+        f"output_dir={work / 'ppo'}", f"sft_run={sft}", f"reward_run={rm}",
+        f"data.prompts={prompts}", f"data.eval_prompts={prompts}", f"model.dtype={'bfloat16' if a.device == 'cuda' else 'float32'}",
+        f"ppo.iterations={n_it}", f"ppo.rollout_batch_size={a.batch}", f"ppo.micro_batch_size={a.micro_batch}",
+        f"ppo.num_minibatches={a.minibatches}", f"ppo.num_ppo_epochs={a.epochs}", f"ppo.response_length={a.response_length}",
+        "ppo.temperature=1.0", "ppo.missing_stop_mode=none", "eval.num_prompts=1", "tracking.wandb=false"])
+    summary = ppo.run(cfg)
+    rows = [json.loads(x) for x in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "time/rollout_s" in r][a.warmup:]
+    step = [r["time/rollout_s"] + r["time/update_s"] for r in rows]
+    gen = [r["throughput/generated_tokens_per_s"] for r in rows]
+    trainable = summary["trainable_params"]
+    return {"step_s": statistics.median(step), "rollout_s": statistics.median(r["time/rollout_s"] for r in rows),
+            "update_s": statistics.median(r["time/update_s"] for r in rows), "gen_tokens_per_s": statistics.median(gen),
+            "peak_mb": peak_memory_mb(a.device), "trainable_policy": trainable["policy"],
+            "trainable_total": trainable["policy"] + trainable["value"], "backbone_params": summary["backbone_params"],
+            "response_tokens": statistics.median(r["response/length"] for r in rows)}
+
+
+def trl_worker(a) -> dict:
+    import statistics
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    tok = AutoTokenizer.from_pretrained(a.model)
+    tok.padding_side = "left"
+    policy = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype)
+    value = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, dtype=dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, dtype=dtype)
+    for mdl in (value, reward):
+        mdl.config.pad_token_id = tok.pad_token_id
+    n_it = a.warmup + a.steps
+    ds = Dataset.from_dict({"input_ids": [tok(p, add_special_tokens=False).input_ids for p in (PROMPTS * 8)]})
+    args = PPOConfig(output_dir=str(Path(a.workdir) / "trl"), per_device_train_batch_size=a.batch // a.minibatches,
+                     gradient_accumulation_steps=1, num_mini_batches=a.minibatches, num_ppo_epochs=a.epochs,
+                     total_episodes=a.batch * n_it, response_length=a.response_length, temperature=1.0,
+                     local_rollout_forward_batch_size=a.micro_batch, stop_token=None, missing_eos_penalty=None,
+                     learning_rate=1e-5, report_to=[], num_sample_generations=0, save_strategy="no",
+                     logging_steps=1, seed=0, bf16=a.device == "cuda", use_cpu=a.device == "cpu",
+                     kl_coef=0.05, dataloader_num_workers=0)
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            stamps.append(time.perf_counter())
+
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
+                         train_dataset=ds, value_model=value,
+                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                task_type="CAUSAL_LM"),
+                         callbacks=[Stamp()])
+    t0 = time.perf_counter()
+    trainer.train()
+    times = [b - a_ for a_, b in zip([t0] + stamps[:-1], stamps)][a.warmup:]
+    pol = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model
+    trainable_policy = sum(p.numel() for p in pol.parameters() if p.requires_grad)
+    trainable_total = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    backbone = sum(p.numel() for n, p in pol.named_parameters() if "lora" not in n)
+    gen_tokens = a.batch * a.response_length  # TRL generates the full length without a stop token
+    from benchmarks.common import peak_memory_mb
+    step = statistics.median(times)
+    return {"step_s": step, "peak_mb": peak_memory_mb(a.device), "trainable_policy": trainable_policy,
+            "trainable_total": trainable_total, "backbone_params": backbone,
+            "steps_timed": len(times), "gen_tokens_per_step": gen_tokens}
+
+
+# ----------------------------------------------------------------------------- parent
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="tiny", choices=["tiny", "100m", "1b"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--side", default="both", choices=["both", "align", "trl"])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16, help="rollout batch (prompts per PPO step)")
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--minibatches", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--response-length", type=int, default=32)
+    ap.add_argument("--trl-python", default=None)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--which", default="align", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        print(json.dumps((align_worker if a.which == "align" else trl_worker)(a)))
+        return
+    from benchmarks.common import WORK, machine, medians, model_dir, run_worker, table, trl_python, write_results
+    model = model_dir(a.size)
+    common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
+              "--batch", str(a.batch), "--micro-batch", str(a.micro_batch), "--minibatches", str(a.minibatches),
+              "--epochs", str(a.epochs), "--response-length", str(a.response_length)]
+    sides = ["align", "trl"] if a.side == "both" else [a.side]
+    results = {}
+    for side in sides:
+        py = sys.executable if side == "align" else trl_python(a.trl_python)
+        runs = []
+        for rep in range(a.reps):
+            wd = WORK / "runs" / f"ppo-{a.size}-{side}-{rep}-{int(time.time())}"
+            wd.mkdir(parents=True, exist_ok=True)
+            runs.append(run_worker(py, Path(__file__), ["--which", side, "--workdir", str(wd), *common]))
+            print(f"[bench_ppo] {side} rep {rep}: {runs[-1]}", file=sys.stderr)
+        results[side] = {"runs": runs, "median": medians(runs)}
+    al = results.get("align", {}).get("median", {})
+    tr = results.get("trl", {}).get("median")
+    if tr:  # TRL generates the full length (no stop token); it logs no separate rollout time
+        tr["tokens_per_step_s"] = tr["gen_tokens_per_step"] / tr["step_s"]
+    if al:
+        al["tokens_per_step_s"] = a.batch * al["response_tokens"] / al["step_s"]
+    if al:
+        al["trainable_fraction_pct"] = 100 * al["trainable_policy"] / al["backbone_params"]
+    if tr:
+        tr["trainable_fraction_pct"] = 100 * tr["trainable_policy"] / tr["backbone_params"]
+    mem = "peak allocated GPU memory (MiB)" if a.device == "cuda" else "peak resident memory (MiB)"
+    md = table(f"PPO step, {a.size} Llama ({al.get('backbone_params', tr and tr.get('backbone_params')):,} params), "
+               f"{a.device}, batch {a.batch}, {a.response_length} new tokens, {a.epochs} epoch(s) x "
+               f"{a.minibatches} minibatch(es), LoRA r8 q/v; median of {a.reps} processes",
+               [("step_s", "seconds per PPO step (rollout + update)"), ("peak_mb", mem),
+                ("tokens_per_step_s", "generated tokens per second of PPO step"),
+                ("trainable_policy", "trainable parameters, policy"),
+                ("trainable_total", "trainable parameters, all roles"),
+                ("trainable_fraction_pct", "policy trainable / backbone (%)")], al, tr, {})
+    if al:
+        md += (f"\nalign's step splits into rollout {al['rollout_s']:.3g} s (generation at {al['gen_tokens_per_s']:,.0f} "
+               f"tokens/s, then one batched no-grad forward of policy, reference and value, and the reward forward) "
+               f"and update {al['update_s']:.3g} s.\n")
+    payload = {"benchmark": "ppo", "size": a.size, "device": a.device, "machine": machine(),
+               "date": time.strftime("%Y-%m-%d"), "args": vars(a), "results": results}
+    write_results(f"ppo_{a.size}_{a.device}", payload, md, Path(a.out))
+
+
+if __name__ == "__main__":
+    main()

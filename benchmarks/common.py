@@ -1,0 +1,159 @@
+"""Shared by the benchmark scripts: model sizes, the TRL side's virtual environment, running one
+side in its own process, and the tables.
+
+Every measurement runs in a fresh subprocess (one per side and repetition), so peak resident
+memory (``ru_maxrss``) or peak allocated GPU memory belongs to that side alone. A worker prints one
+JSON line; the parent takes medians over repetitions and reports align / TRL ratios.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORK = HERE / ".work"
+TRL_VENV = HERE / ".venv-trl"
+TRL_PIN = "trl==1.12.0"  # the last TRL with a PPO trainer (trl.experimental.ppo)
+
+# Llama-family configs (random init; the tokenizer is align's offline BPE). vocab is the tokenizer's.
+SIZES = {
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=256, vocab=512),
+    "100m": dict(hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2560, vocab=1024),
+    "1b": dict(hidden=2048, layers=16, heads=16, kv_heads=16, intermediate=5632, vocab=1024),
+}
+
+
+def model_dir(size: str) -> Path:
+    """A saved HF model + tokenizer of ``size`` (built once, cached under benchmarks/.work)."""
+    from align.tiny import make_tiny
+    spec = SIZES[size]
+    path = WORK / "models" / f"llama-{size}"
+    if not (path / "config.json").exists():
+        make_tiny(path, "llama", vocab_size=spec["vocab"], hidden=spec["hidden"], layers=spec["layers"],
+                  heads=spec["heads"], kv_heads=spec["kv_heads"], intermediate=spec["intermediate"],
+                  max_positions=1024)
+    return path
+
+
+def backbone_params(path: Path) -> int:
+    from safetensors import safe_open
+    n = 0
+    for f in path.glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                n += _prod(h.get_slice(k).get_shape())
+    return n
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def fake_stage_runs(model: str | Path, work: Path) -> tuple[Path, Path]:
+    """Run dirs as the SFT and reward stages leave them: an identity SFT LoRA (r 8, q/v) and a random
+    reward role (LoRA + head), so the PPO and reward benchmarks need no real training first."""
+    import torch
+
+    from align.adapters import AdapterConfig
+    from align.adapters.peft_format import save_adapter, save_head
+    from align.backbone import load_backbone, load_tokenizer
+    from align.model import AlignModel
+    lora = AdapterConfig(method="lora", r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    m = AlignModel(load_backbone(model, tokenizer=load_tokenizer(model)))
+    torch.manual_seed(0)
+    m.add_adapter("sft", lora)
+    m.add_adapter("reward", lora)
+    m.add_head("reward")
+    record = json.dumps({"path": str(Path(model).resolve()), "fingerprint": m.fingerprint})
+    for name, d in (("sft", work / "sft"), ("reward", work / "rm")):
+        save_adapter(m, name, d / "adapters" / name)
+        (d / "backbone.json").write_text(record)
+    save_head(m, "reward", work / "rm" / "heads" / "reward",
+              extra={"normalisation": {"mean": 0.0, "std": 1.0, "source": "benchmark", "n": 0}})
+    (work / "rm" / "reward_role.json").write_text(json.dumps(
+        {"adapters": [{"name": "reward", "dir": "adapters/reward"}], "head": "heads/reward"}))
+    return work / "sft", work / "rm"
+
+
+def trl_python(explicit: str | None = None) -> str:
+    """The TRL side's interpreter: ``--trl-python`` if given, else benchmarks/.venv-trl, created on
+    first use with torch installed first (here ``torch==2.13.0`` is a CPU build from local disk;
+    an unpinned torch would pull a multi-GB CUDA build), then trl 1.12.0 and peft."""
+    if explicit:
+        return explicit
+    py = TRL_VENV / "bin" / "python"
+    ok = py.exists() and subprocess.run([str(py), "-c", "import trl.experimental.ppo, peft"],
+                                        capture_output=True).returncode == 0
+    if not ok:
+        print(f"[bench] creating {TRL_VENV} with {TRL_PIN} (once)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+        torch_spec = os.environ.get("ALIGN_TORCH_SPEC", "torch==2.13.0")
+        subprocess.run([str(py), "-m", "pip", "install", "-q", torch_spec], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", TRL_PIN, "peft"], check=True)
+    return str(py)
+
+
+def run_worker(python: str, script: Path, args: list[str], env_extra: dict | None = None,
+               timeout: int = 3600) -> dict:
+    """Run ``script --worker ...`` in a fresh process and return the JSON line it prints last."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+           **(env_extra or {})}
+    t = time.time()
+    r = subprocess.run([python, str(script), "--worker", *args], capture_output=True, text=True, env=env,
+                       timeout=timeout, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"worker {script.name} {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    out = json.loads(lines[-1])
+    out["process_seconds"] = time.time() - t
+    return out
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def medians(runs: list[dict]) -> dict:
+    keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float)) and not isinstance(runs[0][k], bool)]
+    return {k: statistics.median(r[k] for r in runs) for k in keys}
+
+
+def machine() -> str:
+    import torch
+    cpu = f"{os.cpu_count()} CPU cores"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {cpu}, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def table(title: str, rows: list[tuple[str, str]], align: dict, trl: dict | None, lower_is_better: dict) -> str:
+    """Markdown: metric | align | TRL | align/TRL."""
+    out = [f"#### {title}", "", "| metric | align | TRL | align / TRL |", "|---|---|---|---|"]
+    for key, label in rows:
+        a = align.get(key)
+        t = trl.get(key) if trl else None
+        ratio = f"{a / t:.2f}" if a is not None and t not in (None, 0) else "–"
+        fmt = (lambda v: "–" if v is None else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}")  # noqa: E731
+        out.append(f"| {label} | {fmt(a)} | {fmt(t)} | {ratio} |")
+    return "\n".join(out) + "\n"
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (out_dir / f"{name}.md").write_text(markdown)
+    print(markdown)
