@@ -87,7 +87,7 @@ def trl_worker(a) -> dict:
                      local_rollout_forward_batch_size=a.micro_batch, stop_token=None, missing_eos_penalty=None,
                      learning_rate=1e-5, report_to=[], num_sample_generations=0, save_strategy="no",
                      logging_steps=1, seed=0, bf16=a.device == "cuda", use_cpu=a.device == "cpu",
-                     kl_coef=0.05, dataloader_num_workers=0)
+                     kl_coef=0.05, dataloader_num_workers=0, gradient_checkpointing=False)
     stamps: list[float] = []
 
     class Stamp(TrainerCallback):

@@ -4,7 +4,8 @@ the same rank and targets (the body of bench_sft.py and bench_reward.py).
 Same on both sides: the random-init Llama of ``--size``, the records (synthetic prompt/completion
 pairs for SFT; prompt/chosen/rejected for the reward model), batch size, ``--max-length``, LoRA r8
 on q_proj/v_proj, AdamW, fp32 on CPU (bf16 on CUDA), loss on completion tokens only for SFT, no
-packing, no evaluation or saving inside the timed steps. A step's time is the median over the
+packing, no evaluation or saving inside the timed steps, gradient checkpointing on both sides or off
+on both (``--gradient-checkpointing``; on is TRL's default). A step's time is the median over the
 timed optimizer steps after ``--warmup``, within one process; the table shows the median over
 ``--reps`` processes per side.
 """
@@ -48,7 +49,8 @@ def align_worker(a) -> dict:
     common = [f"data.train={data}", f"data.max_length={a.max_length}", "data.eval_fraction=0.0",
               f"train.batch_size={a.batch}", f"train.max_steps={a.warmup + a.steps}", "train.log_every=1",
               "train.lr=1e-4", "train.scheduler=constant", "tracking.wandb=false", "adapter.r=8", "adapter.alpha=16",
-              "adapter.target_modules=[q_proj,v_proj]", f"model.dtype={'bfloat16' if a.device == 'cuda' else 'float32'}"]
+              "adapter.target_modules=[q_proj,v_proj]", f"model.dtype={'bfloat16' if a.device == 'cuda' else 'float32'}",
+              f"model.gradient_checkpointing={str(a.gradient_checkpointing == 'on').lower()}"]
     if a.task == "sft":
         import align.stages.sft as stage
         cfg = load_config(stage.SFTConfig, None, [f"output_dir={work / 'run'}", f"model.path={a.model}",
@@ -85,7 +87,8 @@ def trl_worker(a) -> dict:
     common = dict(output_dir=str(Path(a.workdir) / "trl"), per_device_train_batch_size=a.batch,
                   max_steps=a.warmup + a.steps, learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
                   report_to=[], save_strategy="no", eval_strategy="no", seed=0, bf16=a.device == "cuda",
-                  use_cpu=a.device == "cpu", dataloader_num_workers=0, max_length=a.max_length)
+                  use_cpu=a.device == "cpu", dataloader_num_workers=0, max_length=a.max_length,
+                  gradient_checkpointing=a.gradient_checkpointing == "on")
     lora = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     if a.task == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -119,6 +122,8 @@ def main(task: str, argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--words", type=int, default=60, help="words per record (prompt + completion)")
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--gradient-checkpointing", default="on", choices=["on", "off"],
+                    help="on both sides (on: TRL's default for SFTConfig/RewardConfig)")
     ap.add_argument("--trl-python", default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -134,7 +139,8 @@ def main(task: str, argv=None):
     model = model_dir(a.size)
     script = Path(__file__).resolve().parent / f"bench_{task}.py"
     common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
-              "--batch", str(a.batch), "--words", str(a.words), "--max-length", str(a.max_length)]
+              "--batch", str(a.batch), "--words", str(a.words), "--max-length", str(a.max_length),
+              "--gradient-checkpointing", a.gradient_checkpointing]
     results = {}
     for side in (["align", "trl"] if a.side == "both" else [a.side]):
         py = sys.executable if side == "align" else trl_python(a.trl_python)
@@ -153,9 +159,9 @@ def main(task: str, argv=None):
     unit = "examples" if task == "sft" else "pairs"
     mem = "peak allocated GPU memory (MiB)" if a.device == "cuda" else "peak resident memory (MiB)"
     md = table(f"{what} step, {a.size} Llama, {a.device}, batch {a.batch} {unit}, max length {a.max_length}, "
-               f"LoRA r8 q/v; median of {a.reps} processes",
+               f"LoRA r8 q/v, gradient checkpointing {a.gradient_checkpointing}; median of {a.reps} processes",
                [("step_s", "seconds per optimizer step"), ("peak_mb", mem), ("trainable", "trainable parameters"),
                 ("trainable_fraction_pct", "trainable / backbone (%)")], al, tr, {})
     payload = {"benchmark": task, "size": a.size, "device": a.device, "machine": machine(),
                "date": time.strftime("%Y-%m-%d"), "args": vars(a), "results": results}
-    write_results(f"{task}_{a.size}_{a.device}", payload, md, Path(a.out))
+    write_results(f"{task}_{a.size}_{a.device}_gc{a.gradient_checkpointing}", payload, md, Path(a.out))

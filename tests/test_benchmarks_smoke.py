@@ -24,8 +24,9 @@ def test_benchmark_runs_on_the_tiny_config(script, keys, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     name = script[len("bench_"):-len(".py")]
-    payload = json.loads((tmp_path / f"{name}_tiny_cpu.json").read_text())
+    name = f"{name}_tiny_cpu" + ("" if name == "ppo" else "_gcon")
+    payload = json.loads((tmp_path / f"{name}.json").read_text())
     med = payload["results"]["align"]["median"]
     for k in keys:
         assert med[k] > 0, (k, med)
-    assert "| metric | align | TRL | align / TRL |" in (tmp_path / f"{name}_tiny_cpu.md").read_text()
+    assert "| metric | align | TRL | align / TRL |" in (tmp_path / f"{name}.md").read_text()
