@@ -165,7 +165,8 @@ def main(argv=None):
     if tr:
         tr["trainable_fraction_pct"] = 100 * tr["trainable_policy"] / tr["backbone_params"]
     mem = "peak allocated GPU memory (MiB)" if a.device == "cuda" else "peak resident memory (MiB)"
-    md = table(f"PPO step, {a.size} Llama ({al.get('backbone_params', tr and tr.get('backbone_params')):,} params), "
+    n_params = int(al.get("backbone_params") or tr["backbone_params"])
+    md = table(f"PPO step, {a.size} Llama ({n_params:,} params), "
                f"{a.device}, batch {a.batch}, {a.response_length} new tokens, {a.epochs} epoch(s) x "
                f"{a.minibatches} minibatch(es), LoRA r8 q/v; median of {a.reps} processes",
                [("step_s", "seconds per PPO step (rollout + update)"), ("peak_mb", mem),
