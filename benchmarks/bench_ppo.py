@@ -37,9 +37,9 @@ def align_worker(a) -> dict:
 
     import align.stages.ppo as ppo
     from align.config import load_config
-    from benchmarks.common import fake_stage_runs, peak_memory_mb
+    from benchmarks.common import peak_memory_mb
     work = Path(a.workdir)
-    sft, rm = fake_stage_runs(a.model, work)
+    sft, rm = work / "sft", work / "rm"  # made by the parent (prepare_stage_runs)
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 8))
     n_it = a.warmup + a.steps
@@ -138,7 +138,8 @@ def main(argv=None):
     if a.worker:
         print(json.dumps((align_worker if a.which == "align" else trl_worker)(a)))
         return
-    from benchmarks.common import WORK, machine, medians, model_dir, run_worker, table, trl_python, write_results
+    from benchmarks.common import (WORK, machine, medians, model_dir, prepare_stage_runs, run_worker, table,
+                                   trl_python, write_results)
     model = model_dir(a.size)
     common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
               "--batch", str(a.batch), "--micro-batch", str(a.micro_batch), "--minibatches", str(a.minibatches),
@@ -151,6 +152,8 @@ def main(argv=None):
         for rep in range(a.reps):
             wd = WORK / "runs" / f"ppo-{a.size}-{side}-{rep}-{int(time.time())}"
             wd.mkdir(parents=True, exist_ok=True)
+            if side == "align":
+                prepare_stage_runs(model, wd)
             runs.append(run_worker(py, Path(__file__), ["--which", side, "--workdir", str(wd), *common]))
             print(f"[bench_ppo] {side} rep {rep}: {runs[-1]}", file=sys.stderr)
         results[side] = {"runs": runs, "median": medians(runs)}

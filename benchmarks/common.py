@@ -59,6 +59,15 @@ def _prod(shape) -> int:
     return out
 
 
+def prepare_stage_runs(model: str | Path, work: Path) -> tuple[Path, Path]:
+    """``fake_stage_runs`` in a process of its own, so the model it loads does not count towards the
+    measured process's peak memory."""
+    code = f"from benchmarks.common import fake_stage_runs; fake_stage_runs({str(model)!r}, __import__('pathlib').Path({str(work)!r}))"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return work / "sft", work / "rm"
+
+
 def fake_stage_runs(model: str | Path, work: Path) -> tuple[Path, Path]:
     """Run dirs as the SFT and reward stages leave them: an identity SFT LoRA (r 8, q/v) and a random
     reward role (LoRA + head), so the PPO and reward benchmarks need no real training first."""

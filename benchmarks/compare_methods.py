@@ -89,7 +89,8 @@ def worker(a) -> dict:
     sft_rows, rm_rows, ppo_rows = metrics(out / "sft"), metrics(out / "reward"), metrics(out / "ppo")
     sft_eval = [r for r in sft_rows if "eval/loss" in r]
     ppo_eval = [r for r in ppo_rows if "eval/gold" in r]
-    ppo_it = [r["time/rollout_s"] + r["time/update_s"] for r in ppo_rows if "time/rollout_s" in r][1:]
+    ppo_it = [r["time/rollout_s"] + r["time/update_s"] for r in ppo_rows if "time/rollout_s" in r]
+    ppo_it = ppo_it[1:] or ppo_it  # the first iteration warms up
     return {"method": m, "trainable_policy": p["trainable_params"]["policy"], "backbone_params": p["backbone_params"],
             "sft_step_s": step_seconds(sft_rows), "reward_step_s": step_seconds(rm_rows),
             "ppo_iteration_s": statistics.median(ppo_it), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -102,7 +103,8 @@ def worker(a) -> dict:
 def markdown(rows: list[dict], a) -> str:
     head = ("| method | trainable (policy) | % of backbone | SFT s/step | RM s/step | PPO s/iter | peak RSS (MiB) "
             "| SFT held-out loss | RM held-out acc. | gold: SFT → PPO | KL |")
-    out = [f"#### Methods on the quickstart task ({rows[0]['backbone_params']:,}-parameter backbone; SFT "
+    n = next((r["backbone_params"] for r in rows if "backbone_params" in r), 0)
+    out = [f"#### Methods on the quickstart task ({n:,}-parameter backbone; SFT "
            f"{a.sft_steps} steps, reward {a.reward_epochs} epochs, PPO {a.ppo_iterations} iterations, "
            f"{a.eval_prompts} held-out prompts; 2 CPU cores)", "", head, "|" + "---|" * 11]
     for r in rows:
@@ -142,7 +144,7 @@ def main(argv=None):
         f = per / f"{m}.json"
         if not (a.resume and f.exists()):
             work = Path(__file__).resolve().parent / ".work" / "methods" / f"{m}-{int(time.time())}"
-            args = [sys.executable, __file__, "--worker", "--method", m, "--src", a.src, "--out-dir", str(work),
+            args = [sys.executable, __file__, "--worker", "--method", m, "--from", a.src, "--out-dir", str(work),
                     "--sft-steps", str(a.sft_steps), "--reward-epochs", str(a.reward_epochs),
                     "--ppo-iterations", str(a.ppo_iterations), "--eval-prompts", str(a.eval_prompts)]
             t = time.time()

@@ -57,8 +57,7 @@ def align_worker(a) -> dict:
                                                    "data.num_samples=0", *common])
     else:
         import align.stages.reward as stage
-        from benchmarks.common import fake_stage_runs
-        sft, _ = fake_stage_runs(a.model, work)
+        sft = work / "sft"  # made by the parent (prepare_stage_runs)
         cfg = load_config(stage.RewardConfig, None, [f"output_dir={work / 'run'}", f"sft_run={sft}",
                                                       "normalize.source=none", *common])
     summary = stage.run(cfg)
@@ -135,7 +134,8 @@ def main(task: str, argv=None):
     if a.worker:
         print(json.dumps((align_worker if a.which == "align" else trl_worker)(a)))
         return
-    from benchmarks.common import WORK, machine, medians, model_dir, run_worker, table, trl_python, write_results
+    from benchmarks.common import (WORK, machine, medians, model_dir, prepare_stage_runs, run_worker, table,
+                                   trl_python, write_results)
     model = model_dir(a.size)
     script = Path(__file__).resolve().parent / f"bench_{task}.py"
     common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
@@ -148,6 +148,8 @@ def main(task: str, argv=None):
         for rep in range(a.reps):
             wd = WORK / "runs" / f"{task}-{a.size}-{side}-{rep}-{int(time.time())}"
             wd.mkdir(parents=True, exist_ok=True)
+            if side == "align" and task == "reward":
+                prepare_stage_runs(model, wd)
             runs.append(run_worker(py, script, ["--which", side, "--workdir", str(wd), *common]))
             print(f"[bench_{task}] {side} rep {rep}: {runs[-1]}", file=sys.stderr)
         results[side] = {"runs": runs, "median": medians(runs)}
