@@ -12,6 +12,11 @@ disabled), and a separate full value model and reward model (``AutoModelForSeque
 align holds one backbone with four roles: policy and reference (LoRA), value (LoRA + head,
 initialised from the reward role), reward (LoRA + head).
 
+Batching is matched as trl 1.12 allows (see ``trl_batch_args``): align samples the whole rollout
+batch in one KV-cache call, so TRL's ``local_rollout_forward_batch_size`` (its generation chunk, also
+its chunk for the no-grad scoring forwards) is the whole batch too; the update runs in chunks of
+``--micro-batch`` rows on both sides with one optimizer step per minibatch.
+
 A step's time is the median over the timed iterations (after ``--warmup``) within one process;
 each side runs ``--reps`` processes and the table shows the median over them.
 """
@@ -27,6 +32,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROMPTS = [f"Review of the {a} {b}:" for a in ("quiet", "bright", "old", "new", "small", "grand", "dark", "calm")
            for b in ("harbor", "bistro", "film", "hotel", "garden", "river", "song", "story")]
+
+
+def trl_batch_args(batch: int, minibatches: int, micro_batch: int) -> tuple[int, int]:
+    """(per_device_train_batch_size, gradient_accumulation_steps) that make trl 1.12's PPOTrainer run
+    what align runs: a rollout of ``batch`` prompts, ``minibatches`` optimizer steps per epoch, each
+    over forward/backward chunks of ``micro_batch`` rows.
+
+    In trl 1.12 the rollout batch is per_device_train_batch_size x gradient_accumulation_steps (per
+    process), a minibatch is that / num_mini_batches, the forward/backward chunk is
+    per_device_train_batch_size, and the optimizer steps once every gradient_accumulation_steps
+    chunks (accelerate's counter runs across minibatches). So with one minibatch the match is
+    (micro_batch, batch / micro_batch); with several, each minibatch must be a single chunk
+    (micro_batch = batch / minibatches) and the pair is (batch, 1): the chunk loop then takes the
+    whole minibatch in one forward. Other combinations cannot be expressed in trl 1.12."""
+    if batch % micro_batch:
+        raise SystemExit(f"--batch {batch} must be a multiple of --micro-batch {micro_batch}")
+    if minibatches == 1:
+        return micro_batch, batch // micro_batch
+    if batch % minibatches or micro_batch != batch // minibatches:
+        raise SystemExit(f"with --minibatches {minibatches} > 1, trl 1.12's PPOTrainer steps the optimizer once per "
+                         f"gradient_accumulation_steps chunks across minibatches: set --micro-batch "
+                         f"{batch // max(1, minibatches)} (= batch / minibatches) so both sides match")
+    return batch, 1
 
 
 # ----------------------------------------------------------------------------- workers
@@ -81,10 +109,11 @@ def trl_worker(a) -> dict:
         mdl.config.pad_token_id = tok.pad_token_id
     n_it = a.warmup + a.steps
     ds = Dataset.from_dict({"input_ids": [tok(p, add_special_tokens=False).input_ids for p in (PROMPTS * 8)]})
-    args = PPOConfig(output_dir=str(Path(a.workdir) / "trl"), per_device_train_batch_size=a.batch // a.minibatches,
-                     gradient_accumulation_steps=1, num_mini_batches=a.minibatches, num_ppo_epochs=a.epochs,
+    per_device, accum = trl_batch_args(a.batch, a.minibatches, a.micro_batch)
+    args = PPOConfig(output_dir=str(Path(a.workdir) / "trl"), per_device_train_batch_size=per_device,
+                     gradient_accumulation_steps=accum, num_mini_batches=a.minibatches, num_ppo_epochs=a.epochs,
                      total_episodes=a.batch * n_it, response_length=a.response_length, temperature=1.0,
-                     local_rollout_forward_batch_size=a.micro_batch, stop_token=None, missing_eos_penalty=None,
+                     local_rollout_forward_batch_size=a.batch, stop_token=None, missing_eos_penalty=None,
                      learning_rate=1e-5, report_to=[], num_sample_generations=0, save_strategy="no",
                      logging_steps=1, seed=0, bf16=a.device == "cuda", use_cpu=a.device == "cpu",
                      kl_coef=0.05, dataloader_num_workers=0, gradient_checkpointing=False)
@@ -140,6 +169,8 @@ def main(argv=None):
         return
     from benchmarks.common import (WORK, machine, medians, model_dir, prepare_stage_runs, run_worker, table,
                                    trl_python, write_results)
+    if a.side != "align":
+        trl_batch_args(a.batch, a.minibatches, a.micro_batch)  # fails early on settings TRL cannot match
     model = model_dir(a.size)
     common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
               "--batch", str(a.batch), "--micro-batch", str(a.micro_batch), "--minibatches", str(a.minibatches),
