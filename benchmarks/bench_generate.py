@@ -27,9 +27,12 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
     import torch
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
 
     from align.adapters import AdapterConfig
     from align.backbone import load_backbone, load_tokenizer

@@ -87,7 +87,8 @@ def align_worker(a) -> dict:
             "update_s": statistics.median(r["time/update_s"] for r in rows), "gen_tokens_per_s": statistics.median(gen),
             "peak_mb": peak_memory_mb(a.device), "trainable_policy": trainable["policy"],
             "trainable_total": trainable["policy"] + trainable["value"], "backbone_params": summary["backbone_params"],
-            "response_tokens": statistics.median(r["response/length"] for r in rows)}
+            "response_tokens": statistics.median(r["response/length"] for r in rows),
+            "torch_threads": torch.get_num_threads()}
 
 
 def trl_worker(a) -> dict:
@@ -140,7 +141,7 @@ def trl_worker(a) -> dict:
     step = statistics.median(times)
     return {"step_s": step, "peak_mb": peak_memory_mb(a.device), "trainable_policy": trainable_policy,
             "trainable_total": trainable_total, "backbone_params": backbone,
-            "steps_timed": len(times), "gen_tokens_per_step": gen_tokens}
+            "steps_timed": len(times), "gen_tokens_per_step": gen_tokens, "torch_threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -158,6 +159,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--response-length", type=int, default=32)
     ap.add_argument("--trl-python", default=None)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="intra-op threads per process, both sides (0: library default; 1 on a shared machine)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--which", default="align", help=argparse.SUPPRESS)
@@ -167,8 +170,10 @@ def main(argv=None):
     if a.worker:
         print(json.dumps((align_worker if a.which == "align" else trl_worker)(a)))
         return
-    from benchmarks.common import (WORK, machine, medians, model_dir, prepare_stage_runs, run_worker, table,
-                                   trl_python, write_results)
+    from benchmarks.common import (WORK, backbone_params, load_average, machine, medians, model_dir, prepare_stage_runs,
+                                   run_worker, set_threads, table, trl_python, write_results)
+    threads = set_threads(a.threads)
+    load_start = load_average("start")
     if a.side != "align":
         trl_batch_args(a.batch, a.minibatches, a.micro_batch)  # fails early on settings TRL cannot match
     model = model_dir(a.size)
@@ -194,15 +199,15 @@ def main(argv=None):
         tr["tokens_per_step_s"] = tr["gen_tokens_per_step"] / tr["step_s"]
     if al:
         al["tokens_per_step_s"] = a.batch * al["response_tokens"] / al["step_s"]
-    if al:
-        al["trainable_fraction_pct"] = 100 * al["trainable_policy"] / al["backbone_params"]
-    if tr:
-        tr["trainable_fraction_pct"] = 100 * tr["trainable_policy"] / tr["backbone_params"]
+    n_backbone = backbone_params(model)  # the checkpoint's own count, the same denominator on both sides
+    for r in (al, tr):
+        if r:
+            r["trainable_fraction_pct"] = 100 * r["trainable_policy"] / n_backbone
     mem = "peak allocated GPU memory (MiB)" if a.device == "cuda" else "peak resident memory (MiB)"
-    n_params = int(al.get("backbone_params") or tr["backbone_params"])
+    n_params = n_backbone
     md = table(f"PPO step, {a.size} Llama ({n_params:,} params), "
                f"{a.device}, batch {a.batch}, {a.response_length} new tokens, {a.epochs} epoch(s) x "
-               f"{a.minibatches} minibatch(es), LoRA r8 q/v; median of {a.reps} processes",
+               f"{a.minibatches} minibatch(es), LoRA r8 q/v, {threads}; median of {a.reps} processes",
                [("step_s", "seconds per PPO step (rollout + update)"), ("peak_mb", mem),
                 ("tokens_per_step_s", "generated tokens per second of PPO step"),
                 ("trainable_policy", "trainable parameters, policy"),
@@ -213,7 +218,8 @@ def main(argv=None):
                f"tokens/s, then one batched no-grad forward of policy, reference and value, and the reward forward) "
                f"and update {al['update_s']:.3g} s.\n")
     payload = {"benchmark": "ppo", "size": a.size, "device": a.device, "machine": machine(),
-               "date": time.strftime("%Y-%m-%d"), "args": vars(a), "results": results}
+               "date": time.strftime("%Y-%m-%d"), "args": vars(a),
+               "load_average": {"start": load_start, "end": load_average("end")}, "results": results}
     write_results(f"ppo_{a.size}_{a.device}", payload, md, Path(a.out))
 
 

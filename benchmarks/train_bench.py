@@ -64,7 +64,8 @@ def align_worker(a) -> dict:
     times = step_times_from_metrics(work / "run")[a.warmup:]
     return {"step_s": statistics.median(times), "peak_mb": peak_memory_mb(a.device),
             "trainable": summary["trainable_params"] if isinstance(summary["trainable_params"], int)
-            else sum(summary["trainable_params"].values()), "backbone_params": summary["backbone_params"]}
+            else sum(summary["trainable_params"].values()), "backbone_params": summary["backbone_params"],
+            "torch_threads": __import__("torch").get_num_threads()}
 
 
 def trl_worker(a) -> dict:
@@ -107,7 +108,7 @@ def trl_worker(a) -> dict:
     trainer.train()
     times = [b - x for x, b in zip([t0] + stamps[:-1], stamps)][a.warmup:]
     return {"step_s": statistics.median(times), "peak_mb": peak_memory_mb(a.device), "trainable": trainable,
-            "backbone_params": backbone}
+            "backbone_params": backbone, "torch_threads": torch.get_num_threads()}
 
 
 def main(task: str, argv=None):
@@ -124,6 +125,8 @@ def main(task: str, argv=None):
     ap.add_argument("--gradient-checkpointing", default="on", choices=["on", "off"],
                     help="on both sides (on: TRL's default for SFTConfig/RewardConfig)")
     ap.add_argument("--trl-python", default=None)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="intra-op threads per process, both sides (0: library default; 1 on a shared machine)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--which", default="align", help=argparse.SUPPRESS)
@@ -134,8 +137,10 @@ def main(task: str, argv=None):
     if a.worker:
         print(json.dumps((align_worker if a.which == "align" else trl_worker)(a)))
         return
-    from benchmarks.common import (WORK, machine, medians, model_dir, prepare_stage_runs, run_worker, table,
-                                   trl_python, write_results)
+    from benchmarks.common import (WORK, backbone_params, load_average, machine, medians, model_dir, prepare_stage_runs,
+                                   run_worker, set_threads, table, trl_python, write_results)
+    threads = set_threads(a.threads)
+    load_start = load_average("start")
     model = model_dir(a.size)
     script = Path(__file__).resolve().parent / f"bench_{task}.py"
     common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
@@ -154,16 +159,18 @@ def main(task: str, argv=None):
             print(f"[bench_{task}] {side} rep {rep}: {runs[-1]}", file=sys.stderr)
         results[side] = {"runs": runs, "median": medians(runs)}
     al, tr = results.get("align", {}).get("median", {}), results.get("trl", {}).get("median")
-    for r in (al, tr):
+    n_backbone = backbone_params(model)  # the checkpoint's own count: the same denominator on both sides (TRL's
+    for r in (al, tr):                  # reward model has no LM head, and peft keeps two copies of its score head)
         if r:
-            r["trainable_fraction_pct"] = 100 * r["trainable"] / r["backbone_params"]
+            r["trainable_fraction_pct"] = 100 * r["trainable"] / n_backbone
     what = "SFT" if task == "sft" else "Reward-model"
     unit = "examples" if task == "sft" else "pairs"
     mem = "peak allocated GPU memory (MiB)" if a.device == "cuda" else "peak resident memory (MiB)"
     md = table(f"{what} step, {a.size} Llama, {a.device}, batch {a.batch} {unit}, max length {a.max_length}, "
-               f"LoRA r8 q/v, gradient checkpointing {a.gradient_checkpointing}; median of {a.reps} processes",
+               f"LoRA r8 q/v, gradient checkpointing {a.gradient_checkpointing}, {threads}; median of {a.reps} processes",
                [("step_s", "seconds per optimizer step"), ("peak_mb", mem), ("trainable", "trainable parameters"),
                 ("trainable_fraction_pct", "trainable / backbone (%)")], al, tr, {})
     payload = {"benchmark": task, "size": a.size, "device": a.device, "machine": machine(),
-               "date": time.strftime("%Y-%m-%d"), "args": vars(a), "results": results}
+               "date": time.strftime("%Y-%m-%d"), "args": vars(a),
+               "load_average": {"start": load_start, "end": load_average("end")}, "results": results}
     write_results(f"{task}_{a.size}_{a.device}_gc{a.gradient_checkpointing}", payload, md, Path(a.out))
