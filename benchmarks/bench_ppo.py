@@ -76,15 +76,17 @@ def align_worker(a) -> dict:
         f"data.prompts={prompts}", f"data.eval_prompts={prompts}", f"model.dtype={'bfloat16' if a.device == 'cuda' else 'float32'}",
         f"ppo.iterations={n_it}", f"ppo.rollout_batch_size={a.batch}", f"ppo.micro_batch_size={a.micro_batch}",
         f"ppo.num_minibatches={a.minibatches}", f"ppo.num_ppo_epochs={a.epochs}", f"ppo.response_length={a.response_length}",
-        "ppo.temperature=1.0", "ppo.missing_stop_mode=none", "eval.num_prompts=1", "tracking.wandb=false"])
+        "ppo.temperature=1.0", "ppo.missing_stop_mode=none", "eval.num_prompts=1", "tracking.wandb=false",
+        f"model.gradient_checkpointing={str(a.gradient_checkpointing == 'on').lower()}"])
     summary = ppo.run(cfg)
     rows = [json.loads(x) for x in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/rollout_s" in r][a.warmup:]
     step = [r["time/rollout_s"] + r["time/update_s"] for r in rows]
-    gen = [r["throughput/generated_tokens_per_s"] for r in rows]
+    gen = [r["throughput/generated_tokens_per_s"] for r in rows]  # tokens / generation seconds
     trainable = summary["trainable_params"]
     return {"step_s": statistics.median(step), "rollout_s": statistics.median(r["time/rollout_s"] for r in rows),
             "update_s": statistics.median(r["time/update_s"] for r in rows), "gen_tokens_per_s": statistics.median(gen),
+            "generate_s": statistics.median(r["time/generate_s"] for r in rows),
             "peak_mb": peak_memory_mb(a.device), "trainable_policy": trainable["policy"],
             "trainable_total": trainable["policy"] + trainable["value"], "backbone_params": summary["backbone_params"],
             "response_tokens": statistics.median(r["response/length"] for r in rows),
@@ -117,7 +119,8 @@ def trl_worker(a) -> dict:
                      local_rollout_forward_batch_size=a.batch, stop_token=None, missing_eos_penalty=None,
                      learning_rate=1e-5, report_to=[], num_sample_generations=0, save_strategy="no",
                      logging_steps=1, seed=0, bf16=a.device == "cuda", use_cpu=a.device == "cpu",
-                     kl_coef=0.05, dataloader_num_workers=0, gradient_checkpointing=False)
+                     kl_coef=0.05, dataloader_num_workers=0,
+                     gradient_checkpointing=a.gradient_checkpointing == "on")
     stamps: list[float] = []
 
     class Stamp(TrainerCallback):
@@ -159,6 +162,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--response-length", type=int, default=32)
     ap.add_argument("--trl-python", default=None)
+    ap.add_argument("--gradient-checkpointing", default="off", choices=["on", "off"],
+                    help="both sides (TRL's PPOConfig flag; align's model.gradient_checkpointing)")
     ap.add_argument("--threads", type=int, default=0,
                     help="intra-op threads per process, both sides (0: library default; 1 on a shared machine)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -179,20 +184,20 @@ def main(argv=None):
     model = model_dir(a.size)
     common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
               "--batch", str(a.batch), "--micro-batch", str(a.micro_batch), "--minibatches", str(a.minibatches),
-              "--epochs", str(a.epochs), "--response-length", str(a.response_length)]
+              "--epochs", str(a.epochs), "--response-length", str(a.response_length),
+              "--gradient-checkpointing", a.gradient_checkpointing]
     sides = ["align", "trl"] if a.side == "both" else [a.side]
-    results = {}
-    for side in sides:
-        py = sys.executable if side == "align" else trl_python(a.trl_python)
-        runs = []
-        for rep in range(a.reps):
+    pythons = {side: sys.executable if side == "align" else trl_python(a.trl_python) for side in sides}
+    runs: dict[str, list] = {side: [] for side in sides}
+    for rep in range(a.reps):  # sides alternate, so a slow spell of a shared machine hits both
+        for side in sides:
             wd = WORK / "runs" / f"ppo-{a.size}-{side}-{rep}-{int(time.time())}"
             wd.mkdir(parents=True, exist_ok=True)
             if side == "align":
                 prepare_stage_runs(model, wd)
-            runs.append(run_worker(py, Path(__file__), ["--which", side, "--workdir", str(wd), *common]))
-            print(f"[bench_ppo] {side} rep {rep}: {runs[-1]}", file=sys.stderr)
-        results[side] = {"runs": runs, "median": medians(runs)}
+            runs[side].append(run_worker(pythons[side], Path(__file__), ["--which", side, "--workdir", str(wd), *common]))
+            print(f"[bench_ppo] {side} rep {rep}: {runs[side][-1]}", file=sys.stderr)
+    results = {side: {"runs": r, "median": medians(r)} for side, r in runs.items()}
     al = results.get("align", {}).get("median", {})
     tr = results.get("trl", {}).get("median")
     if tr:  # TRL generates the full length (no stop token); it logs no separate rollout time
@@ -207,20 +212,21 @@ def main(argv=None):
     n_params = n_backbone
     md = table(f"PPO step, {a.size} Llama ({n_params:,} params), "
                f"{a.device}, batch {a.batch}, {a.response_length} new tokens, {a.epochs} epoch(s) x "
-               f"{a.minibatches} minibatch(es), LoRA r8 q/v, {threads}; median of {a.reps} processes",
+               f"{a.minibatches} minibatch(es), micro-batch {a.micro_batch}, LoRA r8 q/v, gradient checkpointing "
+               f"{a.gradient_checkpointing}, {threads}; median of {a.reps} processes",
                [("step_s", "seconds per PPO step (rollout + update)"), ("peak_mb", mem),
                 ("tokens_per_step_s", "generated tokens per second of PPO step"),
                 ("trainable_policy", "trainable parameters, policy"),
                 ("trainable_total", "trainable parameters, all roles"),
                 ("trainable_fraction_pct", "policy trainable / backbone (%)")], al, tr, {})
     if al:
-        md += (f"\nalign's step splits into rollout {al['rollout_s']:.3g} s (generation at {al['gen_tokens_per_s']:,.0f} "
-               f"tokens/s, then one batched no-grad forward of policy, reference and value, and the reward forward) "
-               f"and update {al['update_s']:.3g} s.\n")
+        md += (f"\nalign's step splits into rollout {al['rollout_s']:.3g} s (generation {al['generate_s']:.3g} s at "
+               f"{al['gen_tokens_per_s']:,.0f} tokens/s, then the no-grad scoring forwards of reference, value and "
+               f"reward; the policy's old log-probs are the sampler's) and update {al['update_s']:.3g} s.\n")
     payload = {"benchmark": "ppo", "size": a.size, "device": a.device, "machine": machine(),
                "date": time.strftime("%Y-%m-%d"), "args": vars(a),
                "load_average": {"start": load_start, "end": load_average("end")}, "results": results}
-    write_results(f"ppo_{a.size}_{a.device}", payload, md, Path(a.out))
+    write_results(f"ppo_{a.size}_{a.device}_mb{a.micro_batch}_gc{a.gradient_checkpointing}", payload, md, Path(a.out))
 
 
 if __name__ == "__main__":

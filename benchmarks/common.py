@@ -126,9 +126,11 @@ def set_threads(n: int) -> str:
 
 
 def load_average(tag: str) -> list[float]:
-    """The 1/5/15-minute load averages, printed with a warning when other work is running."""
+    """The 1/5/15-minute load averages. At the start, before any worker ran, a 1-minute load above 1
+    means other work shares the CPUs: a warning is printed. (At the end the load includes the
+    benchmark's own threads, so it is only recorded.)"""
     la = [round(x, 2) for x in os.getloadavg()]
-    if la[0] > 1.0:
+    if tag == "start" and la[0] > 1.0:
         print(f"[bench] load average {la} at {tag}: other jobs share the CPUs, timings are not clean",
               file=sys.stderr)
     return la

@@ -146,18 +146,18 @@ def main(task: str, argv=None):
     common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
               "--batch", str(a.batch), "--words", str(a.words), "--max-length", str(a.max_length),
               "--gradient-checkpointing", a.gradient_checkpointing]
-    results = {}
-    for side in (["align", "trl"] if a.side == "both" else [a.side]):
-        py = sys.executable if side == "align" else trl_python(a.trl_python)
-        runs = []
-        for rep in range(a.reps):
+    sides = ["align", "trl"] if a.side == "both" else [a.side]
+    pythons = {side: sys.executable if side == "align" else trl_python(a.trl_python) for side in sides}
+    runs: dict[str, list] = {side: [] for side in sides}
+    for rep in range(a.reps):  # sides alternate, so a slow spell of a shared machine hits both
+        for side in sides:
             wd = WORK / "runs" / f"{task}-{a.size}-{side}-{rep}-{int(time.time())}"
             wd.mkdir(parents=True, exist_ok=True)
             if side == "align" and task == "reward":
                 prepare_stage_runs(model, wd)
-            runs.append(run_worker(py, script, ["--which", side, "--workdir", str(wd), *common]))
-            print(f"[bench_{task}] {side} rep {rep}: {runs[-1]}", file=sys.stderr)
-        results[side] = {"runs": runs, "median": medians(runs)}
+            runs[side].append(run_worker(pythons[side], script, ["--which", side, "--workdir", str(wd), *common]))
+            print(f"[bench_{task}] {side} rep {rep}: {runs[side][-1]}", file=sys.stderr)
+    results = {side: {"runs": r, "median": medians(r)} for side, r in runs.items()}
     al, tr = results.get("align", {}).get("median", {}), results.get("trl", {}).get("median")
     n_backbone = backbone_params(model)  # the checkpoint's own count: the same denominator on both sides (TRL's
     for r in (al, tr):                  # reward model has no LM head, and peft keeps two copies of its score head)

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script,keys", [
-    ("bench_ppo.py", ["step_s", "rollout_s", "update_s", "gen_tokens_per_s", "peak_mb", "trainable_policy"]),
+    ("bench_ppo.py", ["step_s", "rollout_s", "generate_s", "update_s", "gen_tokens_per_s", "peak_mb",
+                      "trainable_policy"]),
     ("bench_sft.py", ["step_s", "peak_mb", "trainable"]),
     ("bench_reward.py", ["step_s", "peak_mb", "trainable"]),
 ])
@@ -24,7 +25,7 @@ def test_benchmark_runs_on_the_tiny_config(script, keys, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     name = script[len("bench_"):-len(".py")]
-    name = f"{name}_tiny_cpu" + ("" if name == "ppo" else "_gcon")
+    name = f"{name}_tiny_cpu" + ("_mb16_gcoff" if name == "ppo" else "_gcon")
     payload = json.loads((tmp_path / f"{name}.json").read_text())
     med = payload["results"]["align"]["median"]
     for k in keys:

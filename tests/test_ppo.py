@@ -53,18 +53,22 @@ def test_rollout_logprobs_equal_a_fresh_forward_with_temperature_and_left_paddin
     torch.testing.assert_close(fresh[rmask], s.logprobs[rmask], atol=1e-5, rtol=0)
 
 
-def test_first_iteration_has_zero_kl_ratio_one_and_no_clipping(tiny_llama, tmp_path):
+@pytest.mark.parametrize("logprobs", ["sample", "recompute"])
+def test_first_iteration_has_zero_kl_ratio_one_and_no_clipping(tiny_llama, tmp_path, logprobs):
+    """Old log-probs from the sampler (N+) or from a fresh forward: either way the first minibatch
+    of the first epoch sees ratio 1, approx-KL 0 and nothing clipped."""
     sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
     rm = H.fake_reward_run(tiny_llama, tmp_path / "rm")
     prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 8)
     cfg = ppo_cfg(tmp_path, sft, prompts, "reward_run=" + str(rm), "value.init=reward", "ppo.iterations=2",
-                  "ppo.response_length=8")
+                  "ppo.response_length=8", f"ppo.rollout_logprobs={logprobs}")
     ppo.run(cfg)
     first = metrics(tmp_path / "ppo")[0]
     assert first["step"] == 1
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)       # policy == reference at start
     assert first["policy/first_approxkl"] == pytest.approx(0.0, abs=1e-10)
     assert first["policy/first_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert first["policy/first_clipfrac"] == 0.0
     assert first["policy/clipfrac"] < 0.5 and first["value/loss"] >= 0
     # the run dir has what the next user needs
     for f in ("adapters/policy/adapter_config.json", "adapters/value/adapter_model.safetensors",
@@ -184,3 +188,13 @@ def test_kill_and_resume_gives_the_same_final_adapters(tiny_llama, tmp_path):
     res_m = [m for m in metrics(tmp_path / "killed") if "objective/kl_coef" in m]
     assert [m["objective/kl_coef"] for m in full_m] == [m["objective/kl_coef"] for m in res_m]
     assert [m["objective/scores"] for m in full_m] == [m["objective/scores"] for m in res_m]
+
+
+def test_a_bad_rollout_logprobs_setting_fails_before_any_work(tiny_llama, tmp_path):
+    from align.config import ConfigError
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    prompts = H.write_prompts(tmp_path / "p.jsonl", ["the dog"] * 32)
+    with pytest.raises(ConfigError, match="ppo.rollout_logprobs='fresh'"):
+        ppo.run(ppo_cfg(tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target",
+                        "ppo.rollout_logprobs=fresh"))
+    assert not (tmp_path / "ppo").exists()

@@ -84,6 +84,8 @@ class PPOAlgoConfig:
     micro_batch_size: int = 16           # per process, per forward/backward
     response_length: int = 48            # max new tokens per response
     temperature: float = 0.7             # sampling temperature, also applied in every log-prob
+    rollout_logprobs: str = "auto"       # sample: the sampler's log-probs (N+) | recompute: a fresh policy
+                                         # forward | auto: sample in float32, recompute in 16-bit dtypes
     lr: float = 1e-4                     # peak learning rate (policy and value)
     lr_schedule: str = "linear"          # linear (to 0, N+) | constant
     adam_eps: float = 1e-5               # AdamW epsilon
@@ -294,18 +296,22 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, wi
     every process pads alike (gatherable, and numerically identical whatever the world size)."""
     a = cfg.ppo
     query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device, width=width)
+    t0 = time.time()
     with rt.gathered(model.parameters()):
         s = sample(model, query, qmask, role="policy", max_new_tokens=a.response_length,
                    temperature=a.temperature, stop_token_id=tok.eos_token_id,
                    pad_token_id=tok.pad_token_id, row_seeds=row_seeds)
+    generate_s = time.time() - t0
     response, seq_lengths, has_stop = truncate_after_stop(s.tokens, tok.eos_token_id, tok.pad_token_id)
     rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
+    recompute = recompute_logprobs(a.rollout_logprobs, cfg.model.dtype)
     logp, ref, values, raw = [], [], [], []
-    roles = ("policy", "reference", "value") + (() if reward_fn else ("reward",))
+    roles = (("policy",) if recompute else ()) + ("reference", "value") + (() if reward_fn else ("reward",))
     for i in range(0, len(prompts), a.micro_batch_size):
         sl = slice(i, i + a.micro_batch_size)
         st = response_stats(engine, query[sl], qmask[sl], response[sl], rmask[sl], roles, a.temperature)
-        logp.append(st["policy"]["logprobs"])
+        if recompute:
+            logp.append(st["policy"]["logprobs"])
         ref.append(st["reference"]["logprobs"])
         values.append(st["value"]["values"])
         if not reward_fn:
@@ -319,8 +325,23 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, wi
     scores = (raw - norm["mean"]) / norm["std"] if a.normalize_reward else raw.clone()
     if a.missing_stop_mode != "none":
         scores = apply_missing_stop_penalty(scores, has_stop, a.missing_stop_penalty, a.missing_stop_mode)
-    return Rollout(query, qmask, response, rmask, seq_lengths, has_stop, torch.cat(logp), torch.cat(ref),
-                   torch.cat(values), raw, scores, s.logprobs)
+    # old log-probs: the sampler's own (the temperature-warped distribution it drew from, within
+    # ~1e-6 of a fresh forward in float32: ppo-details B6), or a fresh policy forward
+    logprobs = torch.cat(logp) if recompute else s.logprobs.masked_fill(~rmask, 0.0)
+    return Rollout(query, qmask, response, rmask, seq_lengths, has_stop, logprobs, torch.cat(ref),
+                   torch.cat(values), raw, scores, s.logprobs), generate_s
+
+
+def recompute_logprobs(mode: str, dtype: str) -> bool:
+    """Whether the rollout recomputes the policy's log-probs with a fresh forward. In float32 the
+    sampler's cached-decoding log-probs equal a fresh forward's to ~1e-6, so reusing them saves one
+    policy forward per rollout (N+ and TRL do the same); in bf16/fp16 the cached and uncached
+    paths round differently, and a fresh forward keeps the first PPO ratio at exactly 1."""
+    if mode == "auto":
+        return dtype != "float32"
+    if mode not in ("sample", "recompute"):
+        raise ConfigError(f"ppo.rollout_logprobs={mode!r}: choose auto, sample or recompute")
+    return mode == "recompute"
 
 
 def gather_rollout(ro: Rollout, rt) -> Rollout:
@@ -340,6 +361,7 @@ def run(cfg: PPOConfig) -> dict:
         raise ConfigError("give exactly one of reward_run (learned reward) and reward_fn (programmatic)")
     backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]
     a = cfg.ppo
+    recompute_logprobs(a.rollout_logprobs, cfg.model.dtype)  # a bad value fails before any work
     world_batch = a.rollout_batch_size
     st = start_stage(cfg, "ppo", backbone)
     rt, tok, model = st.rt, st.tokenizer, st.model
@@ -403,7 +425,7 @@ def run(cfg: PPOConfig) -> dict:
     while it < a.iterations:
         t0 = time.time()
         prompts, seeds, width = prompts_for(it)
-        ro = rollout(model, engine, prompts, cfg, tok, rt, norm, seeds, width, reward_fn)
+        ro, t_generate = rollout(model, engine, prompts, cfg, tok, rt, norm, seeds, width, reward_fn)
         if rt.world_size > 1:
             ro = gather_rollout(ro, rt)  # every rank holds the global batch: whitening and minibatches are global
         t_rollout = time.time() - t0
@@ -456,6 +478,7 @@ def run(cfg: PPOConfig) -> dict:
                     if epoch == 0 and mb == 0 and k == 0:
                         stats["policy/first_approxkl"] = [float(pg_stats["approxkl"])]
                         stats["policy/first_ratio_mean"] = [float(pg_stats["ratio_mean"])]
+                        stats["policy/first_clipfrac"] = [float(pg_stats["clipfrac"])]
         t_train = time.time() - t1
         # --- bookkeeping ------------------------------------------------------------------
         seq_kl = kl.sum(1)
@@ -476,10 +499,11 @@ def run(cfg: PPOConfig) -> dict:
             "response/length": float(ro.response_mask.sum(1).float().mean()),
             "response/stop_rate": float(ro.has_stop.float().mean()),
             "lr": sched.get_last_lr()[0],
-            "throughput/generated_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
+            "throughput/generated_tokens_per_s": gen_tokens / max(t_generate, 1e-9),
+            "throughput/rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
             "throughput/train_tokens_per_s":
                 gen_tokens * a.num_ppo_epochs / max(t_train, 1e-9),
-            "time/rollout_s": t_rollout, "time/update_s": t_train,
+            "time/rollout_s": t_rollout, "time/generate_s": t_generate, "time/update_s": t_train,
             **{k: sum(v) / len(v) for k, v in stats.items()},
         }
         logs = rt.mean_across(logs)
