@@ -1,8 +1,9 @@
 """Metrics to ``metrics.jsonl`` (always) and Weights & Biases (by default, offline without a key).
 
-Only the main process logs. The W&B run id is kept in the run dir so a resumed run continues the
-same W&B run; on resume, metric lines past the resumed step are dropped so ``metrics.jsonl``
-equals that of an uninterrupted run. Nothing from the environment (API keys) is logged.
+The W&B mode is ``tracking.mode``, else ``WANDB_MODE``, else online when a W&B key is configured
+(``WANDB_API_KEY`` or ``wandb login``) and offline otherwise. Only the main process logs. The W&B
+run id is kept in the run dir so a resumed run continues the same W&B run; on resume, metric
+lines past the resumed step are dropped so ``metrics.jsonl`` equals that of an uninterrupted run. Nothing from the environment (API keys) is logged.
 """
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ def _jsonable(v):
     return v
 
 
+def has_wandb_credentials() -> bool:
+    """Whether W&B could log online: ``WANDB_API_KEY`` is set, or ``wandb login`` stored a key in
+    ~/.netrc. The key itself is never read into align's configs, logs or run dirs."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    try:
+        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+                                            .split("://")[-1].rstrip("/"))
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
 class Tracker:
     def __init__(self, run_dir: Path, cfg: TrackingConfig, *, job_type: str, config: dict,
                  is_main: bool = True, resume_step: int | None = None):
@@ -34,7 +49,7 @@ class Tracker:
             self._truncate(path, resume_step)
         if cfg.wandb and cfg.mode != "disabled":
             import wandb
-            mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            mode = cfg.mode or os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
             os.environ.setdefault("WANDB_SILENT", "true")
             id_file = self.run_dir / "wandb_run_id"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]

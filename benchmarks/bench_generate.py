@@ -11,7 +11,6 @@ in one process (the two share nothing that one could warm for the other).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -30,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import side_by_side_arguments  # noqa: E402
+
 PROMPTS = [f"Review of the {a} {b}:" for a in ("quiet", "bright", "old", "new", "small", "grand", "dark", "calm")
            for b in ("harbor", "bistro", "film", "hotel", "garden", "river", "song", "story")]
 
@@ -150,33 +152,20 @@ def trl_worker(a) -> dict:
 # ----------------------------------------------------------------------------- parent
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="tiny", choices=["tiny", "100m", "1b"])
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--side", default="both", choices=["both", "align", "trl"])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
+    side_by_side_arguments(ap, reps=3, warmup=1, steps=3)
     ap.add_argument("--batch", type=int, default=16, help="rollout batch (prompts per PPO step)")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--minibatches", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--response-length", type=int, default=32)
-    ap.add_argument("--trl-python", default=None)
     ap.add_argument("--gradient-checkpointing", default="off", choices=["on", "off"],
                     help="both sides (TRL's PPOConfig flag; align's model.gradient_checkpointing)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="intra-op threads per process, both sides (0: library default; 1 on a shared machine)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--which", default="align", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps((align_worker if a.which == "align" else trl_worker)(a)))
         return
-    from benchmarks.common import (WORK, backbone_params, load_average, machine, medians, model_dir, prepare_stage_runs,
-                                   run_worker, set_threads, table, trl_python, write_results)
+    from benchmarks.common import (backbone_params, load_average, machine, model_dir, prepare_stage_runs, run_sides,
+                                   set_threads, table, write_results)
     threads = set_threads(a.threads)
     load_start = load_average("start")
     if a.side != "align":
@@ -186,18 +175,7 @@ def main(argv=None):
               "--batch", str(a.batch), "--micro-batch", str(a.micro_batch), "--minibatches", str(a.minibatches),
               "--epochs", str(a.epochs), "--response-length", str(a.response_length),
               "--gradient-checkpointing", a.gradient_checkpointing]
-    sides = ["align", "trl"] if a.side == "both" else [a.side]
-    pythons = {side: sys.executable if side == "align" else trl_python(a.trl_python) for side in sides}
-    runs: dict[str, list] = {side: [] for side in sides}
-    for rep in range(a.reps):  # sides alternate, so a slow spell of a shared machine hits both
-        for side in sides:
-            wd = WORK / "runs" / f"ppo-{a.size}-{side}-{rep}-{int(time.time())}"
-            wd.mkdir(parents=True, exist_ok=True)
-            if side == "align":
-                prepare_stage_runs(model, wd)
-            runs[side].append(run_worker(pythons[side], Path(__file__), ["--which", side, "--workdir", str(wd), *common]))
-            print(f"[bench_ppo] {side} rep {rep}: {runs[side][-1]}", file=sys.stderr)
-    results = {side: {"runs": r, "median": medians(r)} for side, r in runs.items()}
+    results = run_sides(a, "ppo", Path(__file__), common, lambda wd: prepare_stage_runs(model, wd))
     al = results.get("align", {}).get("median", {})
     tr = results.get("trl", {}).get("median")
     if tr:  # TRL generates the full length (no stop token); it logs no separate rollout time

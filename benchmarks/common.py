@@ -190,3 +190,40 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path) -> Non
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
     (out_dir / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def side_by_side_arguments(ap, *, reps: int, warmup: int, steps: int) -> None:
+    """The options every align-vs-TRL script takes (its own ones are added by the script)."""
+    import argparse
+    ap.add_argument("--size", default="tiny", choices=list(SIZES))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--side", default="both", choices=["both", "align", "trl"])
+    ap.add_argument("--reps", type=int, default=reps, help="processes per side (sides alternate)")
+    ap.add_argument("--warmup", type=int, default=warmup, help="untimed steps at the start of each process")
+    ap.add_argument("--steps", type=int, default=steps, help="timed steps per process")
+    ap.add_argument("--trl-python", default=None, help="a Python with trl 1.12 (default: benchmarks/.venv-trl)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="intra-op threads per process, both sides (0: library default; 1 on a shared machine)")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--which", default="align", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+
+
+def run_sides(a, name: str, script: Path, common: list[str], prepare_align=None) -> dict:
+    """``a.reps`` worker processes per side, the sides alternating (align, TRL, align, ...) so a slow
+    spell of a shared machine hits both; ``prepare_align(model, workdir)`` readies align's run dirs
+    first, in a process of its own. Returns {side: {"runs": [...], "median": {...}}}."""
+    sides = ["align", "trl"] if a.side == "both" else [a.side]
+    pythons = {side: sys.executable if side == "align" else trl_python(a.trl_python) for side in sides}
+    runs: dict[str, list] = {side: [] for side in sides}
+    for rep in range(a.reps):
+        for side in sides:
+            wd = WORK / "runs" / f"{name}-{a.size}-{side}-{rep}-{int(time.time())}"
+            wd.mkdir(parents=True, exist_ok=True)
+            if side == "align" and prepare_align is not None:
+                prepare_align(wd)
+            runs[side].append(run_worker(pythons[side], script, ["--which", side, "--workdir", str(wd), *common]))
+            print(f"[bench_{name}] {side} rep {rep}: {runs[side][-1]}", file=sys.stderr)
+    return {side: {"runs": r, "median": medians(r)} for side, r in runs.items()}

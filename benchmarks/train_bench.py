@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import side_by_side_arguments  # noqa: E402
+
 WORDS = ("the quick brown fox jumps over a lazy dog while happy people sing good songs and sad clouds bring "
          "bad rain but great sun makes wonderful days for everyone review movie film story plot").split()
 
@@ -113,32 +115,19 @@ def trl_worker(a) -> dict:
 
 def main(task: str, argv=None):
     ap = argparse.ArgumentParser(description=f"{task} step: align vs TRL")
-    ap.add_argument("--size", default="tiny", choices=["tiny", "100m", "1b"])
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--side", default="both", choices=["both", "align", "trl"])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
+    side_by_side_arguments(ap, reps=3, warmup=2, steps=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--words", type=int, default=60, help="words per record (prompt + completion)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--gradient-checkpointing", default="on", choices=["on", "off"],
                     help="on both sides (on: TRL's default for SFTConfig/RewardConfig)")
-    ap.add_argument("--trl-python", default=None)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="intra-op threads per process, both sides (0: library default; 1 on a shared machine)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--which", default="align", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.task = task
     if a.worker:
         print(json.dumps((align_worker if a.which == "align" else trl_worker)(a)))
         return
-    from benchmarks.common import (WORK, backbone_params, load_average, machine, medians, model_dir, prepare_stage_runs,
-                                   run_worker, set_threads, table, trl_python, write_results)
+    from benchmarks.common import (backbone_params, load_average, machine, model_dir, prepare_stage_runs, run_sides,
+                                   set_threads, table, write_results)
     threads = set_threads(a.threads)
     load_start = load_average("start")
     model = model_dir(a.size)
@@ -146,18 +135,8 @@ def main(task: str, argv=None):
     common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
               "--batch", str(a.batch), "--words", str(a.words), "--max-length", str(a.max_length),
               "--gradient-checkpointing", a.gradient_checkpointing]
-    sides = ["align", "trl"] if a.side == "both" else [a.side]
-    pythons = {side: sys.executable if side == "align" else trl_python(a.trl_python) for side in sides}
-    runs: dict[str, list] = {side: [] for side in sides}
-    for rep in range(a.reps):  # sides alternate, so a slow spell of a shared machine hits both
-        for side in sides:
-            wd = WORK / "runs" / f"{task}-{a.size}-{side}-{rep}-{int(time.time())}"
-            wd.mkdir(parents=True, exist_ok=True)
-            if side == "align" and task == "reward":
-                prepare_stage_runs(model, wd)
-            runs[side].append(run_worker(pythons[side], script, ["--which", side, "--workdir", str(wd), *common]))
-            print(f"[bench_{task}] {side} rep {rep}: {runs[side][-1]}", file=sys.stderr)
-    results = {side: {"runs": r, "median": medians(r)} for side, r in runs.items()}
+    results = run_sides(a, task, script, common,
+                        (lambda wd: prepare_stage_runs(model, wd)) if task == "reward" else None)
     al, tr = results.get("align", {}).get("median", {}), results.get("trl", {}).get("median")
     n_backbone = backbone_params(model)  # the checkpoint's own count: the same denominator on both sides (TRL's
     for r in (al, tr):                  # reward model has no LM head, and peft keeps two copies of its score head)

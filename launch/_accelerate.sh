@@ -49,5 +49,5 @@ align_launch() {
              -m align.cli "$stage" "$@")
   echo "+ ${cmd[*]}" >&2
   if [ "$DRY_RUN" = 1 ]; then return 0; fi
-  (cd "$ROOT" && WANDB_MODE=${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false "${cmd[@]}")
+  (cd "$ROOT" && TOKENIZERS_PARALLELISM=false "${cmd[@]}")  # W&B mode: see align/tracking.py
 }

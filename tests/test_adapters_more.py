@@ -10,7 +10,7 @@ from align.adapters import AdapterConfig
 from align.adapters.peft_format import load_adapter, save_adapter
 from align.generation import sample
 from tests.conftest import load
-from tests.test_adapters import backbone_hash, batch, randomize
+from tests.test_adapters import assert_training_changes_only_set_a, batch, randomize
 
 FAMILIES = ["llama", "gpt2", "qwen2"]
 METHODS = {
@@ -143,40 +143,17 @@ def peft_qwen2_adaption_prompt(monkeypatch):
 @pytest.mark.parametrize("method,family", PEFT_PARAMS)
 def test_export_loads_in_peft_with_identical_logits(tiny_paths, tmp_path, method, family,
                                                     peft_qwen2_adaption_prompt):
-    model, tok = load(tiny_paths[family])
-    randomize(model.add_adapter("sft", METHODS[method]))
-    model.add_role("sft", ["sft"])
-    ids = ids_for(tok)
-    ours = model(ids, role="sft").logits
-    save_adapter(model, "sft", tmp_path / "sft", backbone_name=str(tiny_paths[family]))
-    from transformers import AutoModelForCausalLM
-    base = AutoModelForCausalLM.from_pretrained(tiny_paths[family]).eval()
-    pm = peft.PeftModel.from_pretrained(base, tmp_path / "sft").eval()
-    torch.testing.assert_close(peft_logits(pm, ids), ours, atol=1e-5, rtol=0)
+    from tests.test_peft_interop import check_export_loads_in_peft
+    check_export_loads_in_peft(tiny_paths[family], tmp_path, METHODS[method])
 
 
 @needs_peft
 @pytest.mark.parametrize("method,family", PEFT_PARAMS)
 def test_peft_trained_adapter_imports_with_identical_logits(tiny_paths, tmp_path, method, family,
                                                             peft_qwen2_adaption_prompt):
-    from transformers import AutoModelForCausalLM
-    base = AutoModelForCausalLM.from_pretrained(tiny_paths[family]).eval()
-    pm = peft.get_peft_model(base, PEFT_CASES[method][1]())
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pm.eval()
-    model, tok = load(tiny_paths[family])
-    ids = ids_for(tok)
-    want = peft_logits(pm, ids)
-    pm.save_pretrained(tmp_path / "peft")
-    with pytest.warns(UserWarning, match="fingerprint"):
-        aset = load_adapter(model, "imported", tmp_path / "peft")
+    from tests.test_peft_interop import check_peft_adapter_imports
+    aset = check_peft_adapter_imports(tiny_paths[family], tmp_path, PEFT_CASES[method][1]())
     assert aset.method == METHODS[method].method
-    model.add_role("imported", ["imported"])
-    torch.testing.assert_close(model(ids, role="imported").logits, want, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------- isolation, save/load
@@ -188,29 +165,7 @@ def test_training_changes_only_that_set(tiny_llama, method):
     perturb(model.add_adapter("b", METHODS[method]), seed=1)
     model.add_role("a", ["a"])
     model.add_role("b", ["b"])
-    before = {r: model(ids, mask, role=r).logits.clone() for r in ("base", "b")}
-    a_state = {k: v.clone() for k, v in model.adapters["a"].state_dict().items()}
-    b_state = {k: v.clone() for k, v in model.adapters["b"].state_dict().items()}
-    h0 = backbone_hash(model)
-    opt = torch.optim.AdamW(model.set_trainable(["a"]), lr=1e-2)
-    model.train()
-    for _ in range(3):
-        out = model(ids, mask, role="a")
-        loss = out.logits.logsumexp(-1).mean() - out.logits[..., 5].mean()
-        opt.zero_grad()
-        loss.backward()
-        grads = [p.grad for p in model.adapters["a"].parameters()]
-        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
-        assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("adapters.a."))
-        opt.step()
-    model.eval()
-    assert backbone_hash(model) == h0
-    for k, v in model.adapters["b"].state_dict().items():
-        assert torch.equal(v, b_state[k])
-    assert any(not torch.equal(v, a_state[k]) for k, v in model.adapters["a"].state_dict().items())
-    for r in ("base", "b"):
-        assert torch.equal(model(ids, mask, role=r).logits, before[r])
-    assert not torch.allclose(model(ids, mask, role="a").logits, before["base"])
+    assert_training_changes_only_set_a(model, ids, mask)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

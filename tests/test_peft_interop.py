@@ -35,35 +35,46 @@ def peft_logits(pm, ids):
     return out[:, -ids.shape[1]:]
 
 
-@pytest.mark.parametrize("method,family", PARAMS)
-def test_export_loads_in_peft_with_identical_logits(tiny_paths, tmp_path, method, family):
-    model, tok = load(tiny_paths[family])
-    model.add_adapter("sft", CASES[method][0])
+def check_export_loads_in_peft(path, tmp_path, config: AdapterConfig) -> None:
+    """A randomised set of ``config`` saved by align loads in ``peft.PeftModel`` with our logits."""
+    model, tok = load(path)
+    model.add_adapter("sft", config)
     randomize(model.adapters["sft"])
     model.add_role("sft", ["sft"])
     ids = ids_for(tok)
     ours = model(ids, role="sft").logits
-    save_adapter(model, "sft", tmp_path / "sft", backbone_name=str(tiny_paths[family]))
-    base = AutoModelForCausalLM.from_pretrained(tiny_paths[family]).eval()
+    save_adapter(model, "sft", tmp_path / "sft", backbone_name=str(path))
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
     pm = peft.PeftModel.from_pretrained(base, tmp_path / "sft").eval()
     torch.testing.assert_close(peft_logits(pm, ids), ours, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method,family", PARAMS)
-def test_peft_trained_adapter_imports_with_identical_logits(tiny_paths, tmp_path, method, family):
-    base = AutoModelForCausalLM.from_pretrained(tiny_paths[family]).eval()
-    pm = peft.get_peft_model(base, CASES[method][1](family))
+def check_peft_adapter_imports(path, tmp_path, peft_config):
+    """A randomised peft adapter saved by peft loads here with peft's logits; returns the set."""
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
+    pm = peft.get_peft_model(base, peft_config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for n, p in pm.named_parameters():
+        for _, p in pm.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     pm.eval()
-    model, tok = load(tiny_paths[family])
+    model, tok = load(path)
     ids = ids_for(tok)
     want = peft_logits(pm, ids)
     pm.save_pretrained(tmp_path / "peft")
-    with pytest.warns(UserWarning, match="fingerprint"):
-        load_adapter(model, "imported", tmp_path / "peft")
+    with pytest.warns(UserWarning, match="fingerprint"):  # peft's file carries no backbone fingerprint
+        aset = load_adapter(model, "imported", tmp_path / "peft")
     model.add_role("imported", ["imported"])
     torch.testing.assert_close(model(ids, role="imported").logits, want, atol=1e-5, rtol=0)
+    return aset
+
+
+@pytest.mark.parametrize("method,family", PARAMS)
+def test_export_loads_in_peft_with_identical_logits(tiny_paths, tmp_path, method, family):
+    check_export_loads_in_peft(tiny_paths[family], tmp_path, CASES[method][0])
+
+
+@pytest.mark.parametrize("method,family", PARAMS)
+def test_peft_trained_adapter_imports_with_identical_logits(tiny_paths, tmp_path, method, family):
+    check_peft_adapter_imports(tiny_paths[family], tmp_path, CASES[method][1](family))
