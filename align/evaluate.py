@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,9 +28,10 @@ class EvalConfig:
     num_prompts: int = 256               # how many of them
     temperature: float = 1.0             # sampling temperature
     response_length: int = 48            # max new tokens
-    gold: str = ""                 # "module:function(prompts, responses, ended) -> list[float]"
+    gold: str = ""                       # "module:function(prompts, responses, ended) -> list[float]"
+    chat_template: Optional[str] = None  # Jinja template for conversational prompts (tokenizers without one)
     seed: int = 0                        # sampling seed (the same for both policies)
-    output: str = ""               # optional: write the comparison JSON here
+    output: str = ""                     # optional: write the comparison JSON here
 
 
 def _policy_dir(spec: str, sft_run: str) -> Path:
@@ -71,17 +73,29 @@ def build(cfg: EvalConfig):
     return model, tok, Runtime()
 
 
+def held_out_prompts(cfg: EvalConfig, tok) -> list[dict]:
+    """The first ``num_prompts`` records' prompts as text (conversations through the chat template)
+    and token ids."""
+    from align.data.common import read_records
+    from align.data.sft import prompt_text
+    out = []
+    for i, r in enumerate(read_records(cfg.prompts)[:cfg.num_prompts]):
+        if "prompt" not in r:
+            raise ValueError(f"{cfg.prompts}: record {i}: missing field 'prompt'")
+        text = prompt_text(r["prompt"], tok, cfg.chat_template)
+        out.append({"text": text, "ids": tok(text, add_special_tokens=False).input_ids})
+    return out
+
+
 def _sem(x: torch.Tensor) -> float:
     return float(x.std() / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
 @torch.no_grad()
 def compare(cfg: EvalConfig) -> dict:
-    from align.data.common import read_records
     from align.stages.ppo import load_gold, policy_eval_batch
     model, tok, rt = build(cfg)
-    recs = read_records(cfg.prompts)[:cfg.num_prompts]
-    prompts = [{"text": r["prompt"], "ids": tok(r["prompt"], add_special_tokens=False).input_ids} for r in recs]
+    prompts = held_out_prompts(cfg, tok)
     gold_fn = load_gold(cfg.gold)
     res = {}
     for name in ("a", "b"):
@@ -117,7 +131,6 @@ def compare(cfg: EvalConfig) -> dict:
 def rm_accuracy_vs_gold(cfg: EvalConfig, k: int = 4) -> dict:
     """Reward-model accuracy against gold labels on held-out prompts: K SFT samples per prompt,
     every pair with different gold scores, correct when the RM orders it as gold does."""
-    from align.data.common import read_records
     from align.data.preferences import sequence_rewards
     from align.generation import sample
     from align.rl.rollout import response_mask_from_lengths, truncate_after_stop
@@ -125,10 +138,9 @@ def rm_accuracy_vs_gold(cfg: EvalConfig, k: int = 4) -> dict:
     from align.stages.ppo import load_gold
     model, tok, rt = build(cfg)
     gold_fn = load_gold(cfg.gold)
-    recs = read_records(cfg.prompts)[:cfg.num_prompts]
-    texts = [r["prompt"] for r in recs]
-    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
-    query, qmask = left_pad(ids, tok.pad_token_id, rt.device)
+    prompts = held_out_prompts(cfg, tok)
+    texts = [p["text"] for p in prompts]
+    query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device)
     gen = torch.Generator().manual_seed(cfg.seed + 777)
     rewards, golds = [], []
     for _ in range(k):

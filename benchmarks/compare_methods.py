@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -68,15 +69,20 @@ ALL_LINEAR = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 #   1e-1 .46 | llama_adapter 3e-2 .58, 1e-1 .62 | full 3e-4 .86 | top_k (1 block) 1e-4 .49, 1e-3 .58,
 #   3e-3 .59, 1e-2 .49; with 2 blocks 1e-3 .62, with all 4 blocks 3e-4 .86. One top block of this
 #   4-layer model cannot learn the reward: the frozen lower layers do not carry what it needs.
+#   P-tuning's MLP encoder at SFT lr 1e-1 (the best SFT loss at 200 steps) blew its folded prompt up
+#   to norm 41,500: the gradients reaching it were then ~1e-3 and PPO could not move the policy at
+#   all (KL 0.000). At 1e-2 (300 steps): loss 1.3351, norm 197; at 3e-2: 1.3357, norm 1,172.
 # Soft prompts, prefixes and scaling vectors want ~10-50x LoRA's steps, finetuning whole blocks ~10x
-# smaller ones. PPO lrs were not tuned: LoRA's, scaled by the same family factor, kept moderate.
+# smaller ones. PPO lrs were not tuned beyond one fix: LoRA's, scaled by the same family factor,
+# except prefix, whose PPO at 1e-2 over-optimised the learned reward (KL 15.3 against a target of
+# 6, gold -0.235 +- 0.044 below SFT): 3e-3 (LoRA's) is used.
 LRS = {
     "lora": (2e-3, 3e-3, 3e-3),
     "bottleneck": (2e-3, 1e-2, 3e-3),
-    "prefix": (1e-1, 1e-1, 1e-2),
+    "prefix": (1e-1, 1e-1, 3e-3),
     "ia3": (1e-1, 1e-1, 1e-2),
     "prompt": (3e-1, 1e-1, 1e-2),
-    "ptuning": (1e-1, 3e-2, 1e-2),
+    "ptuning": (1e-2, 3e-2, 1e-2),
     "llama_adapter": (1e-1, 1e-1, 1e-2),
     "full": (1e-4, 3e-4, 1e-4),
     "top_k": (3e-4, 1e-3, 3e-4),
@@ -268,7 +274,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{lora['n_eval_prompts']} held-out prompts, the same for every row. Held-out SFT loss of the "
                 f"backbone before SFT: {lora['sft_eval_loss_start']:.3f}. Peak RSS is the whole method run's "
                 f"process (SFT, reward, PPO, eval); Python, torch and the libraries alone take about "
-                f"{lora['rss_after_imports_mb']:,.0f} MiB of it. Regenerate: `{meta['command']}`."]
+                f"{lora['rss_after_imports_mb']:,.0f} MiB of it. {meta['args'].get('note') or ''} "
+                f"Regenerate: `{meta['command']}`."]
     return "\n".join(out) + "\n"
 
 
@@ -309,6 +316,7 @@ def main(argv=None):
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / ".work" / "methods"), help="run dirs per method")
     ap.add_argument("--resume", action="store_true", help="keep methods whose result file exists (failed ones rerun)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per method process (0: torch's default)")
+    ap.add_argument("--note", default="", help="a sentence for the table's footnote (e.g. how the runs shared the machine)")
     ap.add_argument("--timeout", type=float, default=0, help="seconds per method (0: none)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -330,8 +338,13 @@ def main(argv=None):
     per = out / "methods"
     per.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    passed = [x for x in (argv if argv is not None else sys.argv[1:])]
-    command = "python benchmarks/compare_methods.py " + " ".join(passed)
+    passed, skip = [], False  # what regenerates every row: the arguments less --resume and --note
+    for x in (argv if argv is not None else sys.argv[1:]):
+        if skip or x == "--resume" or x.startswith("--note"):
+            skip = x == "--note"
+            continue
+        passed.append(x)
+    command = "python benchmarks/compare_methods.py " + shlex.join(passed)
     rows = []
     for m in methods:
         f = per / f"{m}.json"
@@ -372,7 +385,7 @@ def main(argv=None):
         print(f"[compare_methods] {m}: {res['wall_s']:.0f} s {brief}", file=sys.stderr, flush=True)
         rows.append(res)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "inputs": io,
-            "args": {k: v for k, v in vars(a).items() if k not in ("worker", "method", "work_dir", "result")},
+            "args": {k: v for k, v in vars(a).items() if k not in ("worker", "method", "work_dir", "result", "resume")},
             "command": command.strip()}
     md = markdown(rows, meta)
     (out / "methods.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))

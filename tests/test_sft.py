@@ -183,3 +183,7 @@ def test_conversations_render_through_the_chat_template_split_before_the_last_re
     assert render({"prompt": "a", "completion": " b"}, tok, CHATML) == ("a", " b")
     with pytest.raises(ValueError, match="assistant"):
         render({"messages": msgs[:1]}, tok, CHATML)
+    # what PPO, the reward normalisation and `align eval` give the policy to continue
+    from align.data.sft import prompt_text
+    assert prompt_text(msgs[:3], tok, CHATML) == p
+    assert prompt_text("Review of the bistro:", tok, CHATML) == "Review of the bistro:"

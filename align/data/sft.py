@@ -57,6 +57,15 @@ def render(record: dict, tokenizer, chat_template: str | None = None) -> tuple[s
     return out["prompt"], out["completion"]
 
 
+def prompt_text(prompt, tokenizer, chat_template: str | None = None) -> str:
+    """The text a policy continues: a string prompt as it is; a list of messages rendered by the
+    chat template with the assistant's turn opened (the prompt part of ``render``)."""
+    if isinstance(prompt, str):
+        return prompt
+    return render({"prompt": prompt, "completion": [{"role": "assistant", "content": ""}]}, tokenizer,
+                  chat_template)[0]
+
+
 def tokenize_pair(prompt: str, completion: str, tokenizer, max_length: int,
                   report: TruncationReport | None = None, add_eos: bool = True):
     """Token ids of prompt and completion (+EOS), truncated to ``max_length`` in total."""

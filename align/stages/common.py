@@ -80,6 +80,15 @@ def write_summary(stage: Stage, summary: dict) -> None:
     stage.tracker.summary(summary)
 
 
+def finish_stage(stage: Stage, summary: dict, adapter_set: str) -> dict:
+    """The end of every stage: summary.json and the W&B summary, ``adapters/<adapter_set>`` as a
+    W&B artifact, the W&B run closed."""
+    write_summary(stage, summary)
+    stage.tracker.log_artifact(stage.run_dir / "adapters" / adapter_set, f"{adapter_set}-adapters", "adapter")
+    stage.tracker.finish()
+    return summary
+
+
 def left_pad(seqs: list[list[int]], pad_id: int, device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     t = width or max(len(s) for s in seqs)
     ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)

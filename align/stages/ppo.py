@@ -46,7 +46,7 @@ from align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from align.config import ConfigError, ModelConfig, TrackingConfig, require_file
 from align.data.common import read_records, split_by_prompt
 from align.data.preferences import sequence_rewards
-from align.data.sft import render
+from align.data.sft import prompt_text
 from align.generation import sample
 from align.rl.functional import entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten
 from align.rl.gae import compute_gae
@@ -54,7 +54,7 @@ from align.rl.kl import kl_per_token, make_kl_controller
 from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.rewards import compute_token_rewards, whiten_rewards
 from align.rl.rollout import apply_missing_stop_penalty, response_mask_from_lengths, truncate_after_stop
-from align.stages.common import backbone_from_run, left_pad, start_stage, write_summary
+from align.stages.common import backbone_from_run, finish_stage, left_pad, start_stage
 from align.trainer import make_optimizer
 
 
@@ -239,10 +239,7 @@ def load_prompts(cfg: PPOConfig, tok) -> tuple[list, list]:
         for i, r in enumerate(rs):
             if "prompt" not in r:
                 raise ValueError(f"{where}: record {i}: missing field 'prompt'")
-            p = r["prompt"]
-            text = p if isinstance(p, str) else render(
-                {"prompt": p, "completion": [{"role": "assistant", "content": ""}]}, tok,
-                cfg.data.chat_template)[0]
+            text = prompt_text(r["prompt"], tok, cfg.data.chat_template)
             ids = tok(text, add_special_tokens=False).input_ids[-cfg.data.max_prompt_length:]
             out.append({"text": text, "ids": ids})
         return out
@@ -536,10 +533,7 @@ def run(cfg: PPOConfig) -> dict:
     summary = {"stage": "ppo", "iterations": it, **last_eval, "kl_coef_final": kl_ctl.value,
                "trainable_params": {r: model.role_num_params(r) for r in ("policy", "value")},
                "backbone_params": model.backbone_num_params()}
-    write_summary(st, summary)
-    st.tracker.log_artifact(st.run_dir / "adapters" / "policy", "policy-adapters", "adapter")
-    st.tracker.finish()
-    return summary
+    return finish_stage(st, summary, "policy")
 
 
 @torch.no_grad()

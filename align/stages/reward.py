@@ -25,9 +25,9 @@ from align.config import ConfigError, ModelConfig, TrackingConfig, TrainConfig, 
 from align.data.common import read_records, split_by_prompt
 from align.data.preferences import (collate_groups, kwise_loss, ranking_pairs, sequence_rewards,
                                     to_group, tokenize_group)
-from align.data.sft import render
+from align.data.sft import prompt_text
 from align.generation import sample
-from align.stages.common import backbone_from_run, left_pad, start_stage, write_summary
+from align.stages.common import backbone_from_run, finish_stage, left_pad, start_stage
 from align.trainer import Trainer
 
 
@@ -180,10 +180,7 @@ def run(cfg: RewardConfig) -> dict:
     summary = {"stage": "reward", **result, "normalisation": norm, "train_groups": len(tgroups),
                "eval_groups": len(egroups), "trainable_params": model.role_num_params("reward"),
                "backbone_params": model.backbone_num_params()}
-    write_summary(st, summary)
-    st.tracker.log_artifact(st.run_dir / "adapters" / "reward", "reward-adapters", "adapter")
-    st.tracker.finish()
-    return summary
+    return finish_stage(st, summary, "reward")
 
 
 @torch.no_grad()
@@ -199,9 +196,7 @@ def reward_normalisation(model, tok, cfg: RewardConfig, eval_groups, rt) -> dict
     if n.source == "sft_samples" and "sft" in model.adapters:
         if "sft" not in model.roles:
             model.add_role("sft", ["sft"])
-        texts = [render({"prompt": p, "completion": "" if isinstance(p, str) else
-                         [{"role": "assistant", "content": ""}]}, tok, cfg.data.chat_template)[0]
-                 if isinstance(p, list) else p for p in prompts]
+        texts = [prompt_text(p, tok, cfg.data.chat_template) for p in prompts]
         ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
         pid, pmask = left_pad(ids, tok.pad_token_id, rt.device)
         g = torch.Generator(device=rt.device).manual_seed(cfg.train.seed + 17)

@@ -21,7 +21,7 @@ from align.config import ModelConfig, TrackingConfig, TrainConfig, require_file
 from align.data.common import read_records, split_by_prompt
 from align.data.sft import Collator, build_examples, lm_loss, pack, render
 from align.generation import sample
-from align.stages.common import left_pad, start_stage, write_summary
+from align.stages.common import finish_stage, left_pad, start_stage
 from align.trainer import Trainer
 
 
@@ -113,7 +113,4 @@ def run(cfg: SFTConfig) -> dict:
     summary = {"stage": "sft", **result, "train_examples": len(examples), "eval_examples": len(eval_examples),
                "truncation": report.as_dict(), "trainable_params": model.adapters["sft"].num_params(),
                "backbone_params": model.backbone_num_params()}
-    write_summary(st, summary)
-    st.tracker.log_artifact(st.run_dir / "adapters" / "sft", "sft-adapters", "adapter")
-    st.tracker.finish()
-    return summary
+    return finish_stage(st, summary, "sft")
