@@ -43,7 +43,7 @@ def quickstart_report(run_dir: Path) -> str:
     body = [ln for ln in (run_dir / "report.md").read_text().splitlines()[1:] if not ln.startswith("![")]
     total = sum(report["seconds_per_stage"].values())
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(body)).strip().replace("## Samples", "#### Samples")
-    return text + f"\n\nTotal wall time: {total / 60:.1f} min.\n"
+    return text + f"\n\nPipeline wall time (the stages above): {total / 60:.1f} min.\n"
 
 
 def main(argv: list[str] | None = None) -> None:
