@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -29,6 +31,18 @@ from align.adapters.base import AdapterConfig, AdapterSet, create_adapter_set
 from align.arch import detect_arch
 from align.backbone import fingerprint, freeze
 from align.heads import ScalarHead
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_class: type) -> str:
+    """The forward keyword for the KV cache: ``cache`` in newer transformers (where
+    ``past_key_values`` is deprecated, to go in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 @dataclass(frozen=True)
@@ -310,11 +324,11 @@ class AlignModel(nn.Module):
         with self._checkpointing(torch.is_grad_enabled() and cache is None):
             out = self.backbone.base_model(
                 inputs_embeds=embeds, attention_mask=mask4[:, None], position_ids=positions,
-                past_key_values=cache, use_cache=cache is not None)
+                use_cache=cache is not None, **{_cache_kwarg(type(self.backbone.base_model)): cache})
         hidden = out.last_hidden_state[:, n_virtual:]
         head = self.active_head
         want_logits = logits if logits is not None else head is None
-        result = ModelOutput(hidden=hidden, cache=out.past_key_values if cache is not None else None,
+        result = ModelOutput(hidden=hidden, cache=_output_cache(out) if cache is not None else None,
                              mask=full_mask)
         if want_logits:
             result.logits = self.backbone.get_output_embeddings()(hidden)
