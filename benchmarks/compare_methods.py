@@ -144,14 +144,67 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def ppo_and_eval(a, io: dict, work: Path, lr_ppo: float, name: str, wall: dict, rm_gold: bool):
+    """PPO from ``work/sft`` and ``work/reward`` into ``work/NAME``, then the pipeline's SFT-vs-PPO
+    evaluation (and, with ``rm_gold``, the reward model's accuracy against gold)."""
+    from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
+    from align.stages import ppo as ppo_stage
+    seed, response_length, temperature = 0, 32, 1.0
+    t = time.time()
+    p = ppo_stage.PPOConfig(output_dir=str(work / name), sft_run=str(work / "sft"), reward_run=str(work / "reward"))
+    p.data.prompts, p.data.eval_prompts = io["ppo_prompts"], io["eval_prompts"]
+    q = p.ppo
+    q.seed, q.iterations, q.rollout_batch_size = seed, a.ppo_iterations, a.rollout_batch_size
+    q.micro_batch_size, q.num_minibatches, q.num_ppo_epochs = min(32, a.rollout_batch_size // 2), 2, 4
+    q.response_length, q.temperature, q.lr = response_length, temperature, lr_ppo
+    q.kl_coef, q.kl_controller, q.kl_target = 0.05, "fixed", 6.0
+    p.eval.every, p.eval.num_prompts, p.eval.temperature, p.eval.gold = 0, min(64, a.eval_prompts), temperature, GOLD
+    p.tracking.wandb = False
+    ppo_sum = ppo_stage.run(p)
+    wall["ppo"] = time.time() - t
+
+    t = time.time()
+    ev = EvalConfig(sft_run=str(work / "sft"), reward_run=str(work / "reward"), policy_a="sft",
+                    policy_b=str(work / name), prompts=io["eval_prompts"], num_prompts=a.eval_prompts,
+                    temperature=temperature, response_length=response_length, gold=GOLD, seed=seed)
+    cmp = compare(ev)
+    acc = rm_accuracy_vs_gold(ev, k=4) if rm_gold else {}
+    wall["eval"] = time.time() - t
+    return ppo_sum, cmp, acc
+
+
+def sweep_worker(a) -> dict:
+    """PPO alone at ``--ppo-lr``, from the SFT and reward runs an earlier full run of this method
+    left in ``--work-dir``: one row of the PPO learning-rate sweep."""
+    import torch
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    m, io, work = a.method, inputs(a), Path(a.work_dir)
+    missing = [str(work / d) for d in ("sft", "reward") if not (work / d / "config.yaml").exists()]
+    if missing:
+        raise SystemExit(f"--ppo-lrs needs this method's full run first (missing {', '.join(missing)})")
+    name = f"ppo_lr{a.ppo_lr:g}"
+    if (work / name).exists():
+        shutil.rmtree(work / name)
+    wall: dict[str, float] = {}
+    ppo_sum, cmp, _ = ppo_and_eval(a, io, work, a.ppo_lr, name, wall, rm_gold=False)
+    rows = read_metrics(work / name)
+    return {"method": m, "ppo_lr": a.ppo_lr, "ppo_iterations": ppo_sum["iterations"],
+            "ppo_iteration_s": ppo_iteration_seconds(rows),
+            "gold_sft": cmp["a"]["gold_mean"], "gold_sft_sem": cmp["a"]["gold_sem"],
+            "gold_ppo": cmp["b"]["gold_mean"], "gold_ppo_sem": cmp["b"]["gold_sem"],
+            "gold_diff": cmp["gold_diff_mean"], "gold_diff_sem": cmp["gold_diff_sem"],
+            "kl_ppo": cmp["b"]["kl_to_sft_mean"], "stop_rate_ppo": cmp["b"]["stop_rate"],
+            "reward_ppo": cmp["b"].get("reward_mean"), "n_eval_prompts": cmp["n_prompts"],
+            "seconds_per_stage": wall, "threads": torch.get_num_threads()}
+
+
 def worker(a) -> dict:
     start_rss = rss_mb()
     import torch
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
-    from align.stages import ppo as ppo_stage
     from align.stages import reward as reward_stage
     from align.stages import sft as sft_stage
     m, io, work = a.method, inputs(a), Path(a.work_dir)
@@ -159,7 +212,7 @@ def worker(a) -> dict:
         shutil.rmtree(work)  # a half-finished earlier attempt: start clean
     work.mkdir(parents=True)
     lr_sft, lr_rm, lr_ppo = LRS[m]
-    seed, response_length, temperature = 0, 32, 1.0
+    seed, response_length = 0, 32
     wall: dict[str, float] = {}
     import_rss = rss_mb()
 
@@ -189,28 +242,7 @@ def worker(a) -> dict:
     rm_sum = reward_stage.run(r)
     wall["reward"] = time.time() - t
 
-    # 3. PPO ---------------------------------------------------------------------------------
-    t = time.time()
-    p = ppo_stage.PPOConfig(output_dir=str(work / "ppo"), sft_run=str(work / "sft"), reward_run=str(work / "reward"))
-    p.data.prompts, p.data.eval_prompts = io["ppo_prompts"], io["eval_prompts"]
-    q = p.ppo
-    q.seed, q.iterations, q.rollout_batch_size = seed, a.ppo_iterations, a.rollout_batch_size
-    q.micro_batch_size, q.num_minibatches, q.num_ppo_epochs = min(32, a.rollout_batch_size // 2), 2, 4
-    q.response_length, q.temperature, q.lr = response_length, temperature, lr_ppo
-    q.kl_coef, q.kl_controller, q.kl_target = 0.05, "fixed", 6.0
-    p.eval.every, p.eval.num_prompts, p.eval.temperature, p.eval.gold = 0, min(64, a.eval_prompts), temperature, GOLD
-    p.tracking.wandb = False
-    ppo_sum = ppo_stage.run(p)
-    wall["ppo"] = time.time() - t
-
-    # 4. evaluation as in the pipeline's report ------------------------------------------------
-    t = time.time()
-    ev = EvalConfig(sft_run=str(work / "sft"), reward_run=str(work / "reward"), policy_a="sft",
-                    policy_b=str(work / "ppo"), prompts=io["eval_prompts"], num_prompts=a.eval_prompts,
-                    temperature=temperature, response_length=response_length, gold=GOLD, seed=seed)
-    cmp = compare(ev)
-    acc = rm_accuracy_vs_gold(ev, k=4) if a.rm_gold else {}
-    wall["eval"] = time.time() - t
+    ppo_sum, cmp, acc = ppo_and_eval(a, io, work, lr_ppo, "ppo", wall, rm_gold=a.rm_gold)
 
     sft_rows, rm_rows, ppo_rows = (read_metrics(work / d) for d in ("sft", "reward", "ppo"))
     sft_eval = [x for x in sft_rows if "eval/loss" in x]
@@ -284,6 +316,53 @@ def complete(res: dict) -> bool:
     return "error" not in res and all(k in res for k in RESULT_KEYS)
 
 
+def sweep(a, methods: list[str], per: Path, work: Path, run_worker, command: str) -> int:
+    """The PPO learning-rate sweep: PPO + eval per (method, lr), next to the full run's row."""
+    lrs = [float(x) for x in a.ppo_lrs.split(",") if x.strip()]
+    rows = []
+    for m in methods:
+        full = per / f"{m}.json"
+        if not full.exists() or not complete(json.loads(full.read_text())):
+            raise SystemExit(f"--ppo-lrs: no finished full run of {m} in {full}; run without --ppo-lrs first")
+        base = json.loads(full.read_text())
+        rows.append({**{k: base[k] for k in ("method", "gold_sft", "gold_sft_sem", "gold_ppo", "gold_ppo_sem",
+                                              "gold_diff", "gold_diff_sem", "kl_ppo", "ppo_iteration_s",
+                                              "n_eval_prompts")},
+                     "ppo_lr": base["lrs"]["ppo"], "rm_accuracy_vs_gold": base["rm_accuracy_vs_gold"], "table": True})
+        for lr in lrs:
+            if lr == base["lrs"]["ppo"]:
+                continue
+            f = per / f"{m}_ppo_lr{lr:g}.json"
+            if a.resume and f.exists() and "error" not in json.loads(f.read_text()):
+                print(f"[compare_methods] {m} PPO lr {lr:g}: kept {f}", file=sys.stderr)
+                rows.append(json.loads(f.read_text()))
+                continue
+            rows.append(run_worker(f"{m} PPO lr {lr:g}", ["--method", m, "--work-dir", str(work / m), "--ppo-lr", str(lr)],
+                                   f, work / f"{m}_ppo_lr{lr:g}.log"))
+    out = Path(a.out)
+    lines = [f"#### PPO learning rate per method (quickstart task, PPO {a.ppo_iterations} iterations from each "
+             f"method's SFT and reward runs of the table above; {machine()}, {time.strftime('%Y-%m-%d')})", "",
+             "| method | PPO lr | RM acc. vs gold | gold PPO − SFT (paired) | KL to SFT | PPO s/iter |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| `{r['method']}` | {r.get('ppo_lr', '?')} | failed: {r['error'][:100]} | | | |")
+            continue
+        mark = " (table)" if r.get("table") else ""
+        acc = _f(r.get("rm_accuracy_vs_gold"), ".3f") if r.get("table") else "″"
+        lines.append(f"| `{r['method']}` | {r['ppo_lr']:g}{mark} | {acc} | {r['gold_diff']:+.3f} ± {r['gold_diff_sem']:.3f} "
+                     f"| {_f(r['kl_ppo'], '.2f')} | {_f(r['ppo_iteration_s'], '.2f')} |")
+    lines += ["", f"\"(table)\" rows are the method table's runs; the others rerun only PPO and the evaluation "
+              f"(same SFT and reward adapters, seed, prompts and {rows[0]['n_eval_prompts'] if rows else 0} held-out "
+              f"eval prompts). {a.note or ''} Regenerate: `{command}`."]
+    md = "\n".join(lines) + "\n"
+    (out / "methods_ppo_lr.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                                                         "command": command, "rows": rows}, indent=2))
+    (out / "methods_ppo_lr.md").write_text(md)
+    print(md)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
 def machine() -> str:
     try:
         import torch
@@ -318,7 +397,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads per method process (0: torch's default)")
     ap.add_argument("--note", default="", help="a sentence for the table's footnote (e.g. how the runs shared the machine)")
     ap.add_argument("--timeout", type=float, default=0, help="seconds per method (0: none)")
+    ap.add_argument("--ppo-lrs", default="",
+                    help="comma-separated PPO learning rates: rerun only PPO + eval for each of --methods at each, "
+                         "from the SFT and reward runs a full run left in --work; writes methods_ppo_lr.{md,json}")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ppo-lr", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--work-dir", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -326,7 +409,7 @@ def main(argv=None):
     if a.src is None and not (a.backbone and a.data):
         a.src = "runs/quickstart"
     if a.worker:
-        res = worker(a)
+        res = sweep_worker(a) if a.ppo_lr else worker(a)
         Path(a.result).write_text(json.dumps(res, indent=2))
         return
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -345,27 +428,18 @@ def main(argv=None):
             continue
         passed.append(x)
     command = "python benchmarks/compare_methods.py " + shlex.join(passed)
-    rows = []
-    for m in methods:
-        f = per / f"{m}.json"
-        if a.resume and f.exists() and complete(json.loads(f.read_text())):
-            print(f"[compare_methods] {m}: kept {f}", file=sys.stderr)
-            rows.append(json.loads(f.read_text()))
-            continue
+    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if a.threads:
+        env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    common = ["--backbone", io["backbone"], "--data", str(Path(io["sft"]).parent),
+              "--ppo-iterations", str(a.ppo_iterations), "--rollout-batch-size", str(a.rollout_batch_size),
+              "--eval-prompts", str(a.eval_prompts)] + (["--threads", str(a.threads)] if a.threads else [])
+
+    def run_worker(label: str, extra: list[str], f: Path, log: Path) -> dict:
+        """One worker process writing its result to ``f``; a failure becomes a row with the error."""
         f.unlink(missing_ok=True)
-        log = work / f"{m}.log"
-        args = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", m,
-                "--backbone", io["backbone"], "--data", str(Path(io["sft"]).parent),
-                "--work-dir", str(work / m), "--result", str(f),
-                "--sft-steps", str(a.sft_steps), "--reward-epochs", str(a.reward_epochs),
-                "--reward-steps", str(a.reward_steps), "--ppo-iterations", str(a.ppo_iterations),
-                "--rollout-batch-size", str(a.rollout_batch_size), "--eval-prompts", str(a.eval_prompts),
-                "--normalize-prompts", str(a.normalize_prompts)] + ([] if a.rm_gold else ["--no-rm-gold"])
-        env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        if a.threads:
-            env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-            args += ["--threads", str(a.threads)]
-        print(f"[compare_methods] {m}: running (log {log})", file=sys.stderr, flush=True)
+        args = [sys.executable, str(Path(__file__).resolve()), "--worker", "--result", str(f), *common, *extra]
+        print(f"[compare_methods] {label}: running (log {log})", file=sys.stderr, flush=True)
         t = time.time()
         with open(log, "w") as lf:
             try:
@@ -378,12 +452,27 @@ def main(argv=None):
         else:
             tail = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
             err = next((x for x in reversed(tail) if "Error" in x or "Exception" in x), tail[-1] if tail else "")
-            res = {"method": m, "error": f"exit {rc}: {err.strip()}", "log": str(log)}
+            res = {"method": label.split()[0], "error": f"exit {rc}: {err.strip()}", "log": str(log)}
         res["wall_s"] = time.time() - t
         f.write_text(json.dumps(res, indent=2))
-        brief = {k: res.get(k) for k in ("sft_eval_loss", "rm_accuracy", "gold_sft", "gold_ppo", "error")}
-        print(f"[compare_methods] {m}: {res['wall_s']:.0f} s {brief}", file=sys.stderr, flush=True)
-        rows.append(res)
+        brief = {k: res.get(k) for k in ("sft_eval_loss", "rm_accuracy", "gold_sft", "gold_ppo", "kl_ppo", "error")
+                 if k in res}
+        print(f"[compare_methods] {label}: {res['wall_s']:.0f} s {brief}", file=sys.stderr, flush=True)
+        return res
+
+    if a.ppo_lrs:
+        return sweep(a, methods, per, work, run_worker, command)
+    rows = []
+    for m in methods:
+        f = per / f"{m}.json"
+        if a.resume and f.exists() and complete(json.loads(f.read_text())):
+            print(f"[compare_methods] {m}: kept {f}", file=sys.stderr)
+            rows.append(json.loads(f.read_text()))
+            continue
+        rows.append(run_worker(m, ["--method", m, "--work-dir", str(work / m), "--sft-steps", str(a.sft_steps),
+                                   "--reward-epochs", str(a.reward_epochs), "--reward-steps", str(a.reward_steps),
+                                   "--normalize-prompts", str(a.normalize_prompts)]
+                               + ([] if a.rm_gold else ["--no-rm-gold"]), f, work / f"{m}.log"))
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "inputs": io,
             "args": {k: v for k, v in vars(a).items() if k not in ("worker", "method", "work_dir", "result", "resume")},
             "command": command.strip()}

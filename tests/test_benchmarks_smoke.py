@@ -31,3 +31,45 @@ def test_benchmark_runs_on_the_tiny_config(script, keys, tmp_path):
     for k in keys:
         assert med[k] > 0, (k, med)
     assert "| metric | align | TRL | align / TRL |" in (tmp_path / f"{name}.md").read_text()
+
+
+def _quickstart_like_data(d: Path) -> Path:
+    """The four files compare_methods reads, from the quickstart task's generators (small)."""
+    from align.quickstart import task
+    d.mkdir(parents=True)
+    demos = task.sft_demonstrations(64)
+    rows = {"sft": demos, "ppo_prompts": [{"prompt": p} for p in task.prompts("ppo", 16)],
+            "eval_prompts": [{"prompt": p} for p in task.prompts("eval", 8)], "rankings": []}
+    for i in range(0, 48, 3):  # three demonstrations' answers to one prompt, ranked by the gold score
+        comps = [x["completion"] for x in demos[i:i + 3]]
+        gold = task.gold_scores([demos[i]["prompt"]] * 3, comps, [True] * 3)
+        order = sorted(range(3), key=lambda j: -gold[j])
+        rows["rankings"].append({"prompt": demos[i]["prompt"], "completions": comps,
+                                 "ranks": [order.index(j) for j in range(3)]})
+    for name, recs in rows.items():
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return d
+
+
+def test_compare_methods_and_its_ppo_lr_sweep_run_on_a_tiny_model(tiny_llama, tmp_path):
+    data = _quickstart_like_data(tmp_path / "data")
+    base = [sys.executable, str(ROOT / "benchmarks" / "compare_methods.py"), "--backbone", str(tiny_llama),
+            "--data", str(data), "--methods", "lora", "--ppo-iterations", "2", "--rollout-batch-size", "8",
+            "--eval-prompts", "8", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--threads", "1"]
+    r = subprocess.run(base + ["--sft-steps", "4", "--reward-steps", "2", "--normalize-prompts", "8", "--no-rm-gold"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((tmp_path / "out" / "methods" / "lora.json").read_text())
+    assert row["sft_steps"] == 4 and row["reward_steps"] == 2 and row["ppo_iterations"] == 2
+    assert row["n_eval_prompts"] == 8 and row["ppo_iteration_s"] > 0
+    assert "| `lora` |" in (tmp_path / "out" / "methods.md").read_text()
+
+    r = subprocess.run(base + ["--ppo-lrs", "3e-3,1e-2"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = json.loads((tmp_path / "out" / "methods_ppo_lr.json").read_text())["rows"]
+    # the full run's row (lr 3e-3, LoRA's) and one PPO-only rerun at 1e-2 from the same SFT/reward runs
+    assert [(x["method"], x["ppo_lr"]) for x in sweep] == [("lora", 3e-3), ("lora", 1e-2)]
+    assert sweep[0]["gold_sft"] == sweep[1]["gold_sft"]  # the same SFT policy on the same prompts and seed
+    assert sweep[1]["ppo_iterations"] == 2 and (tmp_path / "work" / "lora" / "ppo_lr0.01" / "config.yaml").exists()
+    md = (tmp_path / "out" / "methods_ppo_lr.md").read_text()
+    assert "| `lora` | 0.003 (table) |" in md and "| `lora` | 0.01 |" in md
