@@ -20,7 +20,7 @@ import contextlib
 import copy
 import functools
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch

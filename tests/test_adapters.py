@@ -104,6 +104,17 @@ def test_training_changes_only_the_active_role(tiny_llama, method):
     assert_training_changes_only_set_a(model, ids, mask)
 
 
+def assert_cached_generation_equals_uncached(model, tok, ids, mask, role: str, max_new_tokens: int):
+    """Greedy decoding with the KV cache picks the same tokens, with the same log-probs, as
+    re-running the whole sequence at every step (virtual tokens and left padding included)."""
+    kw = dict(role=role, max_new_tokens=max_new_tokens, greedy=True, stop_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id)
+    cached = sample(model, ids, mask, use_cache=True, **kw)
+    uncached = sample(model, ids, mask, use_cache=False, **kw)
+    assert torch.equal(cached.tokens, uncached.tokens)
+    torch.testing.assert_close(cached.logprobs, uncached.logprobs, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_cached_generation_equals_uncached_greedy(tiny_paths, family, method):
@@ -112,12 +123,7 @@ def test_cached_generation_equals_uncached_greedy(tiny_paths, family, method):
     randomize(model.adapters["a"])
     model.add_role("a", ["a"])
     ids, mask = batch(tok, side="left")
-    kw = dict(role="a", max_new_tokens=8, greedy=True, stop_token_id=tok.eos_token_id,
-              pad_token_id=tok.pad_token_id)
-    cached = sample(model, ids, mask, use_cache=True, **kw)
-    uncached = sample(model, ids, mask, use_cache=False, **kw)
-    assert torch.equal(cached.tokens, uncached.tokens)
-    torch.testing.assert_close(cached.logprobs, uncached.logprobs, atol=1e-5, rtol=0)
+    assert_cached_generation_equals_uncached(model, tok, ids, mask, "a", max_new_tokens=8)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,9 +8,9 @@ import torch
 
 from align.adapters import AdapterConfig
 from align.adapters.peft_format import load_adapter, save_adapter
-from align.generation import sample
 from tests.conftest import load
-from tests.test_adapters import assert_training_changes_only_set_a, batch, randomize
+from tests.test_adapters import (assert_cached_generation_equals_uncached, assert_training_changes_only_set_a, batch,
+                                 randomize)
 
 FAMILIES = ["llama", "gpt2", "qwen2"]
 METHODS = {
@@ -91,12 +91,7 @@ def test_cached_generation_equals_uncached_greedy(tiny_paths, family, method):
     perturb(model.add_adapter("a", METHODS[method]))
     model.add_role("a", ["a"])
     ids, mask = batch(tok, side="left")
-    kw = dict(role="a", max_new_tokens=6, greedy=True, stop_token_id=tok.eos_token_id,
-              pad_token_id=tok.pad_token_id)
-    cached = sample(model, ids, mask, use_cache=True, **kw)
-    uncached = sample(model, ids, mask, use_cache=False, **kw)
-    assert torch.equal(cached.tokens, uncached.tokens)
-    torch.testing.assert_close(cached.logprobs, uncached.logprobs, atol=1e-5, rtol=0)
+    assert_cached_generation_equals_uncached(model, tok, ids, mask, "a", max_new_tokens=6)
 
 
 # ------------------------------------------------------------------------- HF peft round trips
@@ -229,9 +224,4 @@ def test_methods_stack_in_one_role_on_one_backbone(tiny_llama):
     model.add_role("stack", stack)
     out = model(ids, mask, role="stack")
     assert out.logits.shape[:2] == ids.shape and out.mask.shape[1] == ids.shape[1] + 6
-    kw = dict(role="stack", max_new_tokens=6, greedy=True, stop_token_id=tok.eos_token_id,
-              pad_token_id=tok.pad_token_id)
-    cached = sample(model, ids, mask, use_cache=True, **kw)
-    uncached = sample(model, ids, mask, use_cache=False, **kw)
-    assert torch.equal(cached.tokens, uncached.tokens)
-    torch.testing.assert_close(cached.logprobs, uncached.logprobs, atol=1e-5, rtol=0)
+    assert_cached_generation_equals_uncached(model, tok, ids, mask, "stack", max_new_tokens=6)
