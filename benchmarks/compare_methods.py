@@ -32,6 +32,13 @@ resident memory (``ru_maxrss``) is its own; seconds per step are medians over th
 ``metrics.jsonl`` (SFT and reward: differences of the logged wall clock between consecutive steps;
 PPO: ``time/rollout_s + time/update_s``).
 
+PPO on its own. ``--ppo-lrs LR,...`` reruns only PPO and the evaluation for each of ``--methods`` at
+each learning rate, from the SFT and reward runs the full run left in ``--work``; ``--reward-of
+own,lora`` also (or instead) scores every method's rollouts with LoRA's reward model (which then
+initialises the value too, at that method's PPO learning rate: ``ppo.value_lr``), which tells a policy method that cannot move from a reward model that
+cannot tell it where to go. Rows go to ``methods/<method>_ppo_lr<lr>[_rm_<rm>].json`` and the table
+to ``methods_ppo_lr.{md,json}``; ``--collect`` tabulates finished rows without running anything.
+
 Instead of ``--from DIR``: ``--backbone PATH --data DIR`` (DIR holding ``sft.jsonl``,
 ``rankings.jsonl``, ``ppo_prompts.jsonl``, ``eval_prompts.jsonl``), as the smoke test does.
 """
@@ -144,19 +151,21 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def ppo_and_eval(a, io: dict, work: Path, lr_ppo: float, name: str, wall: dict, rm_gold: bool):
-    """PPO from ``work/sft`` and ``work/reward`` into ``work/NAME``, then the pipeline's SFT-vs-PPO
-    evaluation (and, with ``rm_gold``, the reward model's accuracy against gold)."""
+def ppo_and_eval(a, io: dict, work: Path, lr_ppo: float, name: str, wall: dict, rm_gold: bool,
+                 reward_run: Path | None = None, value_lr: float = 0.0):
+    """PPO from ``work/sft`` and ``work/reward`` (or ``reward_run``) into ``work/NAME``, then the
+    pipeline's SFT-vs-PPO evaluation (and, with ``rm_gold``, the reward model's accuracy against gold)."""
+    reward_run = reward_run or work / "reward"
     from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
     from align.stages import ppo as ppo_stage
     seed, response_length, temperature = 0, 32, 1.0
     t = time.time()
-    p = ppo_stage.PPOConfig(output_dir=str(work / name), sft_run=str(work / "sft"), reward_run=str(work / "reward"))
+    p = ppo_stage.PPOConfig(output_dir=str(work / name), sft_run=str(work / "sft"), reward_run=str(reward_run))
     p.data.prompts, p.data.eval_prompts = io["ppo_prompts"], io["eval_prompts"]
     q = p.ppo
     q.seed, q.iterations, q.rollout_batch_size = seed, a.ppo_iterations, a.rollout_batch_size
     q.micro_batch_size, q.num_minibatches, q.num_ppo_epochs = min(32, a.rollout_batch_size // 2), 2, 4
-    q.response_length, q.temperature, q.lr = response_length, temperature, lr_ppo
+    q.response_length, q.temperature, q.lr, q.value_lr = response_length, temperature, lr_ppo, value_lr
     q.kl_coef, q.kl_controller, q.kl_target = 0.05, "fixed", 6.0
     p.eval.every, p.eval.num_prompts, p.eval.temperature, p.eval.gold = 0, min(64, a.eval_prompts), temperature, GOLD
     p.tracking.wandb = False
@@ -164,7 +173,7 @@ def ppo_and_eval(a, io: dict, work: Path, lr_ppo: float, name: str, wall: dict, 
     wall["ppo"] = time.time() - t
 
     t = time.time()
-    ev = EvalConfig(sft_run=str(work / "sft"), reward_run=str(work / "reward"), policy_a="sft",
+    ev = EvalConfig(sft_run=str(work / "sft"), reward_run=str(reward_run), policy_a="sft",
                     policy_b=str(work / name), prompts=io["eval_prompts"], num_prompts=a.eval_prompts,
                     temperature=temperature, response_length=response_length, gold=GOLD, seed=seed)
     cmp = compare(ev)
@@ -175,7 +184,8 @@ def ppo_and_eval(a, io: dict, work: Path, lr_ppo: float, name: str, wall: dict, 
 
 def sweep_worker(a) -> dict:
     """PPO alone at ``--ppo-lr``, from the SFT and reward runs an earlier full run of this method
-    left in ``--work-dir``: one row of the PPO learning-rate sweep."""
+    left in ``--work-dir`` (with ``--reward-dir``, another method's reward run, whose reward role
+    then also initialises the value): one row of the PPO learning-rate sweep."""
     import torch
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -183,14 +193,21 @@ def sweep_worker(a) -> dict:
     missing = [str(work / d) for d in ("sft", "reward") if not (work / d / "config.yaml").exists()]
     if missing:
         raise SystemExit(f"--ppo-lrs needs this method's full run first (missing {', '.join(missing)})")
-    name = f"ppo_lr{a.ppo_lr:g}"
+    reward_run = Path(a.reward_dir) if a.reward_dir else work / "reward"
+    if not (reward_run / "reward_role.json").exists():
+        raise SystemExit(f"no reward run in {reward_run}")
+    name = f"ppo_lr{a.ppo_lr:g}" + (f"_rm_{a.reward_of}" if a.reward_of not in ("own", m) else "")
     if (work / name).exists():
         shutil.rmtree(work / name)
     wall: dict[str, float] = {}
-    ppo_sum, cmp, _ = ppo_and_eval(a, io, work, a.ppo_lr, name, wall, rm_gold=False)
+    # another method's reward role also initialises the value, which then learns at that method's PPO rate
+    value_lr = LRS[a.reward_of][2] if a.reward_of not in ("own", m) else 0.0
+    ppo_sum, cmp, _ = ppo_and_eval(a, io, work, a.ppo_lr, name, wall, rm_gold=False, reward_run=reward_run,
+                                   value_lr=value_lr)
     rows = read_metrics(work / name)
-    return {"method": m, "ppo_lr": a.ppo_lr, "ppo_iterations": ppo_sum["iterations"],
-            "ppo_iteration_s": ppo_iteration_seconds(rows),
+    return {"method": m, "ppo_lr": a.ppo_lr, "value_lr": value_lr or a.ppo_lr,
+            "rm": m if a.reward_of == "own" else a.reward_of,
+            "ppo_iterations": ppo_sum["iterations"], "ppo_iteration_s": ppo_iteration_seconds(rows),
             "gold_sft": cmp["a"]["gold_mean"], "gold_sft_sem": cmp["a"]["gold_sem"],
             "gold_ppo": cmp["b"]["gold_mean"], "gold_ppo_sem": cmp["b"]["gold_sem"],
             "gold_diff": cmp["gold_diff_mean"], "gold_diff_sem": cmp["gold_diff_sem"],
@@ -328,33 +345,46 @@ def sweep(a, methods: list[str], per: Path, work: Path, run_worker, command: str
         rows.append({**{k: base[k] for k in ("method", "gold_sft", "gold_sft_sem", "gold_ppo", "gold_ppo_sem",
                                               "gold_diff", "gold_diff_sem", "kl_ppo", "ppo_iteration_s",
                                               "n_eval_prompts")},
-                     "ppo_lr": base["lrs"]["ppo"], "rm_accuracy_vs_gold": base["rm_accuracy_vs_gold"], "table": True})
-        for lr in lrs:
-            if lr == base["lrs"]["ppo"]:
-                continue
-            f = per / f"{m}_ppo_lr{lr:g}.json"
-            if a.resume and f.exists() and "error" not in json.loads(f.read_text()):
-                print(f"[compare_methods] {m} PPO lr {lr:g}: kept {f}", file=sys.stderr)
-                rows.append(json.loads(f.read_text()))
-                continue
-            rows.append(run_worker(f"{m} PPO lr {lr:g}", ["--method", m, "--work-dir", str(work / m), "--ppo-lr", str(lr)],
-                                   f, work / f"{m}_ppo_lr{lr:g}.log"))
+                     "ppo_lr": base["lrs"]["ppo"], "rm": m, "rm_accuracy_vs_gold": base["rm_accuracy_vs_gold"],
+                     "table": True})
+        for rm in [m if x in ("", "own") else x for x in a.reward_of.split(",")]:
+            rm_row = json.loads((per / f"{rm}.json").read_text()) if (per / f"{rm}.json").exists() else None
+            if rm_row is None or not complete(rm_row):
+                raise SystemExit(f"--reward-of {rm}: no finished full run of {rm} in {per}")
+            for lr in lrs:
+                if lr == base["lrs"]["ppo"] and rm == m:
+                    continue  # the table's own row
+                tag = f"{m}_ppo_lr{lr:g}" + (f"_rm_{rm}" if rm != m else "")
+                f = per / f"{tag}.json"
+                if (a.resume or a.collect) and f.exists() and "error" not in json.loads(f.read_text()):
+                    print(f"[compare_methods] {tag}: kept {f}", file=sys.stderr)
+                    res = json.loads(f.read_text())
+                elif a.collect:
+                    continue
+                else:
+                    res = run_worker(tag, ["--method", m, "--work-dir", str(work / m), "--ppo-lr", str(lr),
+                                           "--reward-of", rm, "--reward-dir", str(work / rm / "reward")],
+                                     f, work / f"{tag}.log")
+                rows.append({**res, "rm": rm, "ppo_lr": lr, "rm_accuracy_vs_gold": rm_row["rm_accuracy_vs_gold"]})
     out = Path(a.out)
-    lines = [f"#### PPO learning rate per method (quickstart task, PPO {a.ppo_iterations} iterations from each "
-             f"method's SFT and reward runs of the table above; {machine()}, {time.strftime('%Y-%m-%d')})", "",
-             "| method | PPO lr | RM acc. vs gold | gold PPO − SFT (paired) | KL to SFT | PPO s/iter |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"#### PPO learning rate and reward model per method (quickstart task, PPO {a.ppo_iterations} "
+             f"iterations from each method's SFT run of the table above; {machine()}, {time.strftime('%Y-%m-%d')})", "",
+             "| policy method | PPO lr | reward model (and value init) | RM acc. vs gold | gold PPO − SFT (paired) "
+             "| KL to SFT | PPO s/iter |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| `{r['method']}` | {r.get('ppo_lr', '?')} | failed: {r['error'][:100]} | | | |")
+            lines.append(f"| `{r['method']}` | {r.get('ppo_lr', '?')} | `{r.get('rm', '?')}` "
+                         f"| failed: {r['error'][:100]} | | | |")
             continue
         mark = " (table)" if r.get("table") else ""
-        acc = _f(r.get("rm_accuracy_vs_gold"), ".3f") if r.get("table") else "″"
-        lines.append(f"| `{r['method']}` | {r['ppo_lr']:g}{mark} | {acc} | {r['gold_diff']:+.3f} ± {r['gold_diff_sem']:.3f} "
-                     f"| {_f(r['kl_ppo'], '.2f')} | {_f(r['ppo_iteration_s'], '.2f')} |")
+        lines.append(f"| `{r['method']}` | {r['ppo_lr']:g}{mark} | `{r['rm']}` | {_f(r.get('rm_accuracy_vs_gold'), '.3f')} "
+                     f"| {r['gold_diff']:+.3f} ± {r['gold_diff_sem']:.3f} | {_f(r['kl_ppo'], '.2f')} "
+                     f"| {_f(r['ppo_iteration_s'], '.2f')} |")
     lines += ["", f"\"(table)\" rows are the method table's runs; the others rerun only PPO and the evaluation "
-              f"(same SFT and reward adapters, seed, prompts and {rows[0]['n_eval_prompts'] if rows else 0} held-out "
-              f"eval prompts). {a.note or ''} Regenerate: `{command}`."]
+              f"from the same SFT adapters, seed, prompts and {rows[0]['n_eval_prompts'] if rows else 0} held-out "
+              f"eval prompts, scored by the reward model named (whose reward role also initialises the value, "
+              f"which then learns at that method's PPO rate). "
+              f"{a.note or ''} Regenerate: `{command}`."]
     md = "\n".join(lines) + "\n"
     (out / "methods_ppo_lr.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
                                                          "command": command, "rows": rows}, indent=2))
@@ -401,7 +431,14 @@ def main(argv=None):
                     help="comma-separated PPO learning rates: rerun only PPO + eval for each of --methods at each, "
                          "from the SFT and reward runs a full run left in --work; writes methods_ppo_lr.{md,json}")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reward-of", default="own",
+                    help="with --ppo-lrs: whose reward runs to use, comma-separated: own (each method's) and/or a "
+                         "method (e.g. lora: its reward model, which also initialises the value, for every policy "
+                         "method; tells a weak policy method from a weak reward model)")
+    ap.add_argument("--collect", action="store_true",
+                    help="with --ppo-lrs: run nothing, tabulate the finished results among those combinations")
     ap.add_argument("--ppo-lr", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--reward-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--work-dir", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -423,7 +460,7 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     passed, skip = [], False  # what regenerates every row: the arguments less --resume and --note
     for x in (argv if argv is not None else sys.argv[1:]):
-        if skip or x == "--resume" or x.startswith("--note"):
+        if skip or x in ("--resume", "--collect") or x.startswith("--note"):
             skip = x == "--note"
             continue
         passed.append(x)

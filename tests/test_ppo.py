@@ -201,3 +201,41 @@ def test_a_bad_rollout_logprobs_setting_fails_before_any_work(tiny_llama, tmp_pa
         ppo.run(ppo_cfg(tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target",
                         "ppo.rollout_logprobs=fresh"))
     assert not (tmp_path / "ppo").exists()
+
+
+def test_value_lr_gives_the_value_role_its_own_rate(tiny_llama, tmp_path):
+    """ppo.value_lr puts the value's adapter set and head in their own optimizer group: at a rate of
+    ~0 they stay at their initialisation (the reward role) while the policy still learns."""
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    rm = H.fake_reward_run(tiny_llama, tmp_path / "rm")
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 8)
+    common = [f"reward_run={rm}", "value.init=reward", "ppo.iterations=2", "ppo.response_length=6", "ppo.lr=1e-2",
+              "ppo.lr_schedule=constant"]
+    ppo.run(ppo_cfg(tmp_path, sft, prompts, *common, "ppo.value_lr=1e-30", name="still"))
+    ppo.run(ppo_cfg(tmp_path, sft, prompts, *common, name="same"))
+
+    def tensors(run, sub):
+        return load_file(tmp_path / run / sub)
+    init_value = tensors("rm", "adapters/reward/adapter_model.safetensors")
+    init_head = tensors("rm", "heads/reward/head.safetensors")
+    init_policy = tensors("sft", "adapters/sft/adapter_model.safetensors")
+    for run, value_moves in (("still", False), ("same", True)):
+        value = tensors(run, "adapters/value/adapter_model.safetensors")
+        head = tensors(run, "heads/value/head.safetensors")
+        policy = tensors(run, "adapters/policy/adapter_model.safetensors")
+        assert value.keys() == init_value.keys() and head.keys() == init_head.keys()
+        moved = any(not torch.allclose(value[k], init_value[k], atol=1e-12, rtol=0) for k in value)
+        moved |= any(not torch.allclose(head[k], init_head[k], atol=1e-12, rtol=0) for k in head)
+        assert moved == value_moves, run
+        assert any(not torch.equal(policy[k], init_policy[k]) for k in policy), run
+    logged = [m for m in metrics(tmp_path / "still") if "lr_value" in m]
+    assert len(logged) == 2 and all(m["lr_value"] == 1e-30 and m["lr"] == 1e-2 for m in logged)
+    assert not any("lr_value" in m for m in metrics(tmp_path / "same"))
+
+
+def test_a_negative_value_lr_fails_before_any_training(tiny_llama, tmp_path):
+    from align.config import ConfigError
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    prompts = H.write_prompts(tmp_path / "p.jsonl", ["the dog"] * 32)
+    with pytest.raises(ConfigError, match="ppo.value_lr"):
+        ppo.run(ppo_cfg(tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target", "ppo.value_lr=-1"))

@@ -86,7 +86,8 @@ class PPOAlgoConfig:
     temperature: float = 0.7             # sampling temperature, also applied in every log-prob
     rollout_logprobs: str = "auto"       # sample: the sampler's log-probs (N+) | recompute: a fresh policy
                                          # forward | auto: sample in float32, recompute in 16-bit dtypes
-    lr: float = 1e-4                     # peak learning rate (policy and value)
+    lr: float = 1e-4                     # peak learning rate (policy; the value too unless value_lr)
+    value_lr: float = 0.0                # peak learning rate of the value's adapters and head (0: lr)
     lr_schedule: str = "linear"          # linear (to 0, N+) | constant
     adam_eps: float = 1e-5               # AdamW epsilon
     weight_decay: float = 0.0            # AdamW weight decay
@@ -224,6 +225,22 @@ def _build_value(model, v: ValueConfig, reward_stack, norm: dict | None):
         raise ConfigError(f"value.init={v.init!r}: choose reward or fresh")
     model.add_role("value", value_stack, head="value")
     model.set_trainable(["policy", "value", *trainable_value])
+
+
+def parameter_groups(model, a: PPOAlgoConfig) -> list:
+    """The optimizer's parameters: one group at ``ppo.lr``, or, with ``ppo.value_lr``, the value's own
+    adapter set and head in a second group at that rate (as OpenRLHF's and DeepSpeed-Chat's critic
+    learning rate). A value head on the policy's adapters (``value.share_policy``) puts only the head
+    there: the shared adapters learn at the policy's rate."""
+    params = model.trainable_parameters()
+    if not a.value_lr:
+        return params
+    if a.value_lr < 0:
+        raise ConfigError(f"ppo.value_lr={a.value_lr}: give a positive rate, or 0 for ppo.lr")
+    own = [] if model.roles["value"].adapters == ("policy",) else list(model.adapters["value"].parameters())
+    value_ids = {id(p) for p in own + list(model.heads["value"].parameters())}
+    return [{"params": [p for p in params if id(p) not in value_ids]},
+            {"params": [p for p in params if id(p) in value_ids], "lr": a.value_lr}]
 
 
 # ------------------------------------------------------------------------------------ data
@@ -375,9 +392,10 @@ def run(cfg: PPOConfig) -> dict:
     reward_fn = load_gold(cfg.reward_fn)
     model.eval()  # dropout off in every role (ppo-details B7); nothing here uses train mode
 
-    params = model.trainable_parameters()
     from align.config import TrainConfig
-    optimizer = make_optimizer(params, TrainConfig(lr=a.lr, weight_decay=a.weight_decay, adam_eps=a.adam_eps))
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(parameter_groups(model, a), TrainConfig(lr=a.lr, weight_decay=a.weight_decay,
+                                                                        adam_eps=a.adam_eps))
     total_updates = a.iterations * a.num_ppo_epochs * a.num_minibatches
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: max(0.0, 1 - k / total_updates) if a.lr_schedule == "linear" else 1.0)
@@ -496,6 +514,7 @@ def run(cfg: PPOConfig) -> dict:
             "response/length": float(ro.response_mask.sum(1).float().mean()),
             "response/stop_rate": float(ro.has_stop.float().mean()),
             "lr": sched.get_last_lr()[0],
+            **({"lr_value": sched.get_last_lr()[1]} if len(optimizer.param_groups) > 1 else {}),
             "throughput/generated_tokens_per_s": gen_tokens / max(t_generate, 1e-9),
             "throughput/rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
             "throughput/train_tokens_per_s":
