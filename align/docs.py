@@ -3,8 +3,8 @@
 ``python -m align.docs`` rewrites the text between ``<!-- config-reference -->`` and
 ``<!-- /config-reference -->`` from the config dataclasses (a test fails when the README and the
 code disagree). ``python -m align.docs --quickstart DIR`` puts the report of the quickstart run in
-DIR into the README (and its plot into docs/); ``--methods FILE`` and ``--bench FILE`` paste the
-Markdown tables written by the benchmark scripts."""
+DIR into the README (and its plot into docs/); ``--methods FILE``, ``--methods-ppo FILE`` and
+``--bench FILE`` paste the Markdown tables written by the benchmark scripts."""
 from __future__ import annotations
 
 import importlib
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--quickstart", help="a quickstart run dir whose report goes into the README")
     ap.add_argument("--methods", help="benchmarks/results/methods.md")
+    ap.add_argument("--methods-ppo", help="benchmarks/results/methods_ppo_lr.md")
     ap.add_argument("--bench", help="a Markdown summary of the benchmark tables")
     args = ap.parse_args(argv)
     p = Path(args.readme)
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copy(run / "ppo_curves.png", p.parent / "docs" / "quickstart_ppo_curves.png")
     if args.methods:
         text = replace_section(text, "methods-table", Path(args.methods).read_text())
+    if args.methods_ppo:
+        text = replace_section(text, "methods-ppo-table", Path(args.methods_ppo).read_text())
     if args.bench:
         text = replace_section(text, "bench-summary", Path(args.bench).read_text())
     p.write_text(text)

@@ -27,7 +27,7 @@ settings for each stage, budgets shortened by the flags):
   reward model's accuracy against gold on pairs of this method's SFT samples (K=4 per prompt).
 
 Learning rates are per method (``LRS``), picked by short SFT and reward trials (the comment there
-has the numbers); PPO's are not tuned. Each method runs in its own process, so its peak
+has the numbers); PPO's are LoRA's scaled by a family factor (``--ppo-lrs`` sweeps them). Each method runs in its own process, so its peak
 resident memory (``ru_maxrss``) is its own; seconds per step are medians over the run's
 ``metrics.jsonl`` (SFT and reward: differences of the logged wall clock between consecutive steps;
 PPO: ``time/rollout_s + time/update_s``).
@@ -83,6 +83,9 @@ ALL_LINEAR = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # smaller ones. PPO lrs were not tuned beyond one fix: LoRA's, scaled by the same family factor,
 # except prefix, whose PPO at 1e-2 over-optimised the learned reward (KL 15.3 against a target of
 # 6, gold -0.235 +- 0.044 below SFT): 3e-3 (LoRA's) is used.
+# The sweep of 2026-12-01 (README, second methods table; benchmarks/results/methods_ppo_lr.md): 3-10x these
+# rates do not make IA3, prompt tuning, P-tuning or LLaMA-Adapter gain gold, with their own reward model or
+# LoRA's; bottleneck at 1e-3 stays inside the KL target (4.2, +0.17) where 3e-3 overshoots it (9.2, +0.23).
 LRS = {
     "lora": (2e-3, 3e-3, 3e-3),
     "bottleneck": (2e-3, 1e-2, 3e-3),
@@ -333,6 +336,16 @@ def complete(res: dict) -> bool:
     return "error" not in res and all(k in res for k in RESULT_KEYS)
 
 
+def critic_ev(run: Path) -> float | None:
+    """The value's explained variance of the returns, mean over a PPO run's last 10 iterations
+    (from its metrics.jsonl in --work; None when that run dir is gone)."""
+    f = run / "metrics.jsonl"
+    if not f.exists():
+        return None
+    ev = [r["value/explained_variance"] for r in read_metrics(run) if "value/explained_variance" in r]
+    return statistics.mean(ev[-10:]) if ev else None
+
+
 def sweep(a, methods: list[str], per: Path, work: Path, run_worker, command: str) -> int:
     """The PPO learning-rate sweep: PPO + eval per (method, lr), next to the full run's row."""
     lrs = [float(x) for x in a.ppo_lrs.split(",") if x.strip()]
@@ -346,7 +359,7 @@ def sweep(a, methods: list[str], per: Path, work: Path, run_worker, command: str
                                               "gold_diff", "gold_diff_sem", "kl_ppo", "ppo_iteration_s",
                                               "n_eval_prompts")},
                      "ppo_lr": base["lrs"]["ppo"], "rm": m, "rm_accuracy_vs_gold": base["rm_accuracy_vs_gold"],
-                     "table": True})
+                     "table": True, "value_ev_last10": critic_ev(work / m / "ppo")})
         for rm in [m if x in ("", "own") else x for x in a.reward_of.split(",")]:
             rm_row = json.loads((per / f"{rm}.json").read_text()) if (per / f"{rm}.json").exists() else None
             if rm_row is None or not complete(rm_row):
@@ -365,26 +378,27 @@ def sweep(a, methods: list[str], per: Path, work: Path, run_worker, command: str
                     res = run_worker(tag, ["--method", m, "--work-dir", str(work / m), "--ppo-lr", str(lr),
                                            "--reward-of", rm, "--reward-dir", str(work / rm / "reward")],
                                      f, work / f"{tag}.log")
-                rows.append({**res, "rm": rm, "ppo_lr": lr, "rm_accuracy_vs_gold": rm_row["rm_accuracy_vs_gold"]})
+                rows.append({**res, "rm": rm, "ppo_lr": lr, "rm_accuracy_vs_gold": rm_row["rm_accuracy_vs_gold"],
+                             "value_ev_last10": critic_ev(work / m / (f"ppo_lr{lr:g}" + (f"_rm_{rm}" if rm != m else "")))})
     out = Path(a.out)
     lines = [f"#### PPO learning rate and reward model per method (quickstart task, PPO {a.ppo_iterations} "
              f"iterations from each method's SFT run of the table above; {machine()}, {time.strftime('%Y-%m-%d')})", "",
              "| policy method | PPO lr | reward model (and value init) | RM acc. vs gold | gold PPO − SFT (paired) "
-             "| KL to SFT | PPO s/iter |", "|---|---|---|---|---|---|---|"]
+             "| KL to SFT | value expl. var. (last 10 it.) | PPO s/iter |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| `{r['method']}` | {r.get('ppo_lr', '?')} | `{r.get('rm', '?')}` "
-                         f"| failed: {r['error'][:100]} | | | |")
+                         f"| failed: {r['error'][:100]} | | | | |")
             continue
         mark = " (table)" if r.get("table") else ""
         lines.append(f"| `{r['method']}` | {r['ppo_lr']:g}{mark} | `{r['rm']}` | {_f(r.get('rm_accuracy_vs_gold'), '.3f')} "
                      f"| {r['gold_diff']:+.3f} ± {r['gold_diff_sem']:.3f} | {_f(r['kl_ppo'], '.2f')} "
-                     f"| {_f(r['ppo_iteration_s'], '.2f')} |")
+                     f"| {_f(r.get('value_ev_last10'), '+.2f')} | {_f(r['ppo_iteration_s'], '.2f')} |")
     lines += ["", f"\"(table)\" rows are the method table's runs; the others rerun only PPO and the evaluation "
               f"from the same SFT adapters, seed, prompts and {rows[0]['n_eval_prompts'] if rows else 0} held-out "
               f"eval prompts, scored by the reward model named (whose reward role also initialises the value, "
               f"which then learns at that method's PPO rate). "
-              f"{a.note or ''} Regenerate: `{command}`."]
+              f"{a.note or ''} " + (f"Tabulated by `{command} --collect`." if a.collect else f"Regenerate: `{command}`.")]
     md = "\n".join(lines) + "\n"
     (out / "methods_ppo_lr.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
                                                          "command": command, "rows": rows}, indent=2))

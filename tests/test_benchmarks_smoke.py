@@ -70,6 +70,7 @@ def test_compare_methods_and_its_ppo_lr_sweep_run_on_a_tiny_model(tiny_llama, tm
     # the full run's row (lr 3e-3, LoRA's) and one PPO-only rerun at 1e-2 from the same SFT/reward runs
     assert [(x["method"], x["ppo_lr"], x["rm"]) for x in sweep] == [("lora", 3e-3, "lora"), ("lora", 1e-2, "lora")]
     assert sweep[0]["gold_sft"] == sweep[1]["gold_sft"]  # the same SFT policy on the same prompts and seed
+    assert all(isinstance(x["value_ev_last10"], float) for x in sweep)  # the critic's fit, from each run's metrics
     assert sweep[1]["ppo_iterations"] == 2 and (tmp_path / "work" / "lora" / "ppo_lr0.01" / "config.yaml").exists()
     md = (tmp_path / "out" / "methods_ppo_lr.md").read_text()
     assert "| `lora` | 0.003 (table) | `lora` |" in md and "| `lora` | 0.01 | `lora` |" in md
