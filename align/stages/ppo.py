@@ -237,7 +237,7 @@ def parameter_groups(model, a: PPOAlgoConfig) -> list:
         return params
     if a.value_lr < 0:
         raise ConfigError(f"ppo.value_lr={a.value_lr}: give a positive rate, or 0 for ppo.lr")
-    own = [] if model.roles["value"].adapters == ("policy",) else list(model.adapters["value"].parameters())
+    own = list(model.adapters["value"].parameters()) if "value" in model.roles["value"].adapters else []
     value_ids = {id(p) for p in own + list(model.heads["value"].parameters())}
     return [{"params": [p for p in params if id(p) not in value_ids]},
             {"params": [p for p in params if id(p) in value_ids], "lr": a.value_lr}]
