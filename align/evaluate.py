@@ -77,14 +77,8 @@ def held_out_prompts(cfg: EvalConfig, tok) -> list[dict]:
     """The first ``num_prompts`` records' prompts as text (conversations through the chat template)
     and token ids."""
     from align.data.common import read_records
-    from align.data.sft import prompt_text
-    out = []
-    for i, r in enumerate(read_records(cfg.prompts)[:cfg.num_prompts]):
-        if "prompt" not in r:
-            raise ValueError(f"{cfg.prompts}: record {i}: missing field 'prompt'")
-        text = prompt_text(r["prompt"], tok, cfg.chat_template)
-        out.append({"text": text, "ids": tok(text, add_special_tokens=False).input_ids})
-    return out
+    from align.data.sft import encode_prompts
+    return encode_prompts(read_records(cfg.prompts)[:cfg.num_prompts], cfg.prompts, tok, cfg.chat_template)
 
 
 def _sem(x: torch.Tensor) -> float:

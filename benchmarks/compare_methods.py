@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ["lora", "bottleneck", "prefix", "ia3", "prompt", "ptuning", "llama_adapter", "full", "top_k"]
 GOLD = "align.quickstart.task:gold_scores"
+SEED, RESPONSE_LENGTH, TEMPERATURE = 0, 32, 1.0  # every stage and the evaluation
 # the pipeline's LoRA: rank 8, alpha 16, every linear layer of attention and MLP
 ALL_LINEAR = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # (SFT, reward, PPO) peak learning rates. LoRA's are the quickstart pipeline's. The others come from
@@ -161,7 +162,7 @@ def ppo_and_eval(a, io: dict, work: Path, lr_ppo: float, name: str, wall: dict, 
     reward_run = reward_run or work / "reward"
     from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
     from align.stages import ppo as ppo_stage
-    seed, response_length, temperature = 0, 32, 1.0
+    seed, response_length, temperature = SEED, RESPONSE_LENGTH, TEMPERATURE
     t = time.time()
     p = ppo_stage.PPOConfig(output_dir=str(work / name), sft_run=str(work / "sft"), reward_run=str(reward_run))
     p.data.prompts, p.data.eval_prompts = io["ppo_prompts"], io["eval_prompts"]
@@ -185,6 +186,11 @@ def ppo_and_eval(a, io: dict, work: Path, lr_ppo: float, name: str, wall: dict, 
     return ppo_sum, cmp, acc
 
 
+def sweep_run(method: str, lr: float, rm: str) -> str:
+    """The run dir (under the method's work dir) of one sweep row; with the method, its file names."""
+    return f"ppo_lr{lr:g}" + (f"_rm_{rm}" if rm not in ("own", method) else "")
+
+
 def sweep_worker(a) -> dict:
     """PPO alone at ``--ppo-lr``, from the SFT and reward runs an earlier full run of this method
     left in ``--work-dir`` (with ``--reward-dir``, another method's reward run, whose reward role
@@ -199,7 +205,7 @@ def sweep_worker(a) -> dict:
     reward_run = Path(a.reward_dir) if a.reward_dir else work / "reward"
     if not (reward_run / "reward_role.json").exists():
         raise SystemExit(f"no reward run in {reward_run}")
-    name = f"ppo_lr{a.ppo_lr:g}" + (f"_rm_{a.reward_of}" if a.reward_of not in ("own", m) else "")
+    name = sweep_run(m, a.ppo_lr, a.reward_of)
     if (work / name).exists():
         shutil.rmtree(work / name)
     wall: dict[str, float] = {}
@@ -232,7 +238,7 @@ def worker(a) -> dict:
         shutil.rmtree(work)  # a half-finished earlier attempt: start clean
     work.mkdir(parents=True)
     lr_sft, lr_rm, lr_ppo = LRS[m]
-    seed, response_length = 0, 32
+    seed, response_length = SEED, RESPONSE_LENGTH
     wall: dict[str, float] = {}
     import_rss = rss_mb()
 
@@ -367,7 +373,7 @@ def sweep(a, methods: list[str], per: Path, work: Path, run_worker, command: str
             for lr in lrs:
                 if lr == base["lrs"]["ppo"] and rm == m:
                     continue  # the table's own row
-                tag = f"{m}_ppo_lr{lr:g}" + (f"_rm_{rm}" if rm != m else "")
+                tag = f"{m}_{sweep_run(m, lr, rm)}"
                 f = per / f"{tag}.json"
                 if (a.resume or a.collect) and f.exists() and "error" not in json.loads(f.read_text()):
                     print(f"[compare_methods] {tag}: kept {f}", file=sys.stderr)
@@ -379,7 +385,7 @@ def sweep(a, methods: list[str], per: Path, work: Path, run_worker, command: str
                                            "--reward-of", rm, "--reward-dir", str(work / rm / "reward")],
                                      f, work / f"{tag}.log")
                 rows.append({**res, "rm": rm, "ppo_lr": lr, "rm_accuracy_vs_gold": rm_row["rm_accuracy_vs_gold"],
-                             "value_ev_last10": critic_ev(work / m / (f"ppo_lr{lr:g}" + (f"_rm_{rm}" if rm != m else "")))})
+                             "value_ev_last10": critic_ev(work / m / sweep_run(m, lr, rm))})
     out = Path(a.out)
     lines = [f"#### PPO learning rate and reward model per method (quickstart task, PPO {a.ppo_iterations} "
              f"iterations from each method's SFT run of the table above; {machine()}, {time.strftime('%Y-%m-%d')})", "",

@@ -3,8 +3,8 @@ backbone in memory, and exact kill-and-resume."""
 from __future__ import annotations
 
 import gc
-import warnings
 import json
+import warnings
 
 import pytest
 import torch
@@ -233,9 +233,10 @@ def test_value_lr_gives_the_value_role_its_own_rate(tiny_llama, tmp_path):
     assert not any("lr_value" in m for m in metrics(tmp_path / "same"))
 
 
-def test_a_negative_value_lr_fails_before_any_training(tiny_llama, tmp_path):
+def test_a_negative_value_lr_fails_before_any_work(tiny_llama, tmp_path):
     from align.config import ConfigError
     sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
     prompts = H.write_prompts(tmp_path / "p.jsonl", ["the dog"] * 32)
     with pytest.raises(ConfigError, match="ppo.value_lr"):
         ppo.run(ppo_cfg(tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target", "ppo.value_lr=-1"))
+    assert not (tmp_path / "ppo").exists()

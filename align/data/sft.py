@@ -66,6 +66,20 @@ def prompt_text(prompt, tokenizer, chat_template: str | None = None) -> str:
                   chat_template)[0]
 
 
+def encode_prompts(records: list[dict], where: str, tokenizer, chat_template: str | None = None,
+                   max_length: int = 0) -> list[dict]:
+    """``{"text", "ids"}`` per record's ``prompt`` (see ``prompt_text``), keeping the last
+    ``max_length`` tokens when given; a record without a prompt fails naming ``where`` and its index."""
+    out = []
+    for i, r in enumerate(records):
+        if "prompt" not in r:
+            raise ValueError(f"{where}: record {i}: missing field 'prompt'")
+        text = prompt_text(r["prompt"], tokenizer, chat_template)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        out.append({"text": text, "ids": ids[-max_length:] if max_length else ids})
+    return out
+
+
 def tokenize_pair(prompt: str, completion: str, tokenizer, max_length: int,
                   report: TruncationReport | None = None, add_eos: bool = True):
     """Token ids of prompt and completion (+EOS), truncated to ``max_length`` in total."""

@@ -46,7 +46,7 @@ from align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from align.config import ConfigError, ModelConfig, TrackingConfig, require_file
 from align.data.common import read_records, split_by_prompt
 from align.data.preferences import sequence_rewards
-from align.data.sft import prompt_text
+from align.data.sft import encode_prompts
 from align.generation import sample
 from align.rl.functional import entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten
 from align.rl.gae import compute_gae
@@ -227,20 +227,17 @@ def _build_value(model, v: ValueConfig, reward_stack, norm: dict | None):
     model.set_trainable(["policy", "value", *trainable_value])
 
 
-def parameter_groups(model, a: PPOAlgoConfig) -> list:
+def parameter_groups(model, params: list, value_lr: float) -> list:
     """The optimizer's parameters: one group at ``ppo.lr``, or, with ``ppo.value_lr``, the value's own
     adapter set and head in a second group at that rate (as OpenRLHF's and DeepSpeed-Chat's critic
     learning rate). A value head on the policy's adapters (``value.share_policy``) puts only the head
     there: the shared adapters learn at the policy's rate."""
-    params = model.trainable_parameters()
-    if not a.value_lr:
+    if not value_lr:
         return params
-    if a.value_lr < 0:
-        raise ConfigError(f"ppo.value_lr={a.value_lr}: give a positive rate, or 0 for ppo.lr")
     own = list(model.adapters["value"].parameters()) if "value" in model.roles["value"].adapters else []
     value_ids = {id(p) for p in own + list(model.heads["value"].parameters())}
     return [{"params": [p for p in params if id(p) not in value_ids]},
-            {"params": [p for p in params if id(p) in value_ids], "lr": a.value_lr}]
+            {"params": [p for p in params if id(p) in value_ids], "lr": value_lr}]
 
 
 # ------------------------------------------------------------------------------------ data
@@ -252,14 +249,7 @@ def load_prompts(cfg: PPOConfig, tok) -> tuple[list, list]:
         recs, held = split_by_prompt(recs, cfg.data.eval_fraction)
 
     def encode(rs, where):
-        out = []
-        for i, r in enumerate(rs):
-            if "prompt" not in r:
-                raise ValueError(f"{where}: record {i}: missing field 'prompt'")
-            text = prompt_text(r["prompt"], tok, cfg.data.chat_template)
-            ids = tok(text, add_special_tokens=False).input_ids[-cfg.data.max_prompt_length:]
-            out.append({"text": text, "ids": ids})
-        return out
+        return encode_prompts(rs, where, tok, cfg.data.chat_template, cfg.data.max_prompt_length)
     return encode(recs, cfg.data.prompts), encode(held, cfg.data.eval_prompts or "held-out prompts")
 
 
@@ -375,7 +365,9 @@ def run(cfg: PPOConfig) -> dict:
         raise ConfigError("give exactly one of reward_run (learned reward) and reward_fn (programmatic)")
     backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]
     a = cfg.ppo
-    recompute_logprobs(a.rollout_logprobs, cfg.model.dtype)  # a bad value fails before any work
+    recompute_logprobs(a.rollout_logprobs, cfg.model.dtype)  # bad values fail before any work
+    if a.value_lr < 0:
+        raise ConfigError(f"ppo.value_lr={a.value_lr}: give a positive rate, or 0 for ppo.lr")
     world_batch = a.rollout_batch_size
     st = start_stage(cfg, "ppo", backbone)
     rt, tok, model = st.rt, st.tokenizer, st.model
@@ -394,7 +386,7 @@ def run(cfg: PPOConfig) -> dict:
 
     from align.config import TrainConfig
     params = model.trainable_parameters()
-    optimizer = make_optimizer(parameter_groups(model, a), TrainConfig(lr=a.lr, weight_decay=a.weight_decay,
+    optimizer = make_optimizer(parameter_groups(model, params, a.value_lr), TrainConfig(lr=a.lr, weight_decay=a.weight_decay,
                                                                         adam_eps=a.adam_eps))
     total_updates = a.iterations * a.num_ppo_epochs * a.num_minibatches
     sched = torch.optim.lr_scheduler.LambdaLR(
