@@ -172,12 +172,13 @@ def test_critic_from_the_reward_model_starts_at_the_normalised_reward(tiny_llama
     torch.testing.assert_close(value, (raw - 0.7) / 2.5, atol=1e-5, rtol=1e-5)
 
 
-def test_kill_and_resume_gives_the_same_final_adapters(tiny_llama, tmp_path):
+@pytest.mark.parametrize("value_lr", [0.0, 3e-3])  # one optimizer group, or the value's own second group
+def test_kill_and_resume_gives_the_same_final_adapters(tiny_llama, tmp_path, value_lr):
     sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
     rm = H.fake_reward_run(tiny_llama, tmp_path / "rm")
     prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 16)
     common = [f"reward_run={rm}", "value.init=reward", "ppo.iterations=5", "ppo.response_length=6",
-              "ppo.kl_controller=adaptive", "ppo.kl_horizon=100", "ppo.save_every=1"]
+              "ppo.kl_controller=adaptive", "ppo.kl_horizon=100", "ppo.save_every=1", f"ppo.value_lr={value_lr}"]
     ppo.run(ppo_cfg(tmp_path, sft, prompts, *common, name="full"))
     out = ppo.run(ppo_cfg(tmp_path, sft, prompts, *common, "ppo.stop_after_iterations=2", name="killed"))
     assert out == {"stopped_at": 2}
