@@ -186,6 +186,17 @@ def ppo_and_eval(a, io: dict, work: Path, lr_ppo: float, name: str, wall: dict, 
     return ppo_sum, cmp, acc
 
 
+def comparison_fields(cmp: dict) -> dict:
+    """A result row's part from ``align.evaluate.compare`` (a = SFT policy, b = PPO policy)."""
+    return {"gold_sft": cmp["a"]["gold_mean"], "gold_sft_sem": cmp["a"]["gold_sem"],
+            "gold_ppo": cmp["b"]["gold_mean"], "gold_ppo_sem": cmp["b"]["gold_sem"],
+            "gold_diff": cmp["gold_diff_mean"], "gold_diff_sem": cmp["gold_diff_sem"],
+            "win_rate_by_gold": cmp["win_rate_b_by_gold"], "kl_ppo": cmp["b"]["kl_to_sft_mean"],
+            "reward_ppo": cmp["b"].get("reward_mean"),
+            "stop_rate_sft": cmp["a"]["stop_rate"], "stop_rate_ppo": cmp["b"]["stop_rate"],
+            "n_eval_prompts": cmp["n_prompts"]}
+
+
 def sweep_run(method: str, lr: float, rm: str) -> str:
     """The run dir (under the method's work dir) of one sweep row; with the method, its file names."""
     return f"ppo_lr{lr:g}" + (f"_rm_{rm}" if rm not in ("own", method) else "")
@@ -217,12 +228,7 @@ def sweep_worker(a) -> dict:
     return {"method": m, "ppo_lr": a.ppo_lr, "value_lr": value_lr or a.ppo_lr,
             "rm": m if a.reward_of == "own" else a.reward_of,
             "ppo_iterations": ppo_sum["iterations"], "ppo_iteration_s": ppo_iteration_seconds(rows),
-            "gold_sft": cmp["a"]["gold_mean"], "gold_sft_sem": cmp["a"]["gold_sem"],
-            "gold_ppo": cmp["b"]["gold_mean"], "gold_ppo_sem": cmp["b"]["gold_sem"],
-            "gold_diff": cmp["gold_diff_mean"], "gold_diff_sem": cmp["gold_diff_sem"],
-            "kl_ppo": cmp["b"]["kl_to_sft_mean"], "stop_rate_ppo": cmp["b"]["stop_rate"],
-            "reward_ppo": cmp["b"].get("reward_mean"), "n_eval_prompts": cmp["n_prompts"],
-            "seconds_per_stage": wall, "threads": torch.get_num_threads()}
+            **comparison_fields(cmp), "seconds_per_stage": wall, "threads": torch.get_num_threads()}
 
 
 def worker(a) -> dict:
@@ -285,12 +291,7 @@ def worker(a) -> dict:
         "sft_eval_loss_start": sft_eval[0]["eval/loss"], "sft_eval_loss": sft_eval[-1]["eval/loss"],
         "rm_accuracy": rm_sum["eval/accuracy"], "rm_eval_pairs": rm_sum["eval/pairs"],
         "rm_accuracy_vs_gold": acc.get("rm_accuracy_vs_gold"), "rm_gold_pairs": acc.get("rm_eval_pairs"),
-        "gold_sft": cmp["a"]["gold_mean"], "gold_sft_sem": cmp["a"]["gold_sem"],
-        "gold_ppo": cmp["b"]["gold_mean"], "gold_ppo_sem": cmp["b"]["gold_sem"],
-        "gold_diff": cmp["gold_diff_mean"], "gold_diff_sem": cmp["gold_diff_sem"],
-        "win_rate_by_gold": cmp["win_rate_b_by_gold"], "kl_ppo": cmp["b"]["kl_to_sft_mean"],
-        "stop_rate_sft": cmp["a"]["stop_rate"], "stop_rate_ppo": cmp["b"]["stop_rate"],
-        "n_eval_prompts": cmp["n_prompts"],
+        **comparison_fields(cmp),
         "ppo_stage_final_eval": {k: v for k, v in ppo_sum.items() if k.startswith("eval/")},
         "seconds_per_stage": wall, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
