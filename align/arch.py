@@ -38,13 +38,34 @@ class Arch:
         return f"{self.block_path(i)}.{self.mlp_name}"
 
 
-LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "olmo", "olmo2", "phi3"}
+LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "olmo", "olmo2"}
+# Families align cannot serve yet, with the reason given at load (never a silent mis-mapping).
+REFUSED = {
+    "phi3": "Phi-3 fuses q/k/v into one qkv_proj and gate/up into gate_up_proj; align's IA3, "
+            "LLaMA-Adapter and prefix methods address k_proj/v_proj/down_proj of Llama-style blocks",
+    "gemma2": "Gemma-2 soft-caps attention logits and alternates sliding/global layers with its own "
+              "mask rules, which align's attention function does not reproduce",
+    "gemma3": "Gemma-3 soft-caps attention logits and alternates sliding/global layers with its own "
+              "mask rules, which align's attention function does not reproduce",
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
 
 
 def detect_arch(model: nn.Module) -> Arch:
     cfg = model.config
     mt = cfg.model_type
+    if mt in REFUSED:
+        raise UnsupportedArchitecture(f"model_type {mt!r} is refused: {REFUSED[mt]}. "
+                                      f"Supported: {sorted(LLAMA_LIKE | {'gpt2'})}")
     if mt in LLAMA_LIKE:
+        for name in ("qkv_proj", "gate_up_proj"):
+            if any(n.endswith("." + name) for n, _ in model.named_modules()):
+                raise UnsupportedArchitecture(
+                    f"model_type {mt!r} has fused {name} layers, which align does not map; "
+                    f"IA3, LLaMA-Adapter and prefix methods need separate k_proj/v_proj/down_proj")
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return Arch("llama", mt, "model.layers", "self_attn", "mlp", cfg.num_hidden_layers,
@@ -54,8 +75,9 @@ def detect_arch(model: nn.Module) -> Arch:
         return Arch("gpt2", mt, "transformer.h", "attn", "mlp", cfg.n_layer, cfg.n_embd,
                     cfg.n_head, cfg.n_head, cfg.n_embd // cfg.n_head,
                     cfg.n_inner or 4 * cfg.n_embd, "c_attn", "c_attn", "c_proj", True)
-    raise NotImplementedError(
-        f"model_type {mt!r} is not supported yet; supported: {sorted(LLAMA_LIKE | {'gpt2'})}")
+    raise UnsupportedArchitecture(
+        f"model_type {mt!r} is not supported yet; supported: {sorted(LLAMA_LIKE | {'gpt2'})} "
+        f"(see the README's 'Supported architectures')")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

@@ -8,6 +8,11 @@ widens the mask, then calls the stock sdpa function. Active sets with an
 queries, RoPE already applied. With no such set active it is exactly sdpa.
 ``AlignModel`` always passes its own 4-D boolean mask (True = attend), so the mask arriving here is
 a tensor; a ``None`` mask (someone else calling the model with plain causal attention) is rebuilt.
+
+Sliding-window layers (Mistral, Qwen2 with ``use_sliding_window``) receive ``sliding_window`` from
+transformers; the window is applied here to that mask (a query attends to keys less than
+``sliding_window`` positions behind it, transformers' rule). Left padding sits in front of every
+row and virtual tokens in front of the prompt, so column distance is position distance.
 """
 from __future__ import annotations
 
@@ -26,7 +31,27 @@ def causal_bool_mask(batch: int, q_len: int, kv_len: int, device) -> torch.Tenso
     return (k <= q_abs)[None, None].expand(batch, 1, q_len, kv_len)
 
 
+def apply_sliding_window(mask: torch.Tensor | None, window: int | None, q_len: int, kv_len: int,
+                         batch: int, device) -> torch.Tensor | None:
+    """``mask`` [B,1,Q,K] (bool, True = attend, or additive float) restricted to keys fewer than
+    ``window`` columns behind each query (queries are the last ``q_len`` of ``kv_len`` columns)."""
+    if window is None or window >= kv_len:
+        return mask
+    q_abs = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    band = (q_abs - k < window)[None, None]
+    if mask is None:
+        mask = causal_bool_mask(batch, q_len, kv_len, device)
+    if mask.dtype == torch.bool:
+        return mask & band
+    return mask.masked_fill(~band, torch.finfo(mask.dtype).min)
+
+
 def align_attention(module, query, key, value, attention_mask, **kwargs):
+    window = kwargs.pop("sliding_window", None)
+    if window is not None:
+        attention_mask = apply_sliding_window(attention_mask, int(window), query.shape[2], key.shape[2],
+                                              query.shape[0], query.device)
     owner = getattr(module, "_align_owner", None)
     extra = owner.attention_extra(module.layer_idx, query.shape[0]) if owner is not None else None
     if extra is not None:

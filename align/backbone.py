@@ -1,40 +1,186 @@
 """Load and freeze the shared backbone (a Hugging Face causal LM) and its tokenizer.
 
 The backbone is loaded once per process; every role is a set of adapters over it. Its weights
-never receive gradients or optimizer state (DESIGN invariant 1), and every saved adapter records
-its :func:`fingerprint` (invariant 8).
+never receive gradients or optimizer state (docs/invariants.md #1), and every saved adapter records
+its :func:`fingerprint` (#8).
+
+``model.path`` is a Hugging Face model directory or a llama.cpp ``.gguf`` file. A GGUF file is
+de-quantized once by transformers (through the ``gguf`` package) into a plain directory under
+``$ALIGN_CACHE_DIR`` (default ``~/.cache/align``) ``/gguf/<sha256 of the file>/`` and loaded from
+there afterwards (:func:`resolve_checkpoint`).
+
+The fingerprint is a property of the checkpoint on disk (a hash of its weight files, or of the
+GGUF file it came from), computed before align touches the model: the same in every process, with
+any seed and any ``model.dtype``. When the tokenizer has no PAD, or its PAD is a stop token
+(SmolLM2, Qwen: PAD == EOS), ``load_tokenizer`` adds ``<|align_pad|>``; ``load_backbone`` gives it
+a zero embedding row (never a random one) and ``AlignModel`` masks its logit out of every
+distribution (align/tokens.py).
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from align.tokens import PAD_TOKEN, compute_specials, specials
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+SOURCE_RECORD = "align_source.json"
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # A PAD distinct from EOS (invariant 9). Added as a special token; the embedding matrix is
-        # resized by load_backbone only if the id falls outside it.
-        tok.add_special_tokens({"pad_token": "<|align_pad|>"})
+def cache_root() -> Path:
+    return Path(os.environ.get("ALIGN_CACHE_DIR") or Path.home() / ".cache" / "align").expanduser()
+
+
+def _sha256_file(path: Path, h=None) -> "hashlib._Hash":
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The HF directory to load ``path`` from: ``path`` itself, or for a ``.gguf`` file the
+    directory it was de-quantized into (made on first use; written under a temporary name and
+    renamed, so a killed conversion never leaves a directory that looks finished)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model.path: {str(path)!r} does not exist")
+    if not (p.is_file() and p.suffix.lower() == ".gguf"):
+        return p
+    digest = _sha256_file(p).hexdigest()
+    final = cache_root() / "gguf" / digest[:16]
+    if (final / SOURCE_RECORD).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=final.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        # the weights are plain floats now: a directory that claims GGUF quantization would not load
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        (tmp / SOURCE_RECORD).write_text(json.dumps(
+            {"source": str(p.resolve()), "sha256": digest, "fingerprint": "sha256:" + digest[:32]}, indent=2))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first: theirs is as good as ours
+            if not (final / SOURCE_RECORD).exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def checkpoint_fingerprint(directory: str | Path) -> str | None:
+    """A hash of the checkpoint's weight files as they are on disk (None when it has none, e.g.
+    a remote id). A directory made from a GGUF file carries the GGUF file's hash. Hashes are
+    remembered per (path, size, mtime) in the cache, so a large checkpoint is read once."""
+    d = Path(directory)
+    if (d / SOURCE_RECORD).exists():
+        return json.loads((d / SOURCE_RECORD).read_text())["fingerprint"]
+    files = sorted(d.glob("*.safetensors")) or sorted(d.glob("*.bin"))
+    if not files:
+        return None
+    key = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    memo_file = cache_root() / "fingerprints.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        _sha256_file(f, h)
+    fp = "sha256:" + h.hexdigest()[:32]
+    try:
+        memo[key] = fp
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(memo, indent=1, sort_keys=True))
+        os.replace(tmp, memo_file)
+    except OSError:
+        pass  # a read-only cache only costs the hash next time
+    return fp
+
+
+def _generation_eos(directory: Path) -> list[int]:
+    try:
+        gen = GenerationConfig.from_pretrained(str(directory))
+    except (OSError, ValueError):
+        return []
+    eos = gen.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False,
+                   chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer with a PAD of its own and its ``Specials`` (align/tokens.py)."""
+    src = resolve_checkpoint(path)
+    tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code)
+    gen_eos = _generation_eos(src)
+    stops = {tok.eos_token_id, *gen_eos}
+    added = []
+    if tok.pad_token_id is None or tok.pad_token_id in stops:
+        # A PAD distinct from every stop token (docs/invariants.md #9): masks built from PAD must
+        # never hide the token that ends a response.
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        added.append(tok.pad_token_id)
+    tok.__dict__["_align_specials"] = compute_specials(tok, gen_eos, added, chat_template)
+    tok.__dict__["_align_generation_eos"] = gen_eos
     return tok
+
+
+def set_chat_template(tok: PreTrainedTokenizerBase, chat_template: str | None) -> None:
+    """Use ``chat_template`` (a stage's ``data.chat_template``) for the end-of-turn stop token too."""
+    if chat_template:
+        sp = specials(tok)
+        tok.__dict__["_align_specials"] = compute_specials(
+            tok, tok.__dict__.get("_align_generation_eos"), sp.added_ids, chat_template)
 
 
 def load_backbone(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
                   trust_remote_code: bool = False, tokenizer: PreTrainedTokenizerBase | None = None):
     """Load a causal LM, put it in eval mode (dropout off) and freeze every parameter."""
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        # Only happens when load_tokenizer had to add a PAD token. PAD ids are never attended to
-        # and their labels are masked, so the new row's values do not matter; resizing before the
-        # fingerprint keeps it stable.
-        model.resize_token_embeddings(len(tokenizer))
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+    src = resolve_checkpoint(path)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    fp = checkpoint_fingerprint(src)
+    if fp is not None:
+        model._align_fingerprint = fp   # before align changes anything (the PAD row below)
+    if tokenizer is not None:
+        added = specials(tokenizer).added_ids
+        n_old = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > n_old:
+            # deterministic rows (zeros), not the resize's random ones: the fingerprint and every
+            # process see the same model; the PAD logit is masked anyway (AlignModel.lm_logits)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                model.get_input_embeddings().weight[n_old:] = 0
+                out = model.get_output_embeddings()
+                if out is not None:
+                    out.weight[n_old:] = 0
+                    if getattr(out, "bias", None) is not None:
+                        out.bias[n_old:] = 0
+        model._align_masked_ids = tuple(added)
     model.to(device)
     freeze(model)
     return model
@@ -47,11 +193,8 @@ def freeze(model: torch.nn.Module) -> None:
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """A content hash of the backbone's weights (and architecture config).
-
-    Tensors are hashed after rounding to bfloat16, so the same checkpoint loaded in fp32 or bf16
-    has the same fingerprint while any real difference in weights changes it.
-    """
+    """The backbone's fingerprint: the checkpoint's (set by ``load_backbone``), or for a model
+    built in memory a content hash of its weights (rounded to bfloat16) and architecture."""
     cached = getattr(model, "_align_fingerprint", None)
     if cached is not None:
         return cached

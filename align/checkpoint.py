@@ -27,6 +27,32 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` whose bytes depend only on the content: tensors go in by
+    sorted name and the header is rewritten with sorted keys (safetensors keeps ``__metadata__``
+    in a Rust HashMap, so its order changes from run to run and even from call to call)."""
+    path = Path(path)
+    save_file({k: tensors[k] for k in sorted(tensors)}, path,
+              metadata=None if metadata is None else {k: metadata[k] for k in sorted(metadata)})
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)             # the format pads the header to 8 bytes
+        if len(text) == n:                          # the usual case: same bytes, other order
+            f.seek(8)
+            f.write(text)
+            return
+    tmp = path.with_name(path.name + ".tmp")         # a header of another length: copy the data
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        src.seek(8 + n)
+        dst.write(len(text).to_bytes(8, "little"))
+        dst.write(text)
+        shutil.copyfileobj(src, dst, 16 << 20)
+    os.replace(tmp, path)
+
+
 def _rng_state() -> tuple[dict, dict]:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -68,8 +94,8 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     torch.save(rng_t, tmp / f"rng_rank{rank}.pt")
     (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_p))
     if is_main:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
-                  tmp / "trainable.safetensors")
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                         tmp / "trainable.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
     if barrier:
         barrier()

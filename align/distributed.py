@@ -17,19 +17,25 @@ from accelerate.utils import InitProcessGroupKwargs
 
 
 class Runtime:
-    def __init__(self, grad_accum: int = 1, seed: int = 0):
-        kwargs = []
+    def __init__(self, grad_accum: int = 1, seed: int = 0, device: str | None = None):
+        kwargs, cpu = [], device == "cpu"
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             kwargs.append(InitProcessGroupKwargs(backend="gloo"))
+            # DDP (the ddp preset, distributed_type MULTI_GPU) without a GPU: accelerate would set up
+            # the process group but run as DistributedType.NO (no DDP wrapper, gather/reduce no-ops:
+            # unsynchronised replicas); cpu=True makes it MULTI_CPU over gloo. Not under DeepSpeed,
+            # which cpu=True would switch off.
+            cpu = cpu or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
         self.accelerator = Accelerator(gradient_accumulation_steps=grad_accum,
-                                       step_scheduler_with_optimizer=False, kwargs_handlers=kwargs)
+                                       step_scheduler_with_optimizer=False, kwargs_handlers=kwargs,
+                                       cpu=cpu)
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
-        self.device = self.accelerator.device
+        self.device = torch.device(device) if device else self.accelerator.device
         self.ds = self.accelerator.state.deepspeed_plugin
         self.zero_stage = self.ds.zero_stage if self.ds is not None else 0
-        # per-rank seed for sampling (N+ details: seed + rank * 100003); data order uses the seed alone
+        # per-rank seed for sampling (docs/ppo-notes.md §F7: seed + rank * 100003); data order uses the seed alone
         self.local_seed = seed + self.rank * 100_003
 
     def print(self, *a):

@@ -30,6 +30,9 @@ class EvalConfig:
     response_length: int = 48            # max new tokens
     gold: str = ""                       # "module:function(prompts, responses, ended) -> list[float]"
     chat_template: Optional[str] = None  # Jinja template for conversational prompts (tokenizers without one)
+    dtype: Optional[str] = None          # backbone dtype; default: the SFT run's model.dtype
+    device: Optional[str] = None         # default: cuda when available, else cpu
+    trust_remote_code: bool = False      # never on unless asked
     seed: int = 0                        # sampling seed (the same for both policies)
     output: str = ""                     # optional: write the comparison JSON here
 
@@ -42,15 +45,16 @@ def _policy_dir(spec: str, sft_run: str) -> Path:
 
 def build(cfg: EvalConfig):
     from align.adapters.peft_format import load_adapter, load_head
-    from align.backbone import load_backbone, load_tokenizer
+    from align.config import ModelConfig
     from align.distributed import Runtime
-    from align.model import AlignModel
-    from align.stages.common import backbone_from_run
+    from align.stages.common import backbone_from_run, load_model
     if not (cfg.sft_run and cfg.reward_run and cfg.policy_b and cfg.prompts):
         raise ConfigError("sft_run, reward_run, policy_b and prompts are required")
-    path = backbone_from_run(cfg.sft_run)["path"]
-    tok = load_tokenizer(path)
-    model = AlignModel(load_backbone(path, tokenizer=tok))
+    record = backbone_from_run(cfg.sft_run)
+    rt = Runtime(device=cfg.device)
+    mcfg = ModelConfig(path=record["path"], dtype=cfg.dtype or record.get("dtype", "float32"),
+                       trust_remote_code=cfg.trust_remote_code)
+    tok, model = load_model(record["path"], mcfg, rt.device, chat_template=cfg.chat_template)
     load_adapter(model, "sft", Path(cfg.sft_run) / "adapters" / "sft")
     model.add_role("reference", ["sft"])
     for name, spec in (("a", cfg.policy_a), ("b", cfg.policy_b)):
@@ -70,7 +74,7 @@ def build(cfg: EvalConfig):
     load_head(model, "reward", Path(cfg.reward_run) / rr["head"])
     model.add_role("reward", stack, head="reward")
     model.eval()
-    return model, tok, Runtime()
+    return model, tok, rt
 
 
 def held_out_prompts(cfg: EvalConfig, tok) -> list[dict]:
@@ -93,7 +97,7 @@ def compare(cfg: EvalConfig) -> dict:
     gold_fn = load_gold(cfg.gold)
     res = {}
     for name in ("a", "b"):
-        gen = torch.Generator().manual_seed(cfg.seed + 4242)
+        gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 4242)
         out = policy_eval_batch(model, model, prompts, tok, rt, role=name, temperature=cfg.temperature,
                                 response_length=cfg.response_length, generator=gen)
         entry = {"reward_mean": float(out["reward"].mean()), "reward_sem": _sem(out["reward"]),
@@ -130,23 +134,25 @@ def rm_accuracy_vs_gold(cfg: EvalConfig, k: int = 4) -> dict:
     from align.rl.rollout import response_mask_from_lengths, truncate_after_stop
     from align.stages.common import left_pad
     from align.stages.ppo import load_gold
+    from align.tokens import specials
     model, tok, rt = build(cfg)
     gold_fn = load_gold(cfg.gold)
     prompts = held_out_prompts(cfg, tok)
     texts = [p["text"] for p in prompts]
     query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device)
-    gen = torch.Generator().manual_seed(cfg.seed + 777)
+    gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 777)
+    stops = specials(tok).stop_ids
     rewards, golds = [], []
     for _ in range(k):
         s = sample(model, query, qmask, role="reference", max_new_tokens=cfg.response_length,
-                   temperature=cfg.temperature, stop_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                   temperature=cfg.temperature, stop_token_id=stops, pad_token_id=tok.pad_token_id,
                    generator=gen)
-        resp, seq_len, has_stop = truncate_after_stop(s.tokens, tok.eos_token_id, tok.pad_token_id)
+        resp, seq_len, has_stop = truncate_after_stop(s.tokens, stops, tok.pad_token_id)
         rmask = response_mask_from_lengths(seq_len, resp.shape[1])
         full = torch.cat([query, resp], 1)
         mask = torch.cat([qmask, rmask.long()], 1)
         with model.use("reward"):
-            rewards.append(sequence_rewards(model(full, mask).values.float(), mask))
+            rewards.append(sequence_rewards(model(full, mask).values.float(), mask).cpu())
         decoded = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)]
         golds.append(torch.tensor(gold_fn(texts, decoded, has_stop.tolist()), dtype=torch.float))
     r, g = torch.stack(rewards, 1), torch.stack(golds, 1)

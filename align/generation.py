@@ -5,11 +5,12 @@ key/values, virtual tokens at prefill only, hooks) must be live, positions must 
 left-padded mask exactly as in the training forward, and the log-probabilities of the sampled
 tokens must come from the same temperature-warped distribution that PPO later recomputes.
 Pure sampling only: no top-k/top-p and no minimum length, which would make the sampling
-distribution differ from the one PPO optimises (ppo-details §1.B5).
+distribution differ from the one PPO optimises (docs/ppo-notes.md §B5).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -25,7 +26,7 @@ class Samples:
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role: str,
            max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
-           stop_token_id: int | None = None, pad_token_id: int = 0,
+           stop_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
            generator: torch.Generator | None = None, use_cache: bool = True,
            row_seeds: list[int] | None = None) -> Samples:
     """Sample continuations of left-padded prompts from ``role``.
@@ -34,13 +35,16 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     seed and the step), so a row's sample does not depend on which other rows share its batch or
     process: runs with different world sizes or micro-batches sample the same tokens.
     With ``use_cache=False`` every step re-runs the whole sequence (used by tests to check the
-    cache gives the same tokens).
+    cache gives the same tokens). ``stop_token_id`` is one id or several (``Specials.stop_ids``:
+    EOS, the checkpoint's other EOS ids, the chat template's end of turn); a row stops at the first.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
     b = input_ids.shape[0]
     device = input_ids.device
     done = torch.zeros(b, dtype=torch.bool, device=device)
+    stops = None if stop_token_id is None else torch.tensor(
+        [stop_token_id] if isinstance(stop_token_id, int) else list(stop_token_id), dtype=torch.long, device=device)
     tokens, logps = [], []
     seq, mask = input_ids, attention_mask.long()
     cache = DynamicCache() if use_cache else None
@@ -48,7 +52,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     step_ids, step_mask = seq, mask
     with model.use(role):
         for _ in range(max_new_tokens):
-            out = model(step_ids, step_mask, cache=cache, past_mask=past_mask, logits=True)
+            out = model(step_ids, step_mask, cache=cache, past_mask=past_mask, logits=True,
+                        logits_at=slice(-1, None))
             logits = out.logits[:, -1].float()
             logp_all = torch.log_softmax(logits / temperature, dim=-1)
             if greedy:
@@ -65,10 +70,12 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
             lp = torch.where(done, torch.zeros_like(lp), lp)
             tokens.append(nxt)
             logps.append(lp)
-            if stop_token_id is not None:
-                done = done | (nxt == stop_token_id)
-            new_mask = (~done | (nxt == stop_token_id)).long()[:, None] if stop_token_id is not None \
-                else torch.ones(b, 1, dtype=torch.long, device=device)
+            if stops is not None:
+                is_stop = torch.isin(nxt, stops)
+                done = done | is_stop
+                new_mask = (~done | is_stop).long()[:, None]
+            else:
+                new_mask = torch.ones(b, 1, dtype=torch.long, device=device)
             if use_cache:
                 cache, past_mask = out.cache, out.mask
                 step_ids, step_mask = nxt[:, None], new_mask
@@ -84,8 +91,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
         extra = max_new_tokens - toks.shape[1]
         toks = torch.cat([toks, toks.new_full((b, extra), pad_token_id)], 1)
         lps = torch.cat([lps, lps.new_zeros(b, extra)], 1)
-    if stop_token_id is not None:
-        is_stop = toks == stop_token_id
+    if stops is not None:
+        is_stop = torch.isin(toks, stops)
         has = is_stop.any(1)
         first = torch.where(has, is_stop.float().argmax(1), torch.full_like(has, max_new_tokens, dtype=torch.long))
         lengths = torch.where(has, first + 1, torch.full_like(first, max_new_tokens))

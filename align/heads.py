@@ -10,7 +10,7 @@ import torch.nn as nn
 class ScalarHead(nn.Module):
     """``Linear(hidden, 1)`` applied at every position.
 
-    ``init="reward"``: weight ~ N(0, 1/sqrt(d+1)), bias 0 (Stiennon et al. 2020 / N+ details).
+    ``init="reward"``: weight ~ N(0, 1/sqrt(d+1)), bias 0 (Stiennon et al. 2020; docs/ppo-notes.md §C2).
     ``init="zero"``: weight and bias 0, so a fresh value head predicts 0 (Ziegler et al. 2019).
     ``bias``/``gain`` buffers hold the reward normalisation recorded after reward training:
     ``normalised = (raw - mean) / std`` is applied by :meth:`normalise`, never inside forward, so

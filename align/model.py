@@ -12,7 +12,7 @@ the roles. A role is a stack of adapter sets plus an optional head::
     with model.use("reference"): ...                            # or as a context
 
 Activating a role only changes which sets the hook dispatchers apply and which head reads the
-final hidden state; the backbone is never copied or modified (DESIGN invariants 1 and 2).
+final hidden state; the backbone is never copied or modified (docs/invariants.md #1 and #2).
 """
 from __future__ import annotations
 
@@ -68,6 +68,9 @@ class AlignModel(nn.Module):
         self.backbone = backbone
         self.arch = detect_arch(backbone)
         self.fingerprint = fingerprint(backbone)
+        # token ids align added to the vocabulary (a PAD of its own): masked out of every
+        # distribution, so their (zero) embedding rows never reach a sampled token or a log-prob
+        self.masked_token_ids = tuple(getattr(backbone, "_align_masked_ids", ()))
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         self.roles: dict[str, Role] = {"base": Role("base")}
@@ -262,7 +265,7 @@ class AlignModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 role: str | None = None, cache=None, past_mask: torch.Tensor | None = None,
                 logits: bool | None = None, segment_ids: torch.Tensor | None = None,
-                roles: tuple[str, ...] | None = None):
+                roles: tuple[str, ...] | None = None, logits_at: slice | torch.Tensor | None = None):
         """Run the backbone under ``role`` (or the role already active).
 
         ``attention_mask`` is the 2-D mask of ``input_ids`` (1 = real token; left or right padding).
@@ -270,17 +273,20 @@ class AlignModel(nn.Module):
         the ``mask`` of the previous output. Virtual tokens (prompt tuning) are prepended at
         prefill only and are never part of the returned tensors. ``segment_ids`` [B, T] (packed
         sequences, no cache) restricts attention to tokens of the same segment and restarts
-        positions at each segment.
+        positions at each segment. ``logits_at`` (a slice of positions, e.g. ``slice(-1, None)`` at
+        prefill or the response positions when scoring; or a bool [B, T] selection, giving [N, V])
+        computes logits only there: with a 50k+
+        vocabulary the [B, T, V] logits of every prompt position would dominate memory.
         """
         if roles is not None:
             # several roles over the same inputs inside one module call, so DDP / DeepSpeed see a
             # single forward per backward; returns {role: ModelOutput}
             return {r: self.forward(input_ids, attention_mask, role=r, logits=logits,
-                                    segment_ids=segment_ids) for r in roles}
+                                    segment_ids=segment_ids, logits_at=logits_at) for r in roles}
         if role is not None:
             with self.use(role):
                 return self.forward(input_ids, attention_mask, cache=cache, past_mask=past_mask,
-                                    logits=logits, segment_ids=segment_ids)
+                                    logits=logits, segment_ids=segment_ids, logits_at=logits_at)
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -331,10 +337,24 @@ class AlignModel(nn.Module):
         result = ModelOutput(hidden=hidden, cache=_output_cache(out) if cache is not None else None,
                              mask=full_mask)
         if want_logits:
-            result.logits = self.backbone.get_output_embeddings()(hidden)
+            if logits_at is None:
+                result.logits = self.lm_logits(hidden)
+            elif isinstance(logits_at, torch.Tensor):  # a bool [B, T] selection: logits [N, V]
+                result.logits = self.lm_logits(hidden[logits_at])
+            else:
+                result.logits = self.lm_logits(hidden[:, logits_at])
         if head is not None:
             result.values = self.heads[head](hidden)
         return result
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on ``hidden`` [..., H], with align's added tokens (PAD) masked to a large
+        negative logit (finite, so softmax gives them exactly 0 and entropies stay finite)."""
+        logits = self.backbone.get_output_embeddings()(hidden)
+        if self.masked_token_ids:
+            idx = torch.tensor(self.masked_token_ids, device=logits.device)
+            logits = logits.index_fill(-1, idx, -1e4)
+        return logits
 
     # ----------------------------------------------------------------- introspection
     def backbone_num_params(self) -> int:

@@ -205,30 +205,32 @@ def _fresh_or_resume(stage_cfg) -> None:
 def annotate(cfg: PipelineConfig, backbone: Path, sft_dir: Path, data: Path) -> Path:
     """Sample K responses per prompt from the SFT policy; a simulated annotator ranks them."""
     from align.adapters.peft_format import load_adapter
-    from align.backbone import load_backbone, load_tokenizer
+    from align.config import ModelConfig
+    from align.distributed import Runtime
     from align.generation import sample
-    from align.model import AlignModel
     from align.quickstart import task
     from align.quickstart.annotator import simulate_label_studio_ranker, write_export
-    from align.stages.common import left_pad
+    from align.stages.common import left_pad, load_model
+    from align.tokens import encode, specials
     from data_tools.cli import main as import_main
 
-    tok = load_tokenizer(backbone)
-    model = AlignModel(load_backbone(backbone, tokenizer=tok))
+    rt = Runtime()
+    tok, model = load_model(str(backbone), ModelConfig(path=str(backbone)), rt.device)
+    stops = specials(tok).stop_ids
     load_adapter(model, "sft", sft_dir / "adapters" / "sft")
     model.add_role("sft", ["sft"])
     prompts = task.prompts("rm", cfg.annotate_prompts, cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed + 5)
+    g = torch.Generator(device=rt.device).manual_seed(cfg.seed + 5)
     responses, ended = [[] for _ in prompts], [[] for _ in prompts]
     for start in range(0, len(prompts), 64):
         chunk = prompts[start:start + 64]
-        ids, mask = left_pad([tok(p, add_special_tokens=False).input_ids for p in chunk], tok.pad_token_id, "cpu")
+        ids, mask = left_pad([encode(tok, p, bos=True) for p in chunk], tok.pad_token_id, rt.device)
         for _ in range(cfg.annotate_k):
             s = sample(model, ids, mask, role="sft", max_new_tokens=cfg.response_length,
-                       temperature=cfg.annotate_temperature, stop_token_id=tok.eos_token_id,
+                       temperature=cfg.annotate_temperature, stop_token_id=stops,
                        pad_token_id=tok.pad_token_id, generator=g)
             for j, (toks, n) in enumerate(zip(s.tokens.tolist(), s.lengths.tolist())):
-                stopped = toks[n - 1] == tok.eos_token_id
+                stopped = toks[n - 1] in stops
                 responses[start + j].append(tok.decode(toks[:n], skip_special_tokens=True))
                 ended[start + j].append(bool(stopped))
     tasks = simulate_label_studio_ranker(prompts, responses, ended, gold_fn=task.gold_score,

@@ -41,6 +41,15 @@ def _plot(out: Path, ppo_metrics: list[dict]) -> list[str]:
     return files
 
 
+def kl_label(controller: str, kl_coef: float, kl_target: float) -> str:
+    """The report's KL row: what the number is, and the KL controller setting behind it. Only the
+    adaptive controller has a target; the fixed one has a coefficient."""
+    what = "KL(PPO ‖ SFT), nats per response"
+    if controller == "adaptive":
+        return f"{what} (adaptive controller target {kl_target:g}, initial β {kl_coef:g})"
+    return f"{what} (fixed KL coefficient β {kl_coef:g})"
+
+
 def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, runs: dict) -> dict:
     out = Path(out)
     summaries = {k: json.loads((Path(v) / "summary.json").read_text())
@@ -63,6 +72,7 @@ def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, 
         "n_eval_prompts": comparison["n_prompts"],
         "kl_to_sft_mean": b["kl_to_sft_mean"],
         "kl_target": cfg.ppo_kl_target,
+        "kl_controller": cfg.ppo_kl_controller, "kl_coef": cfg.ppo_kl_coef,
         "stop_rate_sft": a["stop_rate"], "stop_rate_ppo": b["stop_rate"],
         "seconds_per_stage": {k: round(v, 1) for k, v in seconds.items()},
         "trainable_params": trainable,
@@ -83,7 +93,8 @@ def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, 
              f"| learned reward, SFT → PPO | {report['reward_sft_mean']:.3f} → {report['reward_ppo_mean']:.3f} |",
              f"| PPO win rate vs SFT by gold / by RM | {report['win_rate_ppo_by_gold']:.3f} / "
              f"{report['win_rate_ppo_by_reward']:.3f} |",
-             f"| KL(PPO ‖ SFT), nats per response (target {report['kl_target']}) | {report['kl_to_sft_mean']:.3f} |",
+             f"| {kl_label(cfg.ppo_kl_controller, cfg.ppo_kl_coef, cfg.ppo_kl_target)} | "
+             f"{report['kl_to_sft_mean']:.3f} |",
              f"| stop-token rate SFT / PPO | {report['stop_rate_sft']:.2f} / {report['stop_rate_ppo']:.2f} |",
              f"| held-out prompts | {report['n_eval_prompts']} |", "",
              "Trainable parameters per role: " + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v), "",

@@ -18,7 +18,7 @@ from transformers import (
     Qwen2Config,
 )
 
-# Special tokens. PAD is distinct from EOS (DESIGN invariant 9): a policy can only learn to stop
+# Special tokens. PAD is distinct from EOS (docs/invariants.md #9): a policy can only learn to stop
 # if its stop token is never masked away as padding.
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]

@@ -8,7 +8,7 @@ fields stay in ``meta``.
 """
 from __future__ import annotations
 
-from data_tools.base import Source, get, module_main, msg, require_object, without
+from data_tools.base import Source, get, msg, require_object, without
 
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                 "Write a response that appropriately completes the request.\n\n"
@@ -44,4 +44,5 @@ class Alpaca(Source):
 SOURCE = Alpaca("alpaca", "Stanford Alpaca instruction/input/output demonstrations (SFT)")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

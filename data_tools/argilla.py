@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import json
 
-from data_tools.base import (GROUP, Dropped, Source, UsageError, content_hash, judged, module_main, parse_kv,
-                             require_object, without)
+from data_tools.base import (GROUP, Dropped, Source, UsageError, content_hash, judged, parse_kv, require_object,
+                             without)
 from data_tools.canonical import RecordError
 
 PROMPT_FIELDS = ("prompt", "instruction", "question")
@@ -203,4 +203,5 @@ class Argilla(Source):
 SOURCE = Argilla("argilla", "Argilla v1/v2 ranking (or rating) question exports")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

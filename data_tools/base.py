@@ -8,13 +8,15 @@ valid record that yields nothing on purpose. Sources that need several input rec
 (OASST flat messages, HelpSteer2 rating rows) keep them in ``state`` and emit records from
 ``finish``. Reading is :func:`data_tools.canonical.iter_raw`; dedup and aggregation live in
 :mod:`data_tools.aggregate`; the import itself (accounting, splits, writing, summary) in
-:mod:`data_tools.importer`.
+:mod:`data_tools.importer`. Running a source module as a script goes through
+:func:`data_tools.cli.module_main`; nothing here imports the command line, the importer or the
+aggregation, so every one of them can import this module (tests/test_imports.py keeps the import
+graph acyclic).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -158,12 +160,6 @@ class Source:
         """Events for deferred records: ("records", item, [rec...]), ("reject", item, RecordError)
         or ("drop", item, reason)."""
         return ()
-
-
-def module_main(source_name: str) -> None:
-    """``python -m data_tools.<module> INPUT... --out OUTPUT``."""
-    from data_tools.cli import main
-    sys.exit(main([source_name, *sys.argv[1:]]))
 
 
 def finalize(rec: dict, source: str) -> dict:

@@ -1,12 +1,20 @@
 """``align import SOURCE INPUT... --out OUTPUT`` (also ``python -m data_tools SOURCE ...`` and
-``python -m data_tools.<module> INPUT...``). See data_tools/README.md."""
+``python -m data_tools.<module> INPUT...``). See data_tools/README.md.
+
+This is the top of data_tools' import graph: it imports :mod:`data_tools.base` and
+:mod:`data_tools.importer`, and nothing below it imports this module. The source modules are
+looked up by name in :data:`SOURCES` (``importlib``, a registry rather than an import), and a
+source module run as a script imports :func:`module_main` only inside its ``__main__`` block.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
+from data_tools.base import UsageError
 from data_tools.canonical import RecordError
+from data_tools.importer import run
 
 # source name -> module holding SOURCE (python -m data_tools.<module> runs that source)
 SOURCES = {
@@ -60,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_tools.base import UsageError
-    from data_tools.importer import run
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -81,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         return 1
     return 0
+
+
+def module_main(source_name: str) -> None:
+    """``python -m data_tools.<module> INPUT... --out OUTPUT``: :func:`main` with the source named."""
+    sys.exit(main([source_name, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import gzip
 import io
 from pathlib import Path
 
-from data_tools.base import Item, module_main
+from data_tools.base import Item
 from data_tools.canonical import RecordError
 from data_tools.jsonl import JSONL, map_record, parse_map
 
@@ -64,4 +64,5 @@ class CSVTable(JSONL):
 SOURCE = CSVTable("csv", "Generic CSV/TSV rows with --map canonical=column,...")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

@@ -7,7 +7,6 @@ Wikipedia citation markers (``[3]``) some copies have.
 from __future__ import annotations
 
 from data_tools.alpaca import Alpaca
-from data_tools.base import module_main
 
 
 class Dolly(Alpaca):
@@ -17,4 +16,5 @@ class Dolly(Alpaca):
 SOURCE = Dolly("dolly", "Databricks Dolly 15k instruction/context/response demonstrations (SFT)")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 
 from data_tools.aggregate import pairwise_agreement
-from data_tools.base import (Dropped, Source, UsageError, get, judged, module_main, msg, parse_kv, require_object,
+from data_tools.base import (Dropped, Source, UsageError, get, judged, msg, parse_kv, require_object,
                              without)
 from data_tools.canonical import RecordError
 
@@ -128,4 +128,5 @@ SOURCE = HelpSteer2("helpsteer2", "NVIDIA HelpSteer2 ratings (pairs by attribute
                                   "disagreements files")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

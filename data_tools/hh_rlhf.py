@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from data_tools.base import Dropped, Source, get, module_main, msg, require_object, without
+from data_tools.base import Dropped, Source, get, msg, require_object, without
 from data_tools.canonical import RecordError
 
 _DELIM = re.compile(r"\n\n(Human|Assistant): ")
@@ -68,4 +68,5 @@ class HHRLHF(Source):
 SOURCE = HHRLHF("hh-rlhf", "Anthropic HH-RLHF {chosen, rejected} dialogues (jsonl/jsonl.gz)", empty_completions="keep")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

@@ -20,6 +20,19 @@ from data_tools.canonical import (RecordError, completions_of, dumps, record_kin
 
 # ------------------------------------------------------------------------------------------ splits
 
+def _shared_text_prompt(a: str, b: str) -> str:
+    """The prompt two texts share: their common beginning cut back to a word boundary, and in the
+    HH-RLHF layout to just after the last ``Assistant:`` header, so that the replies' own first
+    words (which two pairs of one conversation may or may not share) never enter the key."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    cut = max(a.rfind(" ", 0, n + 1), 0) if n < min(len(a), len(b)) else n
+    p = a[:cut]
+    turn = p.rfind("\n\nAssistant:")
+    return p[:turn + len("\n\nAssistant:")] if turn >= 0 else p
+
+
 def split_key(rec: dict) -> str:
     """What decides a record's split: the prompt, and for conversations only the first user turn,
     so that every record of one conversation tree (and every record of one prompt) shares a split."""
@@ -31,10 +44,7 @@ def split_key(rec: dict) -> str:
         if isinstance(a, list):
             p = a
         else:
-            n = 0
-            while n < min(len(a), len(b)) and a[n] == b[n]:
-                n += 1
-            p = a[:n]
+            p = _shared_text_prompt(a, b)
     if isinstance(p, list):
         users = [m.get("content", "") for m in p if isinstance(m, dict) and m.get("role") == "user"]
         return users[0] if users else dumps(p)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 
-from data_tools.base import Source, UsageError, dense_ranks, module_main, parse_kv, require_object
+from data_tools.base import Source, UsageError, dense_ranks, parse_kv, require_object
 from data_tools.canonical import RecordError, record_id
 
 TARGETS = ("prompt", "completion", "messages", "chosen", "rejected", "completions", "ranks", "scores", "margin",
@@ -157,4 +157,5 @@ class JSONL(Source):
 SOURCE = JSONL("jsonl", "Generic JSON/JSONL/Parquet records with --map canonical=column,...")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

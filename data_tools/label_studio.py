@@ -17,7 +17,7 @@
 """
 from __future__ import annotations
 
-from data_tools.base import GROUP, Dropped, Source, content_hash, judged, module_main, require_object, without
+from data_tools.base import GROUP, Dropped, Source, content_hash, judged, require_object, without
 from data_tools.canonical import RecordError
 
 TEXT_KEYS = ("body", "text", "content", "html", "title")
@@ -160,4 +160,5 @@ class LabelStudio(Source):
 SOURCE = LabelStudio("label-studio", "Label Studio JSON export (Pairwise and Ranker templates)")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

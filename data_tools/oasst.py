@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data_tools.base import Dropped, Item, Source, dense_ranks, get, module_main, msg, require_object, without
+from data_tools.base import Dropped, Item, Source, dense_ranks, get, msg, require_object, without
 from data_tools.canonical import RecordError
 
 ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -229,4 +229,5 @@ class OASST(Source):
 SOURCE = OASST("oasst", "OpenAssistant OASST1/OASST2 trees, flat messages or HF Parquet rows -> rankings + SFT")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

@@ -9,7 +9,7 @@ part of the conversation, and a trailing human turn has no reply: both are trimm
 """
 from __future__ import annotations
 
-from data_tools.base import Source, get, module_main, msg, require_object, without
+from data_tools.base import Source, get, msg, require_object, without
 from data_tools.canonical import RecordError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -49,4 +49,5 @@ class ShareGPT(Source):
 SOURCE = ShareGPT("sharegpt", "ShareGPT/Vicuna conversations (SFT)")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

@@ -8,7 +8,7 @@ can be as low as 1); the others are counted as dropped. Every other field stays 
 """
 from __future__ import annotations
 
-from data_tools.base import Dropped, Source, get, module_main, msg, require_object, without
+from data_tools.base import Dropped, Source, get, msg, require_object, without
 from data_tools.canonical import RecordError
 
 
@@ -40,4 +40,5 @@ class SHP(Source):
 SOURCE = SHP("shp", "Stanford SHP Reddit preference pairs (score-ratio filter --min-ratio)")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

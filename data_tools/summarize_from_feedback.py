@@ -14,7 +14,7 @@ Summary texts are kept verbatim (they start with a space).
 """
 from __future__ import annotations
 
-from data_tools.base import Dropped, Source, get, judged, module_main, require_object, without
+from data_tools.base import Dropped, Source, get, judged, require_object, without
 from data_tools.canonical import RecordError
 
 
@@ -99,4 +99,5 @@ class Summarize(Source):
 SOURCE = Summarize("summarize-from-feedback", "OpenAI summarize_from_feedback comparisons and axis evals")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

@@ -13,7 +13,7 @@ The annotator is GPT-4 (``annotators: ["gpt-4"]``: AI feedback, not human). Ever
 """
 from __future__ import annotations
 
-from data_tools.base import Dropped, Source, get, judged, module_main, msg, require_object, without
+from data_tools.base import Dropped, Source, get, judged, msg, require_object, without
 from data_tools.canonical import RecordError
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
@@ -93,4 +93,5 @@ class UltraFeedback(Source):
 SOURCE = UltraFeedback("ultrafeedback", "OpenBMB UltraFeedback: K rated completions -> rankings (N/A aware)")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

@@ -9,7 +9,7 @@ equals ``chosen``), and ``prompt`` when it differs from the first user turn.
 """
 from __future__ import annotations
 
-from data_tools.base import Source, get, judged, module_main, msg, require_object, without
+from data_tools.base import Source, get, judged, msg, require_object, without
 from data_tools.canonical import RecordError
 
 
@@ -49,4 +49,5 @@ class UltraFeedbackBinarized(Source):
 SOURCE = UltraFeedbackBinarized("ultrafeedback-binarized", "HuggingFaceH4/ultrafeedback_binarized preference splits")
 
 if __name__ == "__main__":
+    from data_tools.cli import module_main
     module_main(SOURCE.name)

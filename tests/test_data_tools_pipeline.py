@@ -193,6 +193,21 @@ def test_split_is_deterministic_and_keeps_conversations_together(tmp_path):
     assert 0 < len(first_turns["test"]) < 15
 
 
+def test_implicit_prompt_pairs_of_one_conversation_share_a_split():
+    """Issue 16: the key of a {chosen, rejected} text pair took every shared character, so the
+    replies' common first words moved pairs of one conversation to different splits."""
+    from data_tools.importer import split_key, split_of
+    convo = "\n\nHuman: hi there\n\nAssistant: Hello.\n\nHuman: a joke?\n\nAssistant:"
+    pairs = [(" Sure, here it is.", " Sure, here is one."), (" Sure thing!", " No."), (" Nope.", " No way.")]
+    keys = {split_key({"chosen": convo + c, "rejected": convo + r}) for c, r in pairs}
+    assert keys == {convo}
+    for i in range(40):
+        c = convo.replace("hi there", f"hi {i}")
+        sides = {split_of({"chosen": c + a, "rejected": c + b}, {"train": 0.5, "test": 0.5}) for a, b in pairs}
+        assert len(sides) == 1
+    assert split_key({"chosen": "The sky is blue.", "rejected": "The sky is green."}) == "The sky is"
+
+
 def test_usage_errors_exit_2(tmp_path, capsys):
     f = str(EXTRA / "hh_rlhf_verbatim.jsonl")
     assert cli.main(["hh-rlhf", f, "--out", str(tmp_path / "o"), "--split", "train=0.9,test=0.2"]) == 2

@@ -3,6 +3,7 @@ running the same global batch. Slow: each launch starts two interpreters (and, t
 a machine, JIT-builds DeepSpeed's shared-memory comm op)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -104,3 +105,86 @@ def test_ppo_two_processes_matches_one_process_and_resumes(preset, tiny_llama, t
                                    torch.tensor(losses(tmp_path / "one", key)), atol=1e-4, rtol=1e-4)
     same_tensors(tmp_path / "ds/adapters/policy/adapter_model.safetensors",
                  tmp_path / "one/adapters/policy/adapter_model.safetensors", atol=1e-4)
+
+
+# ---------------------------------------------------------------- PPO minibatch splits (issue 17)
+def launch_bounded(preset: str, stage: str, *overrides: str, timeout: int = 180):
+    """``launch`` on a free port, killed after ``timeout`` seconds, so a rank left waiting at a
+    collective fails the test instead of blocking the suite. torchrun puts every worker in its own
+    session, so the launcher's descendants are killed one by one (output goes to files: a pipe
+    held open by a surviving worker would block the test too)."""
+    import signal
+    import socket
+    import tempfile
+
+    import psutil
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / f"{preset}.yaml"), "--num_processes", "2",
+           "--main_process_port", str(port), "-m", "align.cli", stage, *overrides]
+    with tempfile.TemporaryFile("w+") as out:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            procs = psutil.Process(p.pid).children(recursive=True) + [psutil.Process(p.pid)]
+            for proc in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signal.SIGKILL)
+            psutil.wait_procs(procs, timeout=30)
+            out.seek(0)
+            pytest.fail(f"{preset} {stage} did not finish in {timeout}s (a hang?)\n{out.read()[-5000:]}")
+        out.seek(0)
+        assert p.returncode == 0, out.read()[-8000:]
+
+
+# rollout_batch_size, num_minibatches, micro_batch_size on 2 processes -> the 1-process micro_batch_size
+# that cuts every minibatch into the same chunks (MinibatchSplit.chunk)
+SPLITS = {
+    "share_below_micro": (8, 2, 8, 2),   # 2 rows per rank < micro 8: before, rank 1 got nothing and hung
+    "share_above_micro": (16, 2, 2, 2),  # 4 rows per rank in 2 chunks of 2
+    "uneven": (20, 2, 4, 3),             # 5 rows per rank in chunks of 3 and 2 (1 process: 3, 3, 2, 2)
+}
+
+
+@pytest.fixture(scope="module")
+def ppo_split_runs(tiny_llama, tmp_path_factory):
+    """The SFT/reward runs and prompts, and each split's 1-process run (made once, for every preset)."""
+    from tests.ppo_helpers import fake_reward_run, fake_sft_run, write_prompts
+    root = tmp_path_factory.mktemp("ppo_split")
+    sft, rm = fake_sft_run(tiny_llama, root / "sft"), fake_reward_run(tiny_llama, root / "rm")
+    prompts = write_prompts(root / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 8)
+    one: dict[str, Path] = {}
+
+    def common(case: str, micro: int | None = None) -> list[str]:
+        rollout, minibatches, micro2, _ = SPLITS[case]
+        return [f"sft_run={sft}", f"reward_run={rm}", f"data.prompts={prompts}", f"data.eval_prompts={prompts}",
+                "ppo.iterations=2", "ppo.num_ppo_epochs=2", f"ppo.rollout_batch_size={rollout}",
+                f"ppo.num_minibatches={minibatches}", f"ppo.micro_batch_size={micro or micro2}",
+                "ppo.response_length=4", "ppo.lr=1e-2", "eval.num_prompts=2", "tracking.wandb=false"]
+
+    def one_process(case: str) -> Path:
+        if case not in one:
+            one[case] = root / f"one_{case}"
+            single("ppo", f"output_dir={one[case]}", *common(case, SPLITS[case][3]))
+        return one[case]
+    return common, one_process
+
+
+@pytest.mark.parametrize("case,preset", [(c, p) for c in SPLITS for p in ("ddp", "zero2")]
+                         + [("share_below_micro", "zero3")])
+def test_ppo_minibatch_splits_two_processes_match_one_process(case, preset, ppo_split_runs, tmp_path):
+    """Whatever each rank's share of a minibatch is next to ppo.micro_batch_size (below, above, not a
+    multiple), both ranks make the same forward/backward calls per optimizer step: no hang, and the
+    adapters equal the 1-process run that cuts the minibatches into the same chunks."""
+    common, one_process = ppo_split_runs
+    launch_bounded(preset, "ppo", f"output_dir={tmp_path / 'two'}", *common(case))
+    one = one_process(case)
+    for key in ("objective/scores", "policy/loss"):
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / "two", key)), torch.tensor(losses(one, key)),
+                                   atol=1e-4, rtol=1e-4)
+    for sub in ("adapters/policy/adapter_model.safetensors", "adapters/value/adapter_model.safetensors"):
+        same_tensors(tmp_path / "two" / sub, one / sub, atol=1e-4)

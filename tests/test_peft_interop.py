@@ -1,4 +1,4 @@
-"""HF peft interoperability (DESIGN invariant 6): what we write loads in peft with the same
+"""HF peft interoperability (docs/invariants.md #6): what we write loads in peft with the same
 logits, and what peft writes loads here with the same logits."""
 from __future__ import annotations
 

@@ -241,3 +241,19 @@ def test_a_negative_value_lr_fails_before_any_work(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match="ppo.value_lr"):
         ppo.run(ppo_cfg(tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target", "ppo.value_lr=-1"))
     assert not (tmp_path / "ppo").exists()
+
+
+def test_an_empty_configured_eval_split_is_refused(tmp_path):
+    """Issue 16: held-out prompts that were asked for (a fraction or a file) but come out empty are
+    a configuration error naming the setting; none asked for (fraction 0, no file) is allowed."""
+    from align.config import ConfigError
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"review {i}:" for i in range(20)])
+    (tmp_path / "empty.jsonl").write_text("")
+
+    def cfg(*extra):
+        return load_config(ppo.PPOConfig, None, [f"data.prompts={prompts}", *extra])
+    with pytest.raises(ConfigError, match=r"data.eval_fraction=0.0001 holds out no eval prompts from .*p.jsonl"):
+        ppo.load_prompts(cfg("data.eval_fraction=0.0001"), None)
+    with pytest.raises(ConfigError, match=r"data.eval_prompts: .*empty.jsonl yields no eval prompts"):
+        ppo.load_prompts(cfg(f"data.eval_prompts={tmp_path / 'empty.jsonl'}"), None)
+    assert ppo.check_eval_split(0, file="", fraction=0.0, train=str(prompts)) is False

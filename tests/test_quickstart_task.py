@@ -218,3 +218,28 @@ def test_ensure_backbone_trains_once_and_caches(tmp_path, monkeypatch):
     assert pretrain.ensure_backbone(tmp_path, **kw) == path
     with pytest.raises(AssertionError, match="retrained"):
         pretrain.ensure_backbone(tmp_path, **{**kw, "steps": 4})   # other settings: another backbone
+
+
+# ------------------------------------------------------------------------------------- report
+@pytest.mark.parametrize("controller", ["fixed", "adaptive"])
+def test_report_kl_row_says_what_the_number_is_for_each_controller(tmp_path, controller):
+    """Issue 16: the report printed "KL (target 6.0)" also under the fixed controller, which has no
+    target. The row names the quantity and the controller setting actually used."""
+    from align.pipeline import PipelineConfig
+    from align.report import kl_label, write_report
+    cfg = PipelineConfig(ppo_kl_controller=controller, ppo_kl_coef=0.05, ppo_kl_target=6.0)
+    side = {"gold_mean": 0.1, "gold_sem": 0.01, "reward_mean": 0.2, "kl_to_sft_mean": 2.5, "stop_rate": 1.0}
+    comparison = {"a": side, "b": side, "gold_diff_mean": 0.0, "gold_diff_sem": 0.01, "win_rate_b_by_gold": 0.5,
+                  "win_rate_b_by_reward": 0.5, "n_prompts": 8, "samples": []}
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "summary.json").write_text(json.dumps({"trainable_params": 10, "backbone_params": 1000}))
+    report = write_report(tmp_path, cfg, comparison, {"rm_accuracy_vs_gold": 0.9, "rm_eval_pairs": 4},
+                          {"sft": 1.0}, {"sft": str(tmp_path / "sft"), "ppo": str(tmp_path / "ppo")})
+    (row,) = [ln for ln in (tmp_path / "report.md").read_text().splitlines() if "KL(PPO ‖ SFT)" in ln]
+    assert row == f"| {kl_label(controller, 0.05, 6.0)} | 2.500 |"
+    assert report["kl_controller"] == controller and report["kl_coef"] == 0.05
+    if controller == "fixed":
+        assert row.startswith("| KL(PPO ‖ SFT), nats per response (fixed KL coefficient β 0.05) |")
+        assert "target" not in row
+    else:
+        assert row.startswith("| KL(PPO ‖ SFT), nats per response (adaptive controller target 6, initial β 0.05) |")

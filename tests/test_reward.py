@@ -68,6 +68,24 @@ def test_record_forms_become_groups():
         to_group({"prompt": "p", "chosen": "a"}, "file.jsonl: record 3")
 
 
+def test_preference_weight_zero_stays_zero_and_bad_weights_are_refused():
+    """Issue 16: ``weight: 0`` used to become 1 (``float(w or 1.0)``)."""
+    pair = {"prompt": "p", "chosen": " a", "rejected": " b"}
+    assert to_group({**pair, "weight": 0}, "x").weight == 0.0
+    assert to_group({**pair, "weight": 0.0}, "x").weight == 0.0
+    assert to_group({"prompt": "p", "completions": ["a", "b"], "ranks": [0, 1], "weight": 0}, "x").weight == 0.0
+    assert to_group(pair, "x").weight == 1.0 and to_group({**pair, "weight": None}, "x").weight == 1.0
+    assert to_group({**pair, "weight": 2.5}, "x").weight == 2.5
+    # a zero-weight group adds nothing to the loss
+    r = torch.tensor([3.0, -1.0, 0.0, 1.0])
+    ranks, group = torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])
+    loss, _ = kwise_loss(r, ranks, group, 2, weight=torch.tensor([0.0, 1.0]))
+    assert loss.item() == pytest.approx(-F.logsigmoid(torch.tensor(-1.0)).item(), abs=1e-6)
+    for bad in (-1, -0.5, float("nan"), float("inf"), "heavy", True):
+        with pytest.raises(ValueError, match=r"prefs.jsonl: record 7: field 'weight' must be a finite number >= 0"):
+            to_group({**pair, "weight": bad}, "prefs.jsonl: record 7")
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_head_reads_the_last_real_token_under_left_and_right_padding(tiny_paths, family):
     model, tok = load(tiny_paths[family])
@@ -92,6 +110,42 @@ def test_prompt_level_split_leaks_no_prompt():
     train, held = split_by_prompt(recs, 0.2)
     assert len(train) + len(held) == 500 and 0 < len(held) < 250
     assert not ({r["prompt"] for r in train} & {r["prompt"] for r in held})
+
+
+def test_implicit_prompt_pairs_sharing_a_conversation_land_on_one_side():
+    """Issue 16: the split hashed all of 'chosen' for {chosen, rejected} pairs, so pairs of one
+    conversation fell on both sides. It hashes the shared prompt now (HH-RLHF strings and
+    conversational message lists)."""
+    from align.data.common import prompt_key
+    replies = [" Sure, here it is.", " Sure, here is another.", " No.", " Sure thing!", " I can't help with that.",
+               " Maybe later.", " Here you go.", " Here you go, with more."]
+    recs = []
+    for i in range(60):
+        convo = f"\n\nHuman: question {i}?\n\nAssistant: An answer {i}.\n\nHuman: and then?\n\nAssistant:"
+        for k in range(len(replies) - 1):          # replies that share first words with others too
+            recs.append({"chosen": convo + replies[k], "rejected": convo + replies[k + 1], "conv": i})
+        msgs = [{"role": "user", "content": f"chat {i}"}]
+        for k in range(3):
+            recs.append({"chosen": msgs + [{"role": "assistant", "content": replies[k]}],
+                         "rejected": msgs + [{"role": "assistant", "content": replies[k + 1]}], "conv": 1000 + i})
+    train, held = split_by_prompt(recs, 0.3)
+    assert train and held
+    assert not ({r["conv"] for r in train} & {r["conv"] for r in held})
+    # the key is the shared prompt, as an explicit-prompt record of that prompt would have it
+    hh = recs[0]
+    assert prompt_key(hh) == prompt_key({"prompt": hh["chosen"][:-len(replies[0])], "chosen": "", "rejected": ""})
+
+
+def test_reward_refuses_an_empty_configured_eval_split(tiny_llama, tmp_path):
+    """Issue 16: a configured eval split that holds nothing is refused before the run starts."""
+    import align.stages.reward as reward
+    from align.config import ConfigError, load_config
+    data = rule_rankings(tmp_path / "rules.jsonl", n=20)
+    with pytest.raises(ConfigError, match=r"data.eval_fraction=0.0001 holds out no eval records from .*rules.jsonl"):
+        reward.run(load_config(reward.RewardConfig, None, [
+            f"output_dir={tmp_path / 'rm'}", f"model.path={tiny_llama}", f"data.train={data}",
+            "data.eval_fraction=0.0001", "tracking.wandb=false"]))
+    assert not (tmp_path / "rm").exists()
 
 
 def rule_rankings(path, n=240, seed=0):

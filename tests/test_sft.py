@@ -76,6 +76,29 @@ def test_packing_keeps_examples_apart(tiny_llama):
         torch.testing.assert_close(packed[sl], alone, atol=1e-5, rtol=0)
 
 
+def test_packed_loss_has_no_term_across_a_segment_boundary(tiny_llama):
+    """Issue 16: with completion_only_loss=false the last token of example i used to predict the
+    first token of example i+1. A packed row must give the same summed loss and the same number
+    of counted tokens as its examples one by one."""
+    from align.data.sft import lm_loss
+    model, tok = load(tiny_llama)
+    recs = [{"prompt": "the dog", "completion": " sings"}, {"prompt": "a cat", "completion": " runs"},
+            {"prompt": "rain", "completion": " falls on the song"}]
+    for completion_only in (False, True):
+        exs, _ = build_examples(recs, tok, 64, completion_only=completion_only)
+        (row,) = pack(exs, 64)
+        starts = [sum(len(e.input_ids) for e in exs[:k]) for k in range(len(exs))]
+        assert all(row["labels"][s] == IGNORE for s in starts)
+        b = Collator(tok.pad_token_id, packed=True)([row])
+        with torch.no_grad():
+            loss, n = lm_loss(model(b["input_ids"], b["attention_mask"], segment_ids=b["segment_ids"],
+                                    role="base").logits, b["labels"])
+            alone = [lm_loss(model(torch.tensor([e.input_ids]), role="base").logits, torch.tensor([e.labels]))
+                     for e in exs]
+        assert int(n) == sum(int(m) for _, m in alone)
+        torch.testing.assert_close(loss * n, sum(l * m for l, m in alone), atol=1e-4, rtol=1e-5)
+
+
 def test_held_out_loss_falls_well_below_its_start(tiny_llama, tmp_path):
     data = (tiny_llama, synthetic_instructions(tmp_path / "d.jsonl"))
     out = sft.run(sft_cfg(tmp_path, data, "train.max_steps=80"))
@@ -86,6 +109,28 @@ def test_held_out_loss_falls_well_below_its_start(tiny_llama, tmp_path):
     samples = [json.loads(ln) for ln in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all("completion" in s for s in samples)
     assert (tmp_path / "run" / "adapters" / "sft" / "adapter_config.json").exists()
+
+
+def test_empty_eval_split_is_refused_when_configured_and_silent_when_absent(tiny_llama, tmp_path):
+    """Issue 16: an empty eval split logged eval/loss 0.0 and perplexity 1.0."""
+    from align.config import ConfigError
+    data = (tiny_llama, synthetic_instructions(tmp_path / "d.jsonl", n=40))
+    # a fraction that holds out nothing: refused, naming the setting, before the run dir exists
+    with pytest.raises(ConfigError, match=r"data.eval_fraction=0.0001 holds out no eval records from .*d.jsonl"):
+        sft.run(sft_cfg(tmp_path, data, "data.eval_fraction=0.0001", name="tiny_fraction"))
+    assert not (tmp_path / "tiny_fraction").exists()
+    # a held-out file without records: refused, naming the file
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"data.eval: .*empty.jsonl yields no eval records"):
+        sft.run(sft_cfg(tmp_path, data, f"data.eval={tmp_path / 'empty.jsonl'}", name="empty_file"))
+    assert not (tmp_path / "empty_file").exists()
+    # no eval data asked for (fraction 0, no file): training runs and logs no eval numbers
+    out = sft.run(sft_cfg(tmp_path, data, "data.eval_fraction=0", "train.max_steps=3", "train.eval_every=1",
+                          "train.batch_size=8", name="no_eval"))
+    logged = [json.loads(x) for x in (tmp_path / "no_eval" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m for m in logged)
+    assert not any(k.startswith("eval/") for m in logged for k in m), logged
+    assert out["eval_examples"] == 0 and "eval/loss" not in out
 
 
 def test_kill_and_resume_gives_bitwise_identical_adapters(tiny_llama, tmp_path):

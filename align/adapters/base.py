@@ -136,6 +136,10 @@ class AdapterSet(nn.Module):
         return self.config
 
 
+# Filled by @register in the method modules. Importing this module runs align/adapters/__init__.py
+# first (it is this module's package), and that imports every method module, so by the time any
+# function here runs every method is registered; this module never imports its package back
+# (tests/test_imports.py keeps the import graph acyclic).
 METHODS: dict[str, type[AdapterSet]] = {}
 
 
@@ -145,7 +149,6 @@ def register(cls: type[AdapterSet]) -> type[AdapterSet]:
 
 
 def create_adapter_set(name: str, config: AdapterConfig, backbone: nn.Module, arch: Arch) -> AdapterSet:
-    import align.adapters  # noqa: F401  (registers the methods)
     if config.method not in METHODS:
         raise ValueError(f"adapter.method={config.method!r} is unknown; available: {sorted(METHODS)}")
     return METHODS[config.method](name, config, arch, backbone)

@@ -3,7 +3,7 @@
 ``h <- h + W_up f(W_down h)`` applied to a sub-layer's output before the residual add: after the
 attention block and after the MLP (Houlsby) or after the MLP only (Pfeiffer). W_down is drawn
 from N(0, init_std) truncated at 2 sigma; W_up and both biases start at zero, so a fresh set is
-the identity (DESIGN invariant 3). HF peft has no bottleneck tuner, so these save in align's own
+the identity (docs/invariants.md #3). HF peft has no bottleneck tuner, so these save in align's own
 format only.
 """
 from __future__ import annotations

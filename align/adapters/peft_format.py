@@ -9,7 +9,7 @@ An adapter directory holds:
 * ``align_adapter.json``: align's own record: method, full config, backbone fingerprint.
 
 A directory written by peft alone (no ``align_adapter.json``) is imported from its peft config.
-Only safetensors are read or written (DESIGN invariant 5).
+Only safetensors are read or written (docs/invariants.md #5).
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from align.adapters.base import METHODS, AdapterConfig
+from align.checkpoint import save_safetensors
 
 ALIGN_FILE = "align_adapter.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -70,7 +71,7 @@ def save_adapter(model, name: str, directory: str | os.PathLike, backbone_name: 
     directory = Path(directory)
     meta = {"format": "pt", "align_method": aset.method, "align_fingerprint": model.fingerprint}
     with atomic_dir(directory) as tmp:
-        save_file(_contiguous(aset.export_state_dict()), tmp / WEIGHTS, metadata=meta)
+        save_safetensors(_contiguous(aset.export_state_dict()), tmp / WEIGHTS, metadata=meta)
         peft_cfg = aset.peft_config()
         if peft_cfg is not None:
             peft_cfg = {**peft_cfg, "base_model_name_or_path": backbone_name or None}
@@ -126,8 +127,8 @@ def save_head(model, name: str, directory: str | os.PathLike, extra: dict | None
     directory = Path(directory)
     head = model.heads[name]
     with atomic_dir(directory) as tmp:
-        save_file(_contiguous(head.state_dict()), tmp / "head.safetensors",
-                  metadata={"format": "pt", "align_fingerprint": model.fingerprint})
+        save_safetensors(_contiguous(head.state_dict()), tmp / "head.safetensors",
+                         metadata={"format": "pt", "align_fingerprint": model.fingerprint})
         (tmp / "head.json").write_text(json.dumps(
             {"hidden_size": model.arch.hidden_size, "backbone_fingerprint": model.fingerprint,
              **(extra or {})}, indent=2, sort_keys=True))

@@ -41,12 +41,32 @@ def read_records(path: str | Path) -> list[dict]:
     return out
 
 
+ASSISTANT_TURN = "\n\nAssistant:"          # HH-RLHF's header of an assistant turn
+
+
+def implicit_prompt(chosen, rejected):
+    """The prompt of an implicit-prompt pair ``{chosen, rejected}``: their shared beginning, as
+    :func:`align.data.preferences._common_prefix` takes it. For a string conversation in the
+    HH-RLHF layout the prefix is further cut after its last ``Assistant:`` header, so two replies
+    that happen to start with the same words do not move the pair to another prompt."""
+    from align.data.preferences import _common_prefix
+    prompt = _common_prefix(chosen, rejected)[0]
+    if isinstance(prompt, str):
+        cut = prompt.rfind(ASSISTANT_TURN)
+        if cut >= 0:
+            prompt = prompt[:cut + len(ASSISTANT_TURN)]
+    return prompt
+
+
 def prompt_key(record: dict) -> str:
-    """A hash of the record's prompt (for 'messages' records: every turn before the last)."""
+    """A hash of the record's prompt (for 'messages' records: every turn before the last; for
+    implicit-prompt pairs the shared beginning of 'chosen' and 'rejected', never all of 'chosen')."""
     if "prompt" in record:
         p = record["prompt"]
     elif "messages" in record:
         p = record["messages"][:-1]
+    elif "chosen" in record and "rejected" in record:
+        p = implicit_prompt(record["chosen"], record["rejected"])
     else:
         p = record.get("chosen", "")
     return hashlib.sha256(json.dumps(p, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -59,3 +79,22 @@ def split_by_prompt(records: list[dict], eval_fraction: float) -> tuple[list[dic
         u = int(prompt_key(r)[:12], 16) / 16 ** 12
         (held if u < eval_fraction else train).append(r)
     return train, held
+
+
+def check_eval_split(n_eval: int, *, file: str, fraction: float, train: str, what: str = "records",
+                     file_key: str = "data.eval", fraction_key: str = "data.eval_fraction") -> bool:
+    """Whether the stage evaluates at all. Eval data is optional: no held-out file and a zero
+    fraction mean no evaluation, and nothing is logged for it. A held-out file, or a non-zero
+    fraction, that yields no eval ``what`` is a configuration error naming the file or setting
+    (instead of an eval loss of 0 over no tokens); raise it before training starts."""
+    from align.config import ConfigError
+    if n_eval:
+        return True
+    if file:
+        raise ConfigError(f"{file_key}: {file} yields no eval {what}; give held-out data there, or leave "
+                          f"{file_key} empty and set {fraction_key}=0 to train without evaluation")
+    if fraction > 0:
+        raise ConfigError(f"{fraction_key}={fraction:g} holds out no eval {what} from {train} (the split is "
+                          f"by prompt hash); raise it, give held-out data in {file_key}, or set {fraction_key}=0 "
+                          f"to train without evaluation")
+    return False

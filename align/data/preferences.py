@@ -11,6 +11,7 @@ rejected}`` whose shared beginning is taken as the prompt.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,24 @@ def _common_prefix(a, b):
     return a[:cut], a[cut:], b[cut:]
 
 
-def to_group(rec: dict, where: str) -> Group:
+def _weight(rec: dict, where: str) -> float:
+    """The record's ``weight``: absent or null means 1; 0 stays 0 (the record counts for nothing);
+    a negative, non-finite or non-numeric weight is refused, naming the record and the field."""
+    raw = rec.get("weight")
+    if raw is None:
+        return 1.0
     try:
-        w = float(rec.get("weight", 1.0) or 1.0)
+        w = float(raw)
+    except (TypeError, ValueError):
+        w = math.nan
+    if isinstance(raw, bool) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"{where}: field 'weight' must be a finite number >= 0, got {raw!r}")
+    return w
+
+
+def to_group(rec: dict, where: str) -> Group:
+    w = _weight(rec, where)
+    try:
         if "completions" in rec:
             comps, ranks = rec["completions"], [int(r) for r in rec["ranks"]]
             if len(comps) < 2 or len(ranks) != len(comps):
@@ -64,24 +80,53 @@ def to_group(rec: dict, where: str) -> Group:
 
 @dataclass
 class TokenGroup:
-    sequences: list[list[int]]      # prompt + completion + EOS, per completion
+    sequences: list[list[int]]      # prompt + completion (ending at its stop token), per completion
     ranks: list[int]
     margin: float
     weight: float
 
 
-def tokenize_group(g: Group, tokenizer, max_length: int, chat_template=None) -> TokenGroup:
-    from align.data.sft import tokenize_pair
-    seqs = []
+def tokenize_group(g: Group, tokenizer, max_length: int, chat_template=None, report=None) -> TokenGroup | None:
+    """Every completion as prompt + completion ids ending at its stop token (align/tokens.py).
+    Truncation is counted in ``report`` (a ``TruncationReport``); a group in which any
+    completion lost its end is refused (None, counted as dropped): the reward is read at the
+    last token, and a cut response would be scored at an arbitrary one."""
+    from align.data.sft import TruncationReport, tokenize_pair
+    rep = report if report is not None else TruncationReport()
+    seqs, cut = [], False
     for c in g.completions:
         if isinstance(g.prompt, list) or isinstance(c, list):
             p, t = render({"prompt": g.prompt, "completion": c if isinstance(c, list) else
                            [{"role": "assistant", "content": c}]}, tokenizer, chat_template)
         else:
             p, t = g.prompt, c
-        pi, ci = tokenize_pair(p, t, tokenizer, max_length)
+        before = rep.completion_truncated
+        pi, ci = tokenize_pair(p, t, tokenizer, max_length, rep)
+        cut = cut or rep.completion_truncated > before
         seqs.append(pi + ci)
+    if cut:
+        rep.dropped += 1
+        return None
     return TokenGroup(seqs, list(g.ranks), g.margin, g.weight)
+
+
+def tokenize_groups(groups: list[Group], tokenizer, max_length: int, chat_template=None,
+                    where: str = "data") -> tuple[list[TokenGroup], "object", list[int]]:
+    """``tokenize_group`` over ``groups``: (kept groups, TruncationReport, indices of the refused
+    records). Fails, naming ``where``, when no group is left."""
+    from align.data.sft import TruncationReport
+    rep = TruncationReport()
+    kept, refused = [], []
+    for i, g in enumerate(groups):
+        tg = tokenize_group(g, tokenizer, max_length, chat_template, rep)
+        if tg is None:
+            refused.append(i)
+        else:
+            kept.append(tg)
+    if groups and not kept:
+        raise ValueError(f"{where}: every record has a completion longer than data.max_length={max_length} "
+                         f"on its own; raise data.max_length")
+    return kept, rep, refused
 
 
 def collate_groups(groups: list[TokenGroup], pad_id: int, padding_side: str = "right") -> dict:

@@ -6,15 +6,21 @@ assistant turn is the completion; earlier turns are the prompt). Conversations a
 the tokenizer's chat template, or ``data.chat_template`` for tokenizers without one.
 
 Prompt and completion are tokenized separately (as the policy will later see them: prompt
-tokens, then generated tokens) and an EOS is appended to the completion. Truncation never drops
-a completion silently: the prompt is cut from the left first; only a completion that alone
-exceeds the budget is cut, and every cut is counted and reported.
+tokens, then generated tokens). The prompt starts with the tokenizer's BOS (once); the completion
+ends at its first stop token (a chat template's end of turn such as ChatML's ``<|im_end|>``; what
+the template writes after it, e.g. a newline, is not part of the response) or, when it has none,
+gets the EOS appended: one definition of "the response ends here" (align/tokens.py) shared with
+reward data, rollouts and evaluation. Truncation never drops a completion silently: the prompt is
+cut from the left first; only a completion that alone exceeds the budget is cut, and every cut is
+counted and reported.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+from align.tokens import encode, specials
 
 IGNORE = -100
 
@@ -75,25 +81,31 @@ def encode_prompts(records: list[dict], where: str, tokenizer, chat_template: st
         if "prompt" not in r:
             raise ValueError(f"{where}: record {i}: missing field 'prompt'")
         text = prompt_text(r["prompt"], tokenizer, chat_template)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        out.append({"text": text, "ids": ids[-max_length:] if max_length else ids})
+        ids = encode(tokenizer, text, bos=True)
+        if max_length and len(ids) > max_length:  # keep the end, and the BOS in front
+            ids = specials(tokenizer).with_bos(ids[-(max_length - len(specials(tokenizer).bos_ids)):])
+        out.append({"text": text, "ids": ids})
     return out
 
 
 def tokenize_pair(prompt: str, completion: str, tokenizer, max_length: int,
                   report: TruncationReport | None = None, add_eos: bool = True):
-    """Token ids of prompt and completion (+EOS), truncated to ``max_length`` in total."""
-    p = tokenizer(prompt, add_special_tokens=False).input_ids
-    c = tokenizer(completion, add_special_tokens=False).input_ids
-    eos = tokenizer.eos_token_id
-    if add_eos and (not c or c[-1] != eos):
-        c = c + [eos]
+    """Token ids of prompt (BOS first) and completion (up to its first stop token, else + EOS),
+    truncated to ``max_length`` in total."""
+    sp = specials(tokenizer)
+    p = encode(tokenizer, prompt, bos=True)
+    c = encode(tokenizer, completion, bos=False)
+    if add_eos:
+        c, ended = sp.cut_at_stop(c)
+        if not ended:
+            c = c + [sp.end_id]
     rep = report or TruncationReport()
     rep.examples += 1
     if len(p) + len(c) > max_length:
         keep_prompt = max(1, max_length - len(c))
         if keep_prompt < len(p):
-            p = p[-keep_prompt:]
+            nb = len(sp.bos_ids)  # cut from the left, but keep the BOS in front
+            p = list(sp.bos_ids) + p[-(keep_prompt - nb):] if nb and keep_prompt > nb else p[-keep_prompt:]
             rep.prompt_truncated += 1
         if len(p) + len(c) > max_length:
             c = c[:max_length - len(p)]
@@ -128,7 +140,10 @@ def build_examples(records, tokenizer, max_length: int, completion_only: bool = 
 
 def pack(examples: list[SFTExample], max_length: int) -> list[dict]:
     """Greedy packing into rows of at most ``max_length`` tokens with segment ids (no
-    cross-example attention: the model masks across segments and restarts positions)."""
+    cross-example attention: the model masks across segments and restarts positions). Each
+    segment's first label is ignored: in a row it would be the target of the previous example's
+    last token (a cross-example loss term, e.g. with ``completion_only_loss=false``); alone it is
+    never a target either, so a packed row counts exactly the tokens its examples count alone."""
     rows, cur = [], {"input_ids": [], "labels": [], "segment_ids": []}
     seg = 0
     for ex in examples:
@@ -137,7 +152,7 @@ def pack(examples: list[SFTExample], max_length: int) -> list[dict]:
             cur, seg = {"input_ids": [], "labels": [], "segment_ids": []}, 0
         seg += 1
         cur["input_ids"] += ex.input_ids
-        cur["labels"] += ex.labels
+        cur["labels"] += [IGNORE] * min(1, len(ex.labels)) + list(ex.labels[1:])
         cur["segment_ids"] += [seg] * len(ex.input_ids)
     if cur["input_ids"]:
         rows.append(cur)
@@ -179,3 +194,21 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
         ignore_index=IGNORE, reduction="sum")
     return loss / n.clamp(min=1), n
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: the positions whose next-token prediction is labelled (the only positions
+    whose logits a loss needs; ``AlignModel.forward(logits_at=...)`` computes just those)."""
+    sel = torch.zeros_like(labels, dtype=torch.bool)
+    sel[:, :-1] = labels[:, 1:] != IGNORE
+    return sel
+
+
+def lm_loss_at(logits: torch.Tensor, labels: torch.Tensor, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lm_loss`` from the logits [N, V] at ``sel`` = ``label_positions(labels)`` only: the same
+    value, without a [B, T, V] tensor for the prompt and padding positions."""
+    targets = labels[:, 1:][sel[:, :-1]]
+    n = torch.tensor(targets.numel(), device=labels.device)
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss / n.clamp(min=1), n
+

@@ -2,5 +2,5 @@
 
 functional: masked statistics, log-probs, entropy; rollout: stop-token truncation and penalty;
 kl: per-token KL estimators and KL controllers; rewards: per-token rewards; gae: advantages and
-returns; losses: clipped policy and value losses. Conventions: shared/reference/ppo-details.md.
+returns; losses: clipped policy and value losses. Conventions: docs/ppo-notes.md.
 """

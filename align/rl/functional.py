@@ -3,7 +3,7 @@
 Shapes: B = batch (episodes), T = response tokens, V = vocabulary. A ``mask`` is a bool (or 0/1)
 tensor broadcastable to ``x`` that is True on real response tokens and False on padding.
 Conventions follow N+ (Huang et al. 2024, ``summarize_from_feedback_details``) and the 2019
-reproduction (``lm-human-preference-details``); see reference ppo-details.md §1.E E3, §1.F F2.
+reproduction (``lm-human-preference-details``); see docs/ppo-notes.md §E3, §F2.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
     Computed as gather(z) - logsumexp(z) with z = logits / temperature in >= float32 (equal to
     ``log_softmax(z).gather``, one [B,T,V] temporary fewer). The same temperature must be used
-    for rollout, reference and training forwards (ppo-details B4). N+ divides by T + 1e-7; we
+    for rollout, reference and training forwards (docs/ppo-notes.md §B4). N+ divides by T + 1e-7; we
     divide by exactly T (consistent everywhere, so ratio = 1 and KL = 0 at step 0 still hold).
     """
     z = _tempered(logits, temperature)

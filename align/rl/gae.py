@@ -1,4 +1,4 @@
-"""Generalized advantage estimation (Schulman et al. 2016) over response tokens (ppo-details F1)."""
+"""Generalized advantage estimation (Schulman et al. 2016) over response tokens (docs/ppo-notes.md §F1)."""
 from __future__ import annotations
 
 import torch

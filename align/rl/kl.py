@@ -1,4 +1,4 @@
-"""Per-token KL estimators and the KL-coefficient controllers (ppo-details §1.E E1, E2).
+"""Per-token KL estimators and the KL-coefficient controllers (docs/ppo-notes.md §E1, §E2).
 
 Notation: actions a_t are sampled from the policy pi; ``logr = log pi(a_t) - log pi_ref(a_t)``.
 The quantity estimated is the reverse KL of the RLHF objective, KL(pi || pi_ref) = E_pi[logr]

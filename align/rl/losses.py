@@ -1,4 +1,5 @@
-"""PPO's clipped losses (Schulman et al. 2017; value clipping as in baselines ppo2), ppo-details F3, F4.
+"""PPO's clipped losses (Schulman et al. 2017; value clipping as in baselines ppo2):
+docs/ppo-notes.md §F3, §F4.
 
 All inputs are [B, T] per response token, aligned to the action index; ``mask`` is True on real
 tokens. Losses are masked means over tokens (N+); stats are detached scalars.
@@ -60,7 +61,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """1 - Var[R - V] / Var[R] over real tokens (biased variances); scalar tensor.
 
     1 = perfect value predictions, 0 = no better than a constant, < 0 = worse. NaN when Var[R] = 0
-    (undefined; as in CleanRL / SB3). A healthy PPO-RLHF run rises to ~0.75-0.9 (ppo-details §6.7).
+    (undefined; as in CleanRL / SB3). A healthy PPO-RLHF run rises to ~0.75-0.9 (docs/ppo-notes.md §6.7).
     """
     var_returns = masked_var(returns, mask)
     ev = 1.0 - masked_var(returns - values, mask) / var_returns

@@ -1,5 +1,5 @@
 """Per-token rewards: the KL penalty on every real token, the sequence score on the last one
-(ppo-details §1.D D4, §1.E E1, E3)."""
+(docs/ppo-notes.md §D4, §E1, §E3)."""
 from __future__ import annotations
 
 import torch

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.backbone import load_backbone, load_tokenizer
+from align.backbone import load_backbone, load_tokenizer, resolve_checkpoint
 from align.checkpoint import latest_checkpoint
 from align.config import ConfigError, save_config, to_dict
 from align.distributed import Runtime
@@ -56,15 +56,13 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
                               f"it or choose another output_dir")
     rt = Runtime(grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
     if rt.is_main:
+        resolve_checkpoint(backbone_path)  # a GGUF file is converted once, by one process
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     rt.barrier()
     seed_everything(cfg.train.seed)
-    tok = load_tokenizer(backbone_path, trust_remote_code=cfg.model.trust_remote_code)
-    backbone = load_backbone(backbone_path, cfg.model.dtype, rt.device, cfg.model.trust_remote_code, tok)
-    model = AlignModel(backbone)
-    if cfg.model.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    tok, model = load_model(backbone_path, cfg.model, rt.device,
+                            chat_template=getattr(getattr(cfg, "data", None), "chat_template", None))
     if rt.is_main:
         (run_dir / "backbone.json").write_text(json.dumps(
             {"path": str(Path(backbone_path).resolve()), "fingerprint": model.fingerprint,
@@ -72,6 +70,18 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     tracker = Tracker(run_dir, cfg.tracking, job_type=job_type, config=to_dict(cfg),
                       is_main=rt.is_main, resume_step=resume_step)
     return Stage(run_dir, rt, tok, model, tracker, backbone_path, resume_step)
+
+
+def load_model(backbone_path: str, model_cfg, device, chat_template: str | None = None):
+    """The one loader every command uses: tokenizer (with its Specials) and ``AlignModel`` on
+    ``device`` in ``model_cfg.dtype``, ``trust_remote_code`` only when asked, gradient
+    checkpointing when configured."""
+    tok = load_tokenizer(backbone_path, trust_remote_code=model_cfg.trust_remote_code, chat_template=chat_template)
+    backbone = load_backbone(backbone_path, model_cfg.dtype, device, model_cfg.trust_remote_code, tok)
+    model = AlignModel(backbone)
+    if model_cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return tok, model
 
 
 def write_summary(stage: Stage, summary: dict) -> None:

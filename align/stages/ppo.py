@@ -8,7 +8,7 @@ Every role lives on one frozen backbone held once in memory:
                                       or the policy's adapters with its own head (value.share_policy)
     reward    = [reward...] + head    frozen: the trained reward role
 
-One PPO iteration (CleanRL / N+ implementation details; ppo-details.md §1):
+One PPO iteration (CleanRL / N+ implementation details; docs/ppo-notes.md §1):
 
     1. sample responses to left-padded prompts from the policy (KV cache, temperature T, pure sampling)
     2. truncate after the first stop token; score query+response with the reward role at the last
@@ -44,7 +44,7 @@ from align.adapters.base import AdapterConfig
 from align.adapters.peft_format import load_adapter, load_head, save_adapter, save_head
 from align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from align.config import ConfigError, ModelConfig, TrackingConfig, require_file
-from align.data.common import read_records, split_by_prompt
+from align.data.common import check_eval_split, read_records, split_by_prompt
 from align.data.preferences import sequence_rewards
 from align.data.sft import encode_prompts
 from align.generation import sample
@@ -55,6 +55,7 @@ from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.rewards import compute_token_rewards, whiten_rewards
 from align.rl.rollout import apply_missing_stop_penalty, response_mask_from_lengths, truncate_after_stop
 from align.stages.common import backbone_from_run, finish_stage, left_pad, start_stage
+from align.tokens import specials
 from align.trainer import make_optimizer
 
 
@@ -81,7 +82,8 @@ class PPOAlgoConfig:
     rollout_batch_size: int = 64         # prompts per iteration, over all processes
     num_minibatches: int = 1             # optimizer steps per PPO epoch
     num_ppo_epochs: int = 4              # passes over each rollout batch
-    micro_batch_size: int = 16           # per process, per forward/backward
+    micro_batch_size: int = 16           # most rows per process per forward/backward (a process's share
+                                         # of a minibatch goes in ceil(share / micro) near-equal chunks)
     response_length: int = 48            # max new tokens per response
     temperature: float = 0.7             # sampling temperature, also applied in every log-prob
     rollout_logprobs: str = "auto"       # sample: the sampler's log-probs (N+) | recompute: a fresh policy
@@ -142,15 +144,71 @@ class PPOConfig:
         """start_stage reads seed and grad_accum from here: one optimizer step per minibatch,
         accumulated over its micro-batches (world size from the launcher's environment)."""
         a = self.ppo
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        mb = a.rollout_batch_size // world // max(1, a.num_minibatches)
-        return _TrainView(a.seed, max(1, mb // a.micro_batch_size))
+        try:
+            accum = minibatch_split(a, int(os.environ.get("WORLD_SIZE", "1"))).accum_steps
+        except ConfigError:  # run() refuses such a config before it gets here
+            accum = 1
+        return _TrainView(a.seed, accum)
 
 
 @dataclass
 class _TrainView:
     seed: int
     grad_accum: int = 1
+
+
+@dataclass(frozen=True)
+class MinibatchSplit:
+    """How each global PPO minibatch is spread over processes and micro-batches.
+
+    Every process gets ``per_rank`` rows of every minibatch, in ``accum_steps`` forward/backward
+    calls of at most ``ppo.micro_batch_size`` rows: the minibatch (in its shuffled order) is cut into
+    ``world * accum_steps`` consecutive chunks of near-equal size (``torch.tensor_split``: sizes
+    differ by at most one), chunk ``m`` going to rank ``m % world`` as its accumulation step
+    ``m // world``. So every rank makes the same number of forward/backward calls and collectives
+    per optimizer step whatever the sizes, and a run on ``world`` processes cuts the minibatch
+    exactly as one process does with ``micro_batch_size = chunk`` when the chunks are equal (in
+    particular: as one process with the same ``micro_batch_size`` when it divides ``per_rank``)."""
+    world: int
+    minibatch: int      # global rows per minibatch: rollout_batch_size / num_minibatches
+    per_rank: int       # rows of every minibatch per process: minibatch / world
+    accum_steps: int    # forward/backward calls per process per optimizer step: ceil(per_rank / micro)
+    chunk: int          # rows of the largest chunk (<= micro_batch_size)
+
+    def chunks(self, minibatch_rows: torch.Tensor, rank: int) -> list[torch.Tensor]:
+        """This rank's chunks of one global minibatch (row indices), in accumulation order."""
+        return list(torch.tensor_split(minibatch_rows, self.world * self.accum_steps))[rank::self.world]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def minibatch_split(a: PPOAlgoConfig, world: int) -> MinibatchSplit:
+    """The split of every minibatch over ``world`` processes; a ConfigError (naming the keys and
+    values that would work) when ``rollout_batch_size`` does not divide evenly into
+    ``world x num_minibatches`` shares."""
+    for key in ("rollout_batch_size", "num_minibatches", "micro_batch_size"):
+        if getattr(a, key) < 1:
+            raise ConfigError(f"ppo.{key}={getattr(a, key)}: give a positive number")
+    rollout, nm, micro = a.rollout_batch_size, a.num_minibatches, a.micro_batch_size
+    parts = world * nm
+    if rollout % parts:
+        lo = rollout // parts * parts
+        ways = [f"a ppo.rollout_batch_size that is a multiple of {parts} (e.g. "
+                + " or ".join(str(v) for v in (lo, lo + parts) if v > 0) + ")"]
+        if rollout % world == 0:
+            ways.append(f"ppo.num_minibatches one of {_divisors(rollout // world)}")
+        if rollout % nm == 0:
+            ways.append(f"a number of processes in {_divisors(rollout // nm)}")
+        raise ConfigError(
+            f"ppo.rollout_batch_size={rollout} does not split into {world} process(es) x "
+            f"ppo.num_minibatches={nm} equal shares (every process needs the same number of rows of "
+            f"every minibatch); use " + ", or ".join(ways))
+    per_rank = rollout // parts
+    accum = -(-per_rank // micro)
+    return MinibatchSplit(world=world, minibatch=rollout // nm, per_rank=per_rank, accum_steps=accum,
+                          chunk=-(-per_rank // accum))
 
 
 # ------------------------------------------------------------------------------------ roles
@@ -247,6 +305,8 @@ def load_prompts(cfg: PPOConfig, tok) -> tuple[list, list]:
         held = read_records(require_file(cfg.data.eval_prompts, "data.eval_prompts"))
     else:
         recs, held = split_by_prompt(recs, cfg.data.eval_fraction)
+    check_eval_split(len(held), file=cfg.data.eval_prompts, fraction=cfg.data.eval_fraction, train=cfg.data.prompts,
+                     what="prompts", file_key="data.eval_prompts")   # none asked for: no eval logged
 
     def encode(rs, where):
         return encode_prompts(rs, where, tok, cfg.data.chat_template, cfg.data.max_prompt_length)
@@ -282,11 +342,12 @@ def response_stats(model, query, qmask, response, rmask, roles, temperature):
     ids = torch.cat([query, response], 1)
     mask = torch.cat([qmask, rmask.long()], 1)
     q = query.shape[1]
-    outs = model(ids, mask, roles=tuple(roles))
+    # logits only at the positions that predict response tokens (not [B, Q+R, V])
+    outs = model(ids, mask, roles=tuple(roles), logits_at=slice(q - 1, -1))
     res = {}
     for r, o in outs.items():
         if o.logits is not None:
-            logits = o.logits[:, q - 1:-1]
+            logits = o.logits
             res[r] = {"logprobs": logprobs_from_logits(logits, response, temperature), "logits": logits}
         if o.values is not None:
             res.setdefault(r, {})["values"] = o.values[:, q - 1:-1].float()
@@ -300,13 +361,14 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, wi
     every process pads alike (gatherable, and numerically identical whatever the world size)."""
     a = cfg.ppo
     query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device, width=width)
+    stops = specials(tok).stop_ids
     t0 = time.time()
     with rt.gathered(model.parameters()):
         s = sample(model, query, qmask, role="policy", max_new_tokens=a.response_length,
-                   temperature=a.temperature, stop_token_id=tok.eos_token_id,
+                   temperature=a.temperature, stop_token_id=stops,
                    pad_token_id=tok.pad_token_id, row_seeds=row_seeds)
     generate_s = time.time() - t0
-    response, seq_lengths, has_stop = truncate_after_stop(s.tokens, tok.eos_token_id, tok.pad_token_id)
+    response, seq_lengths, has_stop = truncate_after_stop(s.tokens, stops, tok.pad_token_id)
     rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
     recompute = recompute_logprobs(a.rollout_logprobs, cfg.model.dtype)
     logp, ref, values, raw = [], [], [], []
@@ -330,7 +392,7 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, wi
     if a.missing_stop_mode != "none":
         scores = apply_missing_stop_penalty(scores, has_stop, a.missing_stop_penalty, a.missing_stop_mode)
     # old log-probs: the sampler's own (the temperature-warped distribution it drew from, within
-    # ~1e-6 of a fresh forward in float32: ppo-details B6), or a fresh policy forward
+    # ~1e-6 of a fresh forward in float32: docs/ppo-notes.md §B6), or a fresh policy forward
     logprobs = torch.cat(logp) if recompute else s.logprobs.masked_fill(~rmask, 0.0)
     return Rollout(query, qmask, response, rmask, seq_lengths, has_stop, logprobs, torch.cat(ref),
                    torch.cat(values), raw, scores, s.logprobs), generate_s
@@ -369,20 +431,20 @@ def run(cfg: PPOConfig) -> dict:
     if a.value_lr < 0:
         raise ConfigError(f"ppo.value_lr={a.value_lr}: give a positive rate, or 0 for ppo.lr")
     world_batch = a.rollout_batch_size
+    split = minibatch_split(a, int(os.environ.get("WORLD_SIZE", "1")))  # refused before the run dir exists
     st = start_stage(cfg, "ppo", backbone)
     rt, tok, model = st.rt, st.tokenizer, st.model
-    if world_batch % rt.world_size or (world_batch // rt.world_size) % a.num_minibatches:
-        raise ConfigError("ppo.rollout_batch_size must split evenly over processes and ppo.num_minibatches")
+    if rt.world_size != split.world:
+        split = minibatch_split(a, rt.world_size)
+        if split.accum_steps != rt.accelerator.gradient_accumulation_steps:
+            raise RuntimeError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {rt.world_size} processes")
     local_batch = world_batch // rt.world_size
-    mb_size = local_batch // a.num_minibatches
-    if mb_size % a.micro_batch_size and mb_size > a.micro_batch_size:
-        raise ConfigError("the per-process minibatch must be a multiple of ppo.micro_batch_size")
     info = build_roles(model, cfg)
     norm = info["reward_norm"]
     train_prompts, eval_prompts = load_prompts(cfg, tok)
     gold_fn = load_gold(cfg.eval.gold)
     reward_fn = load_gold(cfg.reward_fn)
-    model.eval()  # dropout off in every role (ppo-details B7); nothing here uses train mode
+    model.eval()  # dropout off in every role (docs/ppo-notes.md §B7); nothing here uses train mode
 
     from align.config import TrainConfig
     params = model.trainable_parameters()
@@ -398,7 +460,7 @@ def run(cfg: PPOConfig) -> dict:
     if ckpt is not None:
         loaded = load_checkpoint(ckpt, rank=rt.rank)
         rt.load_trainable(model, loaded["trainable"])
-    engine, optimizer = rt.prepare(model, optimizer, a.micro_batch_size)
+    engine, optimizer = rt.prepare(model, optimizer, split.chunk)
     if ckpt is not None:
         s = loaded["state"]
         if loaded["optimizer"] is not None:
@@ -452,13 +514,11 @@ def run(cfg: PPOConfig) -> dict:
             g = torch.Generator().manual_seed(a.seed * 7919 + it * 131 + epoch)
             perm = torch.randperm(world_batch, generator=g)
             for mb in range(a.num_minibatches):
-                # the global minibatch in micro-batch chunks; chunk m goes to rank m % world as its
-                # accumulation step m // world (as in the SFT/RM trainer): world-size invariant
-                gmb = perm[mb * mb_size * rt.world_size:(mb + 1) * mb_size * rt.world_size]
-                chunks = [gmb[m * a.micro_batch_size:(m + 1) * a.micro_batch_size]
-                          for m in range(len(gmb) // a.micro_batch_size or 1)]
-                mine = [c for m, c in enumerate(chunks) if m % rt.world_size == rt.rank]
-                for k, idx in enumerate(mine):
+                # the global minibatch in world x accum_steps near-equal chunks; chunk m goes to rank
+                # m % world as its accumulation step m // world (MinibatchSplit): every rank makes
+                # the same number of forward/backward calls, so no rank waits at a collective alone
+                gmb = perm[mb * split.minibatch:(mb + 1) * split.minibatch]
+                for k, idx in enumerate(split.chunks(gmb, rt.rank)):
                     idx = idx.to(rt.device)
                     with rt.accelerator.accumulate(engine):
                         out = response_stats(engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
@@ -552,10 +612,11 @@ def policy_eval_batch(model, engine, prompts, tok, rt, *, role, temperature, res
                       generator, micro_batch_size=32, reward_fn=None) -> dict:
     """Sample from ``role`` on ``prompts``; return responses, raw reward and KL to the reference."""
     query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device)
+    stops = specials(tok).stop_ids
     with rt.gathered(model.parameters()):
         s = sample(model, query, qmask, role=role, max_new_tokens=response_length, temperature=temperature,
-                   stop_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=generator)
-    response, seq_lengths, has_stop = truncate_after_stop(s.tokens, tok.eos_token_id, tok.pad_token_id)
+                   stop_token_id=stops, pad_token_id=tok.pad_token_id, generator=generator)
+    response, seq_lengths, has_stop = truncate_after_stop(s.tokens, stops, tok.pad_token_id)
     rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
     rewards, kls = [], []
     for i in range(0, len(prompts), micro_batch_size):

@@ -22,12 +22,13 @@ import torch
 from align.adapters.base import AdapterConfig
 from align.adapters.peft_format import load_adapter, save_adapter, save_head
 from align.config import ConfigError, ModelConfig, TrackingConfig, TrainConfig, require_file
-from align.data.common import read_records, split_by_prompt
+from align.data.common import check_eval_split, read_records, split_by_prompt
 from align.data.preferences import (collate_groups, kwise_loss, ranking_pairs, sequence_rewards,
-                                    to_group, tokenize_group)
+                                    to_group, tokenize_groups)
 from align.data.sft import prompt_text
 from align.generation import sample
 from align.stages.common import backbone_from_run, finish_stage, left_pad, start_stage
+from align.tokens import encode, specials
 from align.trainer import Trainer
 
 
@@ -149,13 +150,23 @@ def run(cfg: RewardConfig) -> dict:
         records, eval_records = split_by_prompt(records, cfg.data.eval_fraction)
     groups = [to_group(r, f"{cfg.data.train}: record {i}") for i, r in enumerate(records)]
     eval_groups = [to_group(r, f"eval record {i}") for i, r in enumerate(eval_records)]
+    has_eval = check_eval_split(len(eval_groups), file=cfg.data.eval, fraction=cfg.data.eval_fraction,
+                                train=cfg.data.train)   # no eval data at all: log no eval
 
     st = start_stage(cfg, "reward", backbone)
     rt, tok, model = st.rt, st.tokenizer, st.model
     stack = build_reward_role(model, cfg)
     model.activate("reward")
-    tgroups = [tokenize_group(g, tok, cfg.data.max_length, cfg.data.chat_template) for g in groups]
-    egroups = [tokenize_group(g, tok, cfg.data.max_length, cfg.data.chat_template) for g in eval_groups]
+    tgroups, report, refused = tokenize_groups(groups, tok, cfg.data.max_length, cfg.data.chat_template,
+                                               where=str(cfg.data.train))
+    egroups, ereport, erefused = tokenize_groups(eval_groups, tok, cfg.data.max_length, cfg.data.chat_template,
+                                                 where="eval")
+    if report.prompt_truncated or report.completion_truncated or ereport.completion_truncated:
+        rt.print(f"[reward] truncation (max_length={cfg.data.max_length}): train {report.as_dict()}, "
+                 f"eval {ereport.as_dict()}; records refused because a completion lost its end: "
+                 f"train {refused[:20]}{' ...' if len(refused) > 20 else ''}, eval {erefused[:20]}")
+    truncation = {"train": report.as_dict(), "eval": ereport.as_dict(), "refused_train_records": refused,
+                  "refused_eval_records": erefused}
 
     def evaluate(step: int) -> dict:
         model.eval()
@@ -165,7 +176,8 @@ def run(cfg: RewardConfig) -> dict:
 
     trainer = Trainer("reward", st.run_dir, cfg.train, rt, model, tgroups,
                       lambda gs: collate_groups(gs, tok.pad_token_id),
-                      reward_loss_fn(cfg.center_coef, cfg.data.ties), st.tracker, eval_fn=evaluate)
+                      reward_loss_fn(cfg.center_coef, cfg.data.ties), st.tracker,
+                      eval_fn=evaluate if has_eval else None)
     result = trainer.run(resume=cfg.resume)
     if "stopped_at" in result:
         st.tracker.finish()
@@ -178,7 +190,7 @@ def run(cfg: RewardConfig) -> dict:
             (st.run_dir / "reward_role.json").write_text(json.dumps(
                 {"adapters": stack, "head": "heads/reward", "normalisation": norm}, indent=2))
     summary = {"stage": "reward", **result, "normalisation": norm, "train_groups": len(tgroups),
-               "eval_groups": len(egroups), "trainable_params": model.role_num_params("reward"),
+               "eval_groups": len(egroups), "truncation": truncation, "trainable_params": model.role_num_params("reward"),
                "backbone_params": model.backbone_num_params()}
     return finish_stage(st, summary, "reward")
 
@@ -197,11 +209,11 @@ def reward_normalisation(model, tok, cfg: RewardConfig, eval_groups, rt) -> dict
         if "sft" not in model.roles:
             model.add_role("sft", ["sft"])
         texts = [prompt_text(p, tok, cfg.data.chat_template) for p in prompts]
-        ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+        ids = [encode(tok, t, bos=True) for t in texts]
         pid, pmask = left_pad(ids, tok.pad_token_id, rt.device)
         g = torch.Generator(device=rt.device).manual_seed(cfg.train.seed + 17)
         s = sample(model, pid, pmask, role="sft", max_new_tokens=n.max_new_tokens, temperature=n.temperature,
-                   stop_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=g)
+                   stop_token_id=specials(tok).stop_ids, pad_token_id=tok.pad_token_id, generator=g)
         seqs = [p + t[:ln] for p, t, ln in zip(ids, s.tokens.tolist(), s.lengths.tolist())]
         source = "sft_samples"
     else:

@@ -18,10 +18,11 @@ import torch
 from align.adapters.base import AdapterConfig
 from align.adapters.peft_format import save_adapter
 from align.config import ModelConfig, TrackingConfig, TrainConfig, require_file
-from align.data.common import read_records, split_by_prompt
-from align.data.sft import Collator, build_examples, lm_loss, pack, render
+from align.data.common import check_eval_split, read_records, split_by_prompt
+from align.data.sft import Collator, build_examples, label_positions, lm_loss_at, pack, render
 from align.generation import sample
 from align.stages.common import finish_stage, left_pad, start_stage
+from align.tokens import encode, specials
 from align.trainer import Trainer
 
 
@@ -50,8 +51,10 @@ class SFTConfig:
 
 
 def sft_loss(model, batch):
-    out = model(batch["input_ids"], batch["attention_mask"], segment_ids=batch.get("segment_ids"))
-    loss, n = lm_loss(out.logits, batch["labels"])
+    sel = label_positions(batch["labels"])
+    out = model(batch["input_ids"], batch["attention_mask"], segment_ids=batch.get("segment_ids"),
+                logits=True, logits_at=sel)
+    loss, n = lm_loss_at(out.logits, batch["labels"], sel)
     return loss, {"tokens": n}
 
 
@@ -62,6 +65,8 @@ def run(cfg: SFTConfig) -> dict:
         eval_records = read_records(require_file(cfg.data.eval, "data.eval"))
     else:
         records, eval_records = split_by_prompt(records, cfg.data.eval_fraction)
+    eval_check = dict(file=cfg.data.eval, fraction=cfg.data.eval_fraction, train=str(train_path))
+    has_eval = check_eval_split(len(eval_records), **eval_check)   # no eval data at all: log no eval
     st = start_stage(cfg, "sft", cfg.model.path)
     rt, tok, model = st.rt, st.tokenizer, st.model
     model.add_adapter("sft", cfg.adapter)
@@ -73,6 +78,8 @@ def run(cfg: SFTConfig) -> dict:
                                       cfg.data.chat_template, where=str(train_path))
     eval_examples, _ = build_examples(eval_records, tok, cfg.data.max_length,
                                       cfg.data.completion_only_loss, cfg.data.chat_template, where="eval")
+    if has_eval:
+        check_eval_split(len(eval_examples), what="examples with a non-empty completion", **eval_check)
     if report.prompt_truncated or report.completion_truncated:
         rt.print(f"[sft] truncation (max_length={cfg.data.max_length}): {report.as_dict()}")
     train_set = pack(examples, cfg.data.max_length) if cfg.data.packing else examples
@@ -86,23 +93,24 @@ def run(cfg: SFTConfig) -> dict:
         for i in range(0, len(eval_examples), cfg.train.batch_size):
             b = collate(eval_examples[i:i + cfg.train.batch_size])
             b = {k: v.to(rt.device) for k, v in b.items()}
-            loss, n = lm_loss(model(b["input_ids"], b["attention_mask"], role="sft").logits, b["labels"])
+            sel = label_positions(b["labels"])
+            out = model(b["input_ids"], b["attention_mask"], role="sft", logits_at=sel)
+            loss, n = lm_loss_at(out.logits, b["labels"], sel)
             total += float(loss) * int(n)
             count += int(n)
         sums = rt.mean_across({"sum": total, "n": count})  # identical on all ranks here
         eval_loss = sums["sum"] / max(sums["n"], 1)
         if eval_prompts:
-            ids, mask = left_pad([tok(p, add_special_tokens=False).input_ids for p in eval_prompts],
-                                 tok.pad_token_id, rt.device)
+            ids, mask = left_pad([encode(tok, p, bos=True) for p in eval_prompts], tok.pad_token_id, rt.device)
             s = sample(model, ids, mask, role="sft", max_new_tokens=cfg.data.max_new_tokens, greedy=True,
-                       stop_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                       stop_token_id=specials(tok).stop_ids, pad_token_id=tok.pad_token_id)
             rows = [{"prompt": p, "completion": tok.decode(t[:n], skip_special_tokens=True)}
                     for p, t, n in zip(eval_prompts, s.tokens.tolist(), s.lengths.tolist())]
             st.tracker.log_samples("sft/samples", rows, step)
         return {"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))}
 
     trainer = Trainer("sft", st.run_dir, cfg.train, rt, model, train_set, collate, sft_loss,
-                      st.tracker, eval_fn=evaluate)
+                      st.tracker, eval_fn=evaluate if has_eval else None)
     result = trainer.run(resume=cfg.resume)
     if "stopped_at" in result:
         st.tracker.finish()
