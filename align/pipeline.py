@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from align.backbone import cache_root
 from align.config import TrackingConfig
 
 
@@ -94,7 +95,7 @@ def run(cfg: PipelineConfig) -> dict:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path.home() / ".cache" / "align"
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
     seconds: dict[str, float] = {}
     runs: dict[str, str] = {}
     adapter = AdapterConfig(method=cfg.method, r=cfg.lora_r, alpha=2 * cfg.lora_r,
