@@ -12,7 +12,9 @@ A checkpoint is a directory ``checkpoints/step_<N>/`` with:
 It is written to a temporary directory and renamed into place, then ``checkpoints/latest`` is
 replaced atomically, so a kill at any moment leaves the previous checkpoint usable.
 Under DeepSpeed the optimizer state is partitioned across ranks, so each rank saves its own
-``optimizer_rank<r>.pt`` (same format) into the same directory.
+``optimizer_rank<r>.pt`` (same format) and ``rng_rank<r>.pt`` into the same directory: the directory
+must be on a filesystem every process sees (shared by all nodes), and a checkpoint resumes only
+with the number of processes that wrote it (``check_resumable``).
 """
 from __future__ import annotations
 
@@ -87,6 +89,10 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         tmp.mkdir(parents=True)
     if barrier:
         barrier()
+    if not tmp.is_dir():  # rank 0 made it: another node without a shared filesystem
+        raise RuntimeError(f"rank {rank} cannot see {tmp}, made by rank 0: every process writes its "
+                           f"optimizer shard and RNG state into the checkpoint directory, so on several "
+                           f"nodes output_dir must be on a filesystem shared by all nodes")
     opt_name = "optimizer.pt" if rank == 0 else f"optimizer_rank{rank}.pt"
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / opt_name)
@@ -124,10 +130,48 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "state.json").exists() else None
 
 
-def load_checkpoint(path: Path, *, rank: int = 0) -> dict:
-    """Returns {"trainable", "optimizer", "state"} and restores this rank's RNG states."""
+class ResumeError(ValueError):
+    pass
+
+
+def recorded_world_size(path: Path) -> int:
+    """The number of processes that wrote checkpoint ``path``: ``state.json``'s ``world_size``, or
+    for checkpoints without it, the number of per-rank RNG files."""
     path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    if "world_size" in state:
+        return int(state["world_size"])
+    return max(1, len(list(path.glob("rng_rank*.pt"))))
+
+
+def check_resumable(path: Path, world_size: int) -> None:
+    """Refuse to resume checkpoint ``path`` with another number of processes: each rank restores
+    its own optimizer shard (``optimizer_rank<r>.pt``) and RNG state (``rng_rank<r>.pt``), so extra
+    ranks would find none and missing ones would leave shards unread."""
+    recorded = recorded_world_size(path)
+    if recorded != world_size:
+        raise ResumeError(
+            f"cannot resume from {path}: it was written by {recorded} process{'es' * (recorded != 1)} "
+            f"and this run has {world_size}. Each process restores its own optimizer shard and RNG "
+            f"state, so resume with {recorded} process{'es' * (recorded != 1)} (e.g. --nproc {recorded}), "
+            f"or start a new run in another output_dir")
+
+
+def load_checkpoint(path: Path, *, rank: int = 0, world_size: int | None = None) -> dict:
+    """Returns {"trainable", "optimizer", "state"} and restores this rank's RNG states. With
+    ``world_size`` (the current number of processes), a checkpoint written by another number is
+    refused first (``check_resumable``)."""
+    path = Path(path)
+    if world_size is not None:
+        check_resumable(path, world_size)
     opt_name = "optimizer.pt" if rank == 0 else f"optimizer_rank{rank}.pt"
+    missing = [f for f in (f"rng_rank{rank}.pt", f"rng_rank{rank}.json", "state.json")
+               if not (path / f).exists()]
+    if missing:
+        raise ResumeError(
+            f"rank {rank} cannot find {missing} in {path}: a checkpoint must be visible to every "
+            f"process (on several nodes, output_dir must be on a filesystem shared by all nodes), "
+            f"and resumed with the number of processes that wrote it")
     opt = None
     if (path / opt_name).exists():
         with torch.serialization.safe_globals(_optimizer_state_globals()):

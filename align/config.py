@@ -1,19 +1,25 @@
 """Stage configs: dataclasses filled from YAML plus dotted command-line overrides.
 
-OmegaConf does the loading, merging and type checking; this module only turns its errors into
-messages that name the file and the key, and checks paths before any work starts.
+OmegaConf does the loading, merging and type checking; this module turns its errors into
+messages that name the file and the key, and :func:`validate` checks everything else (choices,
+ranges, files and run directories, adapter settings) before a stage writes anything: every config
+dataclass declares ``RULES`` (``align.rules``) for its fields and may add ``checks(at)`` for what
+spans fields or touches the disk; each adapter method declares the settings it reads.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from align.adapters.base import AdapterConfig
+from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -26,6 +32,8 @@ class ModelConfig:
     dtype: str = "float32"               # float32 | bfloat16 | float16
     trust_remote_code: bool = False      # never on unless asked
     gradient_checkpointing: bool = False  # recompute backbone activations in backward (memory for time)
+
+    RULES: ClassVar[dict] = {"path": Exists(), "dtype": OneOf(*DTYPE_CHOICES)}
 
 
 @dataclass
@@ -48,6 +56,19 @@ class TrainConfig:
     keep_checkpoints: int = 2            # most recent checkpoints kept in checkpoints/
     stop_after_steps: int = 0            # testing aid: stop (as if killed) after this many steps
 
+    RULES: ClassVar[dict] = {
+        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "adam_eps": POSITIVE,
+        "scheduler": OneOf("cosine", "linear", "constant"), "warmup_steps": NON_NEGATIVE, "epochs": POSITIVE,
+        "max_steps": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE,
+        "max_grad_norm": NON_NEGATIVE, "log_every": AT_LEAST_ONE, "eval_every": NON_NEGATIVE,
+        "save_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE, "stop_after_steps": NON_NEGATIVE}
+
+    def checks(self, at: str) -> Iterator[str]:
+        b = self.adam_betas
+        if not (isinstance(b, (list, tuple)) and len(b) == 2
+                and all(Range(0, 1, hi_open=True).problem(x) is None for x in b)):
+            yield f"{at}adam_betas={b!r}: give two numbers in [0, 1)"
+
 
 @dataclass
 class TrackingConfig:
@@ -57,6 +78,8 @@ class TrackingConfig:
     name: Optional[str] = None           # W&B run name (default: the stage)
     mode: Optional[str] = None           # online | offline | disabled; default offline without an API key
     tags: list = field(default_factory=list)  # W&B tags
+
+    RULES: ClassVar[dict] = {"mode": OneOf("online", "offline", "disabled", null=True)}
 
 
 def load_config(cls, path: str | None = None, overrides: list[str] | tuple = ()) -> Any:
@@ -90,6 +113,75 @@ def save_config(cfg, path: Path) -> None:
     path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
+def config_problems(cfg, at: str = "") -> list[str]:
+    """Every problem of ``cfg`` (a config dataclass), each ``key=value: what is wrong``: the
+    ``RULES`` of every (nested) dataclass, then its ``checks(at)``."""
+    out: list[str] = []
+    rules = getattr(type(cfg), "RULES", {})
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out += config_problems(value, f"{at}{f.name}.")
+        elif f.name in rules and (problem := rules[f.name].problem(value)) is not None:
+            out.append(f"{at}{f.name}={value!r}: {problem}")
+    checks = getattr(cfg, "checks", None)
+    if callable(checks):
+        out += list(checks(at))
+    return out
+
+
+def validate(cfg) -> None:
+    """Refuse ``cfg`` with one ConfigError listing every problem (key, bad value, what is allowed).
+    Every stage calls this first, before its run directory is written or a backbone is loaded."""
+    problems = config_problems(cfg)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the config:\n  " + "\n  ".join(problems))
+
+
+def run_dir_problems(path: str, key: str, kind: str = "sft") -> list[str]:
+    """What a finished run directory of stage ``kind`` (sft | reward | ppo) lacks that a later stage
+    reads: sft: backbone.json and adapters/sft; reward: reward_role.json, its adapter dirs and head;
+    ppo: adapters/policy."""
+    import json
+    if not path:
+        return [f"{key}: required (a finished {kind} run directory)"]
+    d = Path(path)
+    if not d.is_dir():
+        return [f"{key}={path!r}: no such directory"]
+    need = {"sft": ["backbone.json", "adapters/sft"], "reward": ["reward_role.json"],
+            "ppo": ["adapters/policy"]}[kind]
+    out = [f"{key}={path!r} is not a finished {kind} run: it has no {n}" for n in need if not (d / n).exists()]
+    if kind == "reward" and not out:
+        try:
+            rr = json.loads((d / "reward_role.json").read_text())
+            parts = [e["dir"] for e in rr["adapters"]] + [rr["head"]]
+        except (ValueError, KeyError, TypeError) as e:
+            return [f"{key}={path!r}: reward_role.json is unreadable ({e!r})"]
+        for p in parts:
+            if not (Path(p) if Path(p).is_absolute() else d / p).is_dir():
+                out.append(f"{key}={path!r} is not a finished reward run: reward_role.json names {p}, "
+                           f"which does not exist")
+    return out
+
+
+def backbone_problems(model_path: str, sft_run: str, key: str = "model.path") -> list[str]:
+    """The backbone a stage will load: ``model.path`` when given, else the one the SFT run's
+    backbone.json records; it must exist."""
+    import json
+    if model_path:
+        return []  # checked by ModelConfig's rule
+    rec = Path(sft_run) / "backbone.json" if sft_run else None
+    if rec is None or not rec.is_file():
+        return []  # the sft_run problem is reported on its own
+    try:
+        path = json.loads(rec.read_text())["path"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{rec}: unreadable backbone record; give {key}"]
+    return [] if Path(path).exists() else [f"{key}: the backbone {path!r} recorded in {rec} does not exist; give {key}"]
+
+
 def require_file(path: str, key: str) -> Path:
     p = Path(path)
     if not path or not p.exists():
@@ -98,7 +190,8 @@ def require_file(path: str, key: str) -> Path:
 
 
 __all__ = ["AdapterConfig", "ModelConfig", "TrainConfig", "TrackingConfig", "ConfigError",
-           "load_config", "save_config", "to_dict", "require_file"]
+           "load_config", "save_config", "to_dict", "require_file", "validate", "config_problems",
+           "run_dir_problems", "backbone_problems"]
 
 
 def reference(cls) -> list[tuple[str, str, str]]:

@@ -9,7 +9,10 @@ Only trainable adapter/head tensors ever reach the optimizer.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -26,6 +29,7 @@ class Runtime:
             # unsynchronised replicas); cpu=True makes it MULTI_CPU over gloo. Not under DeepSpeed,
             # which cpu=True would switch off.
             cpu = cpu or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+        declared = declared_deepspeed_config()
         self.accelerator = Accelerator(gradient_accumulation_steps=grad_accum,
                                        step_scheduler_with_optimizer=False, kwargs_handlers=kwargs,
                                        cpu=cpu)
@@ -34,6 +38,10 @@ class Runtime:
         self.is_main = self.accelerator.is_main_process
         self.device = torch.device(device) if device else self.accelerator.device
         self.ds = self.accelerator.state.deepspeed_plugin
+        # the DeepSpeed config as written and accelerate's --mixed_precision, read before accelerate
+        # filled the config's "auto" values (a later Runtime in the same process sees them filled)
+        self._ds_declared, self._ds_source = declared if self.ds is not None else ({}, "")
+        self._launch_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
         self.zero_stage = self.ds.zero_stage if self.ds is not None else 0
         # per-rank seed for sampling (docs/ppo-notes.md §F7: seed + rank * 100003); data order uses the seed alone
         self.local_seed = seed + self.rank * 100_003
@@ -46,13 +54,15 @@ class Runtime:
         if self.world_size > 1:
             self.accelerator.wait_for_everyone()
 
-    def prepare(self, model, optimizer, micro_batch_size: int | None = None, max_grad_norm: float = 1.0):
+    def prepare(self, model, optimizer, micro_batch_size: int | None = None, max_grad_norm: float = 1.0,
+                dtype: str = "float32"):
+        """Wrap ``model`` and ``optimizer`` (DDP or a DeepSpeed engine). Under DeepSpeed the stage's
+        ``max_grad_norm`` (0: off) becomes the engine's ``gradient_clipping`` and ``model.dtype``
+        decides its bf16/fp16 flags (see ``deepspeed_settings``)."""
         if self.ds is not None:
             cfg = self.ds.deepspeed_config
-            if cfg.get("gradient_clipping", "auto") == "auto":
-                cfg["gradient_clipping"] = max_grad_norm
-            if isinstance(cfg.get("bf16"), dict) and cfg["bf16"].get("enabled") == "auto":
-                cfg["bf16"]["enabled"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            deepspeed_settings(cfg, dtype=dtype, max_grad_norm=max_grad_norm, declared=self._ds_declared,
+                               mixed_precision=self._launch_precision, source=self._ds_source)
             if cfg.get("train_micro_batch_size_per_gpu", "auto") == "auto":
                 cfg["train_micro_batch_size_per_gpu"] = micro_batch_size or 1
             cfg["gradient_accumulation_steps"] = self.accelerator.gradient_accumulation_steps
@@ -60,6 +70,36 @@ class Runtime:
                 cfg.pop("train_batch_size")
         engine, optimizer = self.accelerator.prepare(model, optimizer)
         return engine, optimizer
+
+    def check_shared_dir(self, path: str | os.PathLike) -> None:
+        """Every process must see the directory that rank 0 created: all ranks write their optimizer
+        shard and RNG state into the same checkpoint directory, and resume reads them back. Rank 0
+        writes a one-off token there and every rank reads it back; a rank on another node without a
+        shared filesystem (or with its own, stale copy of the directory) stops every rank here with
+        a clear message, instead of failing at the first checkpoint or resuming differently."""
+        if self.world_size == 1:
+            return
+        path = Path(path)
+        probe = path / f".align_shared_check_{os.environ.get('MASTER_PORT', '0')}"
+        token = f"{os.getpid()}-{time.time_ns()}" if self.is_main else None
+        if self.is_main:
+            probe.write_text(token)
+        self.barrier()
+        token = self._broadcast_object(token)
+        try:
+            seen = probe.read_text() == token
+        except OSError:
+            seen = False
+        missing = [r for r, ok in enumerate(self.gather_objects([seen])) if not ok]
+        self.barrier()
+        if self.is_main:
+            probe.unlink(missing_ok=True)
+        if missing:
+            raise RuntimeError(shared_fs_message(path, missing, self.world_size))
+
+    def _broadcast_object(self, obj):
+        from accelerate.utils import broadcast_object_list
+        return broadcast_object_list([obj], from_process=0)[0]
 
     def mean_across(self, values: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not values:
@@ -109,3 +149,88 @@ class Runtime:
         with self.gathered([named[n] for n in state], modifier_rank=0), torch.no_grad():
             for n, t in state.items():
                 named[n].copy_(t.to(named[n].dtype))
+
+
+# ---------------------------------------------------------------- DeepSpeed settings from the stage
+_PRECISION = {"float32": (False, False), "fp32": (False, False), "bfloat16": (True, False),
+              "bf16": (True, False), "float16": (False, True), "fp16": (False, True)}  # -> (bf16, fp16)
+
+
+def declared_deepspeed_config() -> tuple[dict, str]:
+    """The DeepSpeed config as the user wrote it (the file accelerate launch was given, plus a
+    ``gradient_clipping`` from the accelerate YAML), before accelerate fills its ``"auto"`` values
+    (it sets bf16/fp16 from its own ``mixed_precision`` when the Accelerator is built), and where it
+    came from, for messages."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return {}, ""
+    src = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    declared: dict = {}
+    if src != "none":
+        from accelerate.utils.deepspeed import HfDeepSpeedConfig
+        declared = json.loads(json.dumps(HfDeepSpeedConfig(src).config))  # a copy: path, dict or base64
+    clip = os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
+    if clip not in ("auto", "none", "") and declared.get("gradient_clipping", "auto") == "auto":
+        declared["gradient_clipping"] = float(clip)
+    return declared, (src if src != "none" else "the accelerate config's deepspeed_config")
+
+
+def _flag(value):
+    """A DeepSpeed ``enabled`` value: True/False, or None for "auto"/absent."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return bool(value)
+
+
+def deepspeed_settings(cfg: dict, *, dtype: str, max_grad_norm: float, declared: dict | None = None,
+                       mixed_precision: str = "no", source: str = "the DeepSpeed config") -> dict:
+    """Put the stage's settings into the DeepSpeed config ``cfg`` (in place; returned).
+
+    * ``gradient_clipping`` = ``max_grad_norm`` (``train.max_grad_norm`` / ``ppo.max_grad_norm``;
+      0 switches clipping off). A config that hard-codes another value is refused: set it to
+      ``"auto"`` (the shipped configs do) or give the stage that value.
+    * ``model.dtype`` is the one source of truth for precision: bfloat16 -> ``bf16.enabled``,
+      float16 -> ``fp16.enabled``, float32 -> both off (DeepSpeed casts the whole module to the
+      16-bit type it enables, and PPO decides from ``model.dtype`` whether to recompute the rollout
+      log-probs). A config that hard-codes a conflicting ``enabled`` value, or accelerate's
+      ``--mixed_precision`` naming another precision, is refused.
+
+    ``declared`` is the config as written (``cfg`` itself when not given): accelerate has already
+    replaced ``"auto"`` precision flags in ``cfg`` by then, so conflicts are judged on ``declared``.
+    """
+    declared = cfg if declared is None else declared
+    if dtype not in _PRECISION:
+        raise ValueError(f"model.dtype={dtype!r}: choose float32, bfloat16 or float16")
+    clip = declared.get("gradient_clipping", "auto")
+    if clip != "auto" and float(clip) != float(max_grad_norm):
+        raise ValueError(
+            f"{source} sets gradient_clipping={clip} but the stage's max_grad_norm is {max_grad_norm} "
+            f"(train.max_grad_norm, ppo.max_grad_norm for PPO; 0 = off): set gradient_clipping to \"auto\" "
+            f"so the stage's value is used, or set max_grad_norm={clip}")
+    cfg["gradient_clipping"] = float(max_grad_norm)
+    want = dict(zip(("bf16", "fp16"), _PRECISION[dtype]))
+    mp = {"bf16": "bf16", "fp8": "bf16", "fp16": "fp16"}.get(mixed_precision)
+    if mp is not None and not want[mp]:
+        raise ValueError(
+            f"accelerate's mixed_precision={mixed_precision} but model.dtype={dtype}: under DeepSpeed "
+            f"model.dtype decides the precision; drop --mixed_precision (or set it to no) and set "
+            f"model.dtype={'bfloat16' if mp == 'bf16' else 'float16'} if that is the precision you want")
+    for key, on in want.items():
+        node = declared.get(key)
+        written = _flag(node.get("enabled")) if isinstance(node, dict) else None
+        if written is not None and written != on:
+            raise ValueError(
+                f"{source} sets {key}.enabled={str(written).lower()} but model.dtype={dtype} "
+                f"({'needs it on' if on else 'needs it off'}): model.dtype decides the precision; set "
+                f"{key}.enabled to \"auto\" in the DeepSpeed config, or change model.dtype")
+        node = cfg.get(key) if isinstance(cfg.get(key), dict) else {}
+        cfg[key] = {**node, "enabled": on}
+    return cfg
+
+
+def shared_fs_message(path, ranks: list[int], world_size: int) -> str:
+    return (f"process(es) {ranks} of {world_size} cannot see {path}, the run directory that rank 0 "
+            f"created: every process writes its optimizer shard and RNG state into the same "
+            f"checkpoint directories, so on several nodes output_dir must be on a filesystem "
+            f"shared by all nodes (NFS, Lustre, ...) at the same path")

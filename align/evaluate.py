@@ -11,11 +11,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Iterator, Optional
 
 import torch
 
-from align.config import ConfigError
+from align.config import DTYPE_CHOICES, ConfigError, backbone_problems, run_dir_problems, validate
+from align.rules import AT_LEAST_ONE, POSITIVE, Exists, OneOf, Spec
 
 
 @dataclass
@@ -30,11 +31,28 @@ class EvalConfig:
     response_length: int = 48            # max new tokens
     gold: str = ""                       # "module:function(prompts, responses, ended) -> list[float]"
     chat_template: Optional[str] = None  # Jinja template for conversational prompts (tokenizers without one)
-    dtype: Optional[str] = None          # backbone dtype; default: the SFT run's model.dtype
+    dtype: Optional[str] = None          # float32 | bfloat16 | float16; default: the SFT run's model.dtype
     device: Optional[str] = None         # default: cuda when available, else cpu
     trust_remote_code: bool = False      # never on unless asked
     seed: int = 0                        # sampling seed (the same for both policies)
     output: str = ""                     # optional: write the comparison JSON here
+
+    RULES: ClassVar[dict] = {
+        "prompts": Exists(required=True, what="a records file with prompts"), "num_prompts": AT_LEAST_ONE,
+        "temperature": POSITIVE, "response_length": AT_LEAST_ONE, "gold": Spec(),
+        "dtype": OneOf(*DTYPE_CHOICES, null=True)}
+
+    def checks(self, at: str) -> Iterator[str]:
+        yield from run_dir_problems(self.sft_run, f"{at}sft_run", "sft")
+        yield from run_dir_problems(self.reward_run, f"{at}reward_run", "reward")
+        for key in ("policy_a", "policy_b"):
+            spec = getattr(self, key)
+            if spec != "sft":
+                for p in run_dir_problems(spec, f"{at}{key}", "ppo"):
+                    yield p + ("" if spec else " or sft")
+        yield from backbone_problems("", self.sft_run, "sft_run")
+        if self.output and not Path(self.output).resolve().parent.is_dir():
+            yield f"{at}output={self.output!r}: its directory does not exist"
 
 
 def _policy_dir(spec: str, sft_run: str) -> Path:
@@ -44,10 +62,12 @@ def _policy_dir(spec: str, sft_run: str) -> Path:
 
 
 def build(cfg: EvalConfig):
-    from align.adapters.peft_format import load_adapter, load_head
+    from align.adapters.peft_format import load_adapter
     from align.config import ModelConfig
+    from align.scoring import load_reward_role
     from align.distributed import Runtime
     from align.stages.common import backbone_from_run, load_model
+    validate(cfg)  # every key, file and run dir, before a backbone is loaded
     if not (cfg.sft_run and cfg.reward_run and cfg.policy_b and cfg.prompts):
         raise ConfigError("sft_run, reward_run, policy_b and prompts are required")
     record = backbone_from_run(cfg.sft_run)
@@ -63,16 +83,7 @@ def build(cfg: EvalConfig):
         else:
             load_adapter(model, f"policy_{name}", _policy_dir(spec, cfg.sft_run))
             model.add_role(name, [f"policy_{name}"])
-    rr = json.loads((Path(cfg.reward_run) / "reward_role.json").read_text())
-    stack = []
-    for e in rr["adapters"]:
-        d = Path(e["dir"])
-        d = d if d.is_absolute() else Path(cfg.reward_run) / d
-        n = "rm_" + e["name"]
-        load_adapter(model, n, d)
-        stack.append(n)
-    load_head(model, "reward", Path(cfg.reward_run) / rr["head"])
-    model.add_role("reward", stack, head="reward")
+    load_reward_role(model, cfg.reward_run, sft_dir=Path(cfg.sft_run) / "adapters" / "sft", prefix="rm")
     model.eval()
     return model, tok, rt
 
@@ -91,15 +102,15 @@ def _sem(x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def compare(cfg: EvalConfig) -> dict:
-    from align.stages.ppo import load_gold, policy_eval_batch
+    from align.scoring import evaluate_role, load_callable
     model, tok, rt = build(cfg)
     prompts = held_out_prompts(cfg, tok)
-    gold_fn = load_gold(cfg.gold)
+    gold_fn = load_callable(cfg.gold)
     res = {}
     for name in ("a", "b"):
         gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 4242)
-        out = policy_eval_batch(model, model, prompts, tok, rt, role=name, temperature=cfg.temperature,
-                                response_length=cfg.response_length, generator=gen)
+        out = evaluate_role(model, model, prompts, tok, rt.device, role=name, temperature=cfg.temperature,
+                            max_new_tokens=cfg.response_length, generator=gen)
         entry = {"reward_mean": float(out["reward"].mean()), "reward_sem": _sem(out["reward"]),
                  "kl_to_sft_mean": float(out["kl"].mean()), "responses": out["responses"],
                  "_reward": out["reward"]}
@@ -129,31 +140,18 @@ def compare(cfg: EvalConfig) -> dict:
 def rm_accuracy_vs_gold(cfg: EvalConfig, k: int = 4) -> dict:
     """Reward-model accuracy against gold labels on held-out prompts: K SFT samples per prompt,
     every pair with different gold scores, correct when the RM orders it as gold does."""
-    from align.data.preferences import sequence_rewards
-    from align.generation import sample
-    from align.rl.rollout import response_mask_from_lengths, truncate_after_stop
-    from align.stages.common import left_pad
-    from align.stages.ppo import load_gold
-    from align.tokens import specials
+    from align.scoring import decode, generate, load_callable, score
     model, tok, rt = build(cfg)
-    gold_fn = load_gold(cfg.gold)
+    gold_fn = load_callable(cfg.gold)
     prompts = held_out_prompts(cfg, tok)
     texts = [p["text"] for p in prompts]
-    query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device)
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 777)
-    stops = specials(tok).stop_ids
     rewards, golds = [], []
     for _ in range(k):
-        s = sample(model, query, qmask, role="reference", max_new_tokens=cfg.response_length,
-                   temperature=cfg.temperature, stop_token_id=stops, pad_token_id=tok.pad_token_id,
-                   generator=gen)
-        resp, seq_len, has_stop = truncate_after_stop(s.tokens, stops, tok.pad_token_id)
-        rmask = response_mask_from_lengths(seq_len, resp.shape[1])
-        full = torch.cat([query, resp], 1)
-        mask = torch.cat([qmask, rmask.long()], 1)
-        with model.use("reward"):
-            rewards.append(sequence_rewards(model(full, mask).values.float(), mask).cpu())
-        decoded = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)]
+        resp = generate(model, [p["ids"] for p in prompts], tok, rt.device, role="reference",
+                        max_new_tokens=cfg.response_length, temperature=cfg.temperature, generator=gen)
+        rewards.append(score(model, resp, ("reward",), cfg.temperature, len(prompts))["reward"]["score"].cpu())
+        decoded, has_stop = decode(tok, resp), resp.has_stop
         golds.append(torch.tensor(gold_fn(texts, decoded, has_stop.tolist()), dtype=torch.float))
     r, g = torch.stack(rewards, 1), torch.stack(golds, 1)
     correct = total = 0

@@ -305,28 +305,9 @@ class AlignModel(nn.Module):
             full_mask = attention_mask
         else:
             full_mask = torch.cat([past_mask, attention_mask], dim=1)
-        q_len = embeds.shape[1]
-        kv_len = full_mask.shape[1]
-        # Positions count real tokens only (correct under left padding for absolute-position
-        # models), shifted by the prefix length as peft does for prefix tuning.
-        shift = sum(s.num_prefix_positions() for s in self.live_sets())
-        positions = (full_mask.cumsum(1) - 1).clamp(min=0)[:, kv_len - q_len:] + shift
-        q_abs = torch.arange(kv_len - q_len, kv_len, device=embeds.device)
-        k_idx = torch.arange(kv_len, device=embeds.device)
-        causal = k_idx[None, :] <= q_abs[:, None]
-        # Padding rows attend to themselves so no softmax row is empty (avoids NaN); nothing
-        # real ever attends to them.
-        allowed = causal[None] & full_mask.bool()[:, None, :]
-        if segment_ids is not None:
-            if cache is not None or n_virtual:
-                raise ValueError("segment_ids (packing) is for training forwards without cache or virtual tokens")
-            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-            start = torch.cat([torch.ones_like(segment_ids[:, :1], dtype=torch.bool),
-                               segment_ids[:, 1:] != segment_ids[:, :-1]], dim=1)
-            idx = torch.arange(q_len, device=embeds.device).expand_as(segment_ids)
-            seg_start = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), dim=1).values
-            positions = idx - seg_start + shift
-        mask4 = allowed | (k_idx[None, :] == q_abs[:, None])[None]
+        if segment_ids is not None and (cache is not None or n_virtual):
+            raise ValueError("segment_ids (packing) is for training forwards without cache or virtual tokens")
+        mask4, positions = self._mask_and_positions(full_mask, embeds.shape[1], segment_ids)
         with self._checkpointing(torch.is_grad_enabled() and cache is None):
             out = self.backbone.base_model(
                 inputs_embeds=embeds, attention_mask=mask4[:, None], position_ids=positions,
@@ -346,6 +327,29 @@ class AlignModel(nn.Module):
         if head is not None:
             result.values = self.heads[head](hidden)
         return result
+
+    def _mask_and_positions(self, full_mask: torch.Tensor, q_len: int, segment_ids: torch.Tensor | None):
+        """The [B, Q, K] boolean attention mask (True = attend) and the [B, Q] positions of the
+        queries, which are the last ``q_len`` of the ``full_mask`` columns."""
+        kv_len, device = full_mask.shape[1], full_mask.device
+        # Positions count real tokens only (correct under left padding for absolute-position
+        # models), shifted by the prefix length as peft does for prefix tuning.
+        shift = sum(s.num_prefix_positions() for s in self.live_sets())
+        positions = (full_mask.cumsum(1) - 1).clamp(min=0)[:, kv_len - q_len:] + shift
+        q_abs = torch.arange(kv_len - q_len, kv_len, device=device)
+        k_idx = torch.arange(kv_len, device=device)
+        causal = k_idx[None, :] <= q_abs[:, None]
+        allowed = causal[None] & full_mask.bool()[:, None, :]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            start = torch.cat([torch.ones_like(segment_ids[:, :1], dtype=torch.bool),
+                               segment_ids[:, 1:] != segment_ids[:, :-1]], dim=1)
+            idx = torch.arange(q_len, device=device).expand_as(segment_ids)
+            seg_start = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), dim=1).values
+            positions = idx - seg_start + shift
+        # Padding rows attend to themselves so no softmax row is empty (avoids NaN); nothing
+        # real ever attends to them.
+        return allowed | (k_idx[None, :] == q_abs[:, None])[None], positions
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on ``hidden`` [..., H], with align's added tokens (PAD) masked to a large

@@ -18,11 +18,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Iterator
 
 import torch
 
+from align.adapters.base import AdapterConfig
 from align.backbone import cache_root
-from align.config import TrackingConfig
+from align.config import TrackingConfig, validate
+from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range
 
 
 @dataclass
@@ -33,6 +36,13 @@ class BackboneSpec:
     heads: int = 4                       # attention heads
     steps: int = 600                     # pretraining steps (cached by all of these)
     seed: int = 0                        # pretraining seed
+
+    RULES: ClassVar[dict] = {"vocab_size": Range(64, integer=True), "hidden": AT_LEAST_ONE, "layers": AT_LEAST_ONE,
+                             "heads": AT_LEAST_ONE, "steps": AT_LEAST_ONE}
+
+    def checks(self, at: str) -> Iterator[str]:
+        if isinstance(self.hidden, int) and isinstance(self.heads, int) and self.heads >= 1 and self.hidden % self.heads:
+            yield f"{at}hidden={self.hidden}: must be a multiple of {at}heads={self.heads}"
 
 
 @dataclass
@@ -69,6 +79,37 @@ class PipelineConfig:
     resume: bool = False                 # continue a killed pipeline (finished stages are skipped anyway)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    RULES: ClassVar[dict] = {
+        "lora_r": AT_LEAST_ONE, "sft_examples": AT_LEAST_ONE, "sft_steps": AT_LEAST_ONE, "sft_lr": POSITIVE,
+        "annotate_prompts": AT_LEAST_ONE, "annotate_k": Range(2, integer=True), "annotate_beta": POSITIVE,
+        "annotate_temperature": POSITIVE, "reward_steps": NON_NEGATIVE, "reward_epochs": POSITIVE,
+        "reward_lr": POSITIVE, "ppo_iterations": AT_LEAST_ONE, "ppo_prompts": AT_LEAST_ONE,
+        "ppo_rollout_batch_size": AT_LEAST_ONE, "ppo_lr": POSITIVE, "ppo_kl_coef": NON_NEGATIVE,
+        "ppo_kl_target": POSITIVE, "ppo_kl_controller": OneOf("fixed", "adaptive"), "response_length": AT_LEAST_ONE,
+        "temperature": POSITIVE, "eval_prompts": AT_LEAST_ONE}
+
+    def checks(self, at: str) -> Iterator[str]:
+        if not self.output_dir:
+            yield f"{at}output_dir: required"
+        from align.adapters.base import METHODS
+        if self.method not in METHODS:
+            yield f"{at}method={self.method!r}: choose one of {', '.join(METHODS)}"
+        elif self.method != "lora":
+            for key in ("lora_r", "target_modules"):
+                if getattr(self, key) != getattr(PipelineConfig, key):
+                    yield (f"{at}{key}={getattr(self, key)!r} is not a setting of {self.method} "
+                           f"(a LoRA setting; method={self.method!r})")
+        n, batch = self.ppo_prompts, self.ppo_rollout_batch_size
+        if isinstance(n, int) and isinstance(batch, int) and 1 <= n < batch:
+            yield f"{at}ppo_prompts={n}: fewer than ppo_rollout_batch_size={batch} (one PPO batch)"
+
+
+def pipeline_adapter(cfg: PipelineConfig) -> AdapterConfig:
+    """The adapter config of every role: LoRA's rank, alpha = 2r and targets only for LoRA."""
+    if cfg.method != "lora":
+        return AdapterConfig(method=cfg.method)
+    return AdapterConfig(method="lora", r=cfg.lora_r, alpha=2 * cfg.lora_r, target_modules=cfg.target_modules)
+
 
 def _write_jsonl(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,87 +126,72 @@ def _tracking(cfg: PipelineConfig, name: str) -> TrackingConfig:
     return t
 
 
-def run(cfg: PipelineConfig) -> dict:
-    from align.adapters.base import AdapterConfig
-    from align.quickstart import task
+def _stage_done(d: Path) -> bool:
+    return (d / "summary.json").exists() and "stopped_at" not in json.loads((d / "summary.json").read_text())
+
+
+def _backbone(cfg: PipelineConfig, out: Path) -> Path:
+    """0. The pretrained (cached) backbone, linked as out/backbone so configs/{sft,reward,ppo}.yaml
+    can say model.path: runs/quickstart/backbone."""
     from align.quickstart.pretrain import ensure_backbone
-    from align.stages import ppo as ppo_stage
-    from align.stages import reward as reward_stage
-    from align.stages import sft as sft_stage
-
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
-    seconds: dict[str, float] = {}
-    runs: dict[str, str] = {}
-    adapter = AdapterConfig(method=cfg.method, r=cfg.lora_r, alpha=2 * cfg.lora_r,
-                            target_modules=cfg.target_modules if cfg.method == "lora" else None)
-
-    def stage_done(d: Path) -> bool:
-        return (d / "summary.json").exists() and "stopped_at" not in json.loads((d / "summary.json").read_text())
-
-    # 0. backbone ---------------------------------------------------------------------------
-    t = time.time()
     b = cfg.backbone
     backbone = ensure_backbone(cache / "backbones", vocab_size=b.vocab_size, hidden=b.hidden, layers=b.layers,
                                heads=b.heads, steps=b.steps, seed=b.seed)
-    seconds["backbone"] = time.time() - t
-    link = out / "backbone"  # so configs/{sft,reward,ppo}.yaml can say model.path: runs/quickstart/backbone
+    link = out / "backbone"
     if link.is_symlink() or not link.exists():
         link.unlink(missing_ok=True)
         link.symlink_to(backbone.resolve(), target_is_directory=True)
-    runs["backbone"] = str(backbone)
+    return backbone
 
-    # 1. SFT ---------------------------------------------------------------------------------
-    t = time.time()
-    data = out / "data"
-    sft_data = _write_jsonl(data / "sft.jsonl", task.sft_demonstrations(cfg.sft_examples, cfg.seed))
+
+def _sft(cfg: PipelineConfig, backbone: Path, out: Path) -> Path:
+    """1. SFT on the task's demonstrations."""
+    from align.quickstart import task
+    from align.stages import sft as sft_stage
+    sft_data = _write_jsonl(out / "data" / "sft.jsonl", task.sft_demonstrations(cfg.sft_examples, cfg.seed))
     sft_dir = out / "sft"
-    if not stage_done(sft_dir):
-        sft_cfg = sft_stage.SFTConfig(output_dir=str(sft_dir), resume=cfg.resume or sft_dir.exists())
-        sft_cfg.model.path = str(backbone)
-        sft_cfg.adapter = adapter
-        sft_cfg.data.train, sft_cfg.data.eval_fraction = str(sft_data), 0.05
-        sft_cfg.data.max_length, sft_cfg.data.max_new_tokens = 96, cfg.response_length
-        sft_cfg.train.max_steps, sft_cfg.train.lr, sft_cfg.train.batch_size = cfg.sft_steps, cfg.sft_lr, 16
-        sft_cfg.train.warmup_steps, sft_cfg.train.eval_every, sft_cfg.train.seed = 20, 100, cfg.seed
-        sft_cfg.tracking = _tracking(cfg, "sft")
-        _fresh_or_resume(sft_cfg)
-        sft_stage.run(sft_cfg)
-    seconds["sft"] = time.time() - t
-    runs["sft"] = str(sft_dir)
+    if not _stage_done(sft_dir):
+        c = sft_stage.SFTConfig(output_dir=str(sft_dir), resume=cfg.resume or sft_dir.exists())
+        c.model.path = str(backbone)
+        c.adapter = pipeline_adapter(cfg)
+        c.data.train, c.data.eval_fraction = str(sft_data), 0.05
+        c.data.max_length, c.data.max_new_tokens = 96, cfg.response_length
+        c.train.max_steps, c.train.lr, c.train.batch_size = cfg.sft_steps, cfg.sft_lr, 16
+        c.train.warmup_steps, c.train.eval_every, c.train.seed = 20, 100, cfg.seed
+        c.tracking = _tracking(cfg, "sft")
+        _fresh_or_resume(c)
+        sft_stage.run(c)
+    return sft_dir
 
-    # 2. simulated annotation -> Label Studio export -> importer ---------------------------------
-    t = time.time()
-    rankings = data / "rankings.jsonl"
-    if not rankings.exists():
-        annotate(cfg, backbone, sft_dir, data)
-    seconds["annotate"] = time.time() - t
 
-    # 3. reward model -----------------------------------------------------------------------
-    t = time.time()
+def _reward(cfg: PipelineConfig, sft_dir: Path, rankings: Path, out: Path) -> Path:
+    """3. The reward model on the imported rankings."""
+    from align.stages import reward as reward_stage
     rm_dir = out / "reward"
-    if not stage_done(rm_dir):
-        rm_cfg = reward_stage.RewardConfig(output_dir=str(rm_dir), sft_run=str(sft_dir), init="sft_copy")
-        rm_cfg.data.train, rm_cfg.data.eval_fraction, rm_cfg.data.max_length = str(rankings), 0.1, 96
-        rm_cfg.train.lr, rm_cfg.train.batch_size, rm_cfg.train.seed = cfg.reward_lr, 8, cfg.seed
-        rm_cfg.train.max_steps, rm_cfg.train.epochs, rm_cfg.train.eval_every = cfg.reward_steps, cfg.reward_epochs, 50
-        rm_cfg.train.scheduler = "linear"
-        rm_cfg.normalize.max_new_tokens = cfg.response_length
-        rm_cfg.tracking = _tracking(cfg, "reward")
-        _fresh_or_resume(rm_cfg)
-        reward_stage.run(rm_cfg)
-    seconds["reward"] = time.time() - t
-    runs["reward"] = str(rm_dir)
+    if not _stage_done(rm_dir):
+        c = reward_stage.RewardConfig(output_dir=str(rm_dir), sft_run=str(sft_dir), init="sft_copy")
+        c.data.train, c.data.eval_fraction, c.data.max_length = str(rankings), 0.1, 96
+        c.train.lr, c.train.batch_size, c.train.seed = cfg.reward_lr, 8, cfg.seed
+        c.train.max_steps, c.train.epochs, c.train.eval_every = cfg.reward_steps, cfg.reward_epochs, 50
+        c.train.scheduler = "linear"
+        c.normalize.max_new_tokens = cfg.response_length
+        c.tracking = _tracking(cfg, "reward")
+        _fresh_or_resume(c)
+        reward_stage.run(c)
+    return rm_dir
 
-    # 4. PPO ----------------------------------------------------------------------------------
-    t = time.time()
-    ppo_dir = out / "ppo"
+
+def _ppo(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, out: Path) -> tuple[Path, Path]:
+    """4. PPO on the task's prompts; returns the run dir and the held-out prompts file."""
+    from align.quickstart import task
+    from align.stages import ppo as ppo_stage
+    data, ppo_dir = out / "data", out / "ppo"
     prompts = _write_jsonl(data / "ppo_prompts.jsonl",
                            [{"prompt": p} for p in task.prompts("ppo", cfg.ppo_prompts, cfg.seed)])
     eval_prompts = _write_jsonl(data / "eval_prompts.jsonl",
                                 [{"prompt": p} for p in task.prompts("eval", cfg.eval_prompts, cfg.seed)])
-    if not stage_done(ppo_dir):
+    if not _stage_done(ppo_dir):
         p = ppo_stage.PPOConfig(output_dir=str(ppo_dir), sft_run=str(sft_dir), reward_run=str(rm_dir))
         p.data.prompts, p.data.eval_prompts = str(prompts), str(eval_prompts)
         a = p.ppo
@@ -178,22 +204,41 @@ def run(cfg: PipelineConfig) -> dict:
         p.tracking = _tracking(cfg, "ppo")
         _fresh_or_resume(p)
         ppo_stage.run(p)
-    seconds["ppo"] = time.time() - t
-    runs["ppo"] = str(ppo_dir)
+    return ppo_dir, eval_prompts
 
-    # 5. evaluation and report --------------------------------------------------------------
-    t = time.time()
+
+def run(cfg: PipelineConfig) -> dict:
+    """backbone → SFT → simulated annotation through the importer → reward → PPO → eval and report;
+    finished stages are skipped, a stage killed midway resumes."""
     from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
+    from align.report import write_report
+
+    validate(cfg)  # every key, before anything is written
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    runs: dict[str, str] = {}
+
+    def timed(name: str, fn, *args):
+        t = time.time()
+        result = fn(*args)
+        seconds[name] = time.time() - t
+        return result
+
+    backbone = timed("backbone", _backbone, cfg, out)
+    runs["backbone"] = str(backbone)
+    sft_dir = timed("sft", _sft, cfg, backbone, out)
+    rankings = out / "data" / "rankings.jsonl"
+    timed("annotate", lambda: rankings.exists() or annotate(cfg, backbone, sft_dir, out / "data"))
+    rm_dir = timed("reward", _reward, cfg, sft_dir, rankings, out)
+    ppo_dir, eval_prompts = timed("ppo", _ppo, cfg, sft_dir, rm_dir, out)
+    runs.update(sft=str(sft_dir), reward=str(rm_dir), ppo=str(ppo_dir))
     ev = EvalConfig(sft_run=str(sft_dir), reward_run=str(rm_dir), policy_a="sft", policy_b=str(ppo_dir),
                     prompts=str(eval_prompts), num_prompts=cfg.eval_prompts, temperature=cfg.temperature,
                     response_length=cfg.response_length, gold="align.quickstart.task:gold_scores",
                     seed=cfg.seed)
-    comparison = compare(ev)
-    acc = rm_accuracy_vs_gold(ev, k=cfg.annotate_k)
-    seconds["eval"] = time.time() - t
-    from align.report import write_report
-    report = write_report(out, cfg, comparison, acc, seconds, runs)
-    return report
+    comparison, acc = timed("eval", lambda: (compare(ev), rm_accuracy_vs_gold(ev, k=cfg.annotate_k)))
+    return write_report(out, cfg, comparison, acc, seconds, runs)
 
 
 def _fresh_or_resume(stage_cfg) -> None:
@@ -208,31 +253,27 @@ def annotate(cfg: PipelineConfig, backbone: Path, sft_dir: Path, data: Path) -> 
     from align.adapters.peft_format import load_adapter
     from align.config import ModelConfig
     from align.distributed import Runtime
-    from align.generation import sample
     from align.quickstart import task
     from align.quickstart.annotator import simulate_label_studio_ranker, write_export
-    from align.stages.common import left_pad, load_model
-    from align.tokens import encode, specials
+    from align.scoring import decode, generate
+    from align.stages.common import load_model
+    from align.tokens import encode
     from data_tools.cli import main as import_main
 
     rt = Runtime()
     tok, model = load_model(str(backbone), ModelConfig(path=str(backbone)), rt.device)
-    stops = specials(tok).stop_ids
     load_adapter(model, "sft", sft_dir / "adapters" / "sft")
     model.add_role("sft", ["sft"])
     prompts = task.prompts("rm", cfg.annotate_prompts, cfg.seed)
     g = torch.Generator(device=rt.device).manual_seed(cfg.seed + 5)
     responses, ended = [[] for _ in prompts], [[] for _ in prompts]
     for start in range(0, len(prompts), 64):
-        chunk = prompts[start:start + 64]
-        ids, mask = left_pad([encode(tok, p, bos=True) for p in chunk], tok.pad_token_id, rt.device)
+        ids = [encode(tok, p, bos=True) for p in prompts[start:start + 64]]
         for _ in range(cfg.annotate_k):
-            s = sample(model, ids, mask, role="sft", max_new_tokens=cfg.response_length,
-                       temperature=cfg.annotate_temperature, stop_token_id=stops,
-                       pad_token_id=tok.pad_token_id, generator=g)
-            for j, (toks, n) in enumerate(zip(s.tokens.tolist(), s.lengths.tolist())):
-                stopped = toks[n - 1] in stops
-                responses[start + j].append(tok.decode(toks[:n], skip_special_tokens=True))
+            resp = generate(model, ids, tok, rt.device, role="sft", max_new_tokens=cfg.response_length,
+                            temperature=cfg.annotate_temperature, generator=g)
+            for j, (text, stopped) in enumerate(zip(decode(tok, resp), resp.has_stop.tolist())):
+                responses[start + j].append(text)
                 ended[start + j].append(bool(stopped))
     tasks = simulate_label_studio_ranker(prompts, responses, ended, gold_fn=task.gold_score,
                                          beta=cfg.annotate_beta, seed=cfg.seed)

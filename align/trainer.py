@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from align.config import TrainConfig
 from align.distributed import Runtime
+from align.resume import prepare_resumable, save_resumable
 from align.tracking import Tracker
 
 
@@ -59,6 +59,7 @@ class Trainer:
     eval_fn: Callable[[int], dict] | None = None
     log_extra: Callable[[int], None] | None = None
     extra_state: dict = field(default_factory=dict)
+    dtype: str = "float32"                    # model.dtype: DeepSpeed's bf16/fp16 flags follow it
 
     def __post_init__(self):
         c, world = self.cfg, self.rt.world_size
@@ -88,22 +89,10 @@ class Trainer:
         params = self.model.trainable_parameters()
         optimizer = make_optimizer(params, c)
         scheduler = make_scheduler(optimizer, c.scheduler, c.warmup_steps, self.total_steps)
-        start = 0
-        ckpt = latest_checkpoint(self.run_dir) if resume else None
-        if ckpt is not None:
-            # restore tensors before wrapping, optimizer after (it is re-created by prepare)
-            loaded = load_checkpoint(ckpt, rank=rt.rank)
-            rt.load_trainable(self.model, loaded["trainable"])
-        engine, optimizer = rt.prepare(self.model, optimizer, c.batch_size)
-        if ckpt is not None:
-            st = loaded["state"]
-            if loaded["optimizer"] is not None:
-                rt.load_optimizer_state(optimizer, loaded["optimizer"])
-            scheduler.load_state_dict(st["scheduler"])
-            start = st["step"]
-            self.extra_state.update(st.get("extra", {}))
-            load_checkpoint(ckpt, rank=rt.rank)  # RNG last, after anything that consumed it
-            rt.print(f"[{self.stage}] resumed from {ckpt} at step {start}/{self.total_steps}")
+        engine, optimizer, start, state = prepare_resumable(
+            rt, self.model, optimizer, scheduler, self.run_dir, resume, c.batch_size, self.stage,
+            max_grad_norm=c.max_grad_norm, dtype=self.dtype)
+        self.extra_state.update(state.get("extra", {}))
         bar = tqdm(total=self.total_steps, initial=start, desc=self.stage, disable=not rt.is_main,
                    dynamic_ncols=True)
         last_eval: dict = {}
@@ -155,12 +144,8 @@ class Trainer:
         return {"steps": step, **last_eval}
 
     def save(self, step: int, optimizer, scheduler) -> None:
-        rt = self.rt
-        state = {"step": step, "scheduler": scheduler.state_dict(), "extra": self.extra_state,
-                 "world_size": rt.world_size}
-        save_checkpoint(self.run_dir, step, rt.trainable_state(self.model), optimizer, state,
-                        rank=rt.rank, is_main=rt.is_main, keep=self.cfg.keep_checkpoints,
-                        barrier=rt.barrier)
+        save_resumable(self.rt, self.run_dir, step, self.model, optimizer, scheduler, self.cfg.keep_checkpoints,
+                       extra={"extra": self.extra_state})
 
 
 @contextlib.contextmanager

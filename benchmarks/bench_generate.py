@@ -37,7 +37,7 @@ def main(argv=None):
     from align.backbone import load_backbone, load_tokenizer
     from align.generation import sample
     from align.model import AlignModel
-    from align.stages.common import left_pad
+    from align.scoring import left_pad
     from benchmarks.bench_ppo import PROMPTS
     from benchmarks.common import machine, model_dir, table, write_results
     path = model_dir(a.size)

@@ -42,7 +42,7 @@ def test_role_logits_on_cuda_equal_cpu(tiny_llama, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_cached_generation_equals_uncached_greedy_on_cuda(tiny_llama, method):
     from align.generation import sample
-    from align.stages.common import left_pad
+    from align.scoring import left_pad
     model, tok = model_with(tiny_llama, method, "cuda")
     ids, mask = left_pad([tok(p, add_special_tokens=False).input_ids for p in ["the happy dog", "a"]],
                          tok.pad_token_id, "cuda")

@@ -16,7 +16,7 @@ from align.adapters import AdapterConfig
 from align.adapters.peft_format import load_adapter
 from align.config import load_config
 from align.generation import sample
-from align.stages.common import left_pad
+from align.scoring import left_pad
 from tests.conftest import load
 
 LORA_HEAD = AdapterConfig(method="lora", r=8, alpha=16, target_modules=["q_proj", "v_proj", "lm_head"])

@@ -205,7 +205,7 @@ def test_fused_projection_architectures_are_refused_at_load(tmp_path):
 
 # ------------------------------------------------------------------------------ 6. logits where used
 def test_logits_are_computed_only_at_the_positions_used(tiny_llama):
-    from align.stages.ppo import response_stats
+    from align.scoring import response_stats
     tok = load_tokenizer(tiny_llama)
     model = AlignModel(load_backbone(tiny_llama, tokenizer=tok))
     model.add_head("v")

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from align.data.common import split_by_prompt
-from align.data.preferences import (Group, collate_groups, kwise_loss, sequence_rewards, to_group,
-                                    tokenize_group)
+from align.data.preferences import Group, collate_groups, to_group, tokenize_group
+from align.rl.losses import kwise_loss
+from align.scoring import sequence_rewards
 from tests.conftest import load
 
 
@@ -143,7 +144,7 @@ def test_reward_refuses_an_empty_configured_eval_split(tiny_llama, tmp_path):
     data = rule_rankings(tmp_path / "rules.jsonl", n=20)
     with pytest.raises(ConfigError, match=r"data.eval_fraction=0.0001 holds out no eval records from .*rules.jsonl"):
         reward.run(load_config(reward.RewardConfig, None, [
-            f"output_dir={tmp_path / 'rm'}", f"model.path={tiny_llama}", f"data.train={data}",
+            f"output_dir={tmp_path / 'rm'}", f"model.path={tiny_llama}", f"data.train={data}", "init=base",
             "data.eval_fraction=0.0001", "tracking.wandb=false"]))
     assert not (tmp_path / "rm").exists()
 

@@ -80,7 +80,7 @@ def test_packed_loss_has_no_term_across_a_segment_boundary(tiny_llama):
     """Issue 16: with completion_only_loss=false the last token of example i used to predict the
     first token of example i+1. A packed row must give the same summed loss and the same number
     of counted tokens as its examples one by one."""
-    from align.data.sft import lm_loss
+    from align.rl.losses import lm_loss
     model, tok = load(tiny_llama)
     recs = [{"prompt": "the dog", "completion": " sings"}, {"prompt": "a cat", "completion": " runs"},
             {"prompt": "rain", "completion": " falls on the song"}]

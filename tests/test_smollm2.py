@@ -138,7 +138,7 @@ def test_cached_generation_equals_uncached_on_smollm2(smollm2_model, method):
     texts = [tok.apply_chat_template(chat(q), tokenize=False, add_generation_prompt=True) for q, _ in QUESTIONS[:2]]
     seqs = [tok(t, add_special_tokens=False).input_ids for t in texts]
     seqs[1] = seqs[1][:-3]  # different lengths: left padding
-    from align.stages.common import left_pad
+    from align.scoring import left_pad
     ids, mask = left_pad(seqs, tok.pad_token_id, "cpu")
     assert_cached_generation_equals_uncached(model, tok, ids, mask, name, max_new_tokens=6, atol=2e-4)
 

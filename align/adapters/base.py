@@ -18,20 +18,25 @@ methods that add virtual tokens to the input (prompt tuning, P-tuning) implement
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ClassVar
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
 
 from align.arch import Arch
+from align.rules import Rule
 
 
 @dataclass
 class AdapterConfig:
-    """One adapter set's method and hyper-parameters (fields unused by a method are ignored).
+    """One adapter set's method and hyper-parameters.
 
-    The same dataclass is the ``adapter:`` section of every stage config.
+    The same dataclass is the ``adapter:`` section of every stage config (YAML stays flat:
+    ``adapter: {method: lora, r: 8}``), but each method owns its settings: the method class
+    declares the fields it reads (``AdapterSet.settings``, with their rules), and :meth:`checks`
+    (run by ``align.config.validate``) refuses a field the chosen method does not read when it is
+    set away from its default. ``method`` and ``extra`` belong to every method.
     """
     method: str = "lora"  # lora | bottleneck | prefix | ia3 | prompt | ptuning | llama_adapter | full | top_k
     # LoRA
@@ -51,7 +56,7 @@ class AdapterConfig:
     encoder_hidden_size: int = 64        # prefix MLP / p-tuning encoder hidden size
     prompt_init: str = "random"  # random | sample_vocab | text
     prompt_init_text: str = ""           # text for prompt_init=text
-    encoder_type: str = "mlp"  # p-tuning prompt encoder: mlp | lstm
+    encoder_type: str = "mlp"  # p-tuning prompt encoder: mlp | lstm | none
     adapter_layers: int = 2  # LLaMA-Adapter: top L layers
     # IA3
     feedforward_modules: Any = None      # IA3: which targets are feed-forward (scaled on the input); None = family default
@@ -61,6 +66,29 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def checks(self, at: str = "") -> Iterator[str]:
+        """Problems of this config for its method: an unknown method, a setting of the method out of
+        its range or choices, a field set that the method does not read."""
+        cls = METHODS.get(self.method)
+        if cls is None:
+            yield f"{at}method={self.method!r}: choose one of {', '.join(METHODS)}"
+            return
+        defaults = AdapterConfig()
+        for f in fields(self):
+            if f.name in COMMON_SETTINGS:
+                continue
+            value = getattr(self, f.name)
+            if f.name in cls.settings:
+                rule = cls.settings[f.name]
+                if rule is not None and (problem := rule.problem(value)) is not None:
+                    yield f"{at}{f.name}={value!r}: {problem}"
+            elif value != getattr(defaults, f.name):
+                yield (f"{at}{f.name}={value!r} is not a setting of {self.method}; its settings are "
+                       f"{', '.join(cls.settings) or 'none (only method and extra)'}")
+
+
+COMMON_SETTINGS = ("method", "extra")
 
 
 def match_target(name: str, targets) -> bool:
@@ -75,6 +103,9 @@ class AdapterSet(nn.Module):
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None  # the HF peft type when peft has this method
+    # The AdapterConfig fields this method reads, each with its rule (align.rules) or None; the
+    # others must stay at their defaults (AdapterConfig.checks), as peft has one config per method.
+    settings: ClassVar[dict[str, Rule | None]] = {}
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch):
         super().__init__()
@@ -144,8 +175,16 @@ METHODS: dict[str, type[AdapterSet]] = {}
 
 
 def register(cls: type[AdapterSet]) -> type[AdapterSet]:
+    unknown = set(cls.settings) - {f.name for f in fields(AdapterConfig)}
+    if unknown:
+        raise TypeError(f"{cls.__name__}.settings names fields AdapterConfig lacks: {sorted(unknown)}")
     METHODS[cls.method] = cls
     return cls
+
+
+def peft_types() -> dict[str, str]:
+    """HF peft type -> method, from the registered methods' ``peft_type`` (one source of truth)."""
+    return {cls.peft_type: name for name, cls in METHODS.items() if cls.peft_type}
 
 
 def create_adapter_set(name: str, config: AdapterConfig, backbone: nn.Module, arch: Arch) -> AdapterSet:

@@ -13,6 +13,7 @@ import torch.nn as nn
 from align.adapters.base import AdapterConfig, AdapterSet, register
 from align.adapters.lora import key
 from align.arch import Arch
+from align.rules import AT_LEAST_ONE, NON_NEGATIVE, OneOf
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -35,6 +36,8 @@ class Bottleneck(nn.Module):
 @register
 class BottleneckAdapter(AdapterSet):
     method = "bottleneck"
+    settings = {"variant": OneOf("houlsby", "pfeiffer"), "bottleneck_size": AT_LEAST_ONE,
+                "nonlinearity": OneOf(*ACTIVATIONS), "init_std": NON_NEGATIVE}
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch, backbone: nn.Module):
         super().__init__(name, config, arch)

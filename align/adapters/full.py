@@ -28,6 +28,7 @@ import torch.nn as nn
 from align.adapters.base import AdapterConfig, AdapterSet, register
 from align.adapters.lora import key
 from align.arch import Arch
+from align.rules import AT_LEAST_ONE
 
 
 def param_leaves(backbone: nn.Module, prefix: str = ""):
@@ -99,6 +100,7 @@ class FullFinetune(CopiedModules):
 @register
 class TopKFinetune(CopiedModules):
     method = "top_k"
+    settings = {"top_k": AT_LEAST_ONE}
 
     def select(self, backbone):
         a, k = self.arch, self.config.top_k

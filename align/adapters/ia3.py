@@ -47,6 +47,7 @@ def is_feedforward(name: str, ff) -> bool:
 class IA3(AdapterSet):
     method = "ia3"
     peft_type = "IA3"
+    settings = {"target_modules": None, "feedforward_modules": None}
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch, backbone: nn.Module):
         super().__init__(name, config, arch)

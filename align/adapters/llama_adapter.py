@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from align.adapters.base import AdapterConfig, AdapterSet, register
 from align.arch import Arch
+from align.rules import AT_LEAST_ONE
 
 SUPPORTED = {"llama", "mistral", "qwen2", "gpt2"}  # peft: llama, mistral, gpt2
 
@@ -40,6 +41,7 @@ SUPPORTED = {"llama", "mistral", "qwen2", "gpt2"}  # peft: llama, mistral, gpt2
 class LlamaAdapter(AdapterSet):
     method = "llama_adapter"
     peft_type = "ADAPTION_PROMPT"
+    settings = {"num_virtual_tokens": AT_LEAST_ONE, "adapter_layers": AT_LEAST_ONE}
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch, backbone: nn.Module):
         super().__init__(name, config, arch)

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from align.adapters.base import AdapterConfig, AdapterSet, match_target, register
 from align.arch import Arch, is_linear, linear_shape
+from align.rules import AT_LEAST_ONE, POSITIVE, Range
 
 DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
@@ -35,6 +36,8 @@ class LoraPair(nn.Module):
 class LoRA(AdapterSet):
     method = "lora"
     peft_type = "LORA"
+    settings = {"r": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Range(0, 1, hi_open=True),
+                "target_modules": None, "use_rslora": None}
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch, backbone: nn.Module):
         super().__init__(name, config, arch)

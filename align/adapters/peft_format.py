@@ -23,14 +23,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from align.adapters.base import METHODS, AdapterConfig
+from align.adapters.base import METHODS, AdapterConfig, peft_types
 from align.checkpoint import save_safetensors
 
 ALIGN_FILE = "align_adapter.json"
 PEFT_CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "prefix", "IA3": "ia3", "PROMPT_TUNING": "prompt",
-              "P_TUNING": "ptuning", "ADAPTION_PROMPT": "llama_adapter"}
 
 
 class FingerprintMismatch(ValueError):
@@ -101,7 +99,7 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, st
         return AdapterConfig(**rec["config"]), rec.get("backbone_fingerprint")
     if (directory / PEFT_CONFIG).exists():
         p = json.loads((directory / PEFT_CONFIG).read_text())
-        method = PEFT_TYPES.get(p.get("peft_type"))
+        method = peft_types().get(p.get("peft_type"))
         if method is None or method not in METHODS:
             raise ValueError(f"{directory / PEFT_CONFIG}: peft_type {p.get('peft_type')!r} is not supported")
         return METHODS[method].config_from_peft(p), None

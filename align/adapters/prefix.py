@@ -15,12 +15,14 @@ import torch.nn as nn
 
 from align.adapters.base import AdapterConfig, AdapterSet, register
 from align.arch import Arch
+from align.rules import AT_LEAST_ONE
 
 
 @register
 class PrefixTuning(AdapterSet):
     method = "prefix"
     peft_type = "PREFIX_TUNING"
+    settings = {"num_virtual_tokens": AT_LEAST_ONE, "prefix_projection": None, "encoder_hidden_size": AT_LEAST_ONE}
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch, backbone: nn.Module):
         super().__init__(name, config, arch)

@@ -23,6 +23,9 @@ import torch.nn as nn
 
 from align.adapters.base import AdapterConfig, AdapterSet, register
 from align.arch import Arch
+from align.rules import AT_LEAST_ONE, OneOf
+
+PROMPT_INITS = ("random", "sample_vocab", "text")
 
 
 def text_init_ids(text: str, n: int, tokenizer_path: str) -> torch.Tensor:
@@ -44,6 +47,7 @@ def text_init_ids(text: str, n: int, tokenizer_path: str) -> torch.Tensor:
 class PromptTuning(AdapterSet):
     method = "prompt"
     peft_type = "PROMPT_TUNING"
+    settings = {"num_virtual_tokens": AT_LEAST_ONE, "prompt_init": OneOf(*PROMPT_INITS), "prompt_init_text": None}
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch, backbone: nn.Module):
         super().__init__(name, config, arch)

@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 
 from align.adapters.base import AdapterConfig, AdapterSet, register
-from align.adapters.prompt import PromptTuning
+from align.adapters.prompt import PROMPT_INITS, PromptTuning
 from align.arch import Arch
+from align.rules import AT_LEAST_ONE, OneOf
 
 ENCODERS = ("mlp", "lstm", "none")
 PEFT_ENCODER = {"mlp": "MLP", "lstm": "LSTM", "none": "MLP"}
@@ -43,6 +44,8 @@ PEFT_ENCODER = {"mlp": "MLP", "lstm": "LSTM", "none": "MLP"}
 class PTuning(PromptTuning):
     method = "ptuning"
     peft_type = "P_TUNING"
+    settings = {"num_virtual_tokens": AT_LEAST_ONE, "encoder_type": OneOf(*ENCODERS),
+                "encoder_hidden_size": AT_LEAST_ONE, "prompt_init": OneOf(*PROMPT_INITS), "prompt_init_text": None}
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch, backbone: nn.Module):
         AdapterSet.__init__(self, name, config, arch)

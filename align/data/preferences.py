@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from align.data.sft import render
 
@@ -143,57 +142,3 @@ def collate_groups(groups: list[TokenGroup], pad_id: int, padding_side: str = "r
             "ranks": torch.tensor([r for g in groups for r in g.ranks], dtype=torch.float),
             "margin": torch.tensor([g.margin for g in groups]),
             "weight": torch.tensor([g.weight for g in groups])}
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token per row, for left or right padding."""
-    t = mask.shape[1]
-    return t - 1 - mask.long().flip(1).argmax(1)
-
-
-def sequence_rewards(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The scalar head's output at each row's last real token."""
-    return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
-
-
-def ranking_pairs(ranks: torch.Tensor, group: torch.Tensor, ties: str = "skip"):
-    """All ordered (better, worse) index pairs inside each group; tied pairs when ties='half'."""
-    same = group[:, None] == group[None, :]
-    better = same & (ranks[:, None] < ranks[None, :])
-    i, j = better.nonzero(as_tuple=True)
-    if ties == "half":
-        tied = same & (ranks[:, None] == ranks[None, :])
-        tied = torch.triu(tied, diagonal=1)
-        ti, tj = tied.nonzero(as_tuple=True)
-        return i, j, ti, tj
-    if ties != "skip":
-        raise ValueError(f"ties={ties!r}: choose skip or half")
-    return i, j, i[:0], j[:0]
-
-
-def kwise_loss(rewards: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor, n_groups: int,
-               margin: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-               ties: str = "skip") -> tuple[torch.Tensor, dict]:
-    """InstructGPT's loss: per group, the mean over its C(K,2) ordered pairs of
-    ``-log sigmoid(r_better - r_worse - margin)``; then the (weighted) mean over groups.
-    With ``ties='half'`` a tied pair contributes the Bradley-Terry loss with target 1/2."""
-    i, j, ti, tj = ranking_pairs(ranks, group, ties)
-    d = rewards[i] - rewards[j]
-    if margin is not None:
-        d = d - margin[group[i]]
-    pair_loss = -F.logsigmoid(d)
-    gidx = group[i]
-    if len(ti):
-        dt = rewards[ti] - rewards[tj]
-        pair_loss = torch.cat([pair_loss, -(0.5 * F.logsigmoid(dt) + 0.5 * F.logsigmoid(-dt))])
-        gidx = torch.cat([gidx, group[ti]])
-    sums = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(0, gidx, pair_loss)
-    counts = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(
-        0, gidx, torch.ones_like(pair_loss))
-    has = counts > 0
-    per_group = sums[has] / counts[has]
-    w = weight[has].to(rewards.dtype) if weight is not None else torch.ones_like(per_group)
-    loss = (per_group * w).sum() / w.sum().clamp(min=1e-8)
-    with torch.no_grad():
-        acc = (rewards[i] > rewards[j]).float().mean() if len(i) else torch.tensor(0.0)
-    return loss, {"accuracy": acc, "pairs": float(len(i)), "margin": d.detach().mean() if len(i) else 0.0}

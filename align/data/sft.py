@@ -183,32 +183,3 @@ class Collator:
         if self.packed:
             batch["segment_ids"] = seg
         return batch
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy over labelled positions; returns (loss, token count)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    n = (shift_labels != IGNORE).sum()
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=IGNORE, reduction="sum")
-    return loss / n.clamp(min=1), n
-
-
-def label_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Bool [B, T]: the positions whose next-token prediction is labelled (the only positions
-    whose logits a loss needs; ``AlignModel.forward(logits_at=...)`` computes just those)."""
-    sel = torch.zeros_like(labels, dtype=torch.bool)
-    sel[:, :-1] = labels[:, 1:] != IGNORE
-    return sel
-
-
-def lm_loss_at(logits: torch.Tensor, labels: torch.Tensor, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lm_loss`` from the logits [N, V] at ``sel`` = ``label_positions(labels)`` only: the same
-    value, without a [B, T, V] tensor for the prompt and padding positions."""
-    targets = labels[:, 1:][sel[:, :-1]]
-    n = torch.tensor(targets.numel(), device=labels.device)
-    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-    return loss / n.clamp(min=1), n
-

@@ -32,6 +32,38 @@ def _stream(tok, docs: list[str]) -> torch.Tensor:
     return torch.tensor(ids)
 
 
+def _train(model, data: torch.Tensor, steps: int, batch_size: int, seq_len: int, lr: float,
+           starts_gen: torch.Generator) -> float:
+    """Every weight of ``model`` on random windows of ``data``; returns the smoothed final loss."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+
+    def schedule(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    bar = tqdm(range(steps), desc="pretrain backbone", dynamic_ncols=True)
+    smoothed = None
+    for step in bar:
+        starts = torch.randint(len(data) - seq_len, (batch_size,), generator=starts_gen)
+        batch = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{smoothed:.3f}")
+    return smoothed
+
+
 def ensure_backbone(cache_dir: str | Path, *, vocab_size: int = 1024, hidden: int = 128, layers: int = 4,
                     heads: int = 4, steps: int = 600, seed: int = 0, batch_size: int = 32, seq_len: int = 64,
                     lr: float = 3e-3, n_docs: int = 40000, threads: int | None = None) -> Path:
@@ -60,34 +92,7 @@ def ensure_backbone(cache_dir: str | Path, *, vocab_size: int = 1024, hidden: in
                              max_positions=256, tokenizer=tok)
         model = build_tiny_model(config, seed=seed).train()
         data, eval_data = _stream(tok, docs), _stream(tok, held_out)
-        starts_gen = torch.Generator().manual_seed(seed)
-
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=lr, betas=(0.9, 0.95))
-        warmup = max(1, steps // 20)
-
-        def schedule(s: int) -> float:
-            if s < warmup:
-                return (s + 1) / warmup
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        bar = tqdm(range(steps), desc="pretrain backbone", dynamic_ncols=True)
-        smoothed = None
-        for step in bar:
-            starts = torch.randint(len(data) - seq_len, (batch_size,), generator=starts_gen)
-            batch = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
-            loss = model(input_ids=batch, labels=batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-            if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{smoothed:.3f}")
+        smoothed = _train(model, data, steps, batch_size, seq_len, lr, torch.Generator().manual_seed(seed))
         model.eval()
         with torch.no_grad():
             windows = eval_data[: (len(eval_data) // seq_len) * seq_len].view(-1, seq_len)

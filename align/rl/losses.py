@@ -1,5 +1,8 @@
-"""PPO's clipped losses (Schulman et al. 2017; value clipping as in baselines ppo2):
-docs/ppo-notes.md §F3, §F4.
+"""Every loss align trains with.
+
+PPO's clipped losses (Schulman et al. 2017; value clipping as in baselines ppo2):
+docs/ppo-notes.md §F3, §F4. The SFT next-token loss (``lm_loss``, and ``lm_loss_at`` over the
+labelled positions only). The reward model's K-wise ranking loss (InstructGPT; ``kwise_loss``).
 
 All inputs are [B, T] per response token, aligned to the action index; ``mask`` is True on real
 tokens. Losses are masked means over tokens (N+); stats are detached scalars.
@@ -7,6 +10,7 @@ tokens. Losses are masked means over tokens (N+); stats are detached scalars.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from align.rl.functional import masked_mean, masked_var
 
@@ -66,3 +70,79 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     var_returns = masked_var(returns, mask)
     ev = 1.0 - masked_var(returns - values, mask) / var_returns
     return torch.where(var_returns > 0, ev, torch.full_like(ev, float("nan")))
+
+
+# ------------------------------------------------------------------------------ supervised losses
+IGNORE = -100  # label of a position without loss (align.data.sft.IGNORE)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over labelled positions; returns (loss, token count)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    n = (shift_labels != IGNORE).sum()
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE, reduction="sum")
+    return loss / n.clamp(min=1), n
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: the positions whose next-token prediction is labelled (the only positions
+    whose logits a loss needs; ``AlignModel.forward(logits_at=...)`` computes just those)."""
+    sel = torch.zeros_like(labels, dtype=torch.bool)
+    sel[:, :-1] = labels[:, 1:] != IGNORE
+    return sel
+
+
+def lm_loss_at(logits: torch.Tensor, labels: torch.Tensor, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lm_loss`` from the logits [N, V] at ``sel`` = ``label_positions(labels)`` only: the same
+    value, without a [B, T, V] tensor for the prompt and padding positions."""
+    targets = labels[:, 1:][sel[:, :-1]]
+    n = torch.tensor(targets.numel(), device=labels.device)
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss / n.clamp(min=1), n
+
+
+# ------------------------------------------------------------------------------ reward model
+def ranking_pairs(ranks: torch.Tensor, group: torch.Tensor, ties: str = "skip"):
+    """All ordered (better, worse) index pairs inside each group; tied pairs when ties='half'."""
+    same = group[:, None] == group[None, :]
+    better = same & (ranks[:, None] < ranks[None, :])
+    i, j = better.nonzero(as_tuple=True)
+    if ties == "half":
+        tied = same & (ranks[:, None] == ranks[None, :])
+        tied = torch.triu(tied, diagonal=1)
+        ti, tj = tied.nonzero(as_tuple=True)
+        return i, j, ti, tj
+    if ties != "skip":
+        raise ValueError(f"ties={ties!r}: choose skip or half")
+    return i, j, i[:0], j[:0]
+
+
+def kwise_loss(rewards: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor, n_groups: int,
+               margin: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+               ties: str = "skip") -> tuple[torch.Tensor, dict]:
+    """InstructGPT's loss: per group, the mean over its C(K,2) ordered pairs of
+    ``-log sigmoid(r_better - r_worse - margin)``; then the (weighted) mean over groups.
+    With ``ties='half'`` a tied pair contributes the Bradley-Terry loss with target 1/2."""
+    i, j, ti, tj = ranking_pairs(ranks, group, ties)
+    d = rewards[i] - rewards[j]
+    if margin is not None:
+        d = d - margin[group[i]]
+    pair_loss = -F.logsigmoid(d)
+    gidx = group[i]
+    if len(ti):
+        dt = rewards[ti] - rewards[tj]
+        pair_loss = torch.cat([pair_loss, -(0.5 * F.logsigmoid(dt) + 0.5 * F.logsigmoid(-dt))])
+        gidx = torch.cat([gidx, group[ti]])
+    sums = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(0, gidx, pair_loss)
+    counts = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(
+        0, gidx, torch.ones_like(pair_loss))
+    has = counts > 0
+    per_group = sums[has] / counts[has]
+    w = weight[has].to(rewards.dtype) if weight is not None else torch.ones_like(per_group)
+    loss = (per_group * w).sum() / w.sum().clamp(min=1e-8)
+    with torch.no_grad():
+        acc = (rewards[i] > rewards[j]).float().mean() if len(i) else torch.tensor(0.0)
+    return loss, {"accuracy": acc, "pairs": float(len(i)), "margin": d.detach().mean() if len(i) else 0.0}

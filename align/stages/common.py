@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from align.backbone import load_backbone, load_tokenizer, resolve_checkpoint
-from align.checkpoint import latest_checkpoint
+from align.checkpoint import check_resumable, latest_checkpoint
 from align.config import ConfigError, save_config, to_dict
 from align.distributed import Runtime
 from align.model import AlignModel
@@ -55,11 +55,14 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
             raise ConfigError(f"output_dir {run_dir} already holds a run; pass resume=true to continue "
                               f"it or choose another output_dir")
     rt = Runtime(grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
+    if resume_step is not None:  # another number of processes is refused before anything is written
+        check_resumable(ckpt, rt.world_size)
     if rt.is_main:
         resolve_checkpoint(backbone_path)  # a GGUF file is converted once, by one process
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     rt.barrier()
+    rt.check_shared_dir(run_dir)  # on several nodes: output_dir on a shared filesystem, or a clear error
     seed_everything(cfg.train.seed)
     tok, model = load_model(backbone_path, cfg.model, rt.device,
                             chat_template=getattr(getattr(cfg, "data", None), "chat_template", None))
@@ -97,14 +100,3 @@ def finish_stage(stage: Stage, summary: dict, adapter_set: str) -> dict:
     stage.tracker.log_artifact(stage.run_dir / "adapters" / adapter_set, f"{adapter_set}-adapters", "adapter")
     stage.tracker.finish()
     return summary
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    t = width or max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, t - len(s):] = torch.tensor(s)
-            mask[i, t - len(s):] = 1
-    return ids.to(device), mask.to(device)

@@ -28,35 +28,35 @@ samples.jsonl and summary.json.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from align.adapters.base import AdapterConfig
-from align.adapters.peft_format import load_adapter, load_head, save_adapter, save_head
-from align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from align.config import ConfigError, ModelConfig, TrackingConfig, require_file
+from align.adapters.peft_format import load_adapter, save_adapter, save_head
+from align.config import (ConfigError, ModelConfig, TrackingConfig, backbone_problems, require_file,
+                          run_dir_problems, validate)
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, Exists, OneOf, Spec
 from align.data.common import check_eval_split, read_records, split_by_prompt
-from align.data.preferences import sequence_rewards
 from align.data.sft import encode_prompts
-from align.generation import sample
-from align.rl.functional import entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten
+from align.rl.functional import entropy_from_logits, masked_mean, masked_whiten
 from align.rl.gae import compute_gae
 from align.rl.kl import kl_per_token, make_kl_controller
 from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.rewards import compute_token_rewards, whiten_rewards
-from align.rl.rollout import apply_missing_stop_penalty, response_mask_from_lengths, truncate_after_stop
-from align.stages.common import backbone_from_run, finish_stage, left_pad, start_stage
-from align.tokens import specials
-from align.trainer import make_optimizer
+from align.rl.rollout import apply_missing_stop_penalty
+from align.scoring import (decode, evaluate_role, generate, load_callable, load_reward_role, response_stats,
+                           score)
+from align.stages.common import backbone_from_run, finish_stage, start_stage
+from align.resume import prepare_resumable, save_resumable
+from align.trainer import make_optimizer, make_scheduler
 
 
 @dataclass
@@ -67,12 +67,17 @@ class PPODataConfig:
     max_prompt_length: int = 256         # longer prompts keep their last tokens
     chat_template: Optional[str] = None  # Jinja template for tokenizers without one
 
+    RULES: ClassVar[dict] = {"prompts": Exists(required=True, what="a records file with prompts"),
+                             "eval_prompts": Exists(), "eval_fraction": FRACTION, "max_prompt_length": AT_LEAST_ONE}
+
 
 @dataclass
 class ValueConfig:
     init: str = "reward"                 # reward: copy of the reward role (adapters + head) | fresh
     share_policy: bool = False           # value head on the policy's adapters instead of its own set
     adapter: Optional[AdapterConfig] = None  # for init=fresh (default: the policy's method and config)
+
+    RULES: ClassVar[dict] = {"init": OneOf("reward", "fresh")}
 
 
 @dataclass
@@ -114,6 +119,18 @@ class PPOAlgoConfig:
     keep_checkpoints: int = 2            # most recent checkpoints kept
     stop_after_iterations: int = 0       # testing aid: stop as if killed
 
+    RULES: ClassVar[dict] = {
+        "iterations": AT_LEAST_ONE, "rollout_batch_size": AT_LEAST_ONE, "num_minibatches": AT_LEAST_ONE,
+        "num_ppo_epochs": AT_LEAST_ONE, "micro_batch_size": AT_LEAST_ONE, "response_length": AT_LEAST_ONE,
+        "temperature": POSITIVE, "rollout_logprobs": OneOf("auto", "sample", "recompute"), "lr": POSITIVE,
+        "value_lr": NON_NEGATIVE, "lr_schedule": OneOf("linear", "constant"), "adam_eps": POSITIVE,
+        "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE, "kl_coef": NON_NEGATIVE,
+        "kl_estimator": OneOf("k1", "k2", "k3"), "kl_controller": OneOf("fixed", "adaptive"), "kl_target": POSITIVE,
+        "kl_horizon": AT_LEAST_ONE, "gamma": UNIT, "lam": UNIT, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
+        "vf_coef": NON_NEGATIVE, "missing_stop_mode": OneOf("replace", "subtract", "none"),
+        "log_every": AT_LEAST_ONE, "save_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE,
+        "stop_after_iterations": NON_NEGATIVE}
+
 
 @dataclass
 class PPOEvalConfig:
@@ -122,6 +139,9 @@ class PPOEvalConfig:
     temperature: float = 0.7             # sampling temperature at evaluation
     gold: str = ""                       # optional "module:function(prompts, responses, ended) -> list[float]"
     num_samples_logged: int = 8          # samples written to samples.jsonl / W&B per evaluation
+
+    RULES: ClassVar[dict] = {"every": NON_NEGATIVE, "num_prompts": NON_NEGATIVE, "temperature": POSITIVE,
+                             "gold": Spec(), "num_samples_logged": NON_NEGATIVE}
 
 
 @dataclass
@@ -138,6 +158,29 @@ class PPOConfig:
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    RULES: ClassVar[dict] = {"reward_fn": Spec()}
+
+    def checks(self, at: str) -> Iterator[str]:
+        """The run dirs this stage reads, the reward source, the backbone and the minibatch split."""
+        if not self.output_dir:
+            yield f"{at}output_dir: required"
+        yield from run_dir_problems(self.sft_run, f"{at}sft_run", "sft")
+        if bool(self.reward_run) == bool(self.reward_fn):
+            yield (f"{at}reward_run={self.reward_run!r}, {at}reward_fn={self.reward_fn!r}: give exactly one "
+                   f"(a learned reward's run dir, or a programmatic reward)")
+        elif self.reward_run:
+            yield from run_dir_problems(self.reward_run, f"{at}reward_run", "reward")
+        elif self.value.init == "reward":
+            yield f"{at}value.init='reward' needs a learned reward (reward_run); use value.init=fresh with reward_fn"
+        yield from backbone_problems(self.model.path, self.sft_run, f"{at}model.path")
+        a = self.ppo
+        if all(AT_LEAST_ONE.problem(getattr(a, k)) is None
+               for k in ("rollout_batch_size", "num_minibatches", "micro_batch_size")):
+            try:
+                minibatch_split(a, int(os.environ.get("WORLD_SIZE", "1")))
+            except ConfigError as e:
+                yield str(e)
 
     @property
     def train(self):
@@ -227,27 +270,10 @@ def build_roles(model, cfg: PPOConfig) -> dict:
         norm = {"mean": 0.0, "std": 1.0}
         reward_stack = None
     else:
-        norm, reward_stack = _load_reward_role(model, cfg, sft_dir)
+        reward_stack, norm = load_reward_role(model, cfg.reward_run, sft_dir=sft_dir)
     _build_value(model, v, reward_stack, norm if cfg.ppo.normalize_reward else None)
     roles = ("reference", "policy", "value") + (("reward",) if reward_stack is not None else ())
     return {"reward_norm": norm, "stacks": {r: list(model.roles[r].adapters) for r in roles}}
-
-
-def _load_reward_role(model, cfg: PPOConfig, sft_dir: Path):
-    rr = json.loads((Path(cfg.reward_run) / "reward_role.json").read_text())
-    reward_stack = []
-    for entry in rr["adapters"]:
-        d = Path(entry["dir"])
-        d = d if d.is_absolute() else Path(cfg.reward_run) / d
-        if entry["name"] == "sft" and d.resolve() == sft_dir.resolve():
-            reward_stack.append("sft")  # the same frozen SFT set, not a second copy
-            continue
-        name = "reward" if entry["name"] == "reward" else f"reward_{entry['name']}"
-        load_adapter(model, name, d)
-        reward_stack.append(name)
-    head_rec = load_head(model, "reward", Path(cfg.reward_run) / rr["head"])
-    model.add_role("reward", reward_stack, head="reward")
-    return head_rec.get("normalisation") or {"mean": 0.0, "std": 1.0}, reward_stack
 
 
 def _copy_reward_head_to_value(model, norm: dict | None) -> None:
@@ -313,11 +339,7 @@ def load_prompts(cfg: PPOConfig, tok) -> tuple[list, list]:
     return encode(recs, cfg.data.prompts), encode(held, cfg.data.eval_prompts or "held-out prompts")
 
 
-def load_gold(spec: str):
-    if not spec:
-        return None
-    mod, _, fn = spec.partition(":")
-    return getattr(importlib.import_module(mod), fn)
+load_gold = load_callable  # "module:function" -> the function (gold scorer or reward_fn)
 
 
 # ------------------------------------------------------------------------------------ rollout
@@ -337,65 +359,31 @@ class Rollout:
     sample_logprobs: torch.Tensor
 
 
-def response_stats(model, query, qmask, response, rmask, roles, temperature):
-    """Log-probs (at T), entropies and values of ``response`` under ``roles`` in one module call."""
-    ids = torch.cat([query, response], 1)
-    mask = torch.cat([qmask, rmask.long()], 1)
-    q = query.shape[1]
-    # logits only at the positions that predict response tokens (not [B, Q+R, V])
-    outs = model(ids, mask, roles=tuple(roles), logits_at=slice(q - 1, -1))
-    res = {}
-    for r, o in outs.items():
-        if o.logits is not None:
-            logits = o.logits
-            res[r] = {"logprobs": logprobs_from_logits(logits, response, temperature), "logits": logits}
-        if o.values is not None:
-            res.setdefault(r, {})["values"] = o.values[:, q - 1:-1].float()
-            res[r]["score"] = sequence_rewards(o.values.float(), mask)
-    return res
-
-
 @torch.no_grad()
 def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, width, reward_fn=None) -> Rollout:
     """Sample, score and evaluate one batch. ``width``: the prompt width of the *global* batch, so
     every process pads alike (gatherable, and numerically identical whatever the world size)."""
     a = cfg.ppo
-    query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device, width=width)
-    stops = specials(tok).stop_ids
-    t0 = time.time()
-    with rt.gathered(model.parameters()):
-        s = sample(model, query, qmask, role="policy", max_new_tokens=a.response_length,
-                   temperature=a.temperature, stop_token_id=stops,
-                   pad_token_id=tok.pad_token_id, row_seeds=row_seeds)
-    generate_s = time.time() - t0
-    response, seq_lengths, has_stop = truncate_after_stop(s.tokens, stops, tok.pad_token_id)
-    rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
+    resp = generate(model, [p["ids"] for p in prompts], tok, rt.device, role="policy",
+                    max_new_tokens=a.response_length, temperature=a.temperature, width=width,
+                    row_seeds=row_seeds, gathered=rt.gathered)
     recompute = recompute_logprobs(a.rollout_logprobs, cfg.model.dtype)
-    logp, ref, values, raw = [], [], [], []
     roles = (("policy",) if recompute else ()) + ("reference", "value") + (() if reward_fn else ("reward",))
-    for i in range(0, len(prompts), a.micro_batch_size):
-        sl = slice(i, i + a.micro_batch_size)
-        st = response_stats(engine, query[sl], qmask[sl], response[sl], rmask[sl], roles, a.temperature)
-        if recompute:
-            logp.append(st["policy"]["logprobs"])
-        ref.append(st["reference"]["logprobs"])
-        values.append(st["value"]["values"])
-        if not reward_fn:
-            raw.append(st["reward"]["score"])
+    st = score(engine, resp, roles, a.temperature, a.micro_batch_size)
     if reward_fn:
-        texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(response, rmask)]
-        raw = torch.tensor(reward_fn([p["text"] for p in prompts], texts, has_stop.tolist()),
+        raw = torch.tensor(reward_fn([p["text"] for p in prompts], decode(tok, resp), resp.has_stop.tolist()),
                            dtype=torch.float, device=rt.device)
     else:
-        raw = torch.cat(raw)
+        raw = st["reward"]["score"]
     scores = (raw - norm["mean"]) / norm["std"] if a.normalize_reward else raw.clone()
     if a.missing_stop_mode != "none":
-        scores = apply_missing_stop_penalty(scores, has_stop, a.missing_stop_penalty, a.missing_stop_mode)
+        scores = apply_missing_stop_penalty(scores, resp.has_stop, a.missing_stop_penalty, a.missing_stop_mode)
     # old log-probs: the sampler's own (the temperature-warped distribution it drew from, within
     # ~1e-6 of a fresh forward in float32: docs/ppo-notes.md §B6), or a fresh policy forward
-    logprobs = torch.cat(logp) if recompute else s.logprobs.masked_fill(~rmask, 0.0)
-    return Rollout(query, qmask, response, rmask, seq_lengths, has_stop, logprobs, torch.cat(ref),
-                   torch.cat(values), raw, scores, s.logprobs), generate_s
+    logprobs = st["policy"]["logprobs"] if recompute else resp.sample_logprobs.masked_fill(~resp.response_mask, 0.0)
+    return Rollout(resp.query, resp.query_mask, resp.response, resp.response_mask, resp.seq_lengths, resp.has_stop,
+                   logprobs, st["reference"]["logprobs"], st["value"]["values"], raw, scores,
+                   resp.sample_logprobs), resp.generate_s
 
 
 def recompute_logprobs(mode: str, dtype: str) -> bool:
@@ -420,217 +408,236 @@ def gather_rollout(ro: Rollout, rt) -> Rollout:
 
 
 # ------------------------------------------------------------------------------------ the stage
-def run(cfg: PPOConfig) -> dict:
+def check(cfg: PPOConfig) -> tuple[str, MinibatchSplit]:
+    """What can be refused before the run directory exists: the backbone and the minibatch split."""
     if not cfg.sft_run:
         raise ConfigError("sft_run is required (the reference policy is the SFT adapters)")
     if bool(cfg.reward_run) == bool(cfg.reward_fn):
         raise ConfigError("give exactly one of reward_run (learned reward) and reward_fn (programmatic)")
-    backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]
     a = cfg.ppo
-    recompute_logprobs(a.rollout_logprobs, cfg.model.dtype)  # bad values fail before any work
+    recompute_logprobs(a.rollout_logprobs, cfg.model.dtype)
     if a.value_lr < 0:
         raise ConfigError(f"ppo.value_lr={a.value_lr}: give a positive rate, or 0 for ppo.lr")
-    world_batch = a.rollout_batch_size
-    split = minibatch_split(a, int(os.environ.get("WORLD_SIZE", "1")))  # refused before the run dir exists
-    st = start_stage(cfg, "ppo", backbone)
-    rt, tok, model = st.rt, st.tokenizer, st.model
-    if rt.world_size != split.world:
-        split = minibatch_split(a, rt.world_size)
-        if split.accum_steps != rt.accelerator.gradient_accumulation_steps:
-            raise RuntimeError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {rt.world_size} processes")
-    local_batch = world_batch // rt.world_size
-    info = build_roles(model, cfg)
-    norm = info["reward_norm"]
-    train_prompts, eval_prompts = load_prompts(cfg, tok)
-    gold_fn = load_gold(cfg.eval.gold)
-    reward_fn = load_gold(cfg.reward_fn)
-    model.eval()  # dropout off in every role (docs/ppo-notes.md §B7); nothing here uses train mode
+    backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]
+    return backbone, minibatch_split(a, int(os.environ.get("WORLD_SIZE", "1")))
 
-    from align.config import TrainConfig
-    params = model.trainable_parameters()
-    optimizer = make_optimizer(parameter_groups(model, params, a.value_lr), TrainConfig(lr=a.lr, weight_decay=a.weight_decay,
-                                                                        adam_eps=a.adam_eps))
-    total_updates = a.iterations * a.num_ppo_epochs * a.num_minibatches
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: max(0.0, 1 - k / total_updates) if a.lr_schedule == "linear" else 1.0)
-    kl_ctl = make_kl_controller(a.kl_controller, kl_coef=a.kl_coef, target=a.kl_target, horizon=a.kl_horizon)
 
-    start = 0
-    ckpt = latest_checkpoint(st.run_dir) if cfg.resume else None
-    if ckpt is not None:
-        loaded = load_checkpoint(ckpt, rank=rt.rank)
-        rt.load_trainable(model, loaded["trainable"])
-    engine, optimizer = rt.prepare(model, optimizer, split.chunk)
-    if ckpt is not None:
-        s = loaded["state"]
-        if loaded["optimizer"] is not None:
-            rt.load_optimizer_state(optimizer, loaded["optimizer"])
-        sched.load_state_dict(s["scheduler"])
-        kl_ctl.load_state_dict(s["kl_controller"])
-        start = s["step"]
-        load_checkpoint(ckpt, rank=rt.rank)  # RNG last
-        rt.print(f"[ppo] resumed from {ckpt} at iteration {start}/{a.iterations}")
+class PromptOrder:
+    """Which prompts each iteration samples: a per-epoch permutation of the training prompts that
+    depends only on the seed, cut into global rollout batches; a rank takes its contiguous share
+    and every row its own sampling seed, so the rollouts are the same whatever the world size and
+    a resumed run sees exactly the batches an uninterrupted one would."""
 
-    steps_per_epoch = max(1, len(train_prompts) // world_batch)
-    if len(train_prompts) < world_batch:
-        raise ConfigError(f"{len(train_prompts)} training prompts cannot fill ppo.rollout_batch_size={world_batch}")
+    def __init__(self, prompts: list, a: PPOAlgoConfig, rank: int, world: int):
+        self.prompts, self.a, self.batch = prompts, a, a.rollout_batch_size
+        if len(prompts) < self.batch:
+            raise ConfigError(f"{len(prompts)} training prompts cannot fill ppo.rollout_batch_size={self.batch}")
+        self.steps_per_epoch = len(prompts) // self.batch
+        local = self.batch // world
+        self.rows = range(rank * local, (rank + 1) * local)
 
-    def prompts_for(it: int) -> tuple[list, list[int]]:
-        """This rank's prompts of iteration ``it`` and their sampling seeds (by global row)."""
-        epoch, idx = divmod(it, steps_per_epoch)
-        g = torch.Generator().manual_seed(a.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(train_prompts), generator=g)[idx * world_batch:(idx + 1) * world_batch]
-        rows = range(rt.rank * local_batch, (rt.rank + 1) * local_batch)
-        width = max(len(train_prompts[i]["ids"]) for i in perm.tolist())
-        return ([train_prompts[perm[r]] for r in rows], [a.seed * 7_919_000 + it * world_batch + r for r in rows],
-                width)
+    def __call__(self, it: int) -> tuple[list, list[int], int]:
+        """This rank's prompts of iteration ``it``, their sampling seeds (by global row) and the
+        prompt width of the global batch."""
+        epoch, idx = divmod(it, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.a.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.prompts), generator=g)[idx * self.batch:(idx + 1) * self.batch]
+        width = max(len(self.prompts[i]["ids"]) for i in perm.tolist())
+        seeds = [self.a.seed * 7_919_000 + it * self.batch + r for r in self.rows]
+        return [self.prompts[perm[r]] for r in self.rows], seeds, width
 
-    bar = tqdm(total=a.iterations, initial=start, desc="ppo", disable=not rt.is_main, dynamic_ncols=True)
-    last_eval: dict = {}
-    if start == 0 and cfg.eval.every:  # the SFT policy's score: the baseline of every curve
-        st.tracker.log(evaluate_policy(model, engine, eval_prompts, cfg, tok, rt, gold_fn, 0, st.tracker,
-                                       reward_fn), 0)
-    it = start
-    while it < a.iterations:
+
+def advantages(ro: Rollout, kl_coef: float, a: PPOAlgoConfig) -> dict[str, torch.Tensor]:
+    """Per-token KL penalty and rewards, GAE advantages and returns of a (global) rollout batch."""
+    kl = kl_per_token(ro.logprobs, ro.ref_logprobs, a.kl_estimator) * ro.response_mask
+    rewards, non_score = compute_token_rewards(ro.scores, kl, kl_coef, ro.response_mask, ro.seq_lengths)
+    if a.whiten_rewards:
+        rewards = whiten_rewards(rewards, ro.response_mask)
+    adv, returns = compute_gae(rewards, ro.values, ro.response_mask, a.gamma, a.lam)
+    if a.whiten_advantages:
+        adv = masked_whiten(adv, ro.response_mask, shift_mean=True)
+    return {"kl": kl, "non_score": non_score, "advantages": adv, "returns": returns}
+
+
+class PPOLoop:
+    """One PPO run's moving parts over the shared backbone: rollout, update, metrics, checkpoint."""
+
+    def __init__(self, cfg: PPOConfig, st, split: MinibatchSplit, backbone: str):
+        self.cfg, self.a, self.st, self.backbone = cfg, cfg.ppo, st, backbone
+        self.rt, self.tok, self.model = st.rt, st.tokenizer, st.model
+        self.split = split
+        if self.rt.world_size != split.world:
+            self.split = minibatch_split(self.a, self.rt.world_size)
+            if self.split.accum_steps != self.rt.accelerator.gradient_accumulation_steps:
+                raise RuntimeError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {self.rt.world_size} processes")
+        self.info = build_roles(self.model, cfg)
+        self.norm = self.info["reward_norm"]
+        train_prompts, self.eval_prompts = load_prompts(cfg, self.tok)
+        self.order = PromptOrder(train_prompts, self.a, self.rt.rank, self.rt.world_size)
+        self.gold_fn, self.reward_fn = load_gold(cfg.eval.gold), load_gold(cfg.reward_fn)
+        self.model.eval()  # dropout off in every role (docs/ppo-notes.md §B7); nothing here uses train mode
+
+    def prepare(self) -> int:
+        """Optimizer (one group, or the value's own at ``ppo.value_lr``), schedule over every
+        optimizer step, KL controller; wrapped and restored from a checkpoint when resuming."""
+        from align.config import TrainConfig
+        a = self.a
+        self.params = self.model.trainable_parameters()
+        optimizer = make_optimizer(parameter_groups(self.model, self.params, a.value_lr),
+                                   TrainConfig(lr=a.lr, weight_decay=a.weight_decay, adam_eps=a.adam_eps))
+        self.sched = make_scheduler(optimizer, a.lr_schedule, 0, a.iterations * a.num_ppo_epochs * a.num_minibatches)
+        self.kl_ctl = make_kl_controller(a.kl_controller, kl_coef=a.kl_coef, target=a.kl_target, horizon=a.kl_horizon)
+        self.engine, self.optimizer, start, _ = prepare_resumable(
+            self.rt, self.model, optimizer, self.sched, self.st.run_dir, self.cfg.resume, self.split.chunk, "ppo",
+            stateful={"kl_controller": self.kl_ctl}, max_grad_norm=self.a.max_grad_norm, dtype=self.cfg.model.dtype)
+        return start
+
+    def rollout(self, it: int) -> tuple[Rollout, float, float]:
+        """The global rollout batch of iteration ``it`` (every rank holds all of it, so whitening and
+        minibatches are global), with generation and rollout seconds."""
         t0 = time.time()
-        prompts, seeds, width = prompts_for(it)
-        ro, t_generate = rollout(model, engine, prompts, cfg, tok, rt, norm, seeds, width, reward_fn)
-        if rt.world_size > 1:
-            ro = gather_rollout(ro, rt)  # every rank holds the global batch: whitening and minibatches are global
-        t_rollout = time.time() - t0
-        # --- rewards with the per-token KL penalty, advantages ---------------------------
-        kl = kl_per_token(ro.logprobs, ro.ref_logprobs, a.kl_estimator) * ro.response_mask
-        rewards, non_score = compute_token_rewards(ro.scores, kl, kl_ctl.value, ro.response_mask,
-                                                   ro.seq_lengths)
-        if a.whiten_rewards:
-            rewards = whiten_rewards(rewards, ro.response_mask)
-        advantages, returns = compute_gae(rewards, ro.values, ro.response_mask, a.gamma, a.lam)
-        if a.whiten_advantages:
-            advantages = masked_whiten(advantages, ro.response_mask, shift_mean=True)
-        # --- PPO epochs ---------------------------------------------------------------------
-        t1 = time.time()
+        prompts, seeds, width = self.order(it)
+        ro, t_generate = rollout(self.model, self.engine, prompts, self.cfg, self.tok, self.rt, self.norm, seeds,
+                                 width, self.reward_fn)
+        if self.rt.world_size > 1:
+            ro = gather_rollout(ro, self.rt)
+        return ro, t_generate, time.time() - t0
+
+    def update(self, ro: Rollout, adv: dict, it: int) -> dict[str, list]:
+        """PPO epochs over minibatches. Each global minibatch is cut into world x accum_steps
+        near-equal chunks, chunk m going to rank m % world as its accumulation step m // world
+        (MinibatchSplit): every rank makes the same number of forward/backward calls, so no rank
+        waits at a collective alone."""
+        a, rt = self.a, self.rt
         stats: dict[str, list] = {}
         for epoch in range(a.num_ppo_epochs):
             g = torch.Generator().manual_seed(a.seed * 7919 + it * 131 + epoch)
-            perm = torch.randperm(world_batch, generator=g)
+            perm = torch.randperm(a.rollout_batch_size, generator=g)
             for mb in range(a.num_minibatches):
-                # the global minibatch in world x accum_steps near-equal chunks; chunk m goes to rank
-                # m % world as its accumulation step m // world (MinibatchSplit): every rank makes
-                # the same number of forward/backward calls, so no rank waits at a collective alone
-                gmb = perm[mb * split.minibatch:(mb + 1) * split.minibatch]
-                for k, idx in enumerate(split.chunks(gmb, rt.rank)):
-                    idx = idx.to(rt.device)
-                    with rt.accelerator.accumulate(engine):
-                        out = response_stats(engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
-                                             ro.response_mask[idx], ("policy", "value"), a.temperature)
-                        m = ro.response_mask[idx]
-                        pg, pg_stats = policy_loss(out["policy"]["logprobs"], ro.logprobs[idx],
-                                                   advantages[idx], m, a.cliprange)
-                        vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], returns[idx], m,
-                                                  a.cliprange_value)
-                        # accelerate divides by the accumulation steps (micro-batches per minibatch)
-                        rt.accelerator.backward(pg + a.vf_coef * vf)
-                        if rt.accelerator.sync_gradients:
-                            if a.max_grad_norm > 0:
-                                rt.accelerator.clip_grad_norm_(params, a.max_grad_norm)
-                            optimizer.step()
-                            sched.step()
-                            optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        ent = masked_mean(entropy_from_logits(out["policy"]["logits"], a.temperature), m)
-                    for key, val in {"policy/loss": pg, "value/loss": vf, "policy/entropy": ent,
-                                     **{f"policy/{k}": v for k, v in pg_stats.items()},
-                                     **{f"value/{k}": v for k, v in vf_stats.items()}}.items():
-                        stats.setdefault(key, []).append(float(val.detach() if torch.is_tensor(val) else val))
+                gmb = perm[mb * self.split.minibatch:(mb + 1) * self.split.minibatch]
+                for k, idx in enumerate(self.split.chunks(gmb, rt.rank)):
+                    step = self.train_chunk(ro, adv, idx.to(rt.device))
+                    for key, val in step.items():
+                        stats.setdefault(key, []).append(val)
                     if epoch == 0 and mb == 0 and k == 0:
-                        stats["policy/first_approxkl"] = [float(pg_stats["approxkl"])]
-                        stats["policy/first_ratio_mean"] = [float(pg_stats["ratio_mean"])]
-                        stats["policy/first_clipfrac"] = [float(pg_stats["clipfrac"])]
-        t_train = time.time() - t1
-        # --- bookkeeping ------------------------------------------------------------------
-        seq_kl = kl.sum(1)
-        mean_kl = rt.mean_across({"kl": float(seq_kl.mean())})["kl"]
-        kl_ctl.update(mean_kl, world_batch)
-        it += 1
-        bar.update(1)
-        gen_tokens = float(ro.response_mask.sum())
+                        for key in ("approxkl", "ratio_mean", "clipfrac"):
+                            stats[f"policy/first_{key}"] = [step[f"policy/{key}"]]
+        return stats
+
+    def train_chunk(self, ro: Rollout, adv: dict, idx: torch.Tensor) -> dict[str, float]:
+        """Forward/backward of one chunk under policy and value (one module call); the optimizer
+        steps when accelerate's accumulation says so. Returns the chunk's loss statistics."""
+        a, rt = self.a, self.rt
+        with rt.accelerator.accumulate(self.engine):
+            out = response_stats(self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
+                                 ro.response_mask[idx], ("policy", "value"), a.temperature)
+            m = ro.response_mask[idx]
+            pg, pg_stats = policy_loss(out["policy"]["logprobs"], ro.logprobs[idx], adv["advantages"][idx], m,
+                                       a.cliprange)
+            vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], adv["returns"][idx], m,
+                                      a.cliprange_value)
+            rt.accelerator.backward(pg + a.vf_coef * vf)  # accelerate divides by the accumulation steps
+            if rt.accelerator.sync_gradients:
+                if a.max_grad_norm > 0:
+                    rt.accelerator.clip_grad_norm_(self.params, a.max_grad_norm)
+                self.optimizer.step()
+                self.sched.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            ent = masked_mean(entropy_from_logits(out["policy"]["logits"], a.temperature), m)
+        vals = {"policy/loss": pg, "value/loss": vf, "policy/entropy": ent,
+                **{f"policy/{k}": v for k, v in pg_stats.items()}, **{f"value/{k}": v for k, v in vf_stats.items()}}
+        return {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in vals.items()}
+
+    def metrics(self, ro: Rollout, adv: dict, stats: dict, mean_kl: float, times: dict) -> dict:
+        """The iteration's logged metrics (averaged over processes)."""
+        a, ro_tokens = self.a, float(ro.response_mask.sum())
+        lrs = self.sched.get_last_lr()
         logs = {
-            "objective/kl": mean_kl,
-            "objective/kl_coef": kl_ctl.value,
-            "objective/scores": float(ro.scores.mean()),
-            "objective/raw_scores": float(ro.raw_scores.mean()),
-            "objective/rlhf_reward": float((ro.scores + non_score.sum(1)).mean()),
-            "objective/non_score_reward": float(non_score.sum(1).mean()),
+            "objective/kl": mean_kl, "objective/kl_coef": self.kl_ctl.value,
+            "objective/scores": float(ro.scores.mean()), "objective/raw_scores": float(ro.raw_scores.mean()),
+            "objective/rlhf_reward": float((ro.scores + adv["non_score"].sum(1)).mean()),
+            "objective/non_score_reward": float(adv["non_score"].sum(1).mean()),
             "policy/entropy_rollout": float(masked_mean(-ro.logprobs, ro.response_mask)),
-            "value/explained_variance": float(explained_variance(ro.values, returns, ro.response_mask)),
+            "value/explained_variance": float(explained_variance(ro.values, adv["returns"], ro.response_mask)),
             "response/length": float(ro.response_mask.sum(1).float().mean()),
             "response/stop_rate": float(ro.has_stop.float().mean()),
-            "lr": sched.get_last_lr()[0],
-            **({"lr_value": sched.get_last_lr()[1]} if len(optimizer.param_groups) > 1 else {}),
-            "throughput/generated_tokens_per_s": gen_tokens / max(t_generate, 1e-9),
-            "throughput/rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
-            "throughput/train_tokens_per_s":
-                gen_tokens * a.num_ppo_epochs / max(t_train, 1e-9),
-            "time/rollout_s": t_rollout, "time/generate_s": t_generate, "time/update_s": t_train,
+            "lr": lrs[0], **({"lr_value": lrs[1]} if len(lrs) > 1 else {}),
+            "throughput/generated_tokens_per_s": ro_tokens / max(times["generate"], 1e-9),
+            "throughput/rollout_tokens_per_s": ro_tokens / max(times["rollout"], 1e-9),
+            "throughput/train_tokens_per_s": ro_tokens * a.num_ppo_epochs / max(times["update"], 1e-9),
+            "time/rollout_s": times["rollout"], "time/generate_s": times["generate"], "time/update_s": times["update"],
             **{k: sum(v) / len(v) for k, v in stats.items()},
         }
-        logs = rt.mean_across(logs)
+        return self.rt.mean_across(logs)
+
+    def evaluate(self, it: int) -> dict:
+        return evaluate_policy(self.model, self.engine, self.eval_prompts, self.cfg, self.tok, self.rt, self.gold_fn,
+                               it, self.st.tracker, self.reward_fn)
+
+    def iteration(self, it: int) -> dict:
+        """Rollout, advantages, update and the KL controller's step of iteration ``it``; its logs."""
+        ro, t_generate, t_rollout = self.rollout(it)
+        adv = advantages(ro, self.kl_ctl.value, self.a)
+        t1 = time.time()
+        stats = self.update(ro, adv, it)
+        t_update = time.time() - t1
+        mean_kl = self.rt.mean_across({"kl": float(adv["kl"].sum(1).mean())})["kl"]
+        self.kl_ctl.update(mean_kl, self.a.rollout_batch_size)
+        return self.metrics(ro, adv, stats, mean_kl,
+                            {"generate": t_generate, "rollout": t_rollout, "update": t_update})
+
+    def save_checkpoint(self, it: int) -> None:
+        save_resumable(self.rt, self.st.run_dir, it, self.model, self.optimizer, self.sched, self.a.keep_checkpoints,
+                       stateful={"kl_controller": self.kl_ctl})
+
+    def save_final(self) -> None:
+        model, rt = self.model, self.rt
+        trained = ["policy", "value"] if "value" in model.adapters else ["policy"]
+        with rt.gathered([p for n in trained for p in model.adapters[n].parameters()] +
+                         list(model.heads["value"].parameters())):
+            if rt.is_main:
+                for n in trained:
+                    save_adapter(model, n, self.st.run_dir / "adapters" / n, backbone_name=self.backbone)
+                save_head(model, "value", self.st.run_dir / "heads" / "value")
+                (self.st.run_dir / "roles.json").write_text(json.dumps(self.info["stacks"], indent=2))
+
+
+def run(cfg: PPOConfig) -> dict:
+    validate(cfg)  # every key, file and run dir, before the run directory is written
+    backbone, split = check(cfg)  # refused before the run dir exists
+    st = start_stage(cfg, "ppo", backbone)
+    loop = PPOLoop(cfg, st, split, backbone)
+    start = loop.prepare()
+    a, rt = cfg.ppo, st.rt
+    bar = tqdm(total=a.iterations, initial=start, desc="ppo", disable=not rt.is_main, dynamic_ncols=True)
+    last_eval: dict = {}
+    if start == 0 and cfg.eval.every:  # the SFT policy's score: the baseline of every curve
+        st.tracker.log(loop.evaluate(0), 0)
+    it = start
+    while it < a.iterations:
+        logs = loop.iteration(it)
+        it += 1
+        bar.update(1)
         if it % max(1, a.log_every) == 0 or it == a.iterations:
             st.tracker.log(logs, it)
             bar.set_postfix(score=f"{logs['objective/scores']:.3f}", kl=f"{logs['objective/kl']:.3f}")
         if (cfg.eval.every and it % cfg.eval.every == 0) or it == a.iterations:
-            last_eval = evaluate_policy(model, engine, eval_prompts, cfg, tok, rt, gold_fn, it, st.tracker,
-                                        reward_fn)
+            last_eval = loop.evaluate(it)
             st.tracker.log(last_eval, it)
         if (a.save_every and it % a.save_every == 0) or it == a.iterations:
-            state = {"step": it, "scheduler": sched.state_dict(), "kl_controller": kl_ctl.state_dict(),
-                     "world_size": rt.world_size}
-            save_checkpoint(st.run_dir, it, rt.trainable_state(model), optimizer, state, rank=rt.rank,
-                            is_main=rt.is_main, keep=a.keep_checkpoints, barrier=rt.barrier)
+            loop.save_checkpoint(it)
         if a.stop_after_iterations and it >= a.stop_after_iterations and it < a.iterations:
             rt.print(f"[ppo] stopping after {it} iterations (ppo.stop_after_iterations)")
             bar.close()
             st.tracker.finish()
             return {"stopped_at": it}
     bar.close()
-    trained = ["policy", "value"] if "value" in model.adapters else ["policy"]
-    with rt.gathered([p for n in trained for p in model.adapters[n].parameters()] +
-                     list(model.heads["value"].parameters())):
-        if rt.is_main:
-            for n in trained:
-                save_adapter(model, n, st.run_dir / "adapters" / n, backbone_name=backbone)
-            save_head(model, "value", st.run_dir / "heads" / "value")
-            (st.run_dir / "roles.json").write_text(json.dumps(info["stacks"], indent=2))
-    summary = {"stage": "ppo", "iterations": it, **last_eval, "kl_coef_final": kl_ctl.value,
-               "trainable_params": {r: model.role_num_params(r) for r in ("policy", "value")},
-               "backbone_params": model.backbone_num_params()}
+    loop.save_final()
+    summary = {"stage": "ppo", "iterations": it, **last_eval, "kl_coef_final": loop.kl_ctl.value,
+               "trainable_params": {r: loop.model.role_num_params(r) for r in ("policy", "value")},
+               "backbone_params": loop.model.backbone_num_params()}
     return finish_stage(st, summary, "policy")
-
-
-@torch.no_grad()
-def policy_eval_batch(model, engine, prompts, tok, rt, *, role, temperature, response_length,
-                      generator, micro_batch_size=32, reward_fn=None) -> dict:
-    """Sample from ``role`` on ``prompts``; return responses, raw reward and KL to the reference."""
-    query, qmask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, rt.device)
-    stops = specials(tok).stop_ids
-    with rt.gathered(model.parameters()):
-        s = sample(model, query, qmask, role=role, max_new_tokens=response_length, temperature=temperature,
-                   stop_token_id=stops, pad_token_id=tok.pad_token_id, generator=generator)
-    response, seq_lengths, has_stop = truncate_after_stop(s.tokens, stops, tok.pad_token_id)
-    rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
-    rewards, kls = [], []
-    for i in range(0, len(prompts), micro_batch_size):
-        sl = slice(i, i + micro_batch_size)
-        roles = (role, "reference") + (() if reward_fn else ("reward",))
-        out = response_stats(engine, query[sl], qmask[sl], response[sl], rmask[sl], roles, temperature)
-        if not reward_fn:
-            rewards.append(out["reward"]["score"])
-        kls.append(((out[role]["logprobs"] - out["reference"]["logprobs"]) * rmask[sl]).sum(1))
-    texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(response, rmask)]
-    if reward_fn:
-        rewards = [torch.tensor(reward_fn([p["text"] for p in prompts], texts, has_stop.tolist()))]
-    return {"responses": texts, "reward": torch.cat(rewards).float().cpu(), "kl": torch.cat(kls).float().cpu(),
-            "ended": has_stop.cpu().tolist()}
 
 
 def evaluate_policy(model, engine, eval_prompts, cfg: PPOConfig, tok, rt, gold_fn, it, tracker,
@@ -639,8 +646,9 @@ def evaluate_policy(model, engine, eval_prompts, cfg: PPOConfig, tok, rt, gold_f
     if not prompts:
         return {}
     gen = torch.Generator(device=rt.device).manual_seed(cfg.ppo.seed + 99991)
-    res = policy_eval_batch(model, engine, prompts, tok, rt, role="policy", temperature=cfg.eval.temperature,
-                            response_length=cfg.ppo.response_length, generator=gen, reward_fn=reward_fn)
+    res = evaluate_role(model, engine, prompts, tok, rt.device, role="policy", temperature=cfg.eval.temperature,
+                        max_new_tokens=cfg.ppo.response_length, generator=gen, reward_fn=reward_fn,
+                        gathered=rt.gathered)
     out = {"eval/reward": float(res["reward"].mean()), "eval/kl": float(res["kl"].mean()),
            "eval/num_prompts": len(prompts)}
     rows = [{"prompt": p["text"], "response": r, "reward": float(s)}

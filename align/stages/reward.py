@@ -16,19 +16,22 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Iterator
 
 import torch
 
 from align.adapters.base import AdapterConfig
 from align.adapters.peft_format import load_adapter, save_adapter, save_head
-from align.config import ConfigError, ModelConfig, TrackingConfig, TrainConfig, require_file
+from align.config import (ConfigError, ModelConfig, TrackingConfig, TrainConfig, backbone_problems, require_file,
+                          run_dir_problems, validate)
 from align.data.common import check_eval_split, read_records, split_by_prompt
-from align.data.preferences import (collate_groups, kwise_loss, ranking_pairs, sequence_rewards,
-                                    to_group, tokenize_groups)
+from align.data.preferences import collate_groups, to_group, tokenize_groups
 from align.data.sft import prompt_text
-from align.generation import sample
-from align.stages.common import backbone_from_run, finish_stage, left_pad, start_stage
-from align.tokens import encode, specials
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf
+from align.rl.losses import kwise_loss, ranking_pairs
+from align.scoring import generate, left_pad, score, sequence_rewards
+from align.stages.common import backbone_from_run, finish_stage, start_stage
+from align.tokens import encode
 from align.trainer import Trainer
 
 
@@ -41,6 +44,10 @@ class RewardDataConfig:
     chat_template: str | None = None     # Jinja template for tokenizers without one
     ties: str = "skip"                  # skip | half (a tie is a Bradley-Terry target of 1/2)
 
+    RULES: ClassVar[dict] = {
+        "train": Exists(required=True, what="a records file"), "eval": Exists(), "eval_fraction": FRACTION,
+        "max_length": AT_LEAST_ONE, "ties": OneOf("skip", "half")}
+
 
 @dataclass
 class NormalizeConfig:
@@ -48,6 +55,9 @@ class NormalizeConfig:
     num_prompts: int = 64                # held-out prompts sampled for the statistics
     max_new_tokens: int = 48             # length of those samples
     temperature: float = 1.0             # sampling temperature of those samples
+
+    RULES: ClassVar[dict] = {"source": OneOf("sft_samples", "best_completions", "none"),
+                             "num_prompts": NON_NEGATIVE, "max_new_tokens": AT_LEAST_ONE, "temperature": POSITIVE}
 
 
 @dataclass
@@ -63,6 +73,18 @@ class RewardConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=1.0))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    RULES: ClassVar[dict] = {"init": OneOf("sft_copy", "sft_stack", "base"), "center_coef": NON_NEGATIVE}
+
+    def checks(self, at: str) -> Iterator[str]:
+        if not self.output_dir:
+            yield f"{at}output_dir: required"
+        if self.init in ("sft_copy", "sft_stack") or self.sft_run:
+            for p in run_dir_problems(self.sft_run, f"{at}sft_run", "sft"):
+                yield p + ("" if self.sft_run else f"; init={self.init} starts from its adapters (or use init=base)")
+        elif not self.model.path:
+            yield f"{at}model.path: required with init=base and no sft_run (the backbone)"
+        yield from backbone_problems(self.model.path, self.sft_run, f"{at}model.path")
 
 
 def build_reward_role(model, cfg: RewardConfig) -> list[dict]:
@@ -142,6 +164,7 @@ def pairwise_eval(scores: list[torch.Tensor], groups) -> dict:
 
 
 def run(cfg: RewardConfig) -> dict:
+    validate(cfg)  # everything, before the run directory is written
     backbone = cfg.model.path or (backbone_from_run(cfg.sft_run)["path"] if cfg.sft_run else "")
     records = read_records(require_file(cfg.data.train, "data.train"))
     if cfg.data.eval:
@@ -177,7 +200,7 @@ def run(cfg: RewardConfig) -> dict:
     trainer = Trainer("reward", st.run_dir, cfg.train, rt, model, tgroups,
                       lambda gs: collate_groups(gs, tok.pad_token_id),
                       reward_loss_fn(cfg.center_coef, cfg.data.ties), st.tracker,
-                      eval_fn=evaluate if has_eval else None)
+                      eval_fn=evaluate if has_eval else None, dtype=cfg.model.dtype)
     result = trainer.run(resume=cfg.resume)
     if "stopped_at" in result:
         st.tracker.finish()
@@ -208,14 +231,12 @@ def reward_normalisation(model, tok, cfg: RewardConfig, eval_groups, rt) -> dict
     if n.source == "sft_samples" and "sft" in model.adapters:
         if "sft" not in model.roles:
             model.add_role("sft", ["sft"])
-        texts = [prompt_text(p, tok, cfg.data.chat_template) for p in prompts]
-        ids = [encode(tok, t, bos=True) for t in texts]
-        pid, pmask = left_pad(ids, tok.pad_token_id, rt.device)
+        ids = [encode(tok, prompt_text(p, tok, cfg.data.chat_template), bos=True) for p in prompts]
         g = torch.Generator(device=rt.device).manual_seed(cfg.train.seed + 17)
-        s = sample(model, pid, pmask, role="sft", max_new_tokens=n.max_new_tokens, temperature=n.temperature,
-                   stop_token_id=specials(tok).stop_ids, pad_token_id=tok.pad_token_id, generator=g)
-        seqs = [p + t[:ln] for p, t, ln in zip(ids, s.tokens.tolist(), s.lengths.tolist())]
-        source = "sft_samples"
+        resp = generate(model, ids, tok, rt.device, role="sft", max_new_tokens=n.max_new_tokens,
+                        temperature=n.temperature, generator=g)
+        r = score(model, resp, ("reward",), n.temperature, cfg.train.batch_size)["reward"]["score"].float()
+        return _norm_stats(r, "sft_samples")
     else:
         from align.data.sft import tokenize_pair
         seqs = []
@@ -228,6 +249,10 @@ def reward_normalisation(model, tok, cfg: RewardConfig, eval_groups, rt) -> dict
     ids, mask = left_pad(seqs, tok.pad_token_id, rt.device)
     with model.use("reward"):
         r = sequence_rewards(model(ids, mask).values, mask).float()
+    return _norm_stats(r, source)
+
+
+def _norm_stats(r: torch.Tensor, source: str) -> dict:
     std = float(r.std()) if len(r) > 1 else 1.0
     return {"mean": float(r.mean()), "std": std if math.isfinite(std) and std > 0 else 1.0,
             "source": source, "n": len(r)}

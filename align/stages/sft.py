@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Iterator, Optional
 
 import torch
 
 from align.adapters.base import AdapterConfig
 from align.adapters.peft_format import save_adapter
-from align.config import ModelConfig, TrackingConfig, TrainConfig, require_file
+from align.config import ModelConfig, TrackingConfig, TrainConfig, require_file, validate
 from align.data.common import check_eval_split, read_records, split_by_prompt
-from align.data.sft import Collator, build_examples, label_positions, lm_loss_at, pack, render
-from align.generation import sample
-from align.stages.common import finish_stage, left_pad, start_stage
-from align.tokens import encode, specials
+from align.data.sft import Collator, build_examples, pack, render
+from align.rl.losses import label_positions, lm_loss_at
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Exists
+from align.scoring import decode, generate
+from align.stages.common import finish_stage, start_stage
+from align.tokens import encode
 from align.trainer import Trainer
 
 
@@ -38,6 +40,10 @@ class SFTDataConfig:
     num_samples: int = 4                 # samples generated at each evaluation
     max_new_tokens: int = 48             # length of the eval samples
 
+    RULES: ClassVar[dict] = {
+        "train": Exists(required=True, what="a records file"), "eval": Exists(), "eval_fraction": FRACTION,
+        "max_length": AT_LEAST_ONE, "num_samples": NON_NEGATIVE, "max_new_tokens": AT_LEAST_ONE}
+
 
 @dataclass
 class SFTConfig:
@@ -49,6 +55,12 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def checks(self, at: str) -> Iterator[str]:
+        if not self.output_dir:
+            yield f"{at}output_dir: required"
+        if not self.model.path:
+            yield f"{at}model.path: required (a HF model directory or GGUF file)"
+
 
 def sft_loss(model, batch):
     sel = label_positions(batch["labels"])
@@ -59,6 +71,7 @@ def sft_loss(model, batch):
 
 
 def run(cfg: SFTConfig) -> dict:
+    validate(cfg)  # everything, before the run directory is written
     train_path = require_file(cfg.data.train, "data.train")
     records = read_records(train_path)
     if cfg.data.eval:
@@ -101,16 +114,14 @@ def run(cfg: SFTConfig) -> dict:
         sums = rt.mean_across({"sum": total, "n": count})  # identical on all ranks here
         eval_loss = sums["sum"] / max(sums["n"], 1)
         if eval_prompts:
-            ids, mask = left_pad([encode(tok, p, bos=True) for p in eval_prompts], tok.pad_token_id, rt.device)
-            s = sample(model, ids, mask, role="sft", max_new_tokens=cfg.data.max_new_tokens, greedy=True,
-                       stop_token_id=specials(tok).stop_ids, pad_token_id=tok.pad_token_id)
-            rows = [{"prompt": p, "completion": tok.decode(t[:n], skip_special_tokens=True)}
-                    for p, t, n in zip(eval_prompts, s.tokens.tolist(), s.lengths.tolist())]
+            resp = generate(model, [encode(tok, p, bos=True) for p in eval_prompts], tok, rt.device, role="sft",
+                            max_new_tokens=cfg.data.max_new_tokens, greedy=True)
+            rows = [{"prompt": p, "completion": c} for p, c in zip(eval_prompts, decode(tok, resp))]
             st.tracker.log_samples("sft/samples", rows, step)
         return {"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))}
 
     trainer = Trainer("sft", st.run_dir, cfg.train, rt, model, train_set, collate, sft_loss,
-                      st.tracker, eval_fn=evaluate if has_eval else None)
+                      st.tracker, eval_fn=evaluate if has_eval else None, dtype=cfg.model.dtype)
     result = trainer.run(resume=cfg.resume)
     if "stopped_at" in result:
         st.tracker.finish()

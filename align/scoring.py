@@ -1,0 +1,182 @@
+"""Sampling and scoring responses: the one place that does "sample → cut at the stop token → mask
+→ score under a role".
+
+PPO's rollout and evaluation, ``align eval`` and the reward stage's normalisation all go through
+here, so they agree on where a response ends (align/tokens.py), which positions are real, where
+the reward is read (the last real token) and how log-probabilities are taken (at the sampling
+temperature, logits only at the response positions).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from align.generation import sample
+from align.rl.functional import logprobs_from_logits
+from align.rl.rollout import response_mask_from_lengths, truncate_after_stop
+from align.tokens import specials
+
+
+@dataclass
+class Responses:
+    query: torch.Tensor            # [B, Q] left-padded prompt ids
+    query_mask: torch.Tensor       # [B, Q]
+    response: torch.Tensor         # [B, R] PAD after the first stop token
+    response_mask: torch.Tensor    # [B, R] bool: real response tokens (the stop token included)
+    seq_lengths: torch.Tensor      # [B] index of the last real response token
+    has_stop: torch.Tensor         # [B] bool
+    sample_logprobs: torch.Tensor  # [B, R] the sampler's log-probs at its temperature
+    generate_s: float = 0.0        # wall time of the sampling
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as a left-padded [B, width] batch and its mask."""
+    t = width or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, t - len(s):] = torch.tensor(s)
+            mask[i, t - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generate(model, prompt_ids: list[list[int]], tok, device, *, role: str, max_new_tokens: int,
+             temperature: float = 1.0, greedy: bool = False, width: int | None = None,
+             generator: torch.Generator | None = None, row_seeds: list[int] | None = None,
+             gathered=None) -> Responses:
+    """Sample a response to each prompt from ``role`` and cut it after its first stop token.
+    ``gathered`` (``Runtime.gathered``) makes ZeRO-3-partitioned parameters whole for sampling."""
+    query, qmask = left_pad(prompt_ids, tok.pad_token_id, device, width=width)
+    stops = specials(tok).stop_ids
+    t0 = time.time()
+    ctx = gathered(model.parameters()) if gathered is not None else _null()
+    with ctx:
+        s = sample(model, query, qmask, role=role, max_new_tokens=max_new_tokens, temperature=temperature,
+                   greedy=greedy, stop_token_id=stops, pad_token_id=tok.pad_token_id, generator=generator,
+                   row_seeds=row_seeds)
+    generate_s = time.time() - t0
+    response, seq_lengths, has_stop = truncate_after_stop(s.tokens, stops, tok.pad_token_id)
+    rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
+    return Responses(query, qmask, response, rmask, seq_lengths, has_stop, s.logprobs, generate_s)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def decode(tok, resp: Responses) -> list[str]:
+    """The responses' text (special tokens, the stop token included, left out)."""
+    return [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(resp.response, resp.response_mask)]
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for left or right padding."""
+    t = mask.shape[1]
+    return t - 1 - mask.long().flip(1).argmax(1)
+
+
+def sequence_rewards(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head's output at each row's last real token (a response's stop token)."""
+    return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
+
+
+def response_stats(model, query, qmask, response, rmask, roles, temperature) -> dict:
+    """Log-probs (at ``temperature``), logits and values of ``response`` under ``roles``, in one
+    module call (one forward per backward for DDP/DeepSpeed). Logits are computed only at the
+    positions that predict response tokens; a role with a head also gives ``score``, its value at
+    the last real token."""
+    ids = torch.cat([query, response], 1)
+    mask = torch.cat([qmask, rmask.long()], 1)
+    q = query.shape[1]
+    outs = model(ids, mask, roles=tuple(roles), logits_at=slice(q - 1, -1))
+    res = {}
+    for r, o in outs.items():
+        if o.logits is not None:
+            res[r] = {"logprobs": logprobs_from_logits(o.logits, response, temperature), "logits": o.logits}
+        if o.values is not None:
+            res.setdefault(r, {})["values"] = o.values[:, q - 1:-1].float()
+            res[r]["score"] = sequence_rewards(o.values.float(), mask)
+    return res
+
+
+def score(engine, resp: Responses, roles, temperature: float, micro_batch_size: int,
+          rows: slice | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """``response_stats`` over ``resp`` in chunks of ``micro_batch_size`` rows, concatenated:
+    ``{role: {"logprobs"|"values"|"score": tensor}}`` (logits are not kept)."""
+    n = resp.response.shape[0]
+    parts: dict[str, dict[str, list]] = {}
+    for i in range(0, n, micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        st = response_stats(engine, resp.query[sl], resp.query_mask[sl], resp.response[sl],
+                            resp.response_mask[sl], roles, temperature)
+        for r, d in st.items():
+            for k, v in d.items():
+                if k != "logits":
+                    parts.setdefault(r, {}).setdefault(k, []).append(v)
+    return {r: {k: torch.cat(v) for k, v in d.items()} for r, d in parts.items()}
+
+
+def load_callable(spec: str) -> Callable | None:
+    """``"module:function"`` (a gold scorer or programmatic reward) → the function; "" → None."""
+    if not spec:
+        return None
+    mod, sep, fn = spec.partition(":")
+    if not sep or not mod or not fn:
+        raise ValueError(f"{spec!r} is not of the form module:function")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def load_reward_role(model, reward_run: str | Path, *, sft_dir: Path | None = None, role: str = "reward",
+                     prefix: str = "reward") -> tuple[list[str], dict]:
+    """Load the reward stage's role (its adapter stack and head) into ``model`` as ``role``.
+    An adapter of the stack that is ``sft_dir`` itself reuses the loaded ``sft`` set (the same
+    frozen adapters, not a second copy). Returns (the stack's set names, the normalisation)."""
+    from align.adapters.peft_format import load_adapter, load_head
+    reward_run = Path(reward_run)
+    rr = json.loads((reward_run / "reward_role.json").read_text())
+    stack = []
+    for entry in rr["adapters"]:
+        d = Path(entry["dir"])
+        d = d if d.is_absolute() else reward_run / d
+        if entry["name"] == "sft" and sft_dir is not None and "sft" in model.adapters \
+                and d.resolve() == Path(sft_dir).resolve():
+            stack.append("sft")
+            continue
+        name = prefix if entry["name"] == "reward" else f"{prefix}_{entry['name']}"
+        load_adapter(model, name, d)
+        stack.append(name)
+    head_rec = load_head(model, role, reward_run / rr["head"])
+    model.add_role(role, stack, head=role)
+    return stack, head_rec.get("normalisation") or rr.get("normalisation") or {"mean": 0.0, "std": 1.0}
+
+
+@torch.no_grad()
+def evaluate_role(model, engine, prompts: list[dict], tok, device, *, role: str, temperature: float,
+                  max_new_tokens: int, generator=None, micro_batch_size: int = 32,
+                  reward_fn: Callable | None = None, reward_role: str = "reward",
+                  reference: str = "reference", gathered=None) -> dict:
+    """Sample from ``role`` on ``prompts`` (``{"text", "ids"}``); the responses' text, raw reward
+    (the reward role's, or ``reward_fn``'s), summed KL to ``reference`` and whether each ended."""
+    resp = generate(model, [p["ids"] for p in prompts], tok, device, role=role, max_new_tokens=max_new_tokens,
+                    temperature=temperature, generator=generator, gathered=gathered)
+    roles = (role, reference) + (() if reward_fn else (reward_role,))
+    st = score(engine, resp, roles, temperature, micro_batch_size)
+    kl = ((st[role]["logprobs"] - st[reference]["logprobs"]) * resp.response_mask).sum(1)
+    texts = decode(tok, resp)
+    if reward_fn:
+        reward = torch.tensor(reward_fn([p["text"] for p in prompts], texts, resp.has_stop.tolist()))
+    else:
+        reward = st[reward_role]["score"]
+    return {"responses": texts, "reward": reward.float().cpu(), "kl": kl.float().cpu(),
+            "ended": resp.has_stop.cpu().tolist()}

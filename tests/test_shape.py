@@ -1,0 +1,37 @@
+"""The shape of the code (issue 16): no function in align/ longer than a screen, so each does one
+named thing; and "sample → cut at the stop → mask → score" lives in one module."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LINES = 80
+
+
+def test_no_function_in_align_is_longer_than_80_lines():
+    long = []
+    for path in sorted((ROOT / "align").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "functions over 80 lines:\n" + "\n".join(long)
+
+
+def test_only_the_scoring_module_samples_and_cuts_responses():
+    """Stages call align.scoring (generate/score/evaluate_role), not the sampler and the stop-token
+    cut themselves: one place decides where a response ends and where it is scored."""
+    users = []
+    for path in sorted((ROOT / "align").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in ("align/scoring.py", "align/generation.py", "align/rl/rollout.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+                if name in ("sample", "truncate_after_stop"):
+                    users.append(f"{rel}:{node.lineno} {name}()")
+    assert not users, "sampling/cutting outside align/scoring.py:\n" + "\n".join(users)
