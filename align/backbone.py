@@ -11,10 +11,17 @@ there afterwards (:func:`resolve_checkpoint`).
 
 The fingerprint is a property of the checkpoint on disk (a hash of its weight files, or of the
 GGUF file it came from), computed before align touches the model: the same in every process, with
-any seed and any ``model.dtype``. When the tokenizer has no PAD, or its PAD is a stop token
-(SmolLM2, Qwen: PAD == EOS), ``load_tokenizer`` adds ``<|align_pad|>``; ``load_backbone`` gives it
-a zero embedding row (never a random one) and ``AlignModel`` masks its logit out of every
-distribution (align/tokens.py).
+any seed, any ``model.dtype`` and any ``model.quantization``. When the tokenizer has no PAD, or
+its PAD is a stop token (SmolLM2, Qwen: PAD == EOS), ``load_tokenizer`` adds ``<|align_pad|>``;
+``load_backbone`` gives it a zero embedding row (never a random one) and ``AlignModel`` masks its
+logit out of every distribution (align/tokens.py).
+
+``model.quantization`` (``none`` | ``int8`` | ``nf4``) loads the frozen backbone's Linear layers
+through transformers' ``BitsAndBytesConfig`` (bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` with
+double quantization, ``model.dtype`` as the compute dtype), QLoRA style. Embeddings, norms and the
+LM head stay in ``model.dtype``. Adapters hook the quantized modules as they hook float ones; the
+``full`` and ``top_k`` baselines, which train backbone weights, are refused on it
+(``align.arch.refuse_quantized``).
 """
 from __future__ import annotations
 
@@ -28,11 +35,30 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from align.arch import QUANTIZATIONS
 from align.tokens import PAD_TOKEN, compute_specials, specials
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 SOURCE_RECORD = "align_source.json"
+
+
+def quantization_config(quantization: str, dtype: str):
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"model.quantization: {quantization!r} is not one of {list(QUANTIZATIONS)}")
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"model.quantization={quantization} needs bitsandbytes "
+                          f"(pip install 'align[quant]' or pip install bitsandbytes): {e}") from None
+    from transformers import BitsAndBytesConfig
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[dtype])
 
 
 def cache_root() -> Path:
@@ -157,14 +183,24 @@ def set_chat_template(tok: PreTrainedTokenizerBase, chat_template: str | None) -
 
 
 def load_backbone(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
-                  trust_remote_code: bool = False, tokenizer: PreTrainedTokenizerBase | None = None):
-    """Load a causal LM, put it in eval mode (dropout off) and freeze every parameter."""
+                  trust_remote_code: bool = False, tokenizer: PreTrainedTokenizerBase | None = None,
+                  quantization: str = "none"):
+    """Load a causal LM, put it in eval mode (dropout off) and freeze every parameter.
+    ``quantization`` int8 / nf4: bitsandbytes weights, placed on ``device`` at load."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+    qcfg = quantization_config(quantization, dtype)
     src = resolve_checkpoint(path)
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    kwargs = {}
+    if qcfg is not None:  # bitsandbytes modules cannot be moved after load: place them now
+        kwargs = {"quantization_config": qcfg, "device_map": {"": str(torch.device(device))}}
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                 **kwargs)
+    model._align_quantization = quantization
     fp = checkpoint_fingerprint(src)
     if fp is not None:
+        # the checkpoint's, not the loaded (possibly quantized) bytes': an adapter trained on the
+        # nf4 backbone attaches to the float one and back
         model._align_fingerprint = fp   # before align changes anything (the PAD row below)
     if tokenizer is not None:
         added = specials(tokenizer).added_ids
@@ -181,7 +217,8 @@ def load_backbone(path: str | Path, dtype: str = "float32", device: str | torch.
                     if getattr(out, "bias", None) is not None:
                         out.bias[n_old:] = 0
         model._align_masked_ids = tuple(added)
-    model.to(device)
+    if qcfg is None:
+        model.to(device)
     freeze(model)
     return model
 

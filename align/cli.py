@@ -8,6 +8,9 @@ STAGES = {
     "sft": ("align.stages.sft", "SFTConfig", "Stage 1: instruction tuning of an adapter set"),
     "reward": ("align.stages.reward", "RewardConfig", "Stage 2: reward model on ranked comparisons"),
     "ppo": ("align.stages.ppo", "PPOConfig", "Stage 3: PPO against the reward model, KL to the SFT policy"),
+    "dpo": ("align.stages.dpo", "DPOConfig", "DPO on preference pairs and rankings, the SFT policy as reference"),
+    "grpo": ("align.stages.grpo", "GRPOConfig", "GRPO / Dr. GRPO: group-relative advantages, KL to the SFT policy in the loss"),
+    "rloo": ("align.stages.rloo", "RLOOConfig", "RLOO: leave-one-out baseline, KL to the SFT policy in the reward"),
     "pipeline": ("align.pipeline", "PipelineConfig", "Run SFT -> reward -> PPO (the quickstart) end to end"),
     "eval": ("align.evaluate", "EvalConfig", "Compare two policies on held-out prompts"),
 }

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from align.adapters.base import AdapterConfig
+from align.arch import NEEDS_FLOAT_WEIGHTS, QUANTIZATIONS, quantized_refusal
 from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -32,8 +33,12 @@ class ModelConfig:
     dtype: str = "float32"               # float32 | bfloat16 | float16
     trust_remote_code: bool = False      # never on unless asked
     gradient_checkpointing: bool = False  # recompute backbone activations in backward (memory for time)
+    quantization: str = "none"           # none | int8 | nf4: frozen backbone Linear weights via bitsandbytes
+                                         # (nf4: 4-bit NormalFloat, double quantization, dtype = compute
+                                         # dtype; QLoRA); refused with the full / top_k methods
 
-    RULES: ClassVar[dict] = {"path": Exists(), "dtype": OneOf(*DTYPE_CHOICES)}
+    RULES: ClassVar[dict] = {"path": Exists(), "dtype": OneOf(*DTYPE_CHOICES),
+                             "quantization": OneOf(*QUANTIZATIONS)}
 
 
 @dataclass
@@ -127,6 +132,44 @@ def config_problems(cfg, at: str = "") -> list[str]:
     checks = getattr(cfg, "checks", None)
     if callable(checks):
         out += list(checks(at))
+    if not at:
+        out += quantization_problems(cfg)
+    return out
+
+
+def quantization_problems(cfg) -> list[str]:
+    """A stage on a quantized backbone (``model.quantization`` int8 / nf4) refuses the ``full`` and
+    ``top_k`` methods, which train backbone weights: in any adapter section of its config, and in
+    the adapter sets of the earlier runs (``*_run`` keys) it loads."""
+    import json
+    model = getattr(cfg, "model", None)
+    q = getattr(model, "quantization", "none")
+    if not isinstance(model, ModelConfig) or q == "none" or q not in QUANTIZATIONS:
+        return []
+    out: list[str] = []
+
+    def walk(obj, at: str):
+        items = ([(f"{at}{f.name}", getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+                 if dataclasses.is_dataclass(obj) else [(f"{at}[{i}]", v) for i, v in enumerate(obj)])
+        for key, v in items:
+            if isinstance(v, AdapterConfig):
+                if v.method in NEEDS_FLOAT_WEIGHTS:
+                    out.append(f"{key}.method={v.method!r}: {quantized_refusal(v.method, q)}")
+            elif (dataclasses.is_dataclass(v) and not isinstance(v, type)) or isinstance(v, (list, tuple)):
+                walk(v, f"{key}." if dataclasses.is_dataclass(v) else key)
+    walk(cfg, "")
+    for f in dataclasses.fields(cfg):
+        run = getattr(cfg, f.name)
+        if not (f.name.endswith("_run") and isinstance(run, str) and run and Path(run).is_dir()):
+            continue
+        for rec in sorted(Path(run).glob("adapters/*/align_adapter.json")):
+            try:
+                method = json.loads(rec.read_text())["method"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # an unreadable record is reported where it is loaded
+            if method in NEEDS_FLOAT_WEIGHTS:
+                out.append(f"{f.name}={run!r}: its adapter set {rec.parent.name} is {method!r}; "
+                           f"{quantized_refusal(method, q)}")
     return out
 
 
@@ -216,8 +259,15 @@ def reference(cls) -> list[tuple[str, str, str]]:
                 last = None
         return out
 
+    def all_comments(c) -> dict[str, str]:  # a subclass's fields and those it inherits
+        out: dict[str, str] = {}
+        for k in reversed(c.__mro__):
+            if dataclasses.is_dataclass(k):
+                out.update(comments(k))
+        return out
+
     def walk(c, prefix: str):
-        notes = comments(c)
+        notes = all_comments(c)
         hints = typing.get_type_hints(c)
         for f in dataclasses.fields(c):
             t = hints[f.name]

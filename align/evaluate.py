@@ -1,6 +1,7 @@
 """``align eval``: compare two policies on held-out prompts.
 
-A policy is ``sft`` (the SFT run's adapters) or a PPO run dir (its ``adapters/policy``). Both are
+A policy is ``sft`` (the SFT run's adapters) or a PPO or DPO run dir (its ``adapters/policy``, stacked
+as its ``policy_role.json`` says when it has one). Both are
 loaded as roles over one backbone next to the reference (SFT) and reward roles. For each policy:
 mean gold score (when the task has a gold scorer) with its standard error, mean learned reward,
 KL to the SFT policy; and win rates of B over A by gold and by the reward model.
@@ -23,8 +24,8 @@ from align.rules import AT_LEAST_ONE, POSITIVE, Exists, OneOf, Spec
 class EvalConfig:
     sft_run: str = ""                    # the SFT run dir (backbone and reference policy)
     reward_run: str = ""                 # the reward run dir (learned reward)
-    policy_a: str = "sft"                # sft, or a PPO run dir
-    policy_b: str = ""                   # a PPO run dir (or sft)
+    policy_a: str = "sft"                # sft, or a PPO or DPO run dir
+    policy_b: str = ""                   # a PPO or DPO run dir (or sft)
     prompts: str = ""                    # held-out prompts (records with a prompt)
     num_prompts: int = 256               # how many of them
     temperature: float = 1.0             # sampling temperature
@@ -61,6 +62,27 @@ def _policy_dir(spec: str, sft_run: str) -> Path:
     return Path(spec) / "adapters" / "policy"
 
 
+def _load_policy(model, spec: str, sft_run: str, name: str) -> list[str]:
+    """Load a run dir's policy into ``model``; returns its adapter stack: ``adapters/policy``, or
+    the stack its ``policy_role.json`` records (a DPO run with ``init=sft_stack``: the SFT adapters,
+    reusing the loaded ``sft`` set, under the run's own set)."""
+    from align.adapters.peft_format import load_adapter
+    run = Path(spec)
+    rec = run / "policy_role.json"
+    entries = json.loads(rec.read_text())["adapters"] if rec.exists() else [{"name": "policy", "dir": "adapters/policy"}]
+    sft_dir = (Path(sft_run) / "adapters" / "sft").resolve()
+    stack = []
+    for e in entries:
+        d = Path(e["dir"]) if Path(e["dir"]).is_absolute() else run / e["dir"]
+        if e["name"] == "sft" and d.resolve() == sft_dir and "sft" in model.adapters:
+            stack.append("sft")
+            continue
+        set_name = f"policy_{name}" if e["name"] == "policy" else f"policy_{name}_{e['name']}"
+        load_adapter(model, set_name, d)
+        stack.append(set_name)
+    return stack
+
+
 def build(cfg: EvalConfig):
     from align.adapters.peft_format import load_adapter
     from align.config import ModelConfig
@@ -73,7 +95,8 @@ def build(cfg: EvalConfig):
     record = backbone_from_run(cfg.sft_run)
     rt = Runtime(device=cfg.device)
     mcfg = ModelConfig(path=record["path"], dtype=cfg.dtype or record.get("dtype", "float32"),
-                       trust_remote_code=cfg.trust_remote_code)
+                       trust_remote_code=cfg.trust_remote_code,
+                       quantization=record.get("quantization", "none"))  # the backbone the SFT ran on
     tok, model = load_model(record["path"], mcfg, rt.device, chat_template=cfg.chat_template)
     load_adapter(model, "sft", Path(cfg.sft_run) / "adapters" / "sft")
     model.add_role("reference", ["sft"])
@@ -81,8 +104,7 @@ def build(cfg: EvalConfig):
         if spec == "sft":
             model.add_role(name, ["sft"])
         else:
-            load_adapter(model, f"policy_{name}", _policy_dir(spec, cfg.sft_run))
-            model.add_role(name, [f"policy_{name}"])
+            model.add_role(name, _load_policy(model, spec, cfg.sft_run, name))
     load_reward_role(model, cfg.reward_run, sft_dir=Path(cfg.sft_run) / "adapters" / "sft", prefix="rm")
     model.eval()
     return model, tok, rt

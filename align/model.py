@@ -362,7 +362,12 @@ class AlignModel(nn.Module):
 
     # ----------------------------------------------------------------- introspection
     def backbone_num_params(self) -> int:
-        return sum(p.numel() for p in self.backbone.parameters())
+        """Parameters of the backbone as in its checkpoint (a packed 4-bit tensor counts the
+        weights it holds, not its bytes)."""
+        def numel(p):
+            qs = getattr(p, "quant_state", None)
+            return qs.shape.numel() if qs is not None and hasattr(qs, "shape") else p.numel()
+        return sum(numel(p) for p in self.backbone.parameters())
 
     def role_num_params(self, role: str) -> int:
         r = self.roles[role]

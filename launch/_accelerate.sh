@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared by sft.sh / reward.sh / ppo.sh / pipeline.sh: parse the launch options and run one stage
+# Shared by sft.sh / reward.sh / ppo.sh / dpo.sh / grpo.sh / rloo.sh / pipeline.sh: parse the launch options and run one stage
 # through `accelerate launch`, printing the exact command first. Not meant to be called directly.
 #
 #   --nproc N          processes (GPUs) per node            (env NPROC, default: 1)

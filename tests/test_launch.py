@@ -15,7 +15,7 @@ def dry(script: str, *args: str) -> subprocess.CompletedProcess:
                           text=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo", "grpo", "rloo"])
 def test_stage_script_prints_the_accelerate_command(stage):
     r = dry(f"{stage}.sh", f"configs/{stage}.yaml", "--nproc", "8", "--nnodes", "2", "--node-rank", "1",
             "--master-addr", "10.0.0.1", "--preset", "zero3_offload", "train.lr=1e-4")

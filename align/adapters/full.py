@@ -18,6 +18,9 @@ head is copied alone, so its copy is an untied, trainable head over the frozen e
 Stack a baseline first in a role: a set stacked before it on the same module has its output
 replaced. HF peft has no such method; sets are saved in align's own format (the copied weights).
 ``expected_num_params`` is the parameter count of the copied backbone modules.
+
+Both are refused on a quantized backbone (``model.quantization`` int8 / nf4): its weights are
+frozen integers (by ``config.validate`` before a stage writes anything, and here at load).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch.nn as nn
 
 from align.adapters.base import AdapterConfig, AdapterSet, register
 from align.adapters.lora import key
-from align.arch import Arch
+from align.arch import Arch, refuse_quantized
 from align.rules import AT_LEAST_ONE
 
 
@@ -51,6 +54,7 @@ class CopiedModules(AdapterSet):
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch, backbone: nn.Module):
         super().__init__(name, config, arch)
+        refuse_quantized(self.method, backbone)  # integer weights cannot be copied and trained
         chosen = self.select(backbone)
         self.paths = [p for p, _ in chosen]
         # one deepcopy call, so parameters shared between the chosen modules stay shared

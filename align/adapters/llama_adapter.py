@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from align.adapters.base import AdapterConfig, AdapterSet, register
-from align.arch import Arch
+from align.arch import Arch, compute_dtype
 from align.rules import AT_LEAST_ONE
 
 SUPPORTED = {"llama", "mistral", "qwen2", "gpt2"}  # peft: llama, mistral, gpt2
@@ -81,7 +81,7 @@ class LlamaAdapter(AdapterSet):
             return None
         p = self.prompts[str(layer_idx)]
         k_proj, v_proj = getattr(module, self.arch.k_proj), getattr(module, self.arch.v_proj)
-        p = p.to(k_proj.weight.dtype)
+        p = p.to(compute_dtype(k_proj, query.dtype))  # not the uint8 of a 4-bit layer
         return self.gated_attention(layer_idx, query, k_proj(p), v_proj(p))
 
     # gpt2: after the attention block (after c_proj), as peft does

@@ -12,7 +12,7 @@ rejected}`` whose shared beginning is taken as the prompt.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,6 +83,7 @@ class TokenGroup:
     ranks: list[int]
     margin: float
     weight: float
+    prompt_lengths: list[int] = field(default_factory=list)  # prompt tokens at the front of each sequence
 
 
 def tokenize_group(g: Group, tokenizer, max_length: int, chat_template=None, report=None) -> TokenGroup | None:
@@ -92,7 +93,7 @@ def tokenize_group(g: Group, tokenizer, max_length: int, chat_template=None, rep
     last token, and a cut response would be scored at an arbitrary one."""
     from align.data.sft import TruncationReport, tokenize_pair
     rep = report if report is not None else TruncationReport()
-    seqs, cut = [], False
+    seqs, plens, cut = [], [], False
     for c in g.completions:
         if isinstance(g.prompt, list) or isinstance(c, list):
             p, t = render({"prompt": g.prompt, "completion": c if isinstance(c, list) else
@@ -103,10 +104,11 @@ def tokenize_group(g: Group, tokenizer, max_length: int, chat_template=None, rep
         pi, ci = tokenize_pair(p, t, tokenizer, max_length, rep)
         cut = cut or rep.completion_truncated > before
         seqs.append(pi + ci)
+        plens.append(len(pi))
     if cut:
         rep.dropped += 1
         return None
-    return TokenGroup(seqs, list(g.ranks), g.margin, g.weight)
+    return TokenGroup(seqs, list(g.ranks), g.margin, g.weight, plens)
 
 
 def tokenize_groups(groups: list[Group], tokenizer, max_length: int, chat_template=None,
@@ -133,11 +135,16 @@ def collate_groups(groups: list[TokenGroup], pad_id: int, padding_side: str = "r
     t = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    plens = [p for g in groups for p in g.prompt_lengths]
+    completion = torch.zeros((len(seqs), t), dtype=torch.bool) if len(plens) == len(seqs) else None
     for i, s in enumerate(seqs):
         sl = slice(t - len(s), t) if padding_side == "left" else slice(0, len(s))
         ids[i, sl] = torch.tensor(s)
         mask[i, sl] = 1
-    return {"input_ids": ids, "attention_mask": mask,
+        if completion is not None:
+            completion[i, sl.start + plens[i]:sl.stop] = True
+    extra = {} if completion is None else {"completion_mask": completion}
+    return {"input_ids": ids, "attention_mask": mask, **extra,
             "group": torch.tensor([gi for gi, g in enumerate(groups) for _ in g.sequences]),
             "ranks": torch.tensor([r for g in groups for r in g.ranks], dtype=torch.float),
             "margin": torch.tensor([g.margin for g in groups]),

@@ -3,6 +3,8 @@
 PPO's clipped losses (Schulman et al. 2017; value clipping as in baselines ppo2):
 docs/ppo-notes.md §F3, §F4. The SFT next-token loss (``lm_loss``, and ``lm_loss_at`` over the
 labelled positions only). The reward model's K-wise ranking loss (InstructGPT; ``kwise_loss``).
+DPO on pairs and K-wise rankings (``dpo_loss``: sigmoid, IPO, conservative label smoothing;
+``plackett_luce_loss``: listwise).
 
 All inputs are [B, T] per response token, aligned to the action index; ``mask`` is True on real
 tokens. Losses are masked means over tokens (N+); stats are detached scalars.
@@ -146,3 +148,96 @@ def kwise_loss(rewards: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor, 
     with torch.no_grad():
         acc = (rewards[i] > rewards[j]).float().mean() if len(i) else torch.tensor(0.0)
     return loss, {"accuracy": acc, "pairs": float(len(i)), "margin": d.detach().mean() if len(i) else 0.0}
+
+
+# ------------------------------------------------------------------------------ DPO
+def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO's implicit reward of each completion: ``beta * (log pi(y|x) - log pi_ref(y|x))`` (summed
+    sequence log-probs)."""
+    return beta * (policy_logps - ref_logps)
+
+
+def dpo_pair_loss(h: torch.Tensor, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair DPO losses from ``h = (logpi_w - logref_w) - (logpi_l - logref_l)`` (better w, worse l):
+
+    * ``sigmoid`` (Rafailov et al. 2023), with conservative DPO's label smoothing eps:
+      ``-(1 - eps) log sigma(beta h) - eps log sigma(-beta h)`` (eps = 0: plain DPO);
+    * ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2``.
+    """
+    if kind == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    if kind == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    raise ValueError(f"DPO pair loss {kind!r}: choose sigmoid or ipo")
+
+
+def _group_mean(values: torch.Tensor, gidx: torch.Tensor, n_groups: int, weight: torch.Tensor | None):
+    """Mean of ``values`` inside each group, then the (weighted) mean over groups that have any."""
+    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add(0, gidx, values)
+    counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add(
+        0, gidx, torch.ones_like(values))
+    has = counts > 0
+    per_group = sums[has] / counts[has]
+    w = weight[has].to(values.dtype) if weight is not None else torch.ones_like(per_group)
+    return (per_group * w).sum() / w.sum().clamp(min=1e-8)
+
+
+def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor,
+             n_groups: int, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0,
+             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """DPO over prompt groups (pairs are groups of K = 2): per group, the mean of ``dpo_pair_loss``
+    over all its ordered (better, worse) pairs (ties skipped), then the (weighted) mean over groups,
+    so a prompt counts as one unit whatever its K (as ``kwise_loss`` does for the reward model).
+    ``kind="plackett_luce"`` takes ``plackett_luce_loss`` instead. Inputs are [N] per completion:
+    summed log-probs under the policy (with gradient) and the reference.
+
+    Stats (detached, over pairs): ``accuracy`` (implicit reward of the better > the worse, a tie
+    counted 1/2), ``margin`` (mean reward difference), ``rewards/chosen`` and ``rewards/rejected``
+    (mean implicit reward of the better / worse side), ``logps/chosen``, ``logps/rejected``."""
+    if kind == "plackett_luce":
+        loss = plackett_luce_loss(policy_logps, ref_logps, ranks, group, n_groups, beta, weight)
+    else:
+        i, j, _, _ = ranking_pairs(ranks, group)
+        h = (policy_logps[i] - ref_logps[i]) - (policy_logps[j] - ref_logps[j])
+        loss = _group_mean(dpo_pair_loss(h, beta, kind, label_smoothing), group[i], n_groups, weight)
+    return loss, dpo_stats(policy_logps, ref_logps, ranks, group, beta)
+
+
+@torch.no_grad()
+def dpo_stats(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor,
+              beta: float) -> dict:
+    i, j, _, _ = ranking_pairs(ranks, group)
+    r = implicit_rewards(policy_logps.detach().float(), ref_logps.float(), beta)
+    if not len(i):
+        z = r.new_tensor(0.0)
+        return {"accuracy": z, "margin": z, "rewards/chosen": z, "rewards/rejected": z,
+                "logps/chosen": z, "logps/rejected": z, "pairs": 0.0}
+    d = r[i] - r[j]
+    lp = policy_logps.detach().float()
+    return {"accuracy": ((d > 0).float() + 0.5 * (d == 0).float()).mean(), "margin": d.mean(),
+            "rewards/chosen": r[i].mean(), "rewards/rejected": r[j].mean(),
+            "logps/chosen": lp[i].mean(), "logps/rejected": lp[j].mean(), "pairs": float(len(i))}
+
+
+def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: torch.Tensor,
+                       group: torch.Tensor, n_groups: int, beta: float,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Listwise DPO (Rafailov et al. 2023, App. A.3): per group, the negative log-likelihood of its
+    ranking under the Plackett-Luce model with the implicit rewards r = beta (logpi - logref),
+    ``-sum_k [r_k - logsumexp({r_k} u {r_j : rank_j > rank_k})]`` over every completion that has a
+    strictly worse one (for a strict order: the usual K - 1 terms, the best chosen from all, the
+    next from the rest, ...; tied completions do not compete with each other). For K = 2 it is
+    the sigmoid DPO loss. Then the (weighted) mean over groups."""
+    r = implicit_rewards(policy_logps, ref_logps, beta)
+    same = group[:, None] == group[None, :]
+    worse = same & (ranks[None, :] > ranks[:, None])          # [k, j]: j strictly worse than k
+    has = worse.any(1)
+    pool = worse | torch.eye(len(r), dtype=torch.bool, device=r.device)
+    neg = torch.finfo(r.dtype).min
+    lse = torch.logsumexp(torch.where(pool, r[None, :].expand(len(r), -1), torch.full_like(r[None, :], neg)), 1)
+    terms = (lse - r)[has]
+    sums = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add(0, group[has], terms)
+    counted = torch.zeros(n_groups, dtype=torch.bool, device=r.device)
+    counted[group[has]] = True
+    w = weight[counted].to(r.dtype) if weight is not None else torch.ones_like(sums[counted])
+    return (sums[counted] * w).sum() / w.sum().clamp(min=1e-8)

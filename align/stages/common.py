@@ -69,7 +69,8 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     if rt.is_main:
         (run_dir / "backbone.json").write_text(json.dumps(
             {"path": str(Path(backbone_path).resolve()), "fingerprint": model.fingerprint,
-             "dtype": cfg.model.dtype, "num_params": model.backbone_num_params()}, indent=2))
+             "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
+             "num_params": model.backbone_num_params()}, indent=2))
     tracker = Tracker(run_dir, cfg.tracking, job_type=job_type, config=to_dict(cfg),
                       is_main=rt.is_main, resume_step=resume_step)
     return Stage(run_dir, rt, tok, model, tracker, backbone_path, resume_step)
@@ -77,10 +78,11 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
 
 def load_model(backbone_path: str, model_cfg, device, chat_template: str | None = None):
     """The one loader every command uses: tokenizer (with its Specials) and ``AlignModel`` on
-    ``device`` in ``model_cfg.dtype``, ``trust_remote_code`` only when asked, gradient
-    checkpointing when configured."""
+    ``device`` in ``model_cfg.dtype`` (its Linear weights int8 / nf4 with ``model_cfg.quantization``),
+    ``trust_remote_code`` only when asked, gradient checkpointing when configured."""
     tok = load_tokenizer(backbone_path, trust_remote_code=model_cfg.trust_remote_code, chat_template=chat_template)
-    backbone = load_backbone(backbone_path, model_cfg.dtype, device, model_cfg.trust_remote_code, tok)
+    backbone = load_backbone(backbone_path, model_cfg.dtype, device, model_cfg.trust_remote_code, tok,
+                             quantization=getattr(model_cfg, "quantization", "none"))
     model = AlignModel(backbone)
     if model_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

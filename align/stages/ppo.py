@@ -227,26 +227,26 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def minibatch_split(a: PPOAlgoConfig, world: int) -> MinibatchSplit:
+def minibatch_split(a: PPOAlgoConfig, world: int, section: str = "ppo") -> MinibatchSplit:
     """The split of every minibatch over ``world`` processes; a ConfigError (naming the keys and
     values that would work) when ``rollout_batch_size`` does not divide evenly into
     ``world x num_minibatches`` shares."""
     for key in ("rollout_batch_size", "num_minibatches", "micro_batch_size"):
         if getattr(a, key) < 1:
-            raise ConfigError(f"ppo.{key}={getattr(a, key)}: give a positive number")
+            raise ConfigError(f"{section}.{key}={getattr(a, key)}: give a positive number")
     rollout, nm, micro = a.rollout_batch_size, a.num_minibatches, a.micro_batch_size
     parts = world * nm
     if rollout % parts:
         lo = rollout // parts * parts
-        ways = [f"a ppo.rollout_batch_size that is a multiple of {parts} (e.g. "
+        ways = [f"a {section}.rollout_batch_size that is a multiple of {parts} (e.g. "
                 + " or ".join(str(v) for v in (lo, lo + parts) if v > 0) + ")"]
         if rollout % world == 0:
-            ways.append(f"ppo.num_minibatches one of {_divisors(rollout // world)}")
+            ways.append(f"{section}.num_minibatches one of {_divisors(rollout // world)}")
         if rollout % nm == 0:
             ways.append(f"a number of processes in {_divisors(rollout // nm)}")
         raise ConfigError(
-            f"ppo.rollout_batch_size={rollout} does not split into {world} process(es) x "
-            f"ppo.num_minibatches={nm} equal shares (every process needs the same number of rows of "
+            f"{section}.rollout_batch_size={rollout} does not split into {world} process(es) x "
+            f"{section}.num_minibatches={nm} equal shares (every process needs the same number of rows of "
             f"every minibatch); use " + ", or ".join(ways))
     per_rank = rollout // parts
     accum = -(-per_rank // micro)
@@ -255,24 +255,28 @@ def minibatch_split(a: PPOAlgoConfig, world: int) -> MinibatchSplit:
 
 
 # ------------------------------------------------------------------------------------ roles
-def build_roles(model, cfg: PPOConfig) -> dict:
-    """reference, policy, value and reward roles over the one backbone; returns their stacks."""
+def build_roles(model, cfg: PPOConfig, with_value: bool = True) -> dict:
+    """reference, policy, value (unless ``with_value=False``: GRPO, RLOO) and reward roles over the
+    one backbone; returns their stacks."""
     sft_dir = Path(cfg.sft_run) / "adapters" / "sft"
     load_adapter(model, "sft", sft_dir)
     model.add_role("reference", ["sft"])
     model.copy_adapter("sft", "policy")
     model.add_role("policy", ["policy"])
 
-    v = cfg.value
     if cfg.reward_fn:
-        if v.init == "reward":
+        if with_value and cfg.value.init == "reward":
             raise ConfigError("value.init=reward needs a learned reward (reward_run); use value.init=fresh")
         norm = {"mean": 0.0, "std": 1.0}
         reward_stack = None
     else:
         reward_stack, norm = load_reward_role(model, cfg.reward_run, sft_dir=sft_dir)
-    _build_value(model, v, reward_stack, norm if cfg.ppo.normalize_reward else None)
-    roles = ("reference", "policy", "value") + (("reward",) if reward_stack is not None else ())
+    if with_value:
+        _build_value(model, cfg.value, reward_stack, norm if cfg.ppo.normalize_reward else None)
+    else:
+        model.set_trainable(["policy"])
+    roles = ("reference", "policy") + (("value",) if with_value else ()) + \
+        (("reward",) if reward_stack is not None else ())
     return {"reward_norm": norm, "stacks": {r: list(model.roles[r].adapters) for r in roles}}
 
 
@@ -360,15 +364,19 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, width, reward_fn=None) -> Rollout:
+def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, width, reward_fn=None,
+            algo=None) -> Rollout:
     """Sample, score and evaluate one batch. ``width``: the prompt width of the *global* batch, so
-    every process pads alike (gatherable, and numerically identical whatever the world size)."""
-    a = cfg.ppo
+    every process pads alike (gatherable, and numerically identical whatever the world size).
+    ``algo``: the algorithm's settings (default ``cfg.ppo``; GRPO/RLOO pass theirs)."""
+    a = algo or cfg.ppo
     resp = generate(model, [p["ids"] for p in prompts], tok, rt.device, role="policy",
                     max_new_tokens=a.response_length, temperature=a.temperature, width=width,
                     row_seeds=row_seeds, gathered=rt.gathered)
     recompute = recompute_logprobs(a.rollout_logprobs, cfg.model.dtype)
-    roles = (("policy",) if recompute else ()) + ("reference", "value") + (() if reward_fn else ("reward",))
+    with_value = "value" in model.roles
+    roles = (("policy",) if recompute else ()) + ("reference",) + (("value",) if with_value else ()) + \
+        (() if reward_fn else ("reward",))
     st = score(engine, resp, roles, a.temperature, a.micro_batch_size)
     if reward_fn:
         raw = torch.tensor(reward_fn([p["text"] for p in prompts], decode(tok, resp), resp.has_stop.tolist()),
@@ -382,7 +390,8 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, wi
     # ~1e-6 of a fresh forward in float32: docs/ppo-notes.md §B6), or a fresh policy forward
     logprobs = st["policy"]["logprobs"] if recompute else resp.sample_logprobs.masked_fill(~resp.response_mask, 0.0)
     return Rollout(resp.query, resp.query_mask, resp.response, resp.response_mask, resp.seq_lengths, resp.has_stop,
-                   logprobs, st["reference"]["logprobs"], st["value"]["values"], raw, scores,
+                   logprobs, st["reference"]["logprobs"],
+                   st["value"]["values"] if with_value else torch.zeros_like(logprobs), raw, scores,
                    resp.sample_logprobs), resp.generate_s
 
 
@@ -462,20 +471,36 @@ def advantages(ro: Rollout, kl_coef: float, a: PPOAlgoConfig) -> dict[str, torch
 class PPOLoop:
     """One PPO run's moving parts over the shared backbone: rollout, update, metrics, checkpoint."""
 
+    section = "ppo"       # the config section of the algorithm's settings
+    with_value = True     # PPO has a critic; GRPO and RLOO (align/stages/grpo.py) do not
+
     def __init__(self, cfg: PPOConfig, st, split: MinibatchSplit, backbone: str):
-        self.cfg, self.a, self.st, self.backbone = cfg, cfg.ppo, st, backbone
+        self.cfg, self.a, self.st, self.backbone = cfg, getattr(cfg, self.section), st, backbone
         self.rt, self.tok, self.model = st.rt, st.tokenizer, st.model
         self.split = split
         if self.rt.world_size != split.world:
-            self.split = minibatch_split(self.a, self.rt.world_size)
+            self.split = minibatch_split(self.a, self.rt.world_size, self.section)
             if self.split.accum_steps != self.rt.accelerator.gradient_accumulation_steps:
                 raise RuntimeError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {self.rt.world_size} processes")
-        self.info = build_roles(self.model, cfg)
+        self.info = build_roles(self.model, cfg, with_value=self.with_value)
         self.norm = self.info["reward_norm"]
         train_prompts, self.eval_prompts = load_prompts(cfg, self.tok)
-        self.order = PromptOrder(train_prompts, self.a, self.rt.rank, self.rt.world_size)
+        self.order = self.prompt_order(train_prompts)
         self.gold_fn, self.reward_fn = load_gold(cfg.eval.gold), load_gold(cfg.reward_fn)
         self.model.eval()  # dropout off in every role (docs/ppo-notes.md §B7); nothing here uses train mode
+
+    def prompt_order(self, prompts: list) -> PromptOrder:
+        return PromptOrder(prompts, self.a, self.rt.rank, self.rt.world_size)
+
+    def epochs(self) -> int:
+        return self.a.num_ppo_epochs
+
+    def optimizer_groups(self, params: list):
+        return parameter_groups(self.model, params, self.a.value_lr)
+
+    def kl_controller(self):
+        a = self.a
+        return make_kl_controller(a.kl_controller, kl_coef=a.kl_coef, target=a.kl_target, horizon=a.kl_horizon)
 
     def prepare(self) -> int:
         """Optimizer (one group, or the value's own at ``ppo.value_lr``), schedule over every
@@ -483,12 +508,12 @@ class PPOLoop:
         from align.config import TrainConfig
         a = self.a
         self.params = self.model.trainable_parameters()
-        optimizer = make_optimizer(parameter_groups(self.model, self.params, a.value_lr),
+        optimizer = make_optimizer(self.optimizer_groups(self.params),
                                    TrainConfig(lr=a.lr, weight_decay=a.weight_decay, adam_eps=a.adam_eps))
-        self.sched = make_scheduler(optimizer, a.lr_schedule, 0, a.iterations * a.num_ppo_epochs * a.num_minibatches)
-        self.kl_ctl = make_kl_controller(a.kl_controller, kl_coef=a.kl_coef, target=a.kl_target, horizon=a.kl_horizon)
+        self.sched = make_scheduler(optimizer, a.lr_schedule, 0, a.iterations * self.epochs() * a.num_minibatches)
+        self.kl_ctl = self.kl_controller()
         self.engine, self.optimizer, start, _ = prepare_resumable(
-            self.rt, self.model, optimizer, self.sched, self.st.run_dir, self.cfg.resume, self.split.chunk, "ppo",
+            self.rt, self.model, optimizer, self.sched, self.st.run_dir, self.cfg.resume, self.split.chunk, self.section,
             stateful={"kl_controller": self.kl_ctl}, max_grad_norm=self.a.max_grad_norm, dtype=self.cfg.model.dtype)
         return start
 
@@ -498,7 +523,7 @@ class PPOLoop:
         t0 = time.time()
         prompts, seeds, width = self.order(it)
         ro, t_generate = rollout(self.model, self.engine, prompts, self.cfg, self.tok, self.rt, self.norm, seeds,
-                                 width, self.reward_fn)
+                                 width, self.reward_fn, algo=self.a)
         if self.rt.world_size > 1:
             ro = gather_rollout(ro, self.rt)
         return ro, t_generate, time.time() - t0
@@ -510,7 +535,7 @@ class PPOLoop:
         waits at a collective alone."""
         a, rt = self.a, self.rt
         stats: dict[str, list] = {}
-        for epoch in range(a.num_ppo_epochs):
+        for epoch in range(self.epochs()):
             g = torch.Generator().manual_seed(a.seed * 7919 + it * 131 + epoch)
             perm = torch.randperm(a.rollout_batch_size, generator=g)
             for mb in range(a.num_minibatches):
@@ -551,7 +576,7 @@ class PPOLoop:
 
     def metrics(self, ro: Rollout, adv: dict, stats: dict, mean_kl: float, times: dict) -> dict:
         """The iteration's logged metrics (averaged over processes)."""
-        a, ro_tokens = self.a, float(ro.response_mask.sum())
+        ro_tokens = float(ro.response_mask.sum())
         lrs = self.sched.get_last_lr()
         logs = {
             "objective/kl": mean_kl, "objective/kl_coef": self.kl_ctl.value,
@@ -565,7 +590,7 @@ class PPOLoop:
             "lr": lrs[0], **({"lr_value": lrs[1]} if len(lrs) > 1 else {}),
             "throughput/generated_tokens_per_s": ro_tokens / max(times["generate"], 1e-9),
             "throughput/rollout_tokens_per_s": ro_tokens / max(times["rollout"], 1e-9),
-            "throughput/train_tokens_per_s": ro_tokens * a.num_ppo_epochs / max(times["update"], 1e-9),
+            "throughput/train_tokens_per_s": ro_tokens * self.epochs() / max(times["update"], 1e-9),
             "time/rollout_s": times["rollout"], "time/generate_s": times["generate"], "time/update_s": times["update"],
             **{k: sum(v) / len(v) for k, v in stats.items()},
         }
@@ -573,12 +598,12 @@ class PPOLoop:
 
     def evaluate(self, it: int) -> dict:
         return evaluate_policy(self.model, self.engine, self.eval_prompts, self.cfg, self.tok, self.rt, self.gold_fn,
-                               it, self.st.tracker, self.reward_fn)
+                               it, self.st.tracker, self.reward_fn, algo=self.a, section=self.section)
 
     def iteration(self, it: int) -> dict:
         """Rollout, advantages, update and the KL controller's step of iteration ``it``; its logs."""
         ro, t_generate, t_rollout = self.rollout(it)
-        adv = advantages(ro, self.kl_ctl.value, self.a)
+        adv = self.advantages(ro)
         t1 = time.time()
         stats = self.update(ro, adv, it)
         t_update = time.time() - t1
@@ -587,6 +612,9 @@ class PPOLoop:
         return self.metrics(ro, adv, stats, mean_kl,
                             {"generate": t_generate, "rollout": t_rollout, "update": t_update})
 
+    def advantages(self, ro: Rollout) -> dict[str, torch.Tensor]:
+        return advantages(ro, self.kl_ctl.value, self.a)
+
     def save_checkpoint(self, it: int) -> None:
         save_resumable(self.rt, self.st.run_dir, it, self.model, self.optimizer, self.sched, self.a.keep_checkpoints,
                        stateful={"kl_controller": self.kl_ctl})
@@ -594,23 +622,32 @@ class PPOLoop:
     def save_final(self) -> None:
         model, rt = self.model, self.rt
         trained = ["policy", "value"] if "value" in model.adapters else ["policy"]
+        heads = ["value"] if "value" in model.heads else []
         with rt.gathered([p for n in trained for p in model.adapters[n].parameters()] +
-                         list(model.heads["value"].parameters())):
+                         [p for h in heads for p in model.heads[h].parameters()]):
             if rt.is_main:
                 for n in trained:
                     save_adapter(model, n, self.st.run_dir / "adapters" / n, backbone_name=self.backbone)
-                save_head(model, "value", self.st.run_dir / "heads" / "value")
+                for h in heads:
+                    save_head(model, h, self.st.run_dir / "heads" / h)
                 (self.st.run_dir / "roles.json").write_text(json.dumps(self.info["stacks"], indent=2))
 
 
 def run(cfg: PPOConfig) -> dict:
     validate(cfg)  # every key, file and run dir, before the run directory is written
     backbone, split = check(cfg)  # refused before the run dir exists
-    st = start_stage(cfg, "ppo", backbone)
-    loop = PPOLoop(cfg, st, split, backbone)
+    return run_loop(PPOLoop, cfg, backbone, split)
+
+
+def run_loop(loop_cls, cfg, backbone: str, split: MinibatchSplit) -> dict:
+    """The iteration loop every online policy-optimisation stage shares (PPO, GRPO, RLOO): log,
+    evaluate, checkpoint, stop; the stage's loop class does the rollouts and updates."""
+    name = loop_cls.section
+    st = start_stage(cfg, name, backbone)
+    loop = loop_cls(cfg, st, split, backbone)
     start = loop.prepare()
-    a, rt = cfg.ppo, st.rt
-    bar = tqdm(total=a.iterations, initial=start, desc="ppo", disable=not rt.is_main, dynamic_ncols=True)
+    a, rt = loop.a, st.rt
+    bar = tqdm(total=a.iterations, initial=start, desc=name, disable=not rt.is_main, dynamic_ncols=True)
     last_eval: dict = {}
     if start == 0 and cfg.eval.every:  # the SFT policy's score: the baseline of every curve
         st.tracker.log(loop.evaluate(0), 0)
@@ -628,26 +665,30 @@ def run(cfg: PPOConfig) -> dict:
         if (a.save_every and it % a.save_every == 0) or it == a.iterations:
             loop.save_checkpoint(it)
         if a.stop_after_iterations and it >= a.stop_after_iterations and it < a.iterations:
-            rt.print(f"[ppo] stopping after {it} iterations (ppo.stop_after_iterations)")
+            rt.print(f"[{name}] stopping after {it} iterations ({name}.stop_after_iterations)")
             bar.close()
             st.tracker.finish()
             return {"stopped_at": it}
     bar.close()
     loop.save_final()
-    summary = {"stage": "ppo", "iterations": it, **last_eval, "kl_coef_final": loop.kl_ctl.value,
-               "trainable_params": {r: loop.model.role_num_params(r) for r in ("policy", "value")},
+    summary = {"stage": name, "iterations": it, **last_eval, "kl_coef_final": loop.kl_ctl.value,
+               "trainable_params": {r: loop.model.role_num_params(r) for r in ("policy", "value")
+                                    if r in loop.model.roles},
                "backbone_params": loop.model.backbone_num_params()}
     return finish_stage(st, summary, "policy")
 
 
 def evaluate_policy(model, engine, eval_prompts, cfg: PPOConfig, tok, rt, gold_fn, it, tracker,
-                    reward_fn=None) -> dict:
+                    reward_fn=None, algo=None, section: str = "ppo") -> dict:
+    """The policy on held-out prompts: mean reward, KL to the reference and the gold score when
+    ``eval.gold`` names one; samples go to samples.jsonl / W&B."""
+    a = algo or cfg.ppo
     prompts = eval_prompts[:cfg.eval.num_prompts]
     if not prompts:
         return {}
-    gen = torch.Generator(device=rt.device).manual_seed(cfg.ppo.seed + 99991)
+    gen = torch.Generator(device=rt.device).manual_seed(a.seed + 99991)
     res = evaluate_role(model, engine, prompts, tok, rt.device, role="policy", temperature=cfg.eval.temperature,
-                        max_new_tokens=cfg.ppo.response_length, generator=gen, reward_fn=reward_fn,
+                        max_new_tokens=a.response_length, generator=gen, reward_fn=reward_fn,
                         gathered=rt.gathered)
     out = {"eval/reward": float(res["reward"].mean()), "eval/kl": float(res["kl"].mean()),
            "eval/num_prompts": len(prompts)}
@@ -659,5 +700,5 @@ def evaluate_policy(model, engine, eval_prompts, cfg: PPOConfig, tok, rt, gold_f
         out["eval/gold_sem"] = float(gold.std() / math.sqrt(len(gold))) if len(gold) > 1 else 0.0
         for row, gsc in zip(rows, gold.tolist()):
             row["gold"] = gsc
-    tracker.log_samples("ppo/samples", rows[:cfg.eval.num_samples_logged], it)
+    tracker.log_samples(f"{section}/samples", rows[:cfg.eval.num_samples_logged], it)
     return out

@@ -1,0 +1,304 @@
+"""One quantized backbone for every role (``model.quantization``: int8 / nf4 through bitsandbytes).
+
+Every parameter-efficient method trains on the nf4 backbone and changes only its own tensors;
+cached greedy decoding equals uncached; gradient checkpointing gives the plain gradients; the
+quantized model's logits stay within a stated tolerance of the float model's; the fingerprint is the
+checkpoint's (one for float32, int8 and nf4), so an adapter trained on the 4-bit backbone attaches
+to the float one; a LoRA saved here loads in peft on the same 4-bit base with the same logits; PPO's
+four roles share the one quantized backbone and a short PPO run completes on it; ``full`` and
+``top_k`` are refused (at validation and at load).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import warnings
+
+import pytest
+import torch
+
+try:
+    import bitsandbytes as bnb
+except Exception as e:  # noqa: BLE001  (an import that fails for any reason means: no quantization here)
+    pytest.skip(f"bitsandbytes cannot be imported ({e!r}); pip install 'align[quant]'", allow_module_level=True)
+
+from align.adapters import AdapterConfig
+from align.adapters.peft_format import load_adapter, save_adapter
+from align.backbone import load_backbone, load_tokenizer, quantization_config
+from align.config import ConfigError, load_config, validate
+from align.model import AlignModel
+from tests.test_adapters import METHODS as METHODS_A
+from tests.test_adapters import (assert_cached_generation_equals_uncached, assert_training_changes_only_set_a, batch,
+                                 randomize)
+from tests.test_adapters_more import METHODS as METHODS_B
+from tests.test_adapters_more import perturb
+
+# every parameter-efficient method (the full / top_k baselines are refused on a quantized backbone)
+PEFT_METHODS = {**METHODS_A, **{k: v for k, v in METHODS_B.items() if k not in ("full", "top_k")}}
+# nf4 vs float32 logits of the tiny llama (hidden 64, weights N(0, 0.02)): measured max |diff| 0.023,
+# mean 0.0048 (see the README's "Quantized backbone"); int8 ~10x smaller
+LOGIT_TOL = {"nf4": (0.06, 0.015), "int8": (0.02, 0.004)}  # (max abs, mean abs)
+
+
+def qload(path, quantization="nf4", dtype="float32"):
+    tok = load_tokenizer(path)
+    return AlignModel(load_backbone(path, dtype, tokenizer=tok, quantization=quantization)), tok
+
+
+def quantized_linears(model):
+    return [m for m in model.backbone.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_backbone_linears_are_bitsandbytes_layers(tiny_llama, quantization):
+    model, _ = qload(tiny_llama, quantization)
+    cls = bnb.nn.Linear4bit if quantization == "nf4" else bnb.nn.Linear8bitLt
+    lin = [m for m in quantized_linears(model)]
+    assert lin and all(isinstance(m, cls) for m in lin)
+    assert len(lin) == 7 * model.arch.num_layers  # q k v o gate up down; the LM head stays float
+    assert not isinstance(model.backbone.get_output_embeddings(), cls)
+    if quantization == "nf4":
+        qs = lin[0].weight.quant_state
+        assert qs.quant_type == "nf4" and qs.nested and lin[0].weight.dtype == torch.uint8
+    float_model, _ = qload(tiny_llama, "none")
+    assert model.backbone_num_params() == float_model.backbone_num_params()
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("method", list(PEFT_METHODS))
+def test_training_on_nf4_changes_only_that_set(tiny_llama, method):
+    model, tok = qload(tiny_llama)
+    ids, mask = batch(tok)
+    model.add_adapter("a", PEFT_METHODS[method])
+    perturb(model.add_adapter("b", PEFT_METHODS[method]), seed=1)
+    model.add_role("a", ["a"])
+    model.add_role("b", ["b"])
+    assert_training_changes_only_set_a(model, ids, mask)
+
+
+@pytest.mark.parametrize("method", list(PEFT_METHODS))
+def test_cached_generation_equals_uncached_on_nf4(tiny_llama, method):
+    model, tok = qload(tiny_llama)
+    perturb(model.add_adapter("a", PEFT_METHODS[method]))
+    model.add_role("a", ["a"])
+    ids, mask = batch(tok, side="left")
+    assert_cached_generation_equals_uncached(model, tok, ids, mask, "a", max_new_tokens=6, atol=1e-4)
+
+
+def test_lora_on_int8_trains_and_decodes(tiny_llama):
+    model, tok = qload(tiny_llama, "int8")
+    ids, mask = batch(tok)
+    model.add_adapter("a", PEFT_METHODS["lora"])
+    perturb(model.add_adapter("b", PEFT_METHODS["lora"]), seed=1)
+    model.add_role("a", ["a"])
+    model.add_role("b", ["b"])
+    assert_training_changes_only_set_a(model, ids, mask)
+    ids, mask = batch(tok, side="left")
+    assert_cached_generation_equals_uncached(model, tok, ids, mask, "a", max_new_tokens=6, atol=1e-4)
+
+
+def test_lora_branch_on_a_4bit_layer_runs_in_the_compute_dtype(tiny_llama):
+    """The hook gets the Linear4bit's output in the compute dtype (bfloat16 here) and adds the LoRA
+    branch in it: the layer's output is exactly ``W_nf4 x + scale * B A x``."""
+    model, tok = qload(tiny_llama, "nf4", dtype="bfloat16")
+    aset = model.add_adapter("a", AdapterConfig(method="lora", r=4, alpha=8))
+    randomize(aset)
+    model.add_role("a", ["a"])
+    path = aset.paths[0]
+    layer = model.backbone.get_submodule(path)
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.compute_dtype == torch.bfloat16
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)
+    base = layer(x)
+    with model.use("a"):
+        out = layer(x)
+    assert base.dtype == out.dtype == torch.bfloat16
+    pair = aset.pairs[path.replace(".", "__")]
+    want = base + (pair.lora_B(pair.lora_A(x.float())) * aset.scaling).to(torch.bfloat16)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "ia3"])
+def test_gradient_checkpointing_on_nf4_gives_the_plain_gradients(tiny_llama, method):
+    def grads(checkpointing):
+        model, _ = qload(tiny_llama)
+        torch.manual_seed(0)
+        perturb(model.add_adapter("a", PEFT_METHODS[method]), scale=0.05)
+        model.add_role("a", ["a"])
+        model.set_trainable(["a"])
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        calls = []
+        model.backbone.base_model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+        ids = torch.randint(5, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        model(ids, mask, role="a").logits.logsumexp(-1)[mask.bool()].mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, len(calls)
+
+    plain, n_plain = grads(False)
+    ckpt, n_ckpt = grads(True)
+    assert (n_plain, n_ckpt) == (1, 2)  # the layer really is recomputed in backward
+    assert plain.keys() == ckpt.keys() and plain
+    for k in plain:
+        assert plain[k].abs().sum() > 0, k
+        torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def logit_diff(a, b, mask):
+    d = (a - b)[mask.bool()].abs()
+    return float(d.max()), float(d.mean())
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_logits_are_close_to_float(tiny_llama, quantization):
+    float_model, tok = qload(tiny_llama, "none")
+    q_model, _ = qload(tiny_llama, quantization)
+    ids, mask = batch(tok)
+    base = float_model(ids, mask, role="base").logits
+    mx, mean = logit_diff(q_model(ids, mask, role="base").logits, base, mask)
+    print(f"{quantization} vs float32, tiny llama: max |dlogit| {mx:.4g}, mean {mean:.4g}")
+    assert 0 < mx <= LOGIT_TOL[quantization][0] and mean <= LOGIT_TOL[quantization][1]
+
+
+def test_one_fingerprint_for_float_int8_and_nf4_and_adapters_cross_over(tiny_llama, tmp_path):
+    """The fingerprint is the checkpoint's: a LoRA trained on the nf4 backbone loads on the float one
+    (and on int8) without a fingerprint mismatch, and there gives logits within the nf4 tolerance."""
+    models = {q: qload(tiny_llama, q) for q in ("none", "int8", "nf4")}
+    fps = {q: m.fingerprint for q, (m, _) in models.items()}
+    assert len(set(fps.values())) == 1, fps
+    q_model, tok = models["nf4"]
+    ids, mask = batch(tok)
+    q_model.add_adapter("sft", AdapterConfig(method="lora", r=4, alpha=8))
+    q_model.add_role("sft", ["sft"])
+    params = q_model.set_trainable(["sft"])
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        out = q_model(ids, mask, role="sft")
+        loss = out.logits.logsumexp(-1).mean() - out.logits[..., 5].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q_model.eval()
+    save_adapter(q_model, "sft", tmp_path / "sft")
+    assert json.loads((tmp_path / "sft" / "align_adapter.json").read_text())["backbone_fingerprint"] == fps["nf4"]
+    trained = q_model(ids, mask, role="sft").logits
+    for q in ("none", "int8"):
+        m, _ = models[q]
+        load_adapter(m, "sft", tmp_path / "sft")
+        m.add_role("sft", ["sft"])
+        mx, mean = logit_diff(m(ids, mask, role="sft").logits, trained, mask)
+        assert mx <= LOGIT_TOL["nf4"][0] and mean <= LOGIT_TOL["nf4"][1], (q, mx, mean)
+
+
+def test_lora_saved_on_nf4_loads_in_peft_on_the_same_4bit_base(tiny_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    model, tok = qload(tiny_llama)
+    cfg = AdapterConfig(method="lora", r=2, alpha=4,
+                        target_modules=r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    randomize(model.add_adapter("sft", cfg))
+    model.add_role("sft", ["sft"])
+    ids = tok(["the happy dog sings a good song"], return_tensors="pt").input_ids
+    ours = model(ids, role="sft").logits
+    save_adapter(model, "sft", tmp_path / "sft", backbone_name=str(tiny_llama))
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=quantization_config("nf4", "float32"),
+                                                device_map={"": "cpu"}, dtype=torch.float32).eval()
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "sft").eval()
+    lora_layers = [m for m in pm.modules() if type(m).__module__.startswith("peft.tuners.lora.bnb")]
+    assert lora_layers  # peft's own bitsandbytes LoRA layer over Linear4bit
+    theirs = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- refused methods
+@pytest.mark.parametrize("method", ["full", "top_k"])
+def test_full_and_top_k_are_refused_on_a_quantized_backbone(tiny_llama, tmp_path, method):
+    from align.stages.sft import SFTConfig
+    cfg = load_config(SFTConfig, None, [f"output_dir={tmp_path / 'out'}", f"model.path={tiny_llama}",
+                                        f"adapter.method={method}", "model.quantization=nf4"])
+    with pytest.raises(ConfigError, match=f"adapter.method='{method}'.*trains backbone weights.*nf4"):
+        validate(cfg)
+    assert not (tmp_path / "out").exists()
+    model, _ = qload(tiny_llama, "int8")
+    with pytest.raises(ValueError, match="trains backbone weights.*int8"):
+        model.add_adapter("a", METHODS_B[method])
+    with pytest.raises(ConfigError, match="model.quantization='nf8': choose one of none, int8, nf4"):
+        validate(load_config(SFTConfig, None, [f"model.path={tiny_llama}", "model.quantization=nf8"]))
+
+
+# ----------------------------------------------------------------------------- PPO on nf4
+def test_ppo_roles_share_the_one_quantized_backbone(tiny_llama, tmp_path):
+    from align.stages import ppo
+    from tests import ppo_helpers as H
+    from tests.test_ppo import ppo_cfg
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")   # trained on the float backbone: same fingerprint
+    rm = H.fake_reward_run(tiny_llama, tmp_path / "rm")
+    cfg = ppo_cfg(tmp_path, sft, tmp_path / "none.jsonl", f"reward_run={rm}", "value.init=reward",
+                  "model.quantization=nf4")
+    gc.collect()
+    model, _ = qload(tiny_llama)
+    ppo.build_roles(model, cfg)
+    assert set(model.roles) >= {"reference", "policy", "value", "reward"}
+    layers = quantized_linears(model)
+    assert len(layers) == 7 * model.arch.num_layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [t for t in gc.get_objects() if isinstance(t, torch.Tensor)]
+    # every packed 4-bit weight in the process is one of the backbone's, and each exists once
+    packed = [t for t in tensors if isinstance(t, bnb.nn.Params4bit)]
+    assert {id(t) for t in packed} == {id(m.weight) for m in layers}
+    w = layers[0].weight
+    copies = [t for t in tensors if t.shape == w.shape and t.dtype == w.dtype and torch.equal(t, w)]
+    assert len({t.untyped_storage().data_ptr() for t in copies}) == 1
+    emb = model.backbone.get_input_embeddings().weight
+    copies = [t for t in tensors if t.shape == emb.shape and t.dtype == emb.dtype and torch.equal(t, emb)]
+    assert len({t.untyped_storage().data_ptr() for t in copies}) == 1
+    for role in ("reference", "policy", "value", "reward"):
+        assert model.roles[role].adapters
+    ids = torch.tensor([[5, 6, 7, 8]])
+    outs = model(ids, roles=("policy", "reference", "value"))
+    torch.testing.assert_close(outs["policy"].logits, outs["reference"].logits)  # policy starts at SFT
+    assert outs["value"].values.shape == (1, 4)
+
+
+def test_short_ppo_run_on_nf4(tiny_llama, tmp_path):
+    from align.stages import ppo
+    from tests import ppo_helpers as H
+    from tests.test_ppo import metrics, ppo_cfg
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 4)
+    ppo.run(ppo_cfg(tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target", "ppo.iterations=2",
+                    "ppo.rollout_batch_size=16", "ppo.micro_batch_size=8", "ppo.response_length=6",
+                    "eval.num_prompts=4", "model.quantization=nf4", "model.gradient_checkpointing=true"))
+    run = tmp_path / "ppo"
+    rec = json.loads((run / "backbone.json").read_text())
+    assert rec["quantization"] == "nf4"
+    assert rec["fingerprint"] == json.loads((sft / "backbone.json").read_text())["fingerprint"]
+    m = [x for x in metrics(run) if "objective/kl" in x]
+    assert len(m) == 2 and all(torch.isfinite(torch.tensor(x["objective/kl"])) for x in m)
+    assert (run / "adapters" / "policy" / "adapter_model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+@pytest.mark.real
+@pytest.mark.slow
+def test_smollm2_nf4_logits_and_cached_decoding(smollm2):
+    """SmolLM2-135M: nf4 vs float32 logits (measured max |diff| and mean |diff| printed; the README
+    states them), and a LoRA on the nf4 model decodes the same with and without the KV cache."""
+    float_model, tok = qload(smollm2, "none")
+    q_model, _ = qload(smollm2, "nf4")
+    assert q_model.fingerprint == float_model.fingerprint
+    ids, mask = batch(tok, ("Write a short poem about the sea.", "What is 2+2?"), side="left")
+    a = float_model(ids, mask, role="base").logits
+    b = q_model(ids, mask, role="base").logits
+    mx, mean = logit_diff(b, a, mask)
+    print(f"nf4 vs float32, SmolLM2-135M: max |dlogit| {mx:.4g}, mean {mean:.4g}")
+    assert mx < 8.0 and mean < 1.0
+    del float_model
+    aset = q_model.add_adapter("a", AdapterConfig(method="lora", r=4, alpha=8))
+    randomize(aset, seed=2)
+    with torch.no_grad():
+        for p in aset.parameters():
+            p.mul_(0.1)
+    q_model.add_role("a", ["a"])
+    assert_cached_generation_equals_uncached(q_model, tok, ids, mask, "a", max_new_tokens=4, atol=3e-4)
