@@ -219,8 +219,22 @@ def load_backbone(path: str | Path, dtype: str = "float32", device: str | torch.
         model._align_masked_ids = tuple(added)
     if qcfg is None:
         model.to(device)
+    else:
+        keep_quantized_weights_as_loaded(model)
     freeze(model)
     return model
+
+
+def keep_quantized_weights_as_loaded(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' in-place CPU repacking of 4-bit weights. On a CPU with AVX512-BF16,
+    ``Linear4bit`` rewrites its weight on the first no-grad forward (another nibble order, the
+    double quantization undone, absmax rounded to bfloat16) and ``state_dict()`` rewrites it back,
+    best effort: the frozen backbone would change with the call history (docs/invariants.md #1)
+    and a grad forward would compute with other weights than a no-grad one. With it off every
+    forward dequantizes the weights exactly as loaded."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def freeze(model: torch.nn.Module) -> None:

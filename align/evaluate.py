@@ -69,7 +69,8 @@ def _load_policy(model, spec: str, sft_run: str, name: str) -> list[str]:
     from align.adapters.peft_format import load_adapter
     run = Path(spec)
     rec = run / "policy_role.json"
-    entries = json.loads(rec.read_text())["adapters"] if rec.exists() else [{"name": "policy", "dir": "adapters/policy"}]
+    entries = (json.loads(rec.read_text())["adapters"] if rec.exists()
+               else [{"name": "policy", "dir": "adapters/policy"}])
     sft_dir = (Path(sft_run) / "adapters" / "sft").resolve()
     stack = []
     for e in entries:

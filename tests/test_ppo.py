@@ -126,8 +126,10 @@ def test_toy_reward_rises_while_kl_stays_bounded(tiny_llama, tmp_path):
     m = [x for x in metrics(tmp_path / "ppo") if "objective/scores" in x]
     early = sum(x["objective/scores"] for x in m[:5]) / 5
     late = sum(x["objective/scores"] for x in m[-5:]) / 5
-    assert late > early + 0.5, (early, late)
-    assert max(x["objective/kl"] for x in m) < 30.0
+    # measured 2026-12-02: score 1.78 -> 4.79 over the first/last 5 iterations, KL at most 23.9
+    # nats per response (at lr 3e-2 the KL penalty at 0.05 trades some KL for the toy reward)
+    assert late > early + 2.0, (early, late)
+    assert max(x["objective/kl"] for x in m) < 27.0
 
 
 def test_all_roles_share_one_backbone_in_memory(tiny_llama, tmp_path):

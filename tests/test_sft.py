@@ -105,7 +105,8 @@ def test_held_out_loss_falls_well_below_its_start(tiny_llama, tmp_path):
     evals = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in evals if "eval/loss" in m]
     assert out["eval_examples"] > 20
-    assert evals[-1]["eval/loss"] < 0.5 * evals[0]["eval/loss"] or evals[-1]["eval/loss"] < 1.0, evals
+    # measured 2026-12-02: 5.95 -> 1.46 (0.25 of the start) in 80 steps
+    assert evals[-1]["eval/loss"] < 0.35 * evals[0]["eval/loss"], evals
     samples = [json.loads(ln) for ln in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all("completion" in s for s in samples)
     assert (tmp_path / "run" / "adapters" / "sft" / "adapter_config.json").exists()

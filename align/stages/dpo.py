@@ -26,7 +26,9 @@ K-wise rankings directly, with the SFT adapters as the frozen reference and no r
   set of ``adapter.*`` on top; ``policy_role.json`` records the stack for ``align eval``).
 * **Evaluation** (held-out prompts; at step 0, every ``train.eval_every`` steps and at the end):
   implicit-reward accuracy and margin, the loss, chosen/rejected rewards; and the mean summed KL
-  of the policy to the reference on samples from the policy for ``eval.kl_prompts`` held-out prompts.
+  of the policy to the reference on samples from the policy for ``eval.kl_prompts`` held-out prompts
+  (``eval/kl``: exact per token given the sampled prefix; ``eval/kl_sampled``: the log-ratio
+  estimate PPO and ``align eval`` report, noisier and possibly negative).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from align.data.sft import encode_prompts
 from align.rl.functional import logprobs_from_logits
 from align.rl.losses import dpo_loss
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range
-from align.scoring import decode, generate, score
+from align.scoring import decode, generate, response_stats
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.trainer import Trainer, eval_mode
 
@@ -98,15 +100,15 @@ class DPOEvalConfig:
 class DPOConfig:
     output_dir: str = "runs/dpo"         # the run directory
     resume: bool = False                 # continue the run in output_dir from its latest checkpoint
-    sft_run: str = ""                   # the SFT run dir (backbone; its adapters are the reference)
-    init: str = "sft_copy"              # sft_copy: trainable copy of the SFT adapters | sft_stack: frozen
+    sft_run: str = ""                    # the SFT run dir (backbone; its adapters are the reference)
+    init: str = "sft_copy"               # sft_copy: trainable copy of the SFT adapters | sft_stack: frozen
                                          # SFT adapters + a new set (adapter.*) on top
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DPODataConfig = field(default_factory=DPODataConfig)
     dpo: DPOOptions = field(default_factory=DPOOptions)
     eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, epochs=1.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=1.0))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     RULES: ClassVar[dict] = {"init": OneOf("sft_copy", "sft_stack")}
@@ -152,7 +154,8 @@ def sequence_logprobs(model, batch: dict, role: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_logprobs(model, groups: list[TokenGroup], pad_id: int, device, batch_size: int, role: str) -> list[torch.Tensor]:
+def group_logprobs(model, groups: list[TokenGroup], pad_id: int, device, batch_size: int,
+                   role: str) -> list[torch.Tensor]:
     """Summed completion log-probs of every completion of every group under ``role``, in fixed
     batches of ``batch_size`` groups (dropout off): one [K] tensor per group, on the CPU."""
     out = []
@@ -206,6 +209,24 @@ def preference_eval(policy: list[torch.Tensor], ref: list[torch.Tensor], groups:
             "eval/pairs": int(st["pairs"])}
 
 
+@torch.no_grad()
+def policy_kl(model, resp, temperature: float, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response, the KL of the policy to the reference summed over its tokens: exact at each
+    sampled prefix (sum over the vocabulary, so never negative), and the sampled estimate
+    ``sum log pi - log pi_ref`` that PPO and ``align eval`` report."""
+    exact, sampled = [], []
+    for i in range(0, resp.response.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        st = response_stats(model, resp.query[sl], resp.query_mask[sl], resp.response[sl], resp.response_mask[sl],
+                            ("policy", "reference"), temperature)
+        m = resp.response_mask[sl].float()
+        lp = torch.log_softmax(st["policy"]["logits"].float() / temperature, -1)
+        lr = torch.log_softmax(st["reference"]["logits"].float() / temperature, -1)
+        exact.append(((lp.exp() * (lp - lr)).sum(-1) * m).sum(1).cpu())
+        sampled.append(((st["policy"]["logprobs"] - st["reference"]["logprobs"]).float() * m).sum(1).cpu())
+    return torch.cat(exact), torch.cat(sampled)
+
+
 def run(cfg: DPOConfig) -> dict:
     validate(cfg)  # everything, before the run directory is written
     backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]
@@ -257,9 +278,8 @@ def run(cfg: DPOConfig) -> dict:
                 resp = generate(model, [p["ids"] for p in kl_prompts], tok, rt.device, role="policy",
                                 max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                                 generator=gen)
-                sc = score(model, resp, ("policy", "reference"), cfg.eval.temperature, bs)
-                kl = ((sc["policy"]["logprobs"] - sc["reference"]["logprobs"]) * resp.response_mask).sum(1)
-            res.update({"eval/kl": float(kl.float().mean()),
+                kl, kl_sampled = policy_kl(model, resp, cfg.eval.temperature, bs)
+            res.update({"eval/kl": float(kl.mean()), "eval/kl_sampled": float(kl_sampled.mean()),
                         "eval/response_length": float(resp.response_mask.sum(1).float().mean()),
                         "eval/stop_rate": float(resp.has_stop.float().mean())})
             rows = [{"prompt": p["text"], "completion": c} for p, c in zip(kl_prompts[:4], decode(tok, resp)[:4])]

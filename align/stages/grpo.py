@@ -21,8 +21,6 @@ from align.config import (
     ConfigError,
     ModelConfig,
     TrackingConfig,
-    backbone_problems,
-    run_dir_problems,
     validate,
 )
 from align.rl.functional import masked_mean
@@ -38,6 +36,7 @@ from align.stages.ppo import (
     Rollout,
     _TrainView,
     minibatch_split,
+    policy_stage_problems,
     recompute_logprobs,
     run_loop,
 )
@@ -118,25 +117,11 @@ class _GroupStageConfig:
 
     def checks(self, at: str) -> Iterator[str]:
         """The run dirs this stage reads, the reward source, the backbone, the groups and the split."""
-        if not self.output_dir:
-            yield f"{at}output_dir: required"
-        yield from run_dir_problems(self.sft_run, f"{at}sft_run", "sft")
-        if bool(self.reward_run) == bool(self.reward_fn):
-            yield (f"{at}reward_run={self.reward_run!r}, {at}reward_fn={self.reward_fn!r}: give exactly one "
-                   f"(a learned reward's run dir, or a programmatic reward)")
-        elif self.reward_run:
-            yield from run_dir_problems(self.reward_run, f"{at}reward_run", "reward")
-        yield from backbone_problems(self.model.path, self.sft_run, f"{at}model.path")
+        yield from policy_stage_problems(self, at, self.SECTION)
         a, s = self.algo, self.SECTION
         if a.group_size >= 2 and a.rollout_batch_size >= 1 and a.rollout_batch_size % a.group_size:
             yield (f"{at}{s}.rollout_batch_size={a.rollout_batch_size} is not a multiple of {s}.group_size="
                    f"{a.group_size} (every prompt gets group_size responses)")
-        if all(AT_LEAST_ONE.problem(getattr(a, k)) is None
-               for k in ("rollout_batch_size", "num_minibatches", "micro_batch_size")):
-            try:
-                minibatch_split(a, int(os.environ.get("WORLD_SIZE", "1")), s)
-            except ConfigError as e:
-                yield str(e)
 
     @property
     def train(self):

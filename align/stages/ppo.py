@@ -163,24 +163,9 @@ class PPOConfig:
 
     def checks(self, at: str) -> Iterator[str]:
         """The run dirs this stage reads, the reward source, the backbone and the minibatch split."""
-        if not self.output_dir:
-            yield f"{at}output_dir: required"
-        yield from run_dir_problems(self.sft_run, f"{at}sft_run", "sft")
-        if bool(self.reward_run) == bool(self.reward_fn):
-            yield (f"{at}reward_run={self.reward_run!r}, {at}reward_fn={self.reward_fn!r}: give exactly one "
-                   f"(a learned reward's run dir, or a programmatic reward)")
-        elif self.reward_run:
-            yield from run_dir_problems(self.reward_run, f"{at}reward_run", "reward")
-        elif self.value.init == "reward":
+        yield from policy_stage_problems(self, at, "ppo")
+        if not self.reward_run and self.reward_fn and self.value.init == "reward":
             yield f"{at}value.init='reward' needs a learned reward (reward_run); use value.init=fresh with reward_fn"
-        yield from backbone_problems(self.model.path, self.sft_run, f"{at}model.path")
-        a = self.ppo
-        if all(AT_LEAST_ONE.problem(getattr(a, k)) is None
-               for k in ("rollout_batch_size", "num_minibatches", "micro_batch_size")):
-            try:
-                minibatch_split(a, int(os.environ.get("WORLD_SIZE", "1")))
-            except ConfigError as e:
-                yield str(e)
 
     @property
     def train(self):
@@ -192,6 +177,27 @@ class PPOConfig:
         except ConfigError:  # run() refuses such a config before it gets here
             accum = 1
         return _TrainView(a.seed, accum)
+
+
+def policy_stage_problems(cfg, at: str, section: str) -> Iterator[str]:
+    """What every online policy-optimisation stage (PPO, GRPO, RLOO) checks before it writes
+    anything: its output dir, the SFT run, exactly one reward source, the backbone, the split."""
+    if not cfg.output_dir:
+        yield f"{at}output_dir: required"
+    yield from run_dir_problems(cfg.sft_run, f"{at}sft_run", "sft")
+    if bool(cfg.reward_run) == bool(cfg.reward_fn):
+        yield (f"{at}reward_run={cfg.reward_run!r}, {at}reward_fn={cfg.reward_fn!r}: give exactly one "
+               f"(a learned reward's run dir, or a programmatic reward)")
+    elif cfg.reward_run:
+        yield from run_dir_problems(cfg.reward_run, f"{at}reward_run", "reward")
+    yield from backbone_problems(cfg.model.path, cfg.sft_run, f"{at}model.path")
+    a = getattr(cfg, section)
+    if all(AT_LEAST_ONE.problem(getattr(a, k)) is None
+           for k in ("rollout_batch_size", "num_minibatches", "micro_batch_size")):
+        try:
+            minibatch_split(a, int(os.environ.get("WORLD_SIZE", "1")), section)
+        except ConfigError as e:
+            yield str(e)
 
 
 @dataclass
