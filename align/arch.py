@@ -81,7 +81,8 @@ def detect_arch(model: nn.Module) -> Arch:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a transformers Conv1D."""
+    """(in_features, out_features) of an nn.Linear (bitsandbytes' Linear4bit / Linear8bitLt included:
+    their packed weight's shape is not the layer's) or a transformers Conv1D."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     w = getattr(module, "weight", None)

@@ -116,9 +116,10 @@ def test_lora_on_int8_trains_and_decodes(tiny_llama):
     assert_cached_generation_equals_uncached(model, tok, ids, mask, "a", max_new_tokens=6, atol=1e-4)
 
 
-def test_lora_branch_on_a_4bit_layer_runs_in_the_compute_dtype(tiny_llama):
-    """The hook gets the Linear4bit's output in the compute dtype (bfloat16 here) and adds the LoRA
-    branch in it: the layer's output is exactly ``W_nf4 x + scale * B A x``."""
+def test_lora_on_a_4bit_layer_adds_its_branch_in_the_compute_dtype(tiny_llama):
+    """The hook gets the Linear4bit's output in the compute dtype (bfloat16 here); the LoRA branch
+    runs in the adapter's dtype (float32, as peft keeps it) and is added in the compute dtype: the
+    layer's output is exactly ``W_nf4 x + (scale * B A x).to(bfloat16)``."""
     model, tok = qload(tiny_llama, "nf4", dtype="bfloat16")
     aset = model.add_adapter("a", AdapterConfig(method="lora", r=4, alpha=8))
     randomize(aset)

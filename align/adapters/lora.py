@@ -3,6 +3,11 @@
 A is initialised like peft (kaiming-uniform, a=sqrt(5)), B is zero, so a fresh set is the
 identity. The delta is added by a forward hook on the frozen layer; ``merged_delta`` gives
 ``(alpha/r) B A`` in the layer's own weight layout for export.
+
+On a quantized backbone (``model.quantization``) the targets are bitsandbytes ``Linear4bit`` /
+``Linear8bitLt`` layers (``nn.Linear`` subclasses with the logical in/out features), as in QLoRA:
+their output is in the compute dtype, the branch runs in the adapter's dtype and is added in the
+output's, exactly as peft's bitsandbytes LoRA layers do (tests/test_quantization.py).
 """
 from __future__ import annotations
 
