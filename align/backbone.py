@@ -53,7 +53,7 @@ def quantization_config(quantization: str, dtype: str):
         import bitsandbytes  # noqa: F401
     except ImportError as e:
         raise ImportError(f"model.quantization={quantization} needs bitsandbytes "
-                          f"(pip install 'align[quant]' or pip install bitsandbytes): {e}") from None
+                          f"(pip install 'align[quant]', i.e. bitsandbytes>=0.50): {e}") from None
     from transformers import BitsAndBytesConfig
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -40,6 +40,13 @@ class ModelConfig:
     RULES: ClassVar[dict] = {"path": Exists(), "dtype": OneOf(*DTYPE_CHOICES),
                              "quantization": OneOf(*QUANTIZATIONS)}
 
+    def checks(self, at: str) -> Iterator[str]:
+        if self.quantization in ("int8", "nf4"):
+            import importlib.util
+            if importlib.util.find_spec("bitsandbytes") is None:
+                yield (f"{at}quantization={self.quantization!r}: needs bitsandbytes, which is not installed "
+                       f"(pip install 'align[quant]')")
+
 
 @dataclass
 class TrainConfig:

@@ -220,7 +220,8 @@ def test_lora_saved_on_nf4_loads_in_peft_on_the_same_4bit_base(tiny_llama, tmp_p
     randomize(model.add_adapter("sft", cfg))
     model.add_role("sft", ["sft"])
     ids = tok(["the happy dog sings a good song"], return_tensors="pt").input_ids
-    ours = model(ids, role="sft").logits
+    with torch.no_grad():
+        ours = model(ids, role="sft").logits
     save_adapter(model, "sft", tmp_path / "sft", backbone_name=str(tiny_llama))
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=quantization_config("nf4", "float32"),
                                                 device_map={"": "cpu"}, dtype=torch.float32).eval()
@@ -315,6 +316,28 @@ def test_short_ppo_run_on_nf4(tiny_llama, tmp_path):
     m = [x for x in metrics(run) if "objective/kl" in x]
     assert len(m) == 2 and all(torch.isfinite(torch.tensor(x["objective/kl"])) for x in m)
     assert (run / "adapters" / "policy" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bitsandbytes' main target; "
+                    "not available in the session that wrote this test, so never run yet)")
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_lora_on_a_quantized_backbone_on_cuda(tiny_llama, quantization):
+    tok = load_tokenizer(tiny_llama)
+    model = AlignModel(load_backbone(tiny_llama, "float32", "cuda", tokenizer=tok, quantization=quantization))
+    assert quantized_linears(model) and next(model.backbone.parameters()).is_cuda
+    perturb(model.add_adapter("a", AdapterConfig(method="lora", r=4, alpha=8)))
+    model.add_role("a", ["a"])
+    ids, mask = (t.cuda() for t in batch(tok, side="left"))
+    before = {n: t.detach().clone() for n, t in model.backbone.state_dict().items()}
+    opt = torch.optim.AdamW(model.set_trainable(["a"]), lr=1e-2)
+    for _ in range(2):
+        loss = model(ids, mask, role="a").logits.logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(after[n], t) for n, t in before.items())
+    assert_cached_generation_equals_uncached(model, tok, ids, mask, "a", max_new_tokens=4, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- SmolLM2
