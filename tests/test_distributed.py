@@ -74,7 +74,8 @@ def test_reward_zero2_two_processes_matches_one_process(tiny_llama, tmp_path):
     data = tmp_path / "prefs.jsonl"
     with open(data, "w") as f:
         for i in range(64):
-            f.write(json.dumps({"prompt": f"the dog {i % 9}", "completions": [" happy song", " sad rain", " a dog"],
+            # 16 prompts: with 9 the split by prompt hash held none out at 0.2, which is now refused
+            f.write(json.dumps({"prompt": f"the dog {i % 16}", "completions": [" happy song", " sad rain", " a dog"],
                                 "ranks": [0, 2, 1]}) + "\n")
     common = [f"sft_run={sft}", f"data.train={data}", "data.eval_fraction=0.2", "train.max_steps=4",
               "train.batch_size=4", "train.log_every=1", "tracking.wandb=false", "normalize.source=none"]
