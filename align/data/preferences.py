@@ -149,3 +149,20 @@ def collate_groups(groups: list[TokenGroup], pad_id: int, padding_side: str = "r
             "ranks": torch.tensor([r for g in groups for r in g.ranks], dtype=torch.float),
             "margin": torch.tensor([g.margin for g in groups]),
             "weight": torch.tensor([g.weight for g in groups])}
+
+
+def tokenize_train_and_eval(groups: list[Group], eval_groups: list[Group], tokenizer, data, log, stage: str):
+    """Both splits of a preference stage (reward, DPO) tokenized with ``data.max_length`` and
+    ``data.chat_template``; truncation is logged through ``log`` when any happened. Returns
+    (train groups, eval groups, the truncation record for summary.json)."""
+    tgroups, report, refused = tokenize_groups(groups, tokenizer, data.max_length, data.chat_template,
+                                               where=str(data.train))
+    egroups, ereport, erefused = tokenize_groups(eval_groups, tokenizer, data.max_length, data.chat_template,
+                                                 where="eval")
+    if report.prompt_truncated or report.completion_truncated or ereport.completion_truncated:
+        log(f"[{stage}] truncation (max_length={data.max_length}): train {report.as_dict()}, "
+            f"eval {ereport.as_dict()}; records refused because a completion lost its end: "
+            f"train {refused[:20]}{' ...' if len(refused) > 20 else ''}, eval {erefused[:20]}")
+    return tgroups, egroups, {"train": report.as_dict(), "eval": ereport.as_dict(),
+                              "refused_train_records": refused, "refused_eval_records": erefused}
+

@@ -25,7 +25,7 @@ from align.adapters.peft_format import load_adapter, save_adapter, save_head
 from align.config import (ConfigError, ModelConfig, TrackingConfig, TrainConfig, backbone_problems, require_file,
                           run_dir_problems, validate)
 from align.data.common import check_eval_split, read_records, split_by_prompt
-from align.data.preferences import collate_groups, to_group, tokenize_groups
+from align.data.preferences import collate_groups, to_group, tokenize_train_and_eval
 from align.data.sft import prompt_text
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf
 from align.rl.losses import kwise_loss, ranking_pairs
@@ -180,16 +180,7 @@ def run(cfg: RewardConfig) -> dict:
     rt, tok, model = st.rt, st.tokenizer, st.model
     stack = build_reward_role(model, cfg)
     model.activate("reward")
-    tgroups, report, refused = tokenize_groups(groups, tok, cfg.data.max_length, cfg.data.chat_template,
-                                               where=str(cfg.data.train))
-    egroups, ereport, erefused = tokenize_groups(eval_groups, tok, cfg.data.max_length, cfg.data.chat_template,
-                                                 where="eval")
-    if report.prompt_truncated or report.completion_truncated or ereport.completion_truncated:
-        rt.print(f"[reward] truncation (max_length={cfg.data.max_length}): train {report.as_dict()}, "
-                 f"eval {ereport.as_dict()}; records refused because a completion lost its end: "
-                 f"train {refused[:20]}{' ...' if len(refused) > 20 else ''}, eval {erefused[:20]}")
-    truncation = {"train": report.as_dict(), "eval": ereport.as_dict(), "refused_train_records": refused,
-                  "refused_eval_records": erefused}
+    tgroups, egroups, truncation = tokenize_train_and_eval(groups, eval_groups, tok, cfg.data, rt.print, "reward")
 
     def evaluate(step: int) -> dict:
         model.eval()
