@@ -98,3 +98,21 @@ def check_eval_split(n_eval: int, *, file: str, fraction: float, train: str, wha
                           f"by prompt hash); raise it, give held-out data in {file_key}, or set {fraction_key}=0 "
                           f"to train without evaluation")
     return False
+
+
+def load_preference_splits(data) -> tuple[list, list, bool]:
+    """A preference stage's (reward, DPO) train and eval groups from ``data.train`` and
+    ``data.eval`` (or ``data.eval_fraction`` of train, split by prompt), and whether there is an
+    eval split (a configured split that holds nothing is refused; none configured: no eval)."""
+    from align.config import require_file
+    from align.data.preferences import to_group
+    records = read_records(require_file(data.train, "data.train"))
+    if data.eval:
+        eval_records = read_records(require_file(data.eval, "data.eval"))
+    else:
+        records, eval_records = split_by_prompt(records, data.eval_fraction)
+    groups = [to_group(r, f"{data.train}: record {i}") for i, r in enumerate(records)]
+    eval_groups = [to_group(r, f"eval record {i}") for i, r in enumerate(eval_records)]
+    has_eval = check_eval_split(len(eval_groups), file=data.eval, fraction=data.eval_fraction, train=data.train)
+    return groups, eval_groups, has_eval
+

@@ -165,4 +165,3 @@ def tokenize_train_and_eval(groups: list[Group], eval_groups: list[Group], token
             f"train {refused[:20]}{' ...' if len(refused) > 20 else ''}, eval {erefused[:20]}")
     return tgroups, egroups, {"train": report.as_dict(), "eval": ereport.as_dict(),
                               "refused_train_records": refused, "refused_eval_records": erefused}
-

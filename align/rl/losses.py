@@ -138,13 +138,7 @@ def kwise_loss(rewards: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor, 
         dt = rewards[ti] - rewards[tj]
         pair_loss = torch.cat([pair_loss, -(0.5 * F.logsigmoid(dt) + 0.5 * F.logsigmoid(-dt))])
         gidx = torch.cat([gidx, group[ti]])
-    sums = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(0, gidx, pair_loss)
-    counts = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(
-        0, gidx, torch.ones_like(pair_loss))
-    has = counts > 0
-    per_group = sums[has] / counts[has]
-    w = weight[has].to(rewards.dtype) if weight is not None else torch.ones_like(per_group)
-    loss = (per_group * w).sum() / w.sum().clamp(min=1e-8)
+    loss = _group_mean(pair_loss, gidx, n_groups, weight)
     with torch.no_grad():
         acc = (rewards[i] > rewards[j]).float().mean() if len(i) else torch.tensor(0.0)
     return loss, {"accuracy": acc, "pairs": float(len(i)), "margin": d.detach().mean() if len(i) else 0.0}

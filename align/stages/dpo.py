@@ -41,14 +41,29 @@ import torch
 
 from align.adapters.base import AdapterConfig
 from align.adapters.peft_format import load_adapter, save_adapter
-from align.config import (ConfigError, ModelConfig, TrackingConfig, TrainConfig, backbone_problems, require_file,
-                          run_dir_problems, validate)
-from align.data.common import check_eval_split, read_records, split_by_prompt
-from align.data.preferences import TokenGroup, collate_groups, to_group, tokenize_train_and_eval
+from align.config import (
+    ConfigError,
+    ModelConfig,
+    TrackingConfig,
+    TrainConfig,
+    backbone_problems,
+    run_dir_problems,
+    validate,
+)
+from align.data.common import load_preference_splits
+from align.data.preferences import TokenGroup, collate_groups, tokenize_train_and_eval
 from align.data.sft import encode_prompts
 from align.rl.functional import logprobs_from_logits
 from align.rl.losses import dpo_loss
-from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range
+from align.rules import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    Exists,
+    OneOf,
+    Range,
+)
 from align.scoring import decode, generate, response_stats
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.trainer import Trainer, eval_mode
@@ -230,15 +245,7 @@ def policy_kl(model, resp, temperature: float, batch_size: int) -> tuple[torch.T
 def run(cfg: DPOConfig) -> dict:
     validate(cfg)  # everything, before the run directory is written
     backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]
-    records = read_records(require_file(cfg.data.train, "data.train"))
-    if cfg.data.eval:
-        eval_records = read_records(require_file(cfg.data.eval, "data.eval"))
-    else:
-        records, eval_records = split_by_prompt(records, cfg.data.eval_fraction)
-    groups = [to_group(r, f"{cfg.data.train}: record {i}") for i, r in enumerate(records)]
-    eval_groups = [to_group(r, f"eval record {i}") for i, r in enumerate(eval_records)]
-    has_eval = check_eval_split(len(eval_groups), file=cfg.data.eval, fraction=cfg.data.eval_fraction,
-                                train=cfg.data.train)
+    groups, eval_groups, has_eval = load_preference_splits(cfg.data)
 
     st = start_stage(cfg, "dpo", backbone)
     rt, tok, model = st.rt, st.tokenizer, st.model

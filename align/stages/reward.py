@@ -22,13 +22,20 @@ import torch
 
 from align.adapters.base import AdapterConfig
 from align.adapters.peft_format import load_adapter, save_adapter, save_head
-from align.config import (ConfigError, ModelConfig, TrackingConfig, TrainConfig, backbone_problems, require_file,
-                          run_dir_problems, validate)
-from align.data.common import check_eval_split, read_records, split_by_prompt
-from align.data.preferences import collate_groups, to_group, tokenize_train_and_eval
+from align.config import (
+    ConfigError,
+    ModelConfig,
+    TrackingConfig,
+    TrainConfig,
+    backbone_problems,
+    run_dir_problems,
+    validate,
+)
+from align.data.common import load_preference_splits
+from align.data.preferences import collate_groups, tokenize_train_and_eval
 from align.data.sft import prompt_text
-from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf
 from align.rl.losses import kwise_loss, ranking_pairs
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf
 from align.scoring import generate, left_pad, score, sequence_rewards
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.tokens import encode
@@ -166,15 +173,7 @@ def pairwise_eval(scores: list[torch.Tensor], groups) -> dict:
 def run(cfg: RewardConfig) -> dict:
     validate(cfg)  # everything, before the run directory is written
     backbone = cfg.model.path or (backbone_from_run(cfg.sft_run)["path"] if cfg.sft_run else "")
-    records = read_records(require_file(cfg.data.train, "data.train"))
-    if cfg.data.eval:
-        eval_records = read_records(require_file(cfg.data.eval, "data.eval"))
-    else:
-        records, eval_records = split_by_prompt(records, cfg.data.eval_fraction)
-    groups = [to_group(r, f"{cfg.data.train}: record {i}") for i, r in enumerate(records)]
-    eval_groups = [to_group(r, f"eval record {i}") for i, r in enumerate(eval_records)]
-    has_eval = check_eval_split(len(eval_groups), file=cfg.data.eval, fraction=cfg.data.eval_fraction,
-                                train=cfg.data.train)   # no eval data at all: log no eval
+    groups, eval_groups, has_eval = load_preference_splits(cfg.data)
 
     st = start_stage(cfg, "reward", backbone)
     rt, tok, model = st.rt, st.tokenizer, st.model
