@@ -25,6 +25,7 @@ LM head stay in ``model.dtype``. Adapters hook the quantized modules as they hoo
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,7 +34,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+)
 
 from align.arch import QUANTIZATIONS
 from align.tokens import PAD_TOKEN, compute_specials, specials
@@ -73,6 +79,13 @@ def _sha256_file(path: Path, h=None) -> "hashlib._Hash":
     return h
 
 
+@functools.lru_cache(maxsize=8)
+def _gguf_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a GGUF file, once per process per file version (a stage resolves the same path
+    for its tokenizer and its model)."""
+    return _sha256_file(Path(path)).hexdigest()
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """The HF directory to load ``path`` from: ``path`` itself, or for a ``.gguf`` file the
     directory it was de-quantized into (made on first use; written under a temporary name and
@@ -82,7 +95,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"model.path: {str(path)!r} does not exist")
     if not (p.is_file() and p.suffix.lower() == ".gguf"):
         return p
-    digest = _sha256_file(p).hexdigest()
+    st = p.stat()
+    digest = _gguf_digest(str(p.resolve()), st.st_size, st.st_mtime_ns)
     final = cache_root() / "gguf" / digest[:16]
     if (final / SOURCE_RECORD).exists():
         return final
