@@ -19,8 +19,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (HERE, WORK, load_average, machine, peak_memory_mb, prepare_stage_runs,  # noqa: E402
-                               run_worker, set_threads, write_results)
+from benchmarks.common import (  # noqa: E402
+    HERE,
+    load_average,
+    machine,
+    peak_memory_mb,
+    run_worker,
+    set_threads,
+    smollm2_stage_runs,
+    write_results,
+)
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Why is the sky blue?",
              "How many legs does a spider have?", "What do bees make?", "Who wrote Hamlet?",
@@ -106,11 +114,7 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(a)))
         return
-    from align.real import smollm2_dir
-    model = smollm2_dir()
-    work = WORK / "logits_memory"
-    work.mkdir(parents=True, exist_ok=True)
-    prepare_stage_runs(model, work)
+    model, work = smollm2_stage_runs("logits_memory")
     load0 = load_average("start")
     common = ["--workdir", str(work), "--batch", str(a.batch), "--micro-batch", str(a.micro_batch),
               "--response-length", str(a.response_length), "--warmup", str(a.warmup), "--steps", str(a.steps),

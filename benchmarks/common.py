@@ -68,6 +68,17 @@ def prepare_stage_runs(model: str | Path, work: Path) -> tuple[Path, Path]:
     return work / "sft", work / "rm"
 
 
+def smollm2_stage_runs(name: str) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct's directory and ``WORK/name`` holding fake SFT and reward runs on it
+    (the set-up of the SmolLM2 memory benchmarks)."""
+    from align.real import smollm2_dir
+    model = smollm2_dir()
+    work = WORK / name
+    work.mkdir(parents=True, exist_ok=True)
+    prepare_stage_runs(model, work)
+    return model, work
+
+
 def fake_stage_runs(model: str | Path, work: Path) -> tuple[Path, Path]:
     """Run dirs as the SFT and reward stages leave them: an identity SFT LoRA (r 8, q/v) and a random
     reward role (LoRA + head), so the PPO and reward benchmarks need no real training first."""
