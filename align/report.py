@@ -25,13 +25,13 @@ def _plot(out: Path, ppo_metrics: list[dict]) -> list[str]:
             ax[0].errorbar([m["step"] for m in evals], [m["eval/gold"] for m in evals],
                            yerr=[m.get("eval/gold_sem", 0) for m in evals], label="gold score (held-out)",
                            marker="o", capsize=2)
-        ax[0].set_xlabel("PPO iteration")
+        ax[0].set_xlabel("iteration")
         ax[0].legend()
         ax[0].set_title("reward and gold score")
         ax[1].plot(steps, [m["objective/kl"] for m in train], label="KL(policy || SFT), rollout")
         if evals:
             ax[1].plot([m["step"] for m in evals], [m["eval/kl"] for m in evals], "o-", label="held-out")
-        ax[1].set_xlabel("PPO iteration")
+        ax[1].set_xlabel("iteration")
         ax[1].legend()
         ax[1].set_title("KL to the SFT policy (nats / sequence)")
         fig.tight_layout()
@@ -41,11 +41,20 @@ def _plot(out: Path, ppo_metrics: list[dict]) -> list[str]:
     return files
 
 
-def kl_label(controller: str, kl_coef: float, kl_target: float) -> str:
+def _terms_rows(sft: dict | None, policy: dict | None, name: str) -> list[str]:
+    """Rows of the gold's ingredients (when the task reports them), SFT → policy."""
+    if not sft or not policy:
+        return []
+    return [f"| gold term {k.replace('_', ' ')}, SFT → {name} | {sft[k]:.3g} → {policy[k]:.3g} |" for k in sft]
+
+
+def kl_label(controller: str, kl_coef: float, kl_target: float, stage: str = "ppo") -> str:
     """The report's KL row: what the number is, and the KL controller setting behind it. Only the
     adaptive controller has a target; the fixed one has a coefficient."""
-    what = "KL(PPO ‖ SFT), nats per response"
-    if controller == "adaptive":
+    what = f"KL({stage.upper()} ‖ SFT), nats per response"
+    if stage == "dpo":
+        return f"{what} (DPO: β of the implicit reward)"
+    if controller == "adaptive" and stage == "ppo":
         return f"{what} (adaptive controller target {kl_target:g}, initial β {kl_coef:g})"
     return f"{what} (fixed KL coefficient β {kl_coef:g})"
 
@@ -54,54 +63,61 @@ def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, 
     out = Path(out)
     summaries = {k: json.loads((Path(v) / "summary.json").read_text())
                  for k, v in runs.items() if (Path(v) / "summary.json").exists()}
-    ppo_metrics = _metrics(Path(runs["ppo"]))
+    stage = getattr(cfg, "policy_stage", "ppo")
+    name = stage.upper()
+    ppo_metrics = _metrics(Path(runs["policy"])) if stage != "dpo" else []
     trainable = {"sft": summaries.get("sft", {}).get("trainable_params"),
                  "reward": summaries.get("reward", {}).get("trainable_params")}
-    trainable.update(summaries.get("ppo", {}).get("trainable_params", {}))
+    policy_trainable = summaries.get("policy", {}).get("trainable_params", {})
+    trainable.update(policy_trainable if isinstance(policy_trainable, dict) else {"policy": policy_trainable})
     a, b = comparison["a"], comparison["b"]
     report = {
+        "policy_stage": stage, "task": getattr(cfg, "task", "align.quickstart.task"),
         "rm_accuracy_vs_gold": rm_acc["rm_accuracy_vs_gold"],
         "rm_eval_pairs": rm_acc["rm_eval_pairs"],
         "rm_heldout_accuracy": summaries.get("reward", {}).get("eval/accuracy"),
         "gold_sft_mean": a.get("gold_mean"), "gold_sft_sem": a.get("gold_sem"),
-        "gold_ppo_mean": b.get("gold_mean"), "gold_ppo_sem": b.get("gold_sem"),
+        "gold_policy_mean": b.get("gold_mean"), "gold_policy_sem": b.get("gold_sem"),
         "gold_diff_mean": comparison.get("gold_diff_mean"), "gold_diff_sem": comparison.get("gold_diff_sem"),
-        "reward_sft_mean": a["reward_mean"], "reward_ppo_mean": b["reward_mean"],
-        "win_rate_ppo_by_gold": comparison.get("win_rate_b_by_gold"),
-        "win_rate_ppo_by_reward": comparison.get("win_rate_b_by_reward"),
+        "reward_sft_mean": a["reward_mean"], "reward_policy_mean": b["reward_mean"],
+        "win_rate_policy_by_gold": comparison.get("win_rate_b_by_gold"),
+        "win_rate_policy_by_reward": comparison.get("win_rate_b_by_reward"),
         "n_eval_prompts": comparison["n_prompts"],
         "kl_to_sft_mean": b["kl_to_sft_mean"],
         "kl_target": cfg.ppo_kl_target,
         "kl_controller": cfg.ppo_kl_controller, "kl_coef": cfg.ppo_kl_coef,
-        "stop_rate_sft": a["stop_rate"], "stop_rate_ppo": b["stop_rate"],
+        "stop_rate_sft": a["stop_rate"], "stop_rate_policy": b["stop_rate"],
         "seconds_per_stage": {k: round(v, 1) for k, v in seconds.items()},
         "trainable_params": trainable,
         "backbone_params": summaries.get("sft", {}).get("backbone_params"),
         "runs": runs,
+        "gold_terms_sft": a.get("gold_terms"), "gold_terms_policy": b.get("gold_terms"),
         "samples": comparison["samples"],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plots = _plot(out, ppo_metrics)
-    lines = ["# align quickstart report", "",
-             f"Backbone: {report['backbone_params']:,} parameters (pretrained from scratch, frozen).", "",
+    origin = f"{cfg.model}, frozen" if getattr(cfg, "model", "") else "pretrained from scratch, frozen"
+    lines = [f"# align pipeline report ({report['task']}, {name})", "",
+             f"Backbone: {report['backbone_params']:,} parameters ({origin}).", "",
              "| quantity | value |", "|---|---|",
              f"| reward-model accuracy vs gold (held-out SFT sample pairs, n={report['rm_eval_pairs']}) | "
              f"{report['rm_accuracy_vs_gold']:.3f} |",
              f"| gold score, SFT policy | {report['gold_sft_mean']:.3f} ± {report['gold_sft_sem']:.3f} |",
-             f"| gold score, PPO policy | {report['gold_ppo_mean']:.3f} ± {report['gold_ppo_sem']:.3f} |",
+             f"| gold score, {name} policy | {report['gold_policy_mean']:.3f} ± {report['gold_policy_sem']:.3f} |",
              f"| gold improvement (paired) | {report['gold_diff_mean']:.3f} ± {report['gold_diff_sem']:.3f} |",
-             f"| learned reward, SFT → PPO | {report['reward_sft_mean']:.3f} → {report['reward_ppo_mean']:.3f} |",
-             f"| PPO win rate vs SFT by gold / by RM | {report['win_rate_ppo_by_gold']:.3f} / "
-             f"{report['win_rate_ppo_by_reward']:.3f} |",
-             f"| {kl_label(cfg.ppo_kl_controller, cfg.ppo_kl_coef, cfg.ppo_kl_target)} | "
+             f"| learned reward, SFT → {name} | {report['reward_sft_mean']:.3f} → {report['reward_policy_mean']:.3f} |",
+             f"| {name} win rate vs SFT by gold / by RM | {report['win_rate_policy_by_gold']:.3f} / "
+             f"{report['win_rate_policy_by_reward']:.3f} |",
+             f"| {kl_label(cfg.ppo_kl_controller, cfg.ppo_kl_coef, cfg.ppo_kl_target, stage)} | "
              f"{report['kl_to_sft_mean']:.3f} |",
-             f"| stop-token rate SFT / PPO | {report['stop_rate_sft']:.2f} / {report['stop_rate_ppo']:.2f} |",
-             f"| held-out prompts | {report['n_eval_prompts']} |", "",
+             f"| stop-token rate SFT / {name} | {report['stop_rate_sft']:.2f} / {report['stop_rate_policy']:.2f} |",
+             f"| held-out prompts | {report['n_eval_prompts']} |",
+             *_terms_rows(report["gold_terms_sft"], report["gold_terms_policy"], name), "",
              "Trainable parameters per role: " + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v), "",
              "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds_per_stage"].items()), ""]
     for p in plots:
         lines += [f"![{p}]({p})", ""]
-    lines += ["## Samples (same prompt, SFT vs PPO)", "", "| prompt | SFT | PPO |", "|---|---|---|"]
+    lines += [f"## Samples (same prompt, SFT vs {name})", "", f"| prompt | SFT | {name} |", "|---|---|---|"]
     for s in comparison["samples"]:
         esc = lambda t: t.replace("|", "\\|").replace("\n", " ")  # noqa: E731
         lines.append(f"| {esc(s['prompt'])} | {esc(s['a'])} | {esc(s['b'])} |")

@@ -63,7 +63,9 @@ def align_worker(a) -> dict:
         cfg = load_config(stage.RewardConfig, None, [f"output_dir={work / 'run'}", f"sft_run={sft}",
                                                       "normalize.source=none", *common])
     summary = stage.run(cfg)
-    times = step_times_from_metrics(work / "run")[a.warmup:]
+    # the metrics give step 1's duration no start to measure from: their first difference is step 2's,
+    # so skipping warmup - 1 of them skips steps 1..warmup, as the TRL side does
+    times = step_times_from_metrics(work / "run")[max(a.warmup - 1, 0):]
     return {"step_s": statistics.median(times), "peak_mb": peak_memory_mb(a.device),
             "trainable": summary["trainable_params"] if isinstance(summary["trainable_params"], int)
             else sum(summary["trainable_params"].values()), "backbone_params": summary["backbone_params"],

@@ -33,6 +33,47 @@ def test_benchmark_runs_on_the_tiny_config(script, keys, tmp_path):
     assert "| metric | align | TRL | align / TRL |" in (tmp_path / f"{name}.md").read_text()
 
 
+def _trl_at_least(version: tuple[int, int]) -> bool:
+    """Whether this interpreter has a trl of at least ``version`` (read from its metadata: no import)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+    try:
+        major, minor = (int(x) for x in installed("trl").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= version
+
+
+def test_bench_po_trl_runs_dpo_grpo_rloo_on_the_tiny_config(tmp_path):
+    """bench_po.py: both sides when this interpreter has trl >= 1.16 (its TRL side is this interpreter's
+    trl), else align's side alone. Every method's numbers are there and positive, and with TRL every
+    align / TRL ratio is a positive finite number and both sides train the same LoRA (same size)."""
+    import math
+    side = "both" if _trl_at_least((1, 16)) else "align"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_po.py"), "--size", "tiny", "--side", side,
+                        "--reps", "1", "--warmup", "1", "--steps", "1", "--threads", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    payload = json.loads((tmp_path / "po_trl_tiny_cpu.json").read_text())
+    md = (tmp_path / "po_trl_tiny_cpu.md").read_text()
+    assert list(payload["results"]) == ["dpo", "grpo", "rloo"]
+    for method, res in payload["results"].items():
+        med = res["align"]["median"]
+        for k in ("step_s", "peak_mb", "trainable", "steps_timed"):
+            assert med[k] > 0, (method, k, med)
+        if method != "dpo":
+            assert 0 < med["response_tokens"] <= 32 and med["rollout_s"] > 0 and med["update_s"] > 0, med
+        assert f"#### {method.upper()} step" in md
+        if side == "both":
+            trl = res["trl"]["median"]
+            assert trl["step_s"] > 0 and trl["peak_mb"] > 0 and trl["steps_timed"] == 1, trl
+            assert trl["trainable"] == med["trainable"], (method, trl["trainable"], med["trainable"])
+            assert set(res["ratio"]) == {"step_s", "peak_mb"}
+            for k, v in res["ratio"].items():
+                assert math.isfinite(v) and v > 0, (method, k, v)
+            assert f"| {method.upper()} |" in md  # the summary's row
+    assert "| metric | align | TRL | align / TRL |" in md
+
+
 def _quickstart_like_data(d: Path) -> Path:
     """The four files compare_methods reads, from the quickstart task's generators (small)."""
     from align.quickstart import task

@@ -136,6 +136,7 @@ ENUMS = [  # (stage, overrides, key, allowed values)
     ("pipeline", [], "method", ", ".join(METHODS)),
     ("pipeline", [], "ppo_kl_controller", "fixed, adaptive"),
     ("pipeline", [], "tracking.mode", "online, offline, disabled"),
+    ("pipeline", [], "policy_stage", "ppo, grpo, rloo, dpo"),
 ]
 
 
@@ -207,12 +208,19 @@ RANGES = [  # (stage, override, expected message)
     ("pipeline", "annotate_k=1", "annotate_k=1: must be >= 2"),
     ("pipeline", "ppo_lr=0", "ppo_lr=0.0: must be > 0"),
     ("pipeline", "backbone.heads=3", "backbone.hidden=128: must be a multiple of backbone.heads=3"),
+    ("pipeline", "group_size=1", "group_size=1: must be >= 2"),
+    ("pipeline", "max_length=4", "max_length=4: must be >= 8"),
+    ("pipeline", "task=align.no_such_task", "task='align.no_such_task': cannot be imported"),
+    ("pipeline", "task=align.tokens", "task='align.tokens': needs the functions prompts, sft_demonstrations, "
+                                      "gold_score, gold_scores"),
+    ("pipeline", "policy_stage=rloo ppo_rollout_batch_size=30 group_size=4",
+     "ppo_rollout_batch_size=30: not a multiple of group_size=4"),
 ]
 
 
 @pytest.mark.parametrize("stage,override,expect", RANGES, ids=[f"{s}-{o}" for s, o, _ in RANGES])
 def test_an_out_of_range_value_is_refused(world, stage, override, expect):
-    refused(world, stage, override, match=re.escape(expect))
+    refused(world, stage, *override.split(" "), match=re.escape(expect))
 
 
 def test_every_problem_is_reported_at_once(world):

@@ -234,7 +234,7 @@ def test_report_kl_row_says_what_the_number_is_for_each_controller(tmp_path, con
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "summary.json").write_text(json.dumps({"trainable_params": 10, "backbone_params": 1000}))
     report = write_report(tmp_path, cfg, comparison, {"rm_accuracy_vs_gold": 0.9, "rm_eval_pairs": 4},
-                          {"sft": 1.0}, {"sft": str(tmp_path / "sft"), "ppo": str(tmp_path / "ppo")})
+                          {"sft": 1.0}, {"sft": str(tmp_path / "sft"), "policy": str(tmp_path / "ppo")})
     (row,) = [ln for ln in (tmp_path / "report.md").read_text().splitlines() if "KL(PPO ‖ SFT)" in ln]
     assert row == f"| {kl_label(controller, 0.05, 6.0)} | 2.500 |"
     assert report["kl_controller"] == controller and report["kl_coef"] == 0.05
@@ -243,3 +243,14 @@ def test_report_kl_row_says_what_the_number_is_for_each_controller(tmp_path, con
         assert "target" not in row
     else:
         assert row.startswith("| KL(PPO ‖ SFT), nats per response (adaptive controller target 6, initial β 0.05) |")
+
+
+def test_annotation_sends_distinct_responses_and_drops_prompts_with_one():
+    """A chat model samples the same short answer several times (SmolLM2 at temperature 0.7: 207 of
+    256 prompts had a repeat); the importer refuses a ranking with repeated completions, so the
+    pipeline lost 80% of its annotations before this. Duplicates are merged before ranking."""
+    from align.pipeline import distinct_samples
+    p, r, e, skipped = distinct_samples(["a", "b", "c"], [["x", "y", "x", "z"], ["s", "s"], ["u", "v"]],
+                                        [[True, False, True, True], [True, True], [False, True]])
+    assert p == ["a", "c"] and skipped == 1
+    assert r == [["x", "y", "z"], ["u", "v"]] and e == [[True, False, True], [False, True]]

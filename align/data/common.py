@@ -6,10 +6,35 @@ import json
 from pathlib import Path
 
 
-def read_records(path: str | Path) -> list[dict]:
+COMPLETION_FIELDS = ("completion", "chosen", "rejected")
+
+
+def as_chat(record: dict) -> dict:
+    """``record`` with its plain-text prompt as one user turn and each plain-text completion
+    (``completion``, ``chosen``, ``rejected``, every one of ``completions``) as one assistant turn,
+    so the chat template renders them (``data.chat: true``). Plain text is what annotation tools
+    export; a chat model is trained and sampled on its template. Message lists stay as they are."""
+    out = dict(record)
+    if isinstance(out.get("prompt"), str):
+        out["prompt"] = [{"role": "user", "content": out["prompt"]}]
+    for key in COMPLETION_FIELDS:
+        if isinstance(out.get(key), str):
+            out[key] = [{"role": "assistant", "content": out[key]}]
+    if isinstance(out.get("completions"), list):
+        out["completions"] = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c
+                              for c in out["completions"]]
+    return out
+
+
+def read_records(path: str | Path, chat: bool = False) -> list[dict]:
     """Records from JSONL (``.jsonl``, or ``.json`` holding one object per line), a JSON array,
-    Parquet, or a ``datasets`` directory saved with ``save_to_disk``. Errors name file and line."""
-    path = Path(path)
+    Parquet, or a ``datasets`` directory saved with ``save_to_disk``. Errors name file and line.
+    ``chat``: plain-text prompts and completions become conversation turns (``as_chat``)."""
+    records = _read(Path(path))
+    return [as_chat(r) if isinstance(r, dict) else r for r in records] if chat else records
+
+
+def _read(path: Path) -> list[dict]:
     if path.is_dir():
         import datasets
         ds = datasets.load_from_disk(str(path))
@@ -106,9 +131,9 @@ def load_preference_splits(data) -> tuple[list, list, bool]:
     eval split (a configured split that holds nothing is refused; none configured: no eval)."""
     from align.config import require_file
     from align.data.preferences import to_group
-    records = read_records(require_file(data.train, "data.train"))
+    records = read_records(require_file(data.train, "data.train"), data.chat)
     if data.eval:
-        eval_records = read_records(require_file(data.eval, "data.eval"))
+        eval_records = read_records(require_file(data.eval, "data.eval"), data.chat)
     else:
         records, eval_records = split_by_prompt(records, data.eval_fraction)
     groups = [to_group(r, f"{data.train}: record {i}") for i, r in enumerate(records)]

@@ -78,6 +78,7 @@ class DPODataConfig:
     eval_fraction: float = 0.1           # split by prompt: no prompt is on both sides
     max_length: int = 512                # tokens per prompt+completion
     chat_template: Optional[str] = None  # Jinja template for tokenizers without one
+    chat: bool = False                   # plain-text prompts/completions as a user and an assistant turn (chat template)
 
     RULES: ClassVar[dict] = {
         "train": Exists(required=True, what="a records file"), "eval": Exists(), "eval_fraction": FRACTION,

@@ -66,6 +66,7 @@ class PPODataConfig:
     eval_fraction: float = 0.05          # held-out share of prompts when eval_prompts is empty
     max_prompt_length: int = 256         # longer prompts keep their last tokens
     chat_template: Optional[str] = None  # Jinja template for tokenizers without one
+    chat: bool = False                   # plain-text prompts/completions as a user and an assistant turn (chat template)
 
     RULES: ClassVar[dict] = {"prompts": Exists(required=True, what="a records file with prompts"),
                              "eval_prompts": Exists(), "eval_fraction": FRACTION, "max_prompt_length": AT_LEAST_ONE}
@@ -336,9 +337,9 @@ def parameter_groups(model, params: list, value_lr: float) -> list:
 
 # ------------------------------------------------------------------------------------ data
 def load_prompts(cfg: PPOConfig, tok) -> tuple[list, list]:
-    recs = read_records(require_file(cfg.data.prompts, "data.prompts"))
+    recs = read_records(require_file(cfg.data.prompts, "data.prompts"), cfg.data.chat)
     if cfg.data.eval_prompts:
-        held = read_records(require_file(cfg.data.eval_prompts, "data.eval_prompts"))
+        held = read_records(require_file(cfg.data.eval_prompts, "data.eval_prompts"), cfg.data.chat)
     else:
         recs, held = split_by_prompt(recs, cfg.data.eval_fraction)
     check_eval_split(len(held), file=cfg.data.eval_prompts, fraction=cfg.data.eval_fraction, train=cfg.data.prompts,

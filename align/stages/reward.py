@@ -49,6 +49,7 @@ class RewardDataConfig:
     eval_fraction: float = 0.1          # split by prompt: no prompt is on both sides
     max_length: int = 512                # tokens per prompt+completion
     chat_template: str | None = None     # Jinja template for tokenizers without one
+    chat: bool = False                   # plain-text prompts/completions as a user and an assistant turn (chat template)
     ties: str = "skip"                  # skip | half (a tie is a Bradley-Terry target of 1/2)
 
     RULES: ClassVar[dict] = {

@@ -37,6 +37,7 @@ class SFTDataConfig:
     completion_only_loss: bool = True    # false: loss on the prompt tokens too
     packing: bool = False                # pack examples into max_length rows (attention kept within each example)
     chat_template: Optional[str] = None  # Jinja template for tokenizers without one
+    chat: bool = False                   # plain-text prompts/completions as a user and an assistant turn (chat template)
     num_samples: int = 4                 # samples generated at each evaluation
     max_new_tokens: int = 48             # length of the eval samples
 
@@ -73,9 +74,9 @@ def sft_loss(model, batch):
 def run(cfg: SFTConfig) -> dict:
     validate(cfg)  # everything, before the run directory is written
     train_path = require_file(cfg.data.train, "data.train")
-    records = read_records(train_path)
+    records = read_records(train_path, cfg.data.chat)
     if cfg.data.eval:
-        eval_records = read_records(require_file(cfg.data.eval, "data.eval"))
+        eval_records = read_records(require_file(cfg.data.eval, "data.eval"), cfg.data.chat)
     else:
         records, eval_records = split_by_prompt(records, cfg.data.eval_fraction)
     eval_check = dict(file=cfg.data.eval, fraction=cfg.data.eval_fraction, train=str(train_path))
