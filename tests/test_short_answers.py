@@ -34,7 +34,7 @@ def test_demonstrations_are_correct_and_mixed_in_length():
     terms = [t.gold_terms(d["prompt"], d["completion"], True) for d in demos]
     assert all(x["correct"] for x in terms)
     over = sum(x["words"] > t.MAX_WORDS for x in terms) / len(terms)
-    assert 0.15 < over < 0.35  # the verbose quarter is what the rankings teach against
+    assert 0.35 < over < 0.55  # the long-winded share is what the rankings teach against
 
 
 @pytest.mark.parametrize("response,ended,expected", [

@@ -141,18 +141,19 @@ def _answer_styles(q: dict) -> tuple[str, str]:
 
 def sft_demonstrations(n: int, seed: int = 0) -> list[dict]:
     """``{"prompt", "completion"}`` on "sft" questions, always correct but of mixed length, as
-    demonstrations written by several people are: 40% a few words, 35% one sentence, 25% a
-    sentence followed by one or two sentences of explanation (14-40 words, so over the gold's
-    length allowance). The SFT policy learns the format and the mix; which length is preferred is
-    left to the rankings."""
+    demonstrations written by several people are: 30% a few words, 25% one sentence, 45% a
+    sentence followed by one or two sentences of explanation (14-40 words, over the gold's length
+    allowance; the longest run past the pipeline's 32-token response limit), the long-winded style
+    of an instruct model. The SFT policy learns the format and the mix; which length is preferred
+    is left to the rankings."""
     rng = random.Random(f"short-answers-sft-{seed}")
     out = []
     for q in _questions("sft", n, seed):
         short, sentence = _answer_styles(q)
         u = rng.random()
-        if u < 0.40:
+        if u < 0.30:
             completion = short
-        elif u < 0.75:
+        elif u < 0.55:
             completion = sentence
         else:
             completion = " ".join([sentence, *rng.sample(_ELABORATIONS, rng.choice((1, 2)))])
