@@ -29,8 +29,15 @@ STALE = re.compile("DESIGN" + r"\.md|DESIGN invariant|ppo-" + "details")
 def scanned_files() -> list[Path]:
     files = [REPO / "README.md", *REPO.glob("*.toml")]
     for top in SCANNED:
-        files += [p for p in (REPO / top).rglob("*") if p.is_file() and p.suffix in SUFFIXES]
+        files += [p for p in (REPO / top).rglob("*") if p.is_file() and p.suffix in SUFFIXES
+                  and not _generated(p.relative_to(REPO))]
     return [p for p in files if p.exists() and p.resolve() != Path(__file__).resolve()]
+
+
+def _generated(rel: Path) -> bool:
+    """Virtual environments and work dirs the benchmarks create inside the repository (ignored by
+    git): installed packages cite their own docs, not ours."""
+    return any(part.startswith(".venv") or part in (".work", "site-packages", "__pycache__") for part in rel.parts)
 
 
 def sections(doc: Path) -> set[str]:
