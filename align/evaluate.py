@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterator, Optional
@@ -124,15 +125,6 @@ def held_out_prompts(cfg: EvalConfig, tok) -> list[dict]:
     return out
 
 
-def gold_summary_fn(gold: str):
-    """The gold module's optional ``gold_summary(prompts, responses, ended) -> dict`` (rates of the
-    gold's ingredients, e.g. share correct, mean words), or None."""
-    if not gold:
-        return None
-    import importlib
-    return getattr(importlib.import_module(gold.split(":")[0]), "gold_summary", None)
-
-
 def _sem(x: torch.Tensor) -> float:
     return float(x.std() / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
@@ -143,6 +135,10 @@ def compare(cfg: EvalConfig) -> dict:
     model, tok, rt = build(cfg)
     prompts = held_out_prompts(cfg, tok)
     gold_fn = load_callable(cfg.gold)
+    # the gold module's optional gold_summary(prompts, responses, ended) -> dict: rates of the
+    # gold's ingredients (share correct, mean words, ...) for the report
+    summarise = getattr(sys.modules.get(getattr(gold_fn, "__module__", "")), "gold_summary", None)
+    texts = [p["text"] for p in prompts]
     res = {}
     for name in ("a", "b"):
         gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 4242)
@@ -152,10 +148,10 @@ def compare(cfg: EvalConfig) -> dict:
                  "kl_to_sft_mean": float(out["kl"].mean()), "responses": out["responses"],
                  "_reward": out["reward"]}
         if gold_fn is not None:
-            g = torch.tensor(gold_fn([p["text"] for p in prompts], out["responses"], out["ended"]), dtype=torch.float)
+            g = torch.tensor(gold_fn(texts, out["responses"], out["ended"]), dtype=torch.float)
             entry.update(gold_mean=float(g.mean()), gold_sem=_sem(g), _gold=g)
-            if (summarise := gold_summary_fn(cfg.gold)) is not None:
-                entry["gold_terms"] = summarise([p["text"] for p in prompts], out["responses"], out["ended"])
+            if summarise is not None:
+                entry["gold_terms"] = summarise(texts, out["responses"], out["ended"])
         entry["stop_rate"] = sum(out["ended"]) / len(out["ended"])
         res[name] = entry
     summary = {"n_prompts": len(prompts), "policy_a": cfg.policy_a, "policy_b": cfg.policy_b}

@@ -247,12 +247,14 @@ def _prompt_files(cfg: PipelineConfig, out: Path) -> tuple[Path, Path]:
     return prompts, held
 
 
-def _online_config(cfg: PipelineConfig, stage, sft_dir: Path, rm_dir: Path, run_dir: Path, prompts: Path, held: Path):
-    """PPO, GRPO or RLOO against the learned reward: the settings they share."""
-    p = stage(output_dir=str(run_dir), sft_run=str(sft_dir), reward_run=str(rm_dir))
+def _online_config(cfg: PipelineConfig, config_cls, sft_dir: Path, rm_dir: Path, run_dir: Path, prompts: Path,
+                   held: Path):
+    """PPO, GRPO or RLOO against the learned reward: the settings they share; returns the stage
+    config and its algorithm section (``ppo``, ``grpo`` or ``rloo``: the stage's name)."""
+    p = config_cls(output_dir=str(run_dir), sft_run=str(sft_dir), reward_run=str(rm_dir))
     p.data.prompts, p.data.eval_prompts, p.data.chat = str(prompts), str(held), cfg.chat
     p.data.max_prompt_length = cfg.max_length
-    a = p.algo if hasattr(stage, "SECTION") and stage.SECTION else p.ppo
+    a = getattr(p, cfg.policy_stage)
     a.seed, a.iterations, a.rollout_batch_size = cfg.seed, cfg.ppo_iterations, cfg.ppo_rollout_batch_size
     a.micro_batch_size, a.num_minibatches = cfg.ppo_micro_batch_size, 2
     a.response_length, a.temperature, a.lr, a.kl_coef = cfg.response_length, cfg.temperature, cfg.ppo_lr, cfg.ppo_kl_coef
@@ -274,9 +276,8 @@ def _policy(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, rankings: Path, ou
         a.num_ppo_epochs, a.kl_controller, a.kl_target = cfg.ppo_epochs, cfg.ppo_kl_controller, cfg.ppo_kl_target
     elif cfg.policy_stage in ("grpo", "rloo"):
         from align.stages import grpo, rloo
-        stage = grpo if cfg.policy_stage == "grpo" else rloo
-        p, a = _online_config(cfg, grpo.GRPOConfig if stage is grpo else rloo.RLOOConfig, sft_dir, rm_dir,
-                              run_dir, prompts, held)
+        stage, config_cls = (grpo, grpo.GRPOConfig) if cfg.policy_stage == "grpo" else (rloo, rloo.RLOOConfig)
+        p, a = _online_config(cfg, config_cls, sft_dir, rm_dir, run_dir, prompts, held)
         a.group_size, a.num_epochs = cfg.group_size, min(cfg.ppo_epochs, 2)
     else:
         from align.stages import dpo as stage

@@ -74,7 +74,7 @@ def _question(rng: random.Random, held_out: bool) -> dict:
     kind = rng.choice(KINDS)
     name = rng.choice(p["names"])
     if kind == "where":
-        objs = rng.sample(p["objects"], 2) if len(p["objects"]) >= 2 else [p["objects"][0], OBJECTS[0]]
+        objs = rng.sample(p["objects"], 2)
         places = rng.sample(PLACES, 2)
         k = rng.randrange(2)
         q = (f"{name} keeps the {objs[0]} in the {places[0]} and the {objs[1]} in the {places[1]}. "
@@ -182,12 +182,7 @@ def parse_question(prompt: str) -> dict | None:
         if not m:
             continue
         g = m.groups()
-        if kind == "where":
-            if g[5] not in (g[1], g[3]):
-                continue
-            k = 0 if g[5] == g[1] else 1
-            return {"kind": kind, "answer": (g[2], g[4])[k], "distractor": (g[2], g[4])[1 - k]}
-        if kind == "colour":
+        if kind in ("where", "colour"):  # (thing, value) twice, then the thing asked about
             if g[5] not in (g[1], g[3]):
                 continue
             k = 0 if g[5] == g[1] else 1
