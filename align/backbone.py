@@ -25,6 +25,7 @@ LM head stay in ``model.dtype``. Adapters hook the quantized modules as they hoo
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -223,20 +224,41 @@ def load_backbone(path: str | Path, dtype: str = "float32", device: str | torch.
             # deterministic rows (zeros), not the resize's random ones: the fingerprint and every
             # process see the same model; the PAD logit is masked anyway (AlignModel.lm_logits)
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            with torch.no_grad():
-                model.get_input_embeddings().weight[n_old:] = 0
-                out = model.get_output_embeddings()
-                if out is not None:
-                    out.weight[n_old:] = 0
-                    if getattr(out, "bias", None) is not None:
-                        out.bias[n_old:] = 0
+            out = model.get_output_embeddings()
+            rows = [model.get_input_embeddings().weight] + (
+                [] if out is None else [out.weight] + ([out.bias] if getattr(out, "bias", None) is not None else []))
+            with gathered_whole(rows, modifier_rank=0), torch.no_grad():
+                for t in rows:
+                    t[n_old:] = 0
         model._align_masked_ids = tuple(added)
-    if qcfg is None:
+    if is_partitioned(model):
+        pass  # loaded partitioned under ZeRO-3 (zero.Init): each partition is already on its device
+    elif qcfg is None:
         model.to(device)
     else:
         keep_quantized_weights_as_loaded(model)
     freeze(model)
     return model
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """True when ``model`` was built under DeepSpeed ZeRO-3's ``zero.Init`` (the ``zero3`` presets:
+    accelerate's ``zero3_init_flag``, through which transformers' ``from_pretrained`` creates every
+    parameter as this process's partition and loads the checkpoint one module at a time)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def gathered_whole(params, modifier_rank=None):
+    """``params`` whole inside the context when ZeRO-3 partitioned them (a change made on
+    ``modifier_rank`` is partitioned back to every process), as they are otherwise."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
 
 
 def keep_quantized_weights_as_loaded(model: torch.nn.Module) -> None:
@@ -270,8 +292,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         p = params.get(name)
         if p is not None and hasattr(p, "ds_id"):  # partitioned at load under ZeRO-3: gather one at a time
-            import deepspeed
-            with deepspeed.zero.GatheredParameters([p]):
+            with gathered_whole([p]):
                 t = p.detach().clone()
         t = t.detach()
         h.update(name.encode())

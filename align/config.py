@@ -36,6 +36,9 @@ class ModelConfig:
     quantization: str = "none"           # none | int8 | nf4: frozen backbone Linear weights via bitsandbytes
                                          # (nf4: 4-bit NormalFloat, double quantization, dtype = compute
                                          # dtype; QLoRA); refused with the full / top_k methods
+    zero3_gather_for_generation: bool = True  # ZeRO-3 sampling: gather the whole model (fast); false: layer by layer (1/N memory, slow)
+                                         # true holds a whole backbone per process while sampling; false
+                                         # all-gathers each module at every token (README: ZeRO-3 memory)
 
     RULES: ClassVar[dict] = {"path": Exists(), "dtype": OneOf(*DTYPE_CHOICES),
                              "quantization": OneOf(*QUANTIZATIONS)}

@@ -43,6 +43,10 @@ class Runtime:
         self._ds_declared, self._ds_source = declared if self.ds is not None else ({}, "")
         self._launch_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
         self.zero_stage = self.ds.zero_stage if self.ds is not None else 0
+        # under ZeRO-3: gather the whole model for sampling (True) or let DeepSpeed fetch it module
+        # by module (False); set from model.zero3_gather_for_generation by the stage (generation())
+        self.gather_for_generation = True
+        self.engine = None  # the DeepSpeed engine, once prepare() built it
         # per-rank seed for sampling (docs/ppo-notes.md §F7: seed + rank * 100003); data order uses the seed alone
         self.local_seed = seed + self.rank * 100_003
 
@@ -68,7 +72,10 @@ class Runtime:
             cfg["gradient_accumulation_steps"] = self.accelerator.gradient_accumulation_steps
             if cfg.get("train_batch_size") == "auto":
                 cfg.pop("train_batch_size")
+            if self.zero_stage == 3:
+                register_role_tensors(model)
         engine, optimizer = self.accelerator.prepare(model, optimizer)
+        self.engine = engine if self.ds is not None else None
         return engine, optimizer
 
     def check_shared_dir(self, path: str | os.PathLike) -> None:
@@ -125,6 +132,61 @@ class Runtime:
         else:
             yield
 
+    @contextlib.contextmanager
+    def generation(self, model):
+        """The context every rank enters around sampling from ``model``; yields the ``all_done``
+        callable ``align.generation.sample`` takes (None when ranks need not agree on stopping).
+
+        * Not ZeRO-3: nothing to do.
+        * ZeRO-3 with ``gather_for_generation`` (``model.zero3_gather_for_generation``, the
+          default): every parameter is gathered whole for the whole sampling loop. Fast (no
+          communication per token), but each process holds the whole backbone while it samples.
+        * ZeRO-3 without: nothing is gathered up front; DeepSpeed's module hooks fetch each
+          module's parameters when it runs and release them after it, layer by layer, at every
+          decoding step, so a process never holds more than its partition plus the modules in
+          flight. Every fetch is a collective, so all ranks must make the same forward calls:
+          sampling stops only when every rank's rows have stopped (``all_done``), and every rank
+          samples the same number of batches (PPO's per-rank rollout shares are equal).
+        """
+        if self.zero_stage != 3:
+            yield None
+        elif self.gather_for_generation and self.engine is not None:
+            # DeepSpeed's own context: everything gathered and the engine's module hooks taken off
+            # for the loop (with the hooks on, their prefetches put parameters in flight that the
+            # gather's exit then cannot partition), put back after it
+            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+            with unwrap_model_for_generation(self.engine):
+                yield None
+        elif self.gather_for_generation:  # no engine yet: no hooks either
+            with self.gathered(model.parameters()):
+                yield None
+        else:
+            yield self.all_true
+
+    def all_true(self, flag: bool) -> bool:
+        """``flag`` and'ed over every process (one small all-reduce)."""
+        if self.world_size == 1:
+            return bool(flag)
+        t = torch.tensor([0.0 if flag else 1.0], device=self.device)
+        return float(self.accelerator.reduce(t, reduction="sum")) == 0.0
+
+    def memory_report(self, model) -> list[dict]:
+        """For every process (all must call): its peak resident memory so far (``ru_maxrss``), peak
+        GPU memory when on CUDA, and the bytes of backbone parameters it holds: its ZeRO-3
+        partition, or the whole backbone otherwise (tied weights counted once)."""
+        import resource
+
+        def held(p):
+            t = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition
+            t = p if t is None else t
+            return t.numel() * t.element_size()
+        row = {"rank": self.rank,
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "backbone_mib": round(sum(held(p) for p in model.backbone.parameters()) / 2**20, 2)}
+        if self.device.type == "cuda":
+            row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return self.gather_objects([row])
+
     def load_optimizer_state(self, optimizer, state: dict) -> None:
         """Restore this rank's optimizer state (as written by ``optimizer.state_dict()``). A ZeRO
         optimizer takes the list of every rank's partition and picks its own by rank."""
@@ -149,6 +211,20 @@ class Runtime:
         with self.gathered([named[n] for n in state], modifier_rank=0), torch.no_grad():
             for n, t in state.items():
                 named[n].copy_(t.to(named[n].dtype))
+
+
+def register_role_tensors(model) -> None:
+    """Under ZeRO-3, make every adapter and head tensor of an ``AlignModel`` whole for each of its
+    forwards (and backwards). ZeRO-3 partitions them like the backbone and gathers a parameter only
+    around the forward of the module that owns it; but IA3's vectors, LLaMA-Adapter's prompts and
+    gates and the prefix / prompt-tuning embeddings are read by hooks on backbone modules and by the
+    attention function, never by calling their own module. Registered as external parameters of the
+    model they are fetched when its forward starts and released when it ends: small next to the
+    backbone, which is still fetched one module at a time."""
+    import deepspeed
+    for coll in (getattr(model, "adapters", None), getattr(model, "heads", None)):
+        for p in ([] if coll is None else coll.parameters()):
+            deepspeed.zero.register_external_parameter(model, p)
 
 
 # ---------------------------------------------------------------- DeepSpeed settings from the stage

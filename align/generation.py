@@ -28,7 +28,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
            max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
            stop_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
            generator: torch.Generator | None = None, use_cache: bool = True,
-           row_seeds: list[int] | None = None) -> Samples:
+           row_seeds: list[int] | None = None, all_done=None) -> Samples:
     """Sample continuations of left-padded prompts from ``role``.
 
     ``row_seeds`` gives each row its own random stream (Gumbel-max with noise seeded by the row's
@@ -37,6 +37,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     With ``use_cache=False`` every step re-runs the whole sequence (used by tests to check the
     cache gives the same tokens). ``stop_token_id`` is one id or several (``Specials.stop_ids``:
     EOS, the checkpoint's other EOS ids, the chat template's end of turn); a row stops at the first.
+    ``all_done`` (``Runtime.generation``: ZeRO-3 sampling layer by layer, where every forward is a
+    collective) turns "this process's rows all stopped" into "every process's rows stopped".
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
@@ -83,7 +85,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 mask = torch.cat([mask, new_mask], dim=1)
                 step_ids, step_mask = seq, mask
-            if bool(done.all()):
+            finished = bool(done.all())
+            if all_done(finished) if all_done is not None else finished:
                 break
     toks = torch.stack(tokens, 1)
     lps = torch.stack(logps, 1)

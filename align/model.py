@@ -21,7 +21,7 @@ import copy
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -52,10 +52,13 @@ class Role:
     head: str | None = None
 
 
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor | None = None   # [B, T, V]
-    values: torch.Tensor | None = None   # [B, T] scalar head at every position
+class ModelOutput(NamedTuple):
+    """What ``AlignModel.forward`` returns. A named tuple because DeepSpeed ZeRO-3 looks for a
+    module's output tensors in tuples, lists and dicts only: in any other type it cannot hook the
+    model's backward, and the adapter tensors registered with the model (``register_role_tensors``)
+    would not be gathered again for it. None where not computed."""
+    logits: torch.Tensor | None = None   # [B, T, V], or at ``logits_at``
+    values: torch.Tensor | None = None   # [B, T] the active head at every position
     hidden: torch.Tensor | None = None   # [B, T, H] final hidden state
     cache: object | None = None
     mask: torch.Tensor | None = None     # the full 2-D mask the cache now covers (virtual tokens incl.)
@@ -315,18 +318,16 @@ class AlignModel(nn.Module):
         hidden = out.last_hidden_state[:, n_virtual:]
         head = self.active_head
         want_logits = logits if logits is not None else head is None
-        result = ModelOutput(hidden=hidden, cache=_output_cache(out) if cache is not None else None,
-                             mask=full_mask)
+        lm = None
         if want_logits:
             if logits_at is None:
-                result.logits = self.lm_logits(hidden)
+                lm = self.lm_logits(hidden)
             elif isinstance(logits_at, torch.Tensor):  # a bool [B, T] selection: logits [N, V]
-                result.logits = self.lm_logits(hidden[logits_at])
+                lm = self.lm_logits(hidden[logits_at])
             else:
-                result.logits = self.lm_logits(hidden[:, logits_at])
-        if head is not None:
-            result.values = self.heads[head](hidden)
-        return result
+                lm = self.lm_logits(hidden[:, logits_at])
+        return ModelOutput(logits=lm, values=self.heads[head](hidden) if head is not None else None,
+                           hidden=hidden, cache=_output_cache(out) if cache is not None else None, mask=full_mask)
 
     def _mask_and_positions(self, full_mask: torch.Tensor, q_len: int, segment_ids: torch.Tensor | None):
         """The [B, Q, K] boolean attention mask (True = attend) and the [B, Q] positions of the

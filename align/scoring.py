@@ -8,6 +8,7 @@ temperature, logits only at the response positions).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import time
@@ -50,29 +51,21 @@ def left_pad(seqs: list[list[int]], pad_id: int, device, width: int | None = Non
 def generate(model, prompt_ids: list[list[int]], tok, device, *, role: str, max_new_tokens: int,
              temperature: float = 1.0, greedy: bool = False, width: int | None = None,
              generator: torch.Generator | None = None, row_seeds: list[int] | None = None,
-             gathered=None) -> Responses:
+             runtime=None) -> Responses:
     """Sample a response to each prompt from ``role`` and cut it after its first stop token.
-    ``gathered`` (``Runtime.gathered``) makes ZeRO-3-partitioned parameters whole for sampling."""
+    ``runtime`` (the stage's ``Runtime``; every process must call this when one is given) makes
+    ZeRO-3-partitioned parameters available for sampling (``Runtime.generation``)."""
     query, qmask = left_pad(prompt_ids, tok.pad_token_id, device, width=width)
     stops = specials(tok).stop_ids
     t0 = time.time()
-    ctx = gathered(model.parameters()) if gathered is not None else _null()
-    with ctx:
+    with runtime.generation(model) if runtime is not None else contextlib.nullcontext() as all_done:
         s = sample(model, query, qmask, role=role, max_new_tokens=max_new_tokens, temperature=temperature,
                    greedy=greedy, stop_token_id=stops, pad_token_id=tok.pad_token_id, generator=generator,
-                   row_seeds=row_seeds)
+                   row_seeds=row_seeds, all_done=all_done)
     generate_s = time.time() - t0
     response, seq_lengths, has_stop = truncate_after_stop(s.tokens, stops, tok.pad_token_id)
     rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
     return Responses(query, qmask, response, rmask, seq_lengths, has_stop, s.logprobs, generate_s)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def decode(tok, resp: Responses) -> list[str]:
@@ -165,11 +158,11 @@ def load_reward_role(model, reward_run: str | Path, *, sft_dir: Path | None = No
 def evaluate_role(model, engine, prompts: list[dict], tok, device, *, role: str, temperature: float,
                   max_new_tokens: int, generator=None, micro_batch_size: int = 32,
                   reward_fn: Callable | None = None, reward_role: str = "reward",
-                  reference: str = "reference", gathered=None) -> dict:
+                  reference: str = "reference", runtime=None) -> dict:
     """Sample from ``role`` on ``prompts`` (``{"text", "ids"}``); the responses' text, raw reward
     (the reward role's, or ``reward_fn``'s), summed KL to ``reference`` and whether each ended."""
     resp = generate(model, [p["ids"] for p in prompts], tok, device, role=role, max_new_tokens=max_new_tokens,
-                    temperature=temperature, generator=generator, gathered=gathered)
+                    temperature=temperature, generator=generator, runtime=runtime)
     roles = (role, reference) + (() if reward_fn else (reward_role,))
     st = score(engine, resp, roles, temperature, micro_batch_size)
     kl = ((st[role]["logprobs"] - st[reference]["logprobs"]) * resp.response_mask).sum(1)

@@ -109,7 +109,8 @@ def test_ppo_two_processes_matches_one_process_and_resumes(preset, tiny_llama, t
 
 
 # ---------------------------------------------------------------- PPO minibatch splits (issue 17)
-def launch_bounded(preset: str, stage: str, *overrides: str, timeout: int = 180):
+def launch_bounded(preset: str, stage: str, *overrides: str, timeout: int = 180, processes: int = 2,
+                   launcher_args: tuple[str, ...] = (), env_extra: dict | None = None):
     """``launch`` on a free port, killed after ``timeout`` seconds, so a rank left waiting at a
     collective fails the test instead of blocking the suite. torchrun puts every worker in its own
     session, so the launcher's descendants are killed one by one (output goes to files: a pipe
@@ -122,10 +123,11 @@ def launch_bounded(preset: str, stage: str, *overrides: str, timeout: int = 180)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(env_extra or {})}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / f"{preset}.yaml"), "--num_processes", "2",
-           "--main_process_port", str(port), "-m", "align.cli", stage, *overrides]
+           str(ROOT / "configs" / "accelerate" / f"{preset}.yaml"), "--num_processes", str(processes),
+           "--main_process_port", str(port), *launcher_args, "-m", "align.cli", stage, *overrides]
     with tempfile.TemporaryFile("w+") as out:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
@@ -189,3 +191,66 @@ def test_ppo_minibatch_splits_two_processes_match_one_process(case, preset, ppo_
                                    atol=1e-4, rtol=1e-4)
     for sub in ("adapters/policy/adapter_model.safetensors", "adapters/value/adapter_model.safetensors"):
         same_tensors(tmp_path / "two" / sub, one / sub, atol=1e-4)
+
+
+# ---------------------------------------------------------------- ZeRO-3 partitioning (issue 17 item 2)
+@pytest.mark.parametrize("method", ["ia3", "prefix", "llama_adapter"])
+def test_sft_zero3_adapters_read_outside_their_own_modules(method, tiny_llama, sft_data, tmp_path):
+    """IA3 vectors, prefix embeddings and LLaMA-Adapter prompts and gates are read by backbone hooks
+    and the attention function, not by calling their own module, so ZeRO-3's module hooks never
+    gathered them (their partitions are empty tensors). Registered as external parameters of the
+    model, they are whole in every forward and backward: 2 processes match 1."""
+    common = [f"model.path={tiny_llama}", f"data.train={sft_data}", "train.max_steps=3", "train.batch_size=4",
+              "train.log_every=1", "tracking.wandb=false", "data.num_samples=0", "train.lr=1e-2",
+              f"adapter.method={method}"]
+    launch_bounded("zero3", "sft", f"output_dir={tmp_path / 'ds'}", *common, timeout=300)
+    single("sft", f"output_dir={tmp_path / 'one'}", "train.grad_accum=2", *common)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ds")), torch.tensor(losses(tmp_path / "one")),
+                               atol=1e-5, rtol=1e-5)
+    same_tensors(tmp_path / "ds/adapters/sft/adapter_model.safetensors",
+                 tmp_path / "one/adapters/sft/adapter_model.safetensors", atol=1e-5)
+
+
+def test_zero3_loads_the_backbone_partitioned_and_samples_it_layer_by_layer(tmp_path):
+    """The zero3 preset builds the backbone under ``zero.Init`` (transformers reads the checkpoint
+    on rank 0 and scatters it module by module), so each of N processes holds 1/N of it from the
+    start; with ``model.zero3_gather_for_generation=false`` sampling fetches it module by module
+    instead of gathering it whole. The same PPO iteration (rollout, update, evaluation) with 1
+    process, 2 processes layer by layer and 2 processes gathering gives the same scores, losses
+    and adapters, while the second process of 2 never holds the whole backbone: its peak resident
+    memory is below the 1-process run's by at least a quarter of the backbone (measured: about
+    half of it, plus the checkpoint pages only rank 0 reads), and below the gathering run's.
+    As benchmarks/bench_zero3_memory.py runs it: DeepSpeed's residency limits scaled to this model,
+    gradient checkpointing on, large allocations returned to the system when freed."""
+    from align.tiny import make_tiny
+    from benchmarks.bench_zero3_memory import low_memory_zero3
+    from tests.ppo_helpers import fake_reward_run, fake_sft_run, write_prompts
+    backbone = make_tiny(tmp_path / "backbone", "llama", hidden=512, layers=8, heads=8, kv_heads=2,
+                         intermediate=2048)
+    sft, rm = fake_sft_run(backbone, tmp_path / "sft"), fake_reward_run(backbone, tmp_path / "rm")
+    prompts = write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 4)
+    common = [f"sft_run={sft}", f"reward_run={rm}", f"data.prompts={prompts}", f"data.eval_prompts={prompts}",
+              "ppo.iterations=1", "ppo.rollout_batch_size=8", "ppo.num_minibatches=2", "ppo.micro_batch_size=2",
+              "ppo.response_length=6", "eval.num_prompts=4", "tracking.wandb=false", "model.gradient_checkpointing=true"]
+    ds = low_memory_zero3(tmp_path / "zero3.json", 2e6)
+    runs = {}
+    for name, n, gather in (("one", 1, "false"), ("by_layer", 2, "false"), ("gather", 2, "true")):
+        runs[name] = tmp_path / name
+        launch_bounded("zero3", "ppo", f"output_dir={runs[name]}", f"model.zero3_gather_for_generation={gather}",
+                       *common, timeout=420, processes=n, launcher_args=("--deepspeed_config_file", str(ds)),
+                       env_extra={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    for name in ("by_layer", "gather"):
+        for key in ("objective/scores", "objective/kl", "policy/loss", "eval/reward"):
+            torch.testing.assert_close(torch.tensor(losses(runs[name], key)), torch.tensor(losses(runs["one"], key)),
+                                       atol=1e-4, rtol=1e-4)
+        same_tensors(runs[name] / "adapters/policy/adapter_model.safetensors",
+                     runs["one"] / "adapters/policy/adapter_model.safetensors", atol=1e-4)
+    mem = {k: {m["rank"]: m for m in json.loads((d / "summary.json").read_text())["memory"]} for k, d in runs.items()}
+    whole = mem["one"][0]["backbone_mib"]
+    assert whole > 100  # the backbone is large enough for its share to show in resident memory
+    for name in ("by_layer", "gather"):
+        assert sorted(mem[name]) == [0, 1]
+        for rank in (0, 1):  # each process holds its half (ZeRO-3 pads a partition by at most a few elements)
+            assert mem[name][rank]["backbone_mib"] == pytest.approx(whole / 2, rel=0.01)
+    assert mem["by_layer"][1]["peak_rss_mib"] < mem["one"][0]["peak_rss_mib"] - whole / 4
+    assert mem["by_layer"][1]["peak_rss_mib"] < mem["gather"][1]["peak_rss_mib"] - whole / 4

@@ -54,6 +54,32 @@ def test_rollout_logprobs_equal_a_fresh_forward_with_temperature_and_left_paddin
     torch.testing.assert_close(fresh[rmask], s.logprobs[rmask], atol=1e-5, rtol=0)
 
 
+def test_sampling_goes_on_until_every_process_is_done(tiny_llama):
+    """ZeRO-3 sampling layer by layer makes every forward a collective, so a process whose rows all
+    stopped must keep stepping while another's have not (``all_done``): the same tokens and
+    log-probs, PAD after the stop, and as many forwards as the slowest process needs."""
+    model, tok = load(tiny_llama)
+    query, qmask = left_pad([tok(t).input_ids for t in ("the happy dog sings", "bad")], tok.pad_token_id, "cpu")
+    first = sample(model, query, qmask, role="base", max_new_tokens=1, greedy=True, pad_token_id=tok.pad_token_id)
+    stop = sorted(set(first.tokens[:, 0].tolist()))  # every row's greedy first token: all stop at step 1
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        return type(model).forward(model, *a, **k)
+    model.forward = counting
+    kw = dict(role="base", max_new_tokens=7, greedy=True, stop_token_id=stop, pad_token_id=tok.pad_token_id)
+    alone = sample(model, query, qmask, **kw)
+    n_alone, calls[:] = len(calls), []
+    waited = sample(model, query, qmask, **kw, all_done=lambda mine: False)  # another rank never finishes
+    assert n_alone == 1 and len(calls) == 7
+    assert torch.equal(alone.tokens, waited.tokens) and torch.equal(alone.lengths, waited.lengths)
+    assert (waited.tokens[:, 1:] == tok.pad_token_id).all() and torch.equal(alone.logprobs, waited.logprobs)
+    calls[:] = []
+    sample(model, query, qmask, **kw, all_done=lambda mine: mine)  # every rank done with this one
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("logprobs", ["sample", "recompute"])
 def test_first_iteration_has_zero_kl_ratio_one_and_no_clipping(tiny_llama, tmp_path, logprobs):
     """Old log-probs from the sampler (N+) or from a fresh forward: either way the first minibatch

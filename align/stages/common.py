@@ -55,6 +55,11 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
             raise ConfigError(f"output_dir {run_dir} already holds a run; pass resume=true to continue "
                               f"it or choose another output_dir")
     rt = Runtime(grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
+    rt.gather_for_generation = cfg.model.zero3_gather_for_generation
+    if rt.zero_stage == 3 and not cfg.model.gradient_checkpointing:
+        rt.print("[align] ZeRO-3 without model.gradient_checkpointing: autograd keeps the backbone weights each "
+                 "layer gathered in the forward alive until the backward, so a training step holds the whole "
+                 "frozen backbone on every process; set model.gradient_checkpointing=true to keep it partitioned")
     if resume_step is not None:  # another number of processes is refused before anything is written
         check_resumable(ckpt, rt.world_size)
     if rt.is_main:
@@ -97,7 +102,9 @@ def write_summary(stage: Stage, summary: dict) -> None:
 
 def finish_stage(stage: Stage, summary: dict, adapter_set: str) -> dict:
     """The end of every stage: summary.json and the W&B summary, ``adapters/<adapter_set>`` as a
-    W&B artifact, the W&B run closed."""
+    W&B artifact, the W&B run closed. ``summary["memory"]``: each process's peak memory and the
+    backbone bytes it holds (``Runtime.memory_report``)."""
+    summary = {**summary, "memory": stage.rt.memory_report(stage.model)}
     write_summary(stage, summary)
     stage.tracker.log_artifact(stage.run_dir / "adapters" / adapter_set, f"{adapter_set}-adapters", "adapter")
     stage.tracker.finish()

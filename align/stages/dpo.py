@@ -276,7 +276,7 @@ def run(cfg: DPOConfig) -> dict:
                 gen = torch.Generator(device=rt.device).manual_seed(cfg.train.seed + 4242)
                 resp = generate(model, [p["ids"] for p in kl_prompts], tok, rt.device, role="policy",
                                 max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-                                generator=gen)
+                                generator=gen, runtime=rt)
                 kl, kl_sampled = policy_kl(model, resp, cfg.eval.temperature, bs)
             res.update({"eval/kl": float(kl.mean()), "eval/kl_sampled": float(kl_sampled.mean()),
                         "eval/response_length": float(resp.response_mask.sum(1).float().mean()),

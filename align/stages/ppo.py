@@ -379,7 +379,7 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, wi
     a = algo or cfg.ppo
     resp = generate(model, [p["ids"] for p in prompts], tok, rt.device, role="policy",
                     max_new_tokens=a.response_length, temperature=a.temperature, width=width,
-                    row_seeds=row_seeds, gathered=rt.gathered)
+                    row_seeds=row_seeds, runtime=rt)
     recompute = recompute_logprobs(a.rollout_logprobs, cfg.model.dtype)
     with_value = "value" in model.roles
     roles = (("policy",) if recompute else ()) + ("reference",) + (("value",) if with_value else ()) + \
@@ -696,7 +696,7 @@ def evaluate_policy(model, engine, eval_prompts, cfg: PPOConfig, tok, rt, gold_f
     gen = torch.Generator(device=rt.device).manual_seed(a.seed + 99991)
     res = evaluate_role(model, engine, prompts, tok, rt.device, role="policy", temperature=cfg.eval.temperature,
                         max_new_tokens=a.response_length, generator=gen, reward_fn=reward_fn,
-                        gathered=rt.gathered)
+                        runtime=rt)
     out = {"eval/reward": float(res["reward"].mean()), "eval/kl": float(res["kl"].mean()),
            "eval/num_prompts": len(prompts)}
     rows = [{"prompt": p["text"], "response": r, "reward": float(s)}

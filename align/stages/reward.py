@@ -225,7 +225,7 @@ def reward_normalisation(model, tok, cfg: RewardConfig, eval_groups, rt) -> dict
         ids = [encode(tok, prompt_text(p, tok, cfg.data.chat_template), bos=True) for p in prompts]
         g = torch.Generator(device=rt.device).manual_seed(cfg.train.seed + 17)
         resp = generate(model, ids, tok, rt.device, role="sft", max_new_tokens=n.max_new_tokens,
-                        temperature=n.temperature, generator=g)
+                        temperature=n.temperature, generator=g, runtime=rt)
         r = score(model, resp, ("reward",), n.temperature, cfg.train.batch_size)["reward"]["score"].float()
         return _norm_stats(r, "sft_samples")
     else:

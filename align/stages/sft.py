@@ -116,7 +116,7 @@ def run(cfg: SFTConfig) -> dict:
         eval_loss = sums["sum"] / max(sums["n"], 1)
         if eval_prompts:
             resp = generate(model, [encode(tok, p, bos=True) for p in eval_prompts], tok, rt.device, role="sft",
-                            max_new_tokens=cfg.data.max_new_tokens, greedy=True)
+                            max_new_tokens=cfg.data.max_new_tokens, greedy=True, runtime=rt)
             rows = [{"prompt": p, "completion": c} for p, c in zip(eval_prompts, decode(tok, resp))]
             st.tracker.log_samples("sft/samples", rows, step)
         return {"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))}
