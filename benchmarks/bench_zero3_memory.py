@@ -150,6 +150,8 @@ def main(argv=None) -> list[dict]:
                     help="without model.gradient_checkpointing (under ZeRO-3 the update then keeps every "
                          "gathered layer alive until the backward)")
     ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in OUT.json (same size) and add this run's")
     ap.add_argument("--work", default=str(WORK / "zero3_memory"))
     a = ap.parse_args(argv)
     backbone = model_dir(a.size)
@@ -157,6 +159,8 @@ def main(argv=None) -> list[dict]:
     sft, rm, prompts = role_runs(backbone, work)
     backbone_mib = backbone_params(backbone) * 4 / 2**20
     rows = []
+    if a.append and a.out and Path(a.out + ".json").exists():
+        rows = json.loads(Path(a.out + ".json").read_text())["rows"]
     for preset in a.presets.split(","):
         gens = a.generation.split(",") if preset.startswith("zero3") else ["-"]
         for procs in (int(x) for x in a.procs.split(",")):
@@ -174,7 +178,8 @@ def main(argv=None) -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     md = (f"# Memory per process, one PPO iteration, `{a.size}` backbone ({backbone_mib:.0f} MiB of float32 "
-          f"weights), {machine()}\n\n`python benchmarks/bench_zero3_memory.py {' '.join(argv or sys.argv[1:])}`; "
+          f"weights), {machine()}\n\n`python benchmarks/bench_zero3_memory.py {' '.join(argv or sys.argv[1:])}` "
+          f"(with --append: rows of earlier runs of it kept); "
           f"ZeRO-3 rows with stage3_max_live_parameters={a.max_live:g} (0: as shipped), reuse distance 0; "
           f"gradient checkpointing {'off' if a.no_checkpointing else 'on'}; MALLOC_MMAP_THRESHOLD_=131072.\n\n"
           + table(rows, backbone_mib) + "\n")

@@ -55,11 +55,6 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
             raise ConfigError(f"output_dir {run_dir} already holds a run; pass resume=true to continue "
                               f"it or choose another output_dir")
     rt = Runtime(grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
-    rt.gather_for_generation = cfg.model.zero3_gather_for_generation
-    if rt.zero_stage == 3 and not cfg.model.gradient_checkpointing:
-        rt.print("[align] ZeRO-3 without model.gradient_checkpointing: autograd keeps the backbone weights each "
-                 "layer gathered in the forward alive until the backward, so a training step holds the whole "
-                 "frozen backbone on every process; set model.gradient_checkpointing=true to keep it partitioned")
     if resume_step is not None:  # another number of processes is refused before anything is written
         check_resumable(ckpt, rt.world_size)
     if rt.is_main:
@@ -69,6 +64,11 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     rt.barrier()
     rt.check_shared_dir(run_dir)  # on several nodes: output_dir on a shared filesystem, or a clear error
     seed_everything(cfg.train.seed)
+    rt.gather_for_generation = cfg.model.zero3_gather_for_generation
+    if rt.zero_stage == 3 and not cfg.model.gradient_checkpointing:
+        rt.print("[align] ZeRO-3 without model.gradient_checkpointing: autograd keeps the backbone weights each "
+                 "layer gathered in the forward alive until the backward, so a training step holds the whole "
+                 "frozen backbone on every process; set model.gradient_checkpointing=true to keep it partitioned")
     tok, model = load_model(backbone_path, cfg.model, rt.device,
                             chat_template=getattr(getattr(cfg, "data", None), "chat_template", None))
     if rt.is_main:
