@@ -225,6 +225,7 @@ def load_backbone(path: str | Path, dtype: str = "float32", device: str | torch.
             # process see the same model; the PAD logit is masked anyway (AlignModel.lm_logits)
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             out = model.get_output_embeddings()
+            partition_like_the_rest(model, [model.get_input_embeddings(), out])
             rows = [model.get_input_embeddings().weight] + (
                 [] if out is None else [out.weight] + ([out.bias] if getattr(out, "bias", None) is not None else []))
             with gathered_whole(rows, modifier_rank=0), torch.no_grad():
@@ -246,6 +247,21 @@ def is_partitioned(model: torch.nn.Module) -> bool:
     accelerate's ``zero3_init_flag``, through which transformers' ``from_pretrained`` creates every
     parameter as this process's partition and loads the checkpoint one module at a time)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def partition_like_the_rest(model: torch.nn.Module, modules) -> None:
+    """Partition ``modules`` (the embeddings ``resize_token_embeddings`` just replaced) when the
+    rest of ``model`` is ZeRO-3 partitioned. transformers builds the resized embeddings whole on
+    every process and leaves them to ``deepspeed.initialize``; with a 128k vocabulary that is a
+    whole embedding (and an untied head) per process until then. Already partitioned (tied)
+    parameters are skipped by DeepSpeed."""
+    if not is_partitioned(model):
+        return
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+    for module in modules:
+        if module is not None:
+            deepspeed.zero.Init(module=module, config_dict_or_path=deepspeed_config())
 
 
 @contextlib.contextmanager
