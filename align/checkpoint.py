@@ -94,8 +94,8 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
                            f"optimizer shard and RNG state into the checkpoint directory, so on several "
                            f"nodes output_dir must be on a filesystem shared by all nodes")
     opt_name = "optimizer.pt" if rank == 0 else f"optimizer_rank{rank}.pt"
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / opt_name)
+    if optimizer is not None:  # an optimizer, or its state as Runtime.optimizer_state gives it
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / opt_name)
     rng_t, rng_p = _rng_state()
     torch.save(rng_t, tmp / f"rng_rank{rank}.pt")
     (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_p))

@@ -18,6 +18,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from align import fsdp
+from align.fsdp import settings_from_env as fsdp_settings_from_env
+
 
 class Runtime:
     def __init__(self, grad_accum: int = 1, seed: int = 0, device: str | None = None):
@@ -30,6 +33,11 @@ class Runtime:
             # which cpu=True would switch off.
             cpu = cpu or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
         declared = declared_deepspeed_config()
+        # FSDP2: align shards the model itself (align/fsdp.py); accelerate must not also see FSDP
+        # (it would wrap nothing on CPU and refuse an optimizer prepared without its model on GPU)
+        self.fsdp = fsdp_settings_from_env()
+        if self.fsdp is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = "false"
         self.accelerator = Accelerator(gradient_accumulation_steps=grad_accum,
                                        step_scheduler_with_optimizer=False, kwargs_handlers=kwargs,
                                        cpu=cpu)
@@ -47,6 +55,7 @@ class Runtime:
         # by module (False); set from model.zero3_gather_for_generation by the stage (generation())
         self.gather_for_generation = True
         self.engine = None  # the DeepSpeed engine, once prepare() built it
+        self.shard_owner: dict[int, torch.nn.Module] = {}  # FSDP2: parameter id -> module of its group
         # per-rank seed for sampling (docs/ppo-notes.md §F7: seed + rank * 100003); data order uses the seed alone
         self.local_seed = seed + self.rank * 100_003
 
@@ -63,6 +72,8 @@ class Runtime:
         """Wrap ``model`` and ``optimizer`` (DDP or a DeepSpeed engine). Under DeepSpeed the stage's
         ``max_grad_norm`` (0: off) becomes the engine's ``gradient_clipping`` and ``model.dtype``
         decides its bf16/fp16 flags (see ``deepspeed_settings``)."""
+        if self.fsdp is not None:
+            return self._prepare_fsdp(model, optimizer, dtype)
         if self.ds is not None:
             cfg = self.ds.deepspeed_config
             deepspeed_settings(cfg, dtype=dtype, max_grad_norm=max_grad_norm, declared=self._ds_declared,
@@ -77,6 +88,20 @@ class Runtime:
         engine, optimizer = self.accelerator.prepare(model, optimizer)
         self.engine = engine if self.ds is not None else None
         return engine, optimizer
+
+    def _prepare_fsdp(self, model, optimizer, dtype: str):
+        """Shard ``model`` with FSDP2 (align/fsdp.py) and point ``optimizer`` at the sharded
+        parameters; gradient clipping stays with the stage (``accelerator.clip_grad_norm_`` is
+        DTensor-aware). Returns the same (sharded) model: call it as before."""
+        fsdp.check_precision(self._launch_precision, dtype)
+        if not torch.distributed.is_initialized():  # one process: nothing to shard across
+            return model, self.accelerator.prepare(optimizer)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.shard_owner = fsdp.shard(model, self.fsdp, self.device)
+        new = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [new[names[id(p)]] for p in group["params"]]
+        return model, self.accelerator.prepare(optimizer)
 
     def check_shared_dir(self, path: str | os.PathLike) -> None:
         """Every process must see the directory that rank 0 created: all ranks write their optimizer
@@ -126,8 +151,14 @@ class Runtime:
     def gathered(self, params, modifier_rank=None):
         """Full tensors of (ZeRO-3 partitioned) ``params`` inside the context."""
         if self.zero_stage == 3:
-            import deepspeed
-            with deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank):
+            from align.backbone import gathered_whole
+            with gathered_whole(params, modifier_rank=modifier_rank):
+                yield
+        elif self.shard_owner:  # FSDP2: read the tensors from their modules inside the context
+            owners = [self.shard_owner[id(p)] for p in params if id(p) in self.shard_owner]
+            if owners and modifier_rank is not None:
+                raise NotImplementedError("FSDP2 does not write an unsharded parameter back to its shards")
+            with fsdp.unsharded(owners):
                 yield
         else:
             yield
@@ -148,7 +179,13 @@ class Runtime:
           sampling stops only when every rank's rows have stopped (``all_done``), and every rank
           samples the same number of batches (PPO's per-rank rollout shares are equal).
         """
-        if self.zero_stage != 3:
+        if self.shard_owner:  # FSDP2: as ZeRO-3, whole for the loop or fetched group by group
+            if self.gather_for_generation:
+                with fsdp.unsharded(self.shard_owner.values(), keep_across_forwards=True):  # same order on every rank
+                    yield None
+            else:
+                yield self.all_true
+        elif self.zero_stage != 3:
             yield None
         elif self.gather_for_generation and self.engine is not None:
             # DeepSpeed's own context: everything gathered and the engine's module hooks taken off
@@ -176,9 +213,11 @@ class Runtime:
         partition, or the whole backbone otherwise (tied weights counted once)."""
         import resource
 
+        for owner in dict.fromkeys(self.shard_owner.values()):  # FSDP2: the root stays gathered after
+            owner.reshard()  # a forward (torch's auto policy); count the share it keeps between steps
         def held(p):
             t = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition
-            t = p if t is None else t
+            t = fsdp.local(p) if t is None else t  # FSDP2: this rank's shard
             return t.numel() * t.element_size()
         row = {"rank": self.rank,
                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -194,11 +233,35 @@ class Runtime:
             states = [None] * self.world_size
             states[self.rank] = state
             optimizer.load_state_dict(states)
+        elif self.shard_owner:  # FSDP2: the saved shards back into DTensors shaped as the parameters
+            from torch.distributed.tensor import DTensor
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            def back(v, p):  # global shape given: shards of a dim not divisible by N are uneven
+                if not (torch.is_tensor(v) and fsdp.is_sharded(p) and v.dim() > 0):
+                    return v
+                return DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                          stride=p.stride())
+            state = {**state, "state": {i: {k: back(v, params[int(i)]) for k, v in s.items()}
+                                        for i, s in state["state"].items()}}
+            optimizer.load_state_dict(state)
         else:
             optimizer.load_state_dict(state)
 
+    def optimizer_state(self, optimizer) -> dict:
+        """This process's optimizer state as plain tensors (what ``load_optimizer_state`` takes):
+        under FSDP2 each sharded moment is saved as this process's shard, loadable with
+        ``weights_only=True`` (a DTensor is not)."""
+        state = optimizer.state_dict()
+        if not self.shard_owner:
+            return state
+        return {**state, "state": {i: {k: fsdp.local(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                                   for i, s in state["state"].items()}}
+
     def trainable_state(self, model) -> dict[str, torch.Tensor]:
+        """Every trainable tensor whole (all processes must call: ZeRO-3 and FSDP2 gather)."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if self.shard_owner:
+            return {n: fsdp.whole(p).detach().cpu().clone() for n, p in named}
         with self.gathered([p for _, p in named]):
             return {n: p.detach().cpu().clone() for n, p in named}
 
@@ -208,6 +271,14 @@ class Runtime:
         unknown = [n for n in state if n not in named]
         if missing or unknown:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
+        if any(fsdp.is_sharded(p) for p in named.values()):  # FSDP2: each process keeps its shard
+            from torch.distributed.tensor import distribute_tensor
+            with torch.no_grad():
+                for n, t in state.items():
+                    p = named[n]
+                    p.copy_(distribute_tensor(t.to(p.dtype), p.device_mesh, p.placements) if fsdp.is_sharded(p)
+                            else t.to(p.dtype))
+            return
         with self.gathered([named[n] for n in state], modifier_rank=0), torch.no_grad():
             for n, t in state.items():
                 named[n].copy_(t.to(named[n].dtype))

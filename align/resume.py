@@ -37,5 +37,5 @@ def save_resumable(rt, run_dir: Path, step: int, model, optimizer, scheduler, ke
     """A checkpoint ``prepare_resumable`` restores exactly (written atomically by every rank)."""
     state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": rt.world_size,
              **{k: obj.state_dict() for k, obj in (stateful or {}).items()}, **(extra or {})}
-    save_checkpoint(run_dir, step, rt.trainable_state(model), optimizer, state, rank=rt.rank,
+    save_checkpoint(run_dir, step, rt.trainable_state(model), rt.optimizer_state(optimizer), state, rank=rt.rank,
                     is_main=rt.is_main, keep=keep, barrier=rt.barrier)

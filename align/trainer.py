@@ -92,6 +92,7 @@ class Trainer:
         engine, optimizer, start, state = prepare_resumable(
             rt, self.model, optimizer, scheduler, self.run_dir, resume, c.batch_size, self.stage,
             max_grad_norm=c.max_grad_norm, dtype=self.dtype)
+        params = self.model.trainable_parameters()  # FSDP2 replaced them by their shards
         self.extra_state.update(state.get("extra", {}))
         bar = tqdm(total=self.total_steps, initial=start, desc=self.stage, disable=not rt.is_main,
                    dynamic_ncols=True)

@@ -162,7 +162,7 @@ def main(argv=None) -> list[dict]:
     if a.append and a.out and Path(a.out + ".json").exists():
         rows = json.loads(Path(a.out + ".json").read_text())["rows"]
     for preset in a.presets.split(","):
-        gens = a.generation.split(",") if preset.startswith("zero3") else ["-"]
+        gens = a.generation.split(",") if preset.startswith("zero3") or preset == "fsdp2" else ["-"]
         for procs in (int(x) for x in a.procs.split(",")):
             for gen in gens:
                 if procs == 1 and gen == "gather" and "by_layer" in gens:

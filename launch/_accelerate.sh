@@ -4,7 +4,7 @@
 #
 #   --nproc N          processes (GPUs) per node            (env NPROC, default: 1)
 #   --preset NAME      configs/accelerate/NAME.yaml: single | ddp | zero2 | zero2_offload |
-#                      zero3 | zero3_offload                 (env PRESET, default: single if N=1, else zero2)
+#                      zero3 | zero3_offload | fsdp2         (env PRESET, default: single if N=1, else zero2)
 #   --nnodes N         machines                             (env NNODES, default: 1)
 #   --node-rank R      this machine's rank                  (env NODE_RANK, default: 0)
 #   --master-addr A    rank 0's address                     (env MASTER_ADDR, default: 127.0.0.1)

@@ -68,7 +68,8 @@ def test_sft_zero2_two_processes_matches_one_process(tiny_llama, sft_data, tmp_p
                  tmp_path / "one/adapters/sft/adapter_model.safetensors", atol=1e-5)
 
 
-def test_reward_zero2_two_processes_matches_one_process(tiny_llama, tmp_path):
+@pytest.mark.parametrize("preset", ["zero2", "fsdp2"])
+def test_reward_two_processes_matches_one_process(preset, tiny_llama, tmp_path):
     from tests.ppo_helpers import fake_sft_run
     sft = fake_sft_run(tiny_llama, tmp_path / "sft")
     data = tmp_path / "prefs.jsonl"
@@ -79,17 +80,17 @@ def test_reward_zero2_two_processes_matches_one_process(tiny_llama, tmp_path):
                                 "ranks": [0, 2, 1]}) + "\n")
     common = [f"sft_run={sft}", f"data.train={data}", "data.eval_fraction=0.2", "train.max_steps=4",
               "train.batch_size=4", "train.log_every=1", "tracking.wandb=false", "normalize.source=none"]
-    launch("zero2", "reward", f"output_dir={tmp_path / 'ds'}", *common)
+    launch_bounded(preset, "reward", f"output_dir={tmp_path / 'ds'}", *common, timeout=300)
     single("reward", f"output_dir={tmp_path / 'one'}", "train.grad_accum=2", *common)
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "ds")), torch.tensor(losses(tmp_path / "one")),
                                atol=1e-5, rtol=1e-5)
     same_tensors(tmp_path / "ds/heads/reward/head.safetensors", tmp_path / "one/heads/reward/head.safetensors", 1e-5)
 
 
-@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+@pytest.mark.parametrize("preset", ["zero2", "zero3", "fsdp2"])
 def test_ppo_two_processes_matches_one_process_and_resumes(preset, tiny_llama, tmp_path):
-    """Killed after 2 iterations and resumed under ZeRO-2 or ZeRO-3 (where the rollout gathers the
-    sharded weights): sampling is seeded per global row and rollouts are gathered, so 2 processes
+    """Killed after 2 iterations and resumed under ZeRO-2, ZeRO-3 or FSDP2 (where the rollout
+    gathers the sharded weights, and each process saves and restores its optimizer shard): sampling is seeded per global row and rollouts are gathered, so 2 processes
     reproduce the 1-process run of the same batch."""
     from tests.ppo_helpers import fake_reward_run, fake_sft_run, write_prompts
     sft = fake_sft_run(tiny_llama, tmp_path / "sft")
@@ -98,8 +99,9 @@ def test_ppo_two_processes_matches_one_process_and_resumes(preset, tiny_llama, t
     common = [f"sft_run={sft}", f"reward_run={rm}", f"data.prompts={prompts}", f"data.eval_prompts={prompts}",
               "ppo.iterations=3", "ppo.rollout_batch_size=16", "ppo.micro_batch_size=4", "ppo.num_minibatches=2",
               "ppo.response_length=6", "eval.num_prompts=4", "tracking.wandb=false", "ppo.save_every=1"]
-    launch(preset, "ppo", f"output_dir={tmp_path / 'ds'}", "ppo.stop_after_iterations=2", *common)
-    launch(preset, "ppo", f"output_dir={tmp_path / 'ds'}", "resume=true", *common)
+    launch_bounded(preset, "ppo", f"output_dir={tmp_path / 'ds'}", "ppo.stop_after_iterations=2", *common,
+                   timeout=400)
+    launch_bounded(preset, "ppo", f"output_dir={tmp_path / 'ds'}", "resume=true", *common, timeout=400)
     single("ppo", f"output_dir={tmp_path / 'one'}", *common)
     for key in ("objective/scores", "objective/kl", "policy/loss"):
         torch.testing.assert_close(torch.tensor(losses(tmp_path / "ds", key)),
@@ -110,8 +112,8 @@ def test_ppo_two_processes_matches_one_process_and_resumes(preset, tiny_llama, t
 
 # ---------------------------------------------------------------- PPO minibatch splits (issue 17)
 def launch_bounded(preset: str, stage: str, *overrides: str, timeout: int = 180, processes: int = 2,
-                   launcher_args: tuple[str, ...] = (), env_extra: dict | None = None):
-    """``launch`` on a free port, killed after ``timeout`` seconds, so a rank left waiting at a
+                   launcher_args: tuple[str, ...] = (), env_extra: dict | None = None, module: str = "align.cli"):
+    """``launch`` (or ``python -m module stage *overrides``) on a free port, killed after ``timeout`` seconds, so a rank left waiting at a
     collective fails the test instead of blocking the suite. torchrun puts every worker in its own
     session, so the launcher's descendants are killed one by one (output goes to files: a pipe
     held open by a surviving worker would block the test too)."""
@@ -124,10 +126,10 @@ def launch_bounded(preset: str, stage: str, *overrides: str, timeout: int = 180,
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           **(env_extra or {})}
+           "PYTHONFAULTHANDLER": "1", **(env_extra or {})}  # a crashing worker prints its stack
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / f"{preset}.yaml"), "--num_processes", str(processes),
-           "--main_process_port", str(port), *launcher_args, "-m", "align.cli", stage, *overrides]
+           "--main_process_port", str(port), *launcher_args, "-m", module, stage, *overrides]
     with tempfile.TemporaryFile("w+") as out:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
@@ -178,7 +180,7 @@ def ppo_split_runs(tiny_llama, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case,preset", [(c, p) for c in SPLITS for p in ("ddp", "zero2")]
-                         + [("share_below_micro", "zero3")])
+                         + [("share_below_micro", "zero3"), ("share_below_micro", "fsdp2")])
 def test_ppo_minibatch_splits_two_processes_match_one_process(case, preset, ppo_split_runs, tmp_path):
     """Whatever each rank's share of a minibatch is next to ppo.micro_batch_size (below, above, not a
     multiple), both ranks make the same forward/backward calls per optimizer step: no hang, and the
@@ -254,3 +256,131 @@ def test_zero3_loads_the_backbone_partitioned_and_samples_it_layer_by_layer(tmp_
             assert mem[name][rank]["backbone_mib"] == pytest.approx(whole / 2, rel=0.01)
     assert mem["by_layer"][1]["peak_rss_mib"] < mem["one"][0]["peak_rss_mib"] - whole / 4
     assert mem["by_layer"][1]["peak_rss_mib"] < mem["gather"][1]["peak_rss_mib"] - whole / 4
+
+
+def test_zero3_partitioned_load_holds_the_same_weights_and_a_zero_pad_row(tmp_path):
+    """Under the zero3 preset the backbone is built partitioned (``zero.Init``); align then adds a
+    PAD of its own to a PAD == EOS checkpoint, which resizes the partitioned embeddings and zeroes
+    the new rows under a gather. Gathered back whole, both processes hold exactly the weights of a
+    plain single-process load, the added row is zero, and each process stored about half."""
+    from align.backbone import load_backbone, load_tokenizer
+    from align.tiny import make_tiny
+    from tests.test_real_tokenizers import _retokenize
+    path = _retokenize(make_tiny(tmp_path / "padeos", "llama", kv_heads=2), pad_is_eos=True)
+    tok = load_tokenizer(path)
+    plain = load_backbone(path, tokenizer=tok)
+    added = list(plain._align_masked_ids)
+    assert added and plain.get_input_embeddings().num_embeddings == len(tok)  # align added a PAD row
+    expected = {n: p.detach() for n, p in plain.named_parameters()}
+    total = sum(t.numel() for t in expected.values())
+    launch_bounded("zero3", str(path), str(tmp_path / "probe"), module="tests.zero3_probe", timeout=240)
+    for rank in (0, 1):
+        info = json.loads((tmp_path / "probe" / f"rank{rank}.json").read_text())
+        assert info["partitioned"] and info["added_ids"] == added
+        assert info["fingerprint"] == plain._align_fingerprint
+        assert sum(info["local_numel"].values()) == pytest.approx(total / 2, rel=0.01), info["local_numel"]
+        got = load_file(str(tmp_path / "probe" / f"rank{rank}.safetensors"))
+        assert sorted(got) == sorted(expected)
+        for name, t in expected.items():
+            torch.testing.assert_close(got[name], t, atol=0, rtol=0, msg=name)
+        emb = got["model.embed_tokens.weight"]
+        assert emb.shape[0] == len(tok) and not emb[added].any()
+
+
+# ---------------------------------------------------------------- FSDP2 (issue 17 item 6)
+def test_sft_fsdp2_shards_the_backbone_matches_one_process_and_resumes(tiny_llama, sft_data, tmp_path):
+    """Under FSDP2 each of 2 processes keeps half of the frozen backbone (one shard group per
+    decoder layer, the rest and every adapter at the root); the same micro-batches as 1 process
+    with 2 accumulation steps give the same losses and adapters, also when killed after step 3
+    and resumed (each process's optimizer shard saved as plain tensors and put back)."""
+    common = [f"model.path={tiny_llama}", f"data.train={sft_data}", "train.max_steps=6", "train.batch_size=4",
+              "train.log_every=1", "tracking.wandb=false", "data.num_samples=0", "train.lr=5e-3",
+              "train.max_grad_norm=0.05"]  # small enough to clip: the norm is taken over the shards
+    two = tmp_path / "fsdp2"
+    launch_bounded("fsdp2", "sft", f"output_dir={two}", "train.stop_after_steps=3", "train.save_every=3", *common,
+                   timeout=300)
+    opt = torch.load(two / "checkpoints/step_3/optimizer_rank1.pt", weights_only=True)
+    assert opt["state"]  # plain tensors, readable with weights_only
+    launch_bounded("fsdp2", "sft", f"output_dir={two}", "resume=true", *common, timeout=300)
+    single("sft", f"output_dir={tmp_path / 'one'}", "train.grad_accum=2", *common)
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)
+    norms = losses(tmp_path / "one", "grad_norm")
+    assert max(norms) > 0.05  # clipping was active
+    torch.testing.assert_close(torch.tensor(losses(two, "grad_norm")), torch.tensor(norms), atol=1e-5, rtol=1e-4)
+    same_tensors(two / "adapters/sft/adapter_model.safetensors",
+                 tmp_path / "one/adapters/sft/adapter_model.safetensors", atol=1e-5)
+    mem = {m["rank"]: m for m in json.loads((two / "summary.json").read_text())["memory"]}
+    whole = json.loads((tmp_path / "one" / "summary.json").read_text())["memory"][0]["backbone_mib"]
+    assert sorted(mem) == [0, 1]
+    for rank in (0, 1):
+        assert mem[rank]["backbone_mib"] == pytest.approx(whole / 2, rel=0.05)
+
+
+@pytest.mark.parametrize("method", ["ia3", "prefix", "llama_adapter", "full"])
+def test_sft_fsdp2_every_kind_of_trainable_tensor(method, tiny_llama, sft_data, tmp_path):
+    """Adapter tensors read by backbone hooks and the attention function (IA3, prefix,
+    LLaMA-Adapter) sit in the root group, whole for the whole forward; ``full`` trains the
+    sharded backbone weights of the layer groups themselves. 2 processes match 1."""
+    common = [f"model.path={tiny_llama}", f"data.train={sft_data}", "train.max_steps=3", "train.batch_size=4",
+              "train.log_every=1", "tracking.wandb=false", "data.num_samples=0", "train.lr=1e-2",
+              f"adapter.method={method}"]
+    launch_bounded("fsdp2", "sft", f"output_dir={tmp_path / 'ds'}", *common, timeout=300)
+    single("sft", f"output_dir={tmp_path / 'one'}", "train.grad_accum=2", *common)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ds")), torch.tensor(losses(tmp_path / "one")),
+                               atol=1e-5, rtol=1e-5)
+    same_tensors(tmp_path / "ds/adapters/sft/adapter_model.safetensors",
+                 tmp_path / "one/adapters/sft/adapter_model.safetensors", atol=1e-5)
+
+
+def test_ppo_fsdp2_samples_group_by_group(ppo_split_runs, tmp_path):
+    """With ``model.zero3_gather_for_generation=false`` FSDP2 gathers each layer's shards for each
+    decoding step instead of the whole model for the loop; both processes step until every row of
+    both has stopped. The same adapters as 1 process."""
+    common, one_process = ppo_split_runs
+    launch_bounded("fsdp2", "ppo", f"output_dir={tmp_path / 'two'}", "model.zero3_gather_for_generation=false",
+                   *common("uneven"), timeout=300)
+    one = one_process("uneven")
+    for key in ("objective/scores", "policy/loss"):
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / "two", key)), torch.tensor(losses(one, key)),
+                                   atol=1e-4, rtol=1e-4)
+    for sub in ("adapters/policy/adapter_model.safetensors", "adapters/value/adapter_model.safetensors"):
+        same_tensors(tmp_path / "two" / sub, one / sub, atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_fsdp2_dpo_and_grpo_two_processes_match_one_process(stage, tiny_llama, tmp_path):
+    """The other policy-optimisation stages on the same sharded roles: DPO (policy and its SFT
+    reference, one trainer) and GRPO (rollout, no critic)."""
+    from tests.ppo_helpers import fake_reward_run, fake_sft_run, write_prompts
+    from tests.test_reward import rule_rankings
+    sft = fake_sft_run(tiny_llama, tmp_path / "sft")
+    if stage == "dpo":
+        data = rule_rankings(tmp_path / "rules.jsonl", n=16)
+        common = [f"sft_run={sft}", f"data.train={data}", "train.max_steps=4", "train.batch_size=4",
+                  "train.log_every=1", "tracking.wandb=false", "train.lr=1e-2"]
+        keys, accum = ("loss",), ["train.grad_accum=2"]
+    else:
+        rm = fake_reward_run(tiny_llama, tmp_path / "rm")
+        prompts = write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 4)
+        common = [f"sft_run={sft}", f"reward_run={rm}", f"data.prompts={prompts}", f"data.eval_prompts={prompts}",
+                  "grpo.iterations=2", "grpo.rollout_batch_size=8", "grpo.group_size=4", "grpo.micro_batch_size=2",
+                  "grpo.num_minibatches=2", "grpo.response_length=5", "grpo.lr=1e-2", "eval.num_prompts=2",
+                  "tracking.wandb=false"]
+        keys, accum = ("objective/scores", "policy/loss"), []
+    launch_bounded("fsdp2", stage, f"output_dir={tmp_path / 'two'}", *common, timeout=300)
+    single(stage, f"output_dir={tmp_path / 'one'}", *common, *accum)
+    for key in keys:
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / "two", key)),
+                                   torch.tensor(losses(tmp_path / "one", key)), atol=1e-4, rtol=1e-4)
+    same_tensors(tmp_path / "two/adapters/policy/adapter_model.safetensors",
+                 tmp_path / "one/adapters/policy/adapter_model.safetensors", atol=1e-4)
+
+
+def test_fsdp2_gathered_sampling_needs_no_step_in_lockstep(tiny_llama, tmp_path):
+    """Gathering for sampling (the default) makes the loop free of collectives: one process may
+    stop after fewer forwards than another without a hang, both compute the same logits, and the
+    backbone is sharded again after the loop."""
+    launch_bounded("fsdp2", str(tiny_llama), str(tmp_path / "probe"), module="tests.fsdp2_probe", timeout=180)
+    got = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(g["sharded_after"] for g in got)
+    assert got[0]["logit0"] == got[1]["logit0"]

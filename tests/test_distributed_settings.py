@@ -290,3 +290,53 @@ def test_two_processes_refuse_a_one_process_sft_checkpoint(tiny_llama, tmp_path)
     assert r.returncode != 0
     assert "written by 1 process and this run has 2" in out and "resume with 1 process" in out, out[-4000:]
     assert "step_2" in out and not (tmp_path / "run" / "checkpoints" / "step_4").exists()
+
+
+# ---------------------------------------------------------------- FSDP2 settings (issue 17 item 6)
+def test_fsdp2_settings_are_read_from_the_launch_environment():
+    from align.fsdp import FSDPSettings, settings_from_env
+    assert settings_from_env({}) is None
+    assert settings_from_env({"ACCELERATE_USE_FSDP": "false", "FSDP_VERSION": "1"}) is None
+    base = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    assert settings_from_env(base) == FSDPSettings()
+    got = settings_from_env({**base, "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_OFFLOAD_PARAMS": "true",
+                             "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer, LlamaMLP"})
+    assert got == FSDPSettings(reshard_after_forward=False, offload_params=True,
+                               layer_classes=("LlamaDecoderLayer", "LlamaMLP"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"FSDP_VERSION": "1"}, "align runs FSDP2 only"),
+    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "model.gradient_checkpointing=true"),
+    ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "fsdp_cpu_ram_efficient_loading"),
+])
+def test_fsdp_settings_align_does_not_run_are_refused(extra, message):
+    from align.config import ConfigError
+    from align.fsdp import settings_from_env
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        settings_from_env({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", **extra})
+
+
+@pytest.mark.parametrize("mixed,dtype,ok", [("no", "float32", True), ("bf16", "bfloat16", True),
+                                            ("bf16", "float32", False), ("fp16", "bfloat16", False)])
+def test_fsdp2_precision_is_model_dtype(mixed, dtype, ok):
+    from align.config import ConfigError
+    from align.fsdp import check_precision
+    if ok:
+        check_precision(mixed, dtype)
+    else:
+        with pytest.raises(ConfigError, match="model.dtype decides"):
+            check_precision(mixed, dtype)
+
+
+def test_fsdp2_layer_classes_must_exist(tiny_llama):
+    from align.config import ConfigError
+    from align.fsdp import FSDPSettings, shard_groups
+    from tests.conftest import load
+    model, _ = load(tiny_llama)
+    groups = shard_groups(model, FSDPSettings())
+    assert groups[-1] is model and len(groups) == model.arch.num_layers + 1
+    assert [type(g).__name__ for g in shard_groups(model, FSDPSettings(layer_classes=("LlamaMLP",)))[:-1]] \
+        == ["LlamaMLP"] * model.arch.num_layers
+    with pytest.raises(ConfigError, match="LlamaDecoderLayer"):
+        shard_groups(model, FSDPSettings(layer_classes=("GPT2Block",)))

@@ -28,6 +28,20 @@ from align.arch import Arch
 from align.rules import Rule
 
 
+def held_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What ``module.state_dict()`` holds (parameters, persistent buffers), read from the module's
+    attributes, detached. The same tensors, except under FSDP2, where ``state_dict()`` reshards the
+    group and returns each process's shards even while it is gathered (freeing the whole tensors
+    read before it); the attributes hold the whole tensors that saving inside
+    ``Runtime.gathered`` must write."""
+    out = {n: p.detach() for n, p in module.named_parameters(remove_duplicate=False)}
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = b.detach()
+    return out
+
+
 @dataclass
 class AdapterConfig:
     """One adapter set's method and hyper-parameters.
@@ -139,7 +153,7 @@ class AdapterSet(nn.Module):
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors needed at inference (training-only reparameterisations folded away)."""
-        return {k: v.detach() for k, v in self.state_dict().items()}
+        return held_state_dict(self)
 
     def copy_from(self, other: "AdapterSet") -> None:
         self.load_state_dict(other.state_dict())

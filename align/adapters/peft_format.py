@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from align.adapters.base import METHODS, AdapterConfig, peft_types
+from align.adapters.base import METHODS, AdapterConfig, held_state_dict, peft_types
 from align.checkpoint import save_safetensors
 
 ALIGN_FILE = "align_adapter.json"
@@ -125,7 +125,7 @@ def save_head(model, name: str, directory: str | os.PathLike, extra: dict | None
     directory = Path(directory)
     head = model.heads[name]
     with atomic_dir(directory) as tmp:
-        save_safetensors(_contiguous(head.state_dict()), tmp / "head.safetensors",
+        save_safetensors(_contiguous(held_state_dict(head)), tmp / "head.safetensors",
                          metadata={"format": "pt", "align_fingerprint": model.fingerprint})
         (tmp / "head.json").write_text(json.dumps(
             {"hidden_size": model.arch.hidden_size, "backbone_fingerprint": model.fingerprint,

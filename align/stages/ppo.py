@@ -522,6 +522,7 @@ class PPOLoop:
         self.engine, self.optimizer, start, _ = prepare_resumable(
             self.rt, self.model, optimizer, self.sched, self.st.run_dir, self.cfg.resume, self.split.chunk, self.section,
             stateful={"kl_controller": self.kl_ctl}, max_grad_norm=self.a.max_grad_norm, dtype=self.cfg.model.dtype)
+        self.params = self.model.trainable_parameters()  # FSDP2 replaced them by their shards
         return start
 
     def rollout(self, it: int) -> tuple[Rollout, float, float]:
