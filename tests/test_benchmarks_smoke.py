@@ -115,3 +115,32 @@ def test_compare_methods_and_its_ppo_lr_sweep_run_on_a_tiny_model(tiny_llama, tm
     assert sweep[1]["ppo_iterations"] == 2 and (tmp_path / "work" / "lora" / "ppo_lr0.01" / "config.yaml").exists()
     md = (tmp_path / "out" / "methods_ppo_lr.md").read_text()
     assert "| `lora` | 0.003 (table) | `lora` |" in md and "| `lora` | 0.01 | `lora` |" in md
+
+
+def test_methods_pipeline_annotates_once_then_runs_every_method_on_the_same_rankings(tiny_llama, tmp_path):
+    """benchmarks/methods_pipeline.py (the method table on a pipeline config): with no rankings in
+    --from it runs the pipeline's LoRA SFT and annotation there first; then each method runs the
+    pipeline's SFT and reward (PPO only for --ppo-methods) on those same rankings, at the config's
+    learning rates times the method's factor."""
+    over = [f"model={tiny_llama}", "sft_steps=4", "sft_examples=64", "annotate_prompts=16", "reward_epochs=1",
+            "ppo_iterations=1", "ppo_prompts=32", "ppo_rollout_batch_size=8", "ppo_micro_batch_size=4",
+            "eval_prompts=8"]
+    src, out, work = tmp_path / "src", tmp_path / "out", tmp_path / "work"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods_pipeline.py"), "--config",
+                        str(ROOT / "configs" / "quickstart.yaml"), "--from", str(src), "--methods", "lora,ia3",
+                        "--ppo-methods", "lora", "--rm-gold-prompts", "8", "--name", "m", "--out", str(out),
+                        "--work", str(work), *over], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rankings = (src / "data" / "rankings.jsonl").read_text()
+    assert rankings and (src / "sft" / "summary.json").exists()
+    lora, ia3 = (json.loads((out / "m" / f"{m}.json").read_text()) for m in ("lora", "ia3"))
+    for row, m in ((lora, "lora"), (ia3, "ia3")):
+        assert (work / m / "data" / "rankings.jsonl").read_text() == rankings
+        assert row["rm_gold_pairs"] > 0 and 0 <= row["rm_accuracy_vs_gold"] <= 1
+        assert row["sft_eval_loss"] < row["sft_eval_loss_start"] + 1 and row["trainable"]["sft"] > 0
+    assert lora["ppo_iterations"] == 1 and lora["n_eval_prompts"] == 8 and "kl_ppo" in lora
+    assert "gold_diff" not in ia3 and not (work / "ia3" / "ppo").exists()
+    assert ia3["lrs"]["sft_lr"] == pytest.approx(50 * lora["lrs"]["sft_lr"])  # compare_methods.LRS: 1e-1 / 2e-3
+    assert ia3["trainable"]["sft"] < lora["trainable"]["sft"]
+    md = (out / "m.md").read_text()
+    assert "| `lora` |" in md and "| `ia3` |" in md and "– | –" in md
