@@ -302,6 +302,14 @@ def _f(x, fmt: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
+def table_head(columns: list[str]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def failed_row(r: dict, columns: int) -> str:
+    return f"| `{r['method']}` | failed: {r['error'][:100]} |" + " |" * (columns - 2)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     ok = [r for r in rows if "error" not in r]
     n = ok[0]["backbone_params"] if ok else 0
@@ -310,13 +318,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
     rm = f"{a['reward_steps']} steps" if a["reward_steps"] else f"{a['reward_epochs']:g} epochs"
     out = [f"#### Methods on the quickstart task ({n:,}-parameter frozen backbone; SFT {a['sft_steps']} steps, "
            f"reward {rm}, PPO {a['ppo_iterations']} iterations; {meta['machine']}, {meta['date']})", "",
-           "| method | trainable: policy (% of backbone) | reward / value | lr SFT / RM / PPO | SFT s/step | "
-           "RM s/step | PPO s/iter | peak RSS (MiB) | SFT held-out loss | RM held-out acc. | RM acc. vs gold | "
-           "gold SFT | gold PPO | gold PPO − SFT (paired) | KL to SFT |",
-           "|" + "---|" * 15]
+           *table_head(["method", "trainable: policy (% of backbone)", "reward / value", "lr SFT / RM / PPO",
+                        "SFT s/step", "RM s/step", "PPO s/iter", "peak RSS (MiB)", "SFT held-out loss",
+                        "RM held-out acc.", "RM acc. vs gold", "gold SFT", "gold PPO", "gold PPO − SFT (paired)",
+                        "KL to SFT"])]
     for r in rows:
         if "error" in r:
-            out.append(f"| `{r['method']}` | failed: {r['error'][:100]} |" + " |" * 13)
+            out.append(failed_row(r, 15))
             continue
         t, lr = r["trainable"], r["lrs"]
         out.append(

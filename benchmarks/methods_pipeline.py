@@ -21,6 +21,8 @@ the config's every setting) run with ``method=<method>`` in its own process, exc
   for ``--ppo-methods``.
 
 Peak RSS is each method process's own; seconds per step are medians over its ``metrics.jsonl``.
+With ``--resume`` a finished row is kept and an unfinished one continues from the stages it has
+(adding PPO later to a row that ran without it reuses its SFT and reward runs).
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.compare_methods import (LRS, METHODS, _f, comparison_fields, machine,  # noqa: E402
-                                        ppo_iteration_seconds, read_metrics, rss_mb, step_seconds)
+from benchmarks.compare_methods import (LRS, METHODS, _f, comparison_fields, failed_row, machine,  # noqa: E402
+                                        ppo_iteration_seconds, read_metrics, rss_mb, step_seconds, table_head)
 
 
 def scaled_lrs(cfg, method: str) -> dict:
@@ -64,23 +66,27 @@ def worker(a) -> dict:
     from align import pipeline as pl
     from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
     m, work = a.method, Path(a.work_dir)
-    if work.exists():
-        shutil.rmtree(work)  # a half-finished earlier attempt: start clean
-    (work / "data").mkdir(parents=True)
+    # a finished stage in WORK is kept (the pipeline skips it; a killed one resumes): a later call
+    # with this method in --ppo-methods adds PPO to the SFT and reward runs of an earlier one
+    (work / "data").mkdir(parents=True, exist_ok=True)
     rankings = work / "data" / "rankings.jsonl"
-    shutil.copy(Path(a.src) / "data" / "rankings.jsonl", rankings)
+    if not rankings.exists():
+        shutil.copy(Path(a.src) / "data" / "rankings.jsonl", rankings)
     cfg = method_config(a, m, work)
-    wall: dict[str, float] = {}
+    earlier = json.loads(Path(a.result).read_text()) if Path(a.result).exists() else {}
+    wall: dict[str, float] = dict(earlier.get("seconds_per_stage", {}))
 
-    def timed(name, fn, *args):
+    def timed(name, fn, *args, run_dir: Path | None = None):
+        done = run_dir is not None and pl._stage_done(run_dir)
         t = time.time()
         out = fn(*args)
-        wall[name] = time.time() - t
+        if not done:  # the seconds of the call that ran the stage
+            wall[name] = time.time() - t
         return out
 
     backbone = pl._backbone(cfg, work)
-    sft_dir = timed("sft", pl._sft, cfg, backbone, work)
-    rm_dir = timed("reward", pl._reward, cfg, sft_dir, rankings, work)
+    sft_dir = timed("sft", pl._sft, cfg, backbone, work, run_dir=work / "sft")
+    rm_dir = timed("reward", pl._reward, cfg, sft_dir, rankings, work, run_dir=work / "reward")
     prompts, held = pl._prompt_files(cfg, work)
     ev = EvalConfig(sft_run=str(sft_dir), reward_run=str(rm_dir), policy_a="sft", policy_b="sft",
                     prompts=str(held), num_prompts=a.rm_gold_prompts, temperature=cfg.temperature, response_length=cfg.response_length,
@@ -96,14 +102,14 @@ def worker(a) -> dict:
            "rm_accuracy": rm_sum.get("eval/accuracy"), "rm_eval_pairs": rm_sum.get("eval/pairs"),
            "rm_accuracy_vs_gold": acc["rm_accuracy_vs_gold"], "rm_gold_pairs": acc["rm_eval_pairs"]}
     if a.ppo:
-        policy_dir, held = timed("ppo", pl._policy, cfg, sft_dir, rm_dir, rankings, work)
+        policy_dir, held = timed("ppo", pl._policy, cfg, sft_dir, rm_dir, rankings, work, run_dir=work / "ppo")
         ppo_sum = json.loads((policy_dir / "summary.json").read_text())
         ev = dataclasses.replace(ev, policy_b=str(policy_dir), num_prompts=cfg.eval_prompts)
         cmp = timed("eval", compare, ev)
         row.update(comparison_fields(cmp), ppo_iteration_s=ppo_iteration_seconds(read_metrics(policy_dir)),
                    ppo_iterations=ppo_sum.get("iterations"))
         row["trainable"].update(policy=ppo_sum["trainable_params"]["policy"], value=ppo_sum["trainable_params"]["value"])
-    return {**row, "peak_rss_mb": rss_mb(), "rss_at_start_mb": start_rss, "seconds_per_stage": wall,
+    return {**row, "peak_rss_mb": max(rss_mb(), earlier.get("peak_rss_mb", 0)), "rss_at_start_mb": start_rss, "seconds_per_stage": wall,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -112,12 +118,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     n = ok[0]["backbone_params"] if ok else 0
     out = [f"#### Methods on {meta['model']} ({meta['task']}; {n:,}-parameter frozen backbone; the pipeline's "
            f"settings; {meta['machine']}, {meta['date']})", "",
-           "| method | trainable (% of backbone) | lr SFT / RM / PPO | SFT s/step | RM s/step | SFT held-out loss "
-           "| RM held-out acc. | RM acc. vs gold | gold PPO − SFT (paired) | KL to SFT | wall (min) | peak RSS (MiB) |",
-           "|" + "---|" * 12]
+           *table_head(["method", "trainable (% of backbone)", "lr SFT / RM / PPO", "SFT s/step", "RM s/step",
+                        "SFT held-out loss", "RM held-out acc.", "RM acc. vs gold", "gold PPO − SFT (paired)",
+                        "KL to SFT", "wall (min)", "peak RSS (MiB)"])]
     for r in rows:
         if "error" in r:
-            out.append(f"| `{r['method']}` | failed: {r['error'][:100]} |" + " |" * 10)
+            out.append(failed_row(r, 12))
             continue
         lr, t = r["lrs"], r["trainable"]["sft"]
         ppo = (f"{r['gold_diff']:+.3f} ± {r['gold_diff_sem']:.3f} | {_f(r['kl_ppo'], '.2f')}"
@@ -164,7 +170,9 @@ def main(argv=None):
     ap.add_argument("--name", default="methods_smollm2", help="results NAME.{md,json} and NAME/ per method")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / ".work" / "methods_pipeline"))
-    ap.add_argument("--resume", action="store_true", help="keep methods whose result file exists")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep finished rows and stages: a method's row reruns only what is missing (e.g. PPO for a "
+                         "method newly in --ppo-methods, on its earlier SFT and reward runs)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ppo", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -193,8 +201,9 @@ def main(argv=None):
     rows = []
     for m in methods:
         f = per / f"{m}.json"
-        if a.resume and f.exists() and "error" not in json.loads(f.read_text()):
-            rows.append(json.loads(f.read_text()))
+        kept = json.loads(f.read_text()) if a.resume and f.exists() else {}
+        if kept and "error" not in kept and (m not in ppo or "gold_diff" in kept):
+            rows.append(kept)
             continue
         log = work / f"{m}.log"
         args = [sys.executable, str(Path(__file__).resolve()), "--worker", "--result", str(f), "--method", m,
@@ -202,8 +211,10 @@ def main(argv=None):
                 "--rm-gold-prompts", str(a.rm_gold_prompts), *(["--ppo"] if m in ppo else []), *a.overrides]
         print(f"[methods_pipeline] {m}: running (log {log})", file=sys.stderr, flush=True)
         t = time.time()
-        f.unlink(missing_ok=True)
-        with open(log, "w") as lf:
+        if not a.resume:  # every stage from scratch
+            f.unlink(missing_ok=True)
+            shutil.rmtree(work / m, ignore_errors=True)
+        with open(log, "a") as lf:
             rc = subprocess.run(args, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
         if rc == 0 and f.exists():
             res = json.loads(f.read_text())

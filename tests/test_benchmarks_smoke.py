@@ -144,3 +144,15 @@ def test_methods_pipeline_annotates_once_then_runs_every_method_on_the_same_rank
     assert ia3["trainable"]["sft"] < lora["trainable"]["sft"]
     md = (out / "m.md").read_text()
     assert "| `lora` |" in md and "| `ia3` |" in md and "– | –" in md
+
+    # --resume adds PPO to ia3's row on its earlier SFT and reward runs (not rerun) and keeps lora's
+    sft_adapter = work / "ia3" / "sft" / "adapters" / "sft" / "adapter_model.safetensors"
+    stamp = sft_adapter.stat().st_mtime_ns
+    r = subprocess.run([*r.args[:r.args.index("--ppo-methods")], "--ppo-methods", "lora,ia3",
+                        *r.args[r.args.index("--ppo-methods") + 2:], "--resume"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ia3_again = json.loads((out / "m" / "ia3.json").read_text())
+    assert ia3_again["ppo_iterations"] == 1 and "gold_diff" in ia3_again and sft_adapter.stat().st_mtime_ns == stamp
+    assert ia3_again["seconds_per_stage"]["sft"] == ia3["seconds_per_stage"]["sft"]
+    assert json.loads((out / "m" / "lora.json").read_text()) == lora

@@ -196,16 +196,21 @@ def test_ppo_minibatch_splits_two_processes_match_one_process(case, preset, ppo_
 
 
 # ---------------------------------------------------------------- ZeRO-3 partitioning (issue 17 item 2)
-@pytest.mark.parametrize("method", ["ia3", "prefix", "llama_adapter"])
-def test_sft_zero3_adapters_read_outside_their_own_modules(method, tiny_llama, sft_data, tmp_path):
+@pytest.mark.parametrize("preset,method", [("zero3", "ia3"), ("zero3", "prefix"), ("zero3", "llama_adapter"),
+                                           ("fsdp2", "ia3"), ("fsdp2", "prefix"), ("fsdp2", "llama_adapter"),
+                                           ("fsdp2", "full")])
+def test_sharded_backbone_trains_adapters_read_outside_their_own_modules(preset, method, tiny_llama, sft_data,
+                                                                         tmp_path):
     """IA3 vectors, prefix embeddings and LLaMA-Adapter prompts and gates are read by backbone hooks
-    and the attention function, not by calling their own module, so ZeRO-3's module hooks never
-    gathered them (their partitions are empty tensors). Registered as external parameters of the
-    model, they are whole in every forward and backward: 2 processes match 1."""
+    and the attention function, not by calling their own module. ZeRO-3's module hooks never
+    gathered them (their partitions are empty tensors): registered as external parameters of the
+    model, they are whole in every forward and backward. Under FSDP2 they sit in the root group,
+    whole for the whole forward; ``full`` trains the sharded weights of the layer groups
+    themselves. 2 processes match 1."""
     common = [f"model.path={tiny_llama}", f"data.train={sft_data}", "train.max_steps=3", "train.batch_size=4",
               "train.log_every=1", "tracking.wandb=false", "data.num_samples=0", "train.lr=1e-2",
               f"adapter.method={method}"]
-    launch_bounded("zero3", "sft", f"output_dir={tmp_path / 'ds'}", *common, timeout=300)
+    launch_bounded(preset, "sft", f"output_dir={tmp_path / 'ds'}", *common, timeout=300)
     single("sft", f"output_dir={tmp_path / 'one'}", "train.grad_accum=2", *common)
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "ds")), torch.tensor(losses(tmp_path / "one")),
                                atol=1e-5, rtol=1e-5)
@@ -314,22 +319,6 @@ def test_sft_fsdp2_shards_the_backbone_matches_one_process_and_resumes(tiny_llam
     assert sorted(mem) == [0, 1]
     for rank in (0, 1):
         assert mem[rank]["backbone_mib"] == pytest.approx(whole / 2, rel=0.05)
-
-
-@pytest.mark.parametrize("method", ["ia3", "prefix", "llama_adapter", "full"])
-def test_sft_fsdp2_every_kind_of_trainable_tensor(method, tiny_llama, sft_data, tmp_path):
-    """Adapter tensors read by backbone hooks and the attention function (IA3, prefix,
-    LLaMA-Adapter) sit in the root group, whole for the whole forward; ``full`` trains the
-    sharded backbone weights of the layer groups themselves. 2 processes match 1."""
-    common = [f"model.path={tiny_llama}", f"data.train={sft_data}", "train.max_steps=3", "train.batch_size=4",
-              "train.log_every=1", "tracking.wandb=false", "data.num_samples=0", "train.lr=1e-2",
-              f"adapter.method={method}"]
-    launch_bounded("fsdp2", "sft", f"output_dir={tmp_path / 'ds'}", *common, timeout=300)
-    single("sft", f"output_dir={tmp_path / 'one'}", "train.grad_accum=2", *common)
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ds")), torch.tensor(losses(tmp_path / "one")),
-                               atol=1e-5, rtol=1e-5)
-    same_tensors(tmp_path / "ds/adapters/sft/adapter_model.safetensors",
-                 tmp_path / "one/adapters/sft/adapter_model.safetensors", atol=1e-5)
 
 
 def test_ppo_fsdp2_samples_group_by_group(ppo_split_runs, tmp_path):
