@@ -31,7 +31,8 @@ import torch
 
 from align.adapters.base import AdapterConfig
 from align.backbone import cache_root
-from align.config import TrackingConfig, validate
+from align.arch import NEEDS_FLOAT_WEIGHTS, QUANTIZATIONS, quantized_refusal
+from align.config import ModelConfig, TrackingConfig, validate
 from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range
 
 
@@ -63,6 +64,8 @@ class PipelineConfig:
     chat: bool = False                   # prompts and responses as chat turns (the checkpoint's template)
     policy_stage: str = "ppo"            # ppo | grpo | rloo | dpo: the policy-optimisation stage
     method: str = "lora"                      # adapter method for every role
+    quantization: str = "none"           # none | int8 | nf4: the frozen backbone of every stage (model.quantization;
+                                         # bitsandbytes; refused with method full / top_k)
     lora_r: int = 8                      # LoRA rank (alpha = 2r)
     # LoRA on every linear layer of attention and MLP: with attention-only LoRA the policy barely
     # moves the gold score at this scale (measured: +0.15 vs +0.33 gold, same budget)
@@ -104,7 +107,7 @@ class PipelineConfig:
         "annotate_temperature": POSITIVE, "reward_steps": NON_NEGATIVE, "reward_epochs": POSITIVE,
         "reward_lr": POSITIVE, "ppo_iterations": AT_LEAST_ONE, "ppo_prompts": AT_LEAST_ONE,
         "ppo_rollout_batch_size": AT_LEAST_ONE, "ppo_lr": POSITIVE, "ppo_kl_coef": NON_NEGATIVE,
-        "policy_stage": OneOf("ppo", "grpo", "rloo", "dpo"), "sft_batch_size": AT_LEAST_ONE,
+        "policy_stage": OneOf("ppo", "grpo", "rloo", "dpo"), "quantization": OneOf(*QUANTIZATIONS), "sft_batch_size": AT_LEAST_ONE,
         "max_length": Range(8, integer=True), "reward_batch_size": AT_LEAST_ONE,
         "ppo_micro_batch_size": AT_LEAST_ONE, "ppo_epochs": AT_LEAST_ONE, "ppo_eval_every": NON_NEGATIVE,
         "group_size": Range(2, integer=True),
@@ -117,6 +120,10 @@ class PipelineConfig:
         from align.adapters.base import METHODS
         if self.method not in METHODS:
             yield f"{at}method={self.method!r}: choose one of {', '.join(METHODS)}"
+        if self.quantization in QUANTIZATIONS and self.quantization != "none":
+            if self.method in NEEDS_FLOAT_WEIGHTS:
+                yield f"{at}quantization={self.quantization!r}: {quantized_refusal(self.method, self.quantization)}"
+            yield from ModelConfig(quantization=self.quantization).checks(at)  # bitsandbytes installed
         elif self.method != "lora":
             for key in ("lora_r", "target_modules"):
                 if getattr(self, key) != getattr(PipelineConfig, key):
@@ -208,7 +215,7 @@ def _sft(cfg: PipelineConfig, backbone: Path, out: Path) -> Path:
     sft_dir = out / "sft"
     if not _stage_done(sft_dir):
         c = sft_stage.SFTConfig(output_dir=str(sft_dir), resume=cfg.resume or sft_dir.exists())
-        c.model.path = str(backbone)
+        c.model.path, c.model.quantization = str(backbone), cfg.quantization
         c.adapter = pipeline_adapter(cfg)
         c.data.train, c.data.eval_fraction, c.data.chat = str(sft_data), 0.05, cfg.chat
         c.data.max_length, c.data.max_new_tokens = cfg.max_length, cfg.response_length
@@ -226,6 +233,7 @@ def _reward(cfg: PipelineConfig, sft_dir: Path, rankings: Path, out: Path) -> Pa
     rm_dir = out / "reward"
     if not _stage_done(rm_dir):
         c = reward_stage.RewardConfig(output_dir=str(rm_dir), sft_run=str(sft_dir), init="sft_copy")
+        c.model.quantization = cfg.quantization
         c.data.train, c.data.eval_fraction, c.data.max_length = str(rankings), 0.1, cfg.max_length
         c.data.chat = cfg.chat
         c.train.lr, c.train.batch_size, c.train.seed = cfg.reward_lr, cfg.reward_batch_size, cfg.seed
@@ -252,6 +260,7 @@ def _online_config(cfg: PipelineConfig, config_cls, sft_dir: Path, rm_dir: Path,
     """PPO, GRPO or RLOO against the learned reward: the settings they share; returns the stage
     config and its algorithm section (``ppo``, ``grpo`` or ``rloo``: the stage's name)."""
     p = config_cls(output_dir=str(run_dir), sft_run=str(sft_dir), reward_run=str(rm_dir))
+    p.model.quantization = cfg.quantization
     p.data.prompts, p.data.eval_prompts, p.data.chat = str(prompts), str(held), cfg.chat
     p.data.max_prompt_length = cfg.max_length
     a = getattr(p, cfg.policy_stage)
@@ -282,6 +291,7 @@ def _policy(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, rankings: Path, ou
     else:
         from align.stages import dpo as stage
         p = stage.DPOConfig(output_dir=str(run_dir), sft_run=str(sft_dir))
+        p.model.quantization = cfg.quantization
         p.data.train, p.data.eval_fraction, p.data.max_length, p.data.chat = str(rankings), 0.1, cfg.max_length, cfg.chat
         p.train.seed, p.train.batch_size = cfg.seed, cfg.reward_batch_size
         p.eval.max_new_tokens, p.eval.temperature = cfg.response_length, cfg.temperature
@@ -353,7 +363,6 @@ def annotate(cfg: PipelineConfig, backbone: Path, sft_dir: Path, data: Path) -> 
     export holds the plain prompt and response texts a person would see (with ``chat``, the policy
     is sampled on the chat template's rendering of the prompt)."""
     from align.adapters.peft_format import load_adapter
-    from align.config import ModelConfig
     from align.data.common import as_chat
     from align.data.sft import prompt_text
     from align.distributed import Runtime
@@ -365,7 +374,7 @@ def annotate(cfg: PipelineConfig, backbone: Path, sft_dir: Path, data: Path) -> 
 
     task = task_module(cfg)
     rt = Runtime()
-    tok, model = load_model(str(backbone), ModelConfig(path=str(backbone)), rt.device)
+    tok, model = load_model(str(backbone), ModelConfig(path=str(backbone), quantization=cfg.quantization), rt.device)
     load_adapter(model, "sft", sft_dir / "adapters" / "sft")
     model.add_role("sft", ["sft"])
     prompts = task.prompts("rm", cfg.annotate_prompts, cfg.seed)

@@ -73,6 +73,7 @@ def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, 
     a, b = comparison["a"], comparison["b"]
     report = {
         "policy_stage": stage, "task": getattr(cfg, "task", "align.quickstart.task"),
+        "quantization": getattr(cfg, "quantization", "none"),
         "rm_accuracy_vs_gold": rm_acc["rm_accuracy_vs_gold"],
         "rm_eval_pairs": rm_acc["rm_eval_pairs"],
         "rm_heldout_accuracy": summaries.get("reward", {}).get("eval/accuracy"),
@@ -97,6 +98,8 @@ def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, 
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plots = _plot(out, ppo_metrics)
     origin = f"{cfg.model}, frozen" if getattr(cfg, "model", "") else "pretrained from scratch, frozen"
+    if report["quantization"] != "none":
+        origin += f", Linear weights {report['quantization']} (bitsandbytes)"
     lines = [f"# align pipeline report ({report['task']}, {name})", "",
              f"Backbone: {report['backbone_params']:,} parameters ({origin}).", "",
              "| quantity | value |", "|---|---|",

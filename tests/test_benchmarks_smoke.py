@@ -156,3 +156,21 @@ def test_methods_pipeline_annotates_once_then_runs_every_method_on_the_same_rank
     assert ia3_again["ppo_iterations"] == 1 and "gold_diff" in ia3_again and sft_adapter.stat().st_mtime_ns == stamp
     assert ia3_again["seconds_per_stage"]["sft"] == ia3["seconds_per_stage"]["sft"]
     assert json.loads((out / "m" / "lora.json").read_text()) == lora
+
+
+def test_bench_quant_memory_runs_align_in_float_and_nf4_on_the_tiny_config(tmp_path):
+    """bench_quant_memory.py, align's side (CI has no TRL 1.12 environment): every mode's peak memory,
+    step time and weight bytes are there, and the nf4 backbone's weights are smaller than float32's."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_quant_memory.py"), "--size", "tiny",
+                        "--sides", "align", "--modes", "none,nf4", "--warmup", "1", "--steps", "1",
+                        "--batch", "4", "--micro-batch", "4", "--response-length", "4", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    payload = json.loads((tmp_path / "quant_memory_tiny_cpu.json").read_text())
+    med = payload["medians"]["align"]
+    for mode in ("none", "nf4"):
+        for k in ("step_s", "steps_peak_mb", "peak_mb", "weights_mb"):
+            assert med[mode][k] > 0, (mode, k, med[mode])
+        assert med[mode]["steps_peak_mb"] <= med[mode]["peak_mb"] + 1, med[mode]
+    assert med["nf4"]["weights_mb"] < med["none"]["weights_mb"], med
+    assert "| nf4 |" in (tmp_path / "quant_memory_tiny_cpu.md").read_text()

@@ -50,3 +50,34 @@ def test_the_pipeline_runs_the_policy_stage_it_is_given(tmp_path, stage):
     assert report["n_eval_prompts"] == 16 and abs(report["kl_to_sft_mean"]) < 1e3
     md = (out / "report.md").read_text()
     assert f"| gold score, {stage.upper()} policy |" in md and f"SFT vs {stage.upper()}" in md
+
+
+def test_the_pipeline_runs_every_stage_on_the_quantized_backbone_it_is_given(tmp_path):
+    """Issue 19: ``quantization=nf4`` reaches every stage (SFT, annotation, reward, PPO, eval): each
+    run records the nf4 backbone it ran on, and the report says so. A short budget: the mechanics."""
+    pytest.importorskip("bitsandbytes")
+    from align.config import load_config
+    from align.pipeline import PipelineConfig, run
+    out = tmp_path / "nf4"
+    cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
+        f"output_dir={out}", "tracking.wandb=false", "quantization=nf4", "sft_steps=20", "sft_examples=200",
+        "annotate_prompts=64", "reward_epochs=1", "ppo_iterations=2", "ppo_prompts=128", "eval_prompts=16"])
+    report = run(cfg)
+    for stage in ("sft", "reward", "ppo"):
+        assert json.loads((out / stage / "backbone.json").read_text())["quantization"] == "nf4", stage
+    assert report["quantization"] == "nf4" and report["n_eval_prompts"] == 16
+    assert "Linear weights nf4" in (out / "report.md").read_text()
+
+
+def test_the_pipeline_refuses_full_finetuning_on_a_quantized_backbone_before_writing(tmp_path):
+    from align.config import ConfigError, load_config
+    from align.pipeline import PipelineConfig, run
+    out = tmp_path / "never"
+    cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
+        f"output_dir={out}", "tracking.wandb=false", "quantization=nf4", "method=full"])
+    with pytest.raises(ConfigError, match=r"quantization='nf4'.*full"):
+        run(cfg)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"quantization='nf3'"):
+        run(load_config(PipelineConfig, None, [f"output_dir={out}", "quantization=nf3"]))
+    assert not out.exists()
