@@ -5,7 +5,7 @@ cached greedy decoding equals uncached; gradient checkpointing gives the plain g
 quantized model's logits stay within a stated tolerance of the float model's; the fingerprint is the
 checkpoint's (one for float32, int8 and nf4), so an adapter trained on the 4-bit backbone attaches
 to the float one; a LoRA saved here loads in peft on the same 4-bit base with the same logits; PPO's
-four roles share the one quantized backbone and a short PPO run completes on it; ``full`` and
+four roles share the one quantized backbone and short PPO, GRPO, RLOO and DPO runs complete on it; ``full`` and
 ``top_k`` are refused (at validation and at load).
 """
 from __future__ import annotations
@@ -316,6 +316,42 @@ def test_short_ppo_run_on_nf4(tiny_llama, tmp_path):
     m = [x for x in metrics(run) if "objective/kl" in x]
     assert len(m) == 2 and all(torch.isfinite(torch.tensor(x["objective/kl"])) for x in m)
     assert (run / "adapters" / "policy" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo", "dpo"])
+def test_the_other_policy_stages_run_on_nf4(tiny_llama, tmp_path, stage):
+    """GRPO, RLOO and DPO on the nf4 backbone: the run records it; the first update's ratio is 1 and
+    nothing is clipped (old log-probs from the nf4 sampler = the nf4 training forward); DPO's step-0
+    loss is log 2 (policy = reference, both on the same quantized modules); only adapters are saved."""
+    import math
+
+    from align.stages import dpo, grpo, rloo
+    from tests import ppo_helpers as H
+    from tests.test_grpo import cfg as group_cfg
+    from tests.test_grpo import metrics
+    from tests.test_reward import rule_rankings
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    if stage == "dpo":
+        data = rule_rankings(tmp_path / "rules.jsonl", n=12)
+        dpo.run(load_config(dpo.DPOConfig, None, [
+            f"output_dir={tmp_path / 'run'}", f"sft_run={sft}", f"data.train={data}", "tracking.wandb=false",
+            "train.max_steps=2", "train.batch_size=4", "train.eval_every=0", "train.log_every=1",
+            "model.quantization=nf4"]))
+        m = [x for x in metrics(tmp_path / "run") if "loss" in x]
+        assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and len(m) == 2
+    else:
+        cls, run = (grpo.GRPOConfig, grpo.run) if stage == "grpo" else (rloo.RLOOConfig, rloo.run)
+        prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 4)
+        run(group_cfg(cls, stage, tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target",
+                      f"{stage}.iterations=2", f"{stage}.rollout_batch_size=16", f"{stage}.micro_batch_size=8",
+                      f"{stage}.response_length=6", "eval.num_prompts=4", "model.quantization=nf4"))
+        m = [x for x in metrics(tmp_path / "run") if "objective/scores" in x]
+        assert len(m) == 2 and all(math.isfinite(x["objective/kl"]) for x in m)
+        assert m[0]["policy/first_ratio_mean"] == pytest.approx(1.0, abs=1e-5) and m[0]["policy/first_clipfrac"] == 0
+    rec = json.loads((tmp_path / "run" / "backbone.json").read_text())
+    assert rec["quantization"] == "nf4"
+    assert rec["fingerprint"] == json.loads((sft / "backbone.json").read_text())["fingerprint"]
+    assert (tmp_path / "run" / "adapters" / "policy" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bitsandbytes' main target; "
