@@ -238,8 +238,22 @@ def load_backbone(path: str | Path, dtype: str = "float32", device: str | torch.
         model.to(device)
     else:
         keep_quantized_weights_as_loaded(model)
+        release_checkpoint_mapping(model)
     freeze(model)
     return model
+
+
+def release_checkpoint_mapping(model: torch.nn.Module) -> None:
+    """Copy a quantized backbone's remaining float tensors (embeddings, norms, an untied head) out of
+    the checkpoint file. transformers reads safetensors through a memory map and leaves those
+    tensors as views into it, so the whole float checkpoint stays mapped, and every page read while
+    quantizing stays resident: measured on a 100M Llama on CPU, 886 MiB RSS after an nf4 load
+    against 511 MiB with the copies (the packed weights are 51 MiB). On an accelerator the tensors
+    were already copied to its memory."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.device.type == "cpu" and t.dtype.is_floating_point:
+                t.data = t.data.clone()
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:

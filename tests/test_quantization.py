@@ -68,6 +68,32 @@ def test_backbone_linears_are_bitsandbytes_layers(tiny_llama, quantization):
     assert all(not p.requires_grad for p in model.backbone.parameters())
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_quantized_load_does_not_keep_the_float_checkpoint_mapped(tiny_llama, quantization):
+    """transformers leaves the unquantized tensors (embeddings, norms) as views into the memory-mapped
+    safetensors file, which keeps the whole float checkpoint mapped and resident (on a 100M model:
+    886 vs 511 MiB RSS after an nf4 load). After align's load no mapping of the file is left, and
+    the tied embedding is still one tensor."""
+    import glob
+    files = [str(f) for f in glob.glob(f"{tiny_llama}/*.safetensors")]
+    assert files
+
+    def mapped() -> bool:
+        gc.collect()
+        return any(f in line for line in open("/proc/self/maps") for f in files)
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=quantization_config(
+        quantization, "float32"), device_map={"": "cpu"})
+    assert mapped()  # what align undoes: the float checkpoint stays mapped under transformers' load
+    del plain
+    assert not mapped()
+    model, _ = qload(tiny_llama, quantization)
+    assert not mapped()
+    bb = model.backbone
+    if bb.config.tie_word_embeddings:
+        assert bb.get_output_embeddings().weight is bb.get_input_embeddings().weight
+
+
 @pytest.mark.parametrize("method", list(PEFT_METHODS))
 def test_training_on_nf4_changes_only_that_set(tiny_llama, method):
     model, tok = qload(tiny_llama)
