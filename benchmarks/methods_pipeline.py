@@ -61,7 +61,7 @@ def method_config(a, method: str, work: Path):
 
 
 def worker(a) -> dict:
-    start_rss = rss_mb()
+    start_rss, load_start = rss_mb(), [round(x, 2) for x in os.getloadavg()]
     import torch
     from align import pipeline as pl
     from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
@@ -110,7 +110,8 @@ def worker(a) -> dict:
                    ppo_iterations=ppo_sum.get("iterations"))
         row["trainable"].update(policy=ppo_sum["trainable_params"]["policy"], value=ppo_sum["trainable_params"]["value"])
     return {**row, "peak_rss_mb": max(rss_mb(), earlier.get("peak_rss_mb", 0)), "rss_at_start_mb": start_rss, "seconds_per_stage": wall,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
