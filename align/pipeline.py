@@ -120,15 +120,15 @@ class PipelineConfig:
         from align.adapters.base import METHODS
         if self.method not in METHODS:
             yield f"{at}method={self.method!r}: choose one of {', '.join(METHODS)}"
-        if self.quantization in QUANTIZATIONS and self.quantization != "none":
-            if self.method in NEEDS_FLOAT_WEIGHTS:
-                yield f"{at}quantization={self.quantization!r}: {quantized_refusal(self.method, self.quantization)}"
-            yield from ModelConfig(quantization=self.quantization).checks(at)  # bitsandbytes installed
         elif self.method != "lora":
             for key in ("lora_r", "target_modules"):
                 if getattr(self, key) != getattr(PipelineConfig, key):
                     yield (f"{at}{key}={getattr(self, key)!r} is not a setting of {self.method} "
                            f"(a LoRA setting; method={self.method!r})")
+        if self.quantization in QUANTIZATIONS and self.quantization != "none":
+            if self.method in NEEDS_FLOAT_WEIGHTS:
+                yield f"{at}quantization={self.quantization!r}: {quantized_refusal(self.method, self.quantization)}"
+            yield from ModelConfig(quantization=self.quantization).checks(at)  # bitsandbytes installed
         n, batch = self.ppo_prompts, self.ppo_rollout_batch_size
         if isinstance(n, int) and isinstance(batch, int) and 1 <= n < batch:
             yield f"{at}ppo_prompts={n}: fewer than ppo_rollout_batch_size={batch} (one PPO batch)"

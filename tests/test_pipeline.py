@@ -78,6 +78,9 @@ def test_the_pipeline_refuses_full_finetuning_on_a_quantized_backbone_before_wri
     with pytest.raises(ConfigError, match=r"quantization='nf4'.*full"):
         run(cfg)
     assert not out.exists()
+    with pytest.raises(ConfigError, match=r"lora_r=4 is not a setting of bottleneck"):  # still checked on nf4
+        run(load_config(PipelineConfig, None, [f"output_dir={out}", "quantization=nf4", "method=bottleneck",
+                                               "lora_r=4"]))
     with pytest.raises(ConfigError, match=r"quantization='nf3'"):
         run(load_config(PipelineConfig, None, [f"output_dir={out}", "quantization=nf3"]))
     assert not out.exists()
