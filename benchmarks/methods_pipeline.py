@@ -85,13 +85,17 @@ def worker(a) -> dict:
         return out
 
     backbone = pl._backbone(cfg, work)
+    rm_kept = pl._stage_done(work / "reward") and "rm_accuracy_vs_gold" in earlier  # measured by an earlier call
     sft_dir = timed("sft", pl._sft, cfg, backbone, work, run_dir=work / "sft")
     rm_dir = timed("reward", pl._reward, cfg, sft_dir, rankings, work, run_dir=work / "reward")
     prompts, held = pl._prompt_files(cfg, work)
     ev = EvalConfig(sft_run=str(sft_dir), reward_run=str(rm_dir), policy_a="sft", policy_b="sft",
                     prompts=str(held), num_prompts=a.rm_gold_prompts, temperature=cfg.temperature, response_length=cfg.response_length,
                     gold=pl.gold_spec(cfg), seed=cfg.seed, chat=cfg.chat)
-    acc = timed("rm_vs_gold", rm_accuracy_vs_gold, ev, cfg.annotate_k)
+    if rm_kept:  # the same reward model and held-out samples: the earlier call's figure, not 2 min again
+        acc = {"rm_accuracy_vs_gold": earlier["rm_accuracy_vs_gold"], "rm_eval_pairs": earlier["rm_gold_pairs"]}
+    else:
+        acc = timed("rm_vs_gold", rm_accuracy_vs_gold, ev, cfg.annotate_k)
     sft_sum, rm_sum = (json.loads((d / "summary.json").read_text()) for d in (sft_dir, rm_dir))
     sft_eval = [x for x in read_metrics(sft_dir) if "eval/loss" in x]
     row = {"method": m, "lrs": {k: getattr(cfg, k) for k in ("sft_lr", "reward_lr", "ppo_lr")},

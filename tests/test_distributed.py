@@ -112,7 +112,8 @@ def test_ppo_two_processes_matches_one_process_and_resumes(preset, tiny_llama, t
 
 # ---------------------------------------------------------------- PPO minibatch splits (issue 17)
 def launch_bounded(preset: str, stage: str, *overrides: str, timeout: int = 180, processes: int = 2,
-                   launcher_args: tuple[str, ...] = (), env_extra: dict | None = None, module: str = "align.cli"):
+                   launcher_args: tuple[str, ...] = (), env_extra: dict | None = None, module: str = "align.cli",
+                   expect_failure: bool = False) -> str:
     """``launch`` (or ``python -m module stage *overrides``) on a free port, killed after ``timeout`` seconds, so a rank left waiting at a
     collective fails the test instead of blocking the suite. torchrun puts every worker in its own
     session, so the launcher's descendants are killed one by one (output goes to files: a pipe
@@ -143,7 +144,12 @@ def launch_bounded(preset: str, stage: str, *overrides: str, timeout: int = 180,
             out.seek(0)
             pytest.fail(f"{preset} {stage} did not finish in {timeout}s (a hang?)\n{out.read()[-5000:]}")
         out.seek(0)
-        assert p.returncode == 0, out.read()[-8000:]
+        text = out.read()
+        if expect_failure:
+            assert p.returncode != 0, text[-3000:]
+        else:
+            assert p.returncode == 0, text[-8000:]
+        return text
 
 
 # rollout_batch_size, num_minibatches, micro_batch_size on 2 processes -> the 1-process micro_batch_size
@@ -373,3 +379,37 @@ def test_fsdp2_gathered_sampling_needs_no_step_in_lockstep(tiny_llama, tmp_path)
     got = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(g["sharded_after"] for g in got)
     assert got[0]["logit0"] == got[1]["logit0"]
+
+
+# ---------------------------------------------------------------- quantized backbone (issue 19)
+@pytest.mark.parametrize("preset", ["ddp", "zero2"])
+def test_sft_on_an_nf4_backbone_two_processes_matches_one_process(preset, tiny_llama, sft_data, tmp_path):
+    """A quantized backbone is replicated, one per process, under the ddp and zero2 presets (the
+    wrappers broadcast and move bitsandbytes' packed weights like any frozen tensor): 2 processes x
+    batch 4 give the 1-process x 2-accumulation losses and LoRA."""
+    pytest.importorskip("bitsandbytes")
+    common = [f"model.path={tiny_llama}", f"data.train={sft_data}", "train.max_steps=4", "train.batch_size=4",
+              "train.log_every=1", "tracking.wandb=false", "data.num_samples=0", "train.lr=5e-3",
+              "model.quantization=nf4"]
+    launch_bounded(preset, "sft", f"output_dir={tmp_path / 'two'}", *common, timeout=300)
+    single("sft", f"output_dir={tmp_path / 'one'}", "train.grad_accum=2", *common)
+    assert json.loads((tmp_path / "two" / "backbone.json").read_text())["quantization"] == "nf4"
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(two) == 4 and two[-1] < two[0]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-5, rtol=1e-5)
+    same_tensors(tmp_path / "two/adapters/sft/adapter_model.safetensors",
+                 tmp_path / "one/adapters/sft/adapter_model.safetensors", atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["zero3", "fsdp2"])
+def test_a_quantized_backbone_is_refused_by_the_sharding_presets(preset, tiny_llama, sft_data, tmp_path):
+    """ZeRO-3 and FSDP2 partition every parameter they are given; bitsandbytes' packed weights are
+    only usable whole. Refused on every process, naming the setting and the presets that work,
+    before the run directory is written (no hang, no half-made run)."""
+    pytest.importorskip("bitsandbytes")
+    out = launch_bounded(preset, "sft", f"output_dir={tmp_path / 'run'}", f"model.path={tiny_llama}",
+                         f"data.train={sft_data}", "train.max_steps=2", "tracking.wandb=false",
+                         "model.quantization=nf4", timeout=180, expect_failure=True)
+    assert "model.quantization=nf4: a quantized backbone cannot be sharded" in out, out[-3000:]
+    assert f"the {preset} preset" in out and "ddp or zero2" in out
+    assert not (tmp_path / "run").exists()

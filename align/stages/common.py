@@ -55,6 +55,8 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
             raise ConfigError(f"output_dir {run_dir} already holds a run; pass resume=true to continue "
                               f"it or choose another output_dir")
     rt = Runtime(grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
+    if (problem := sharded_quantization_problem(cfg.model.quantization, rt)) is not None:
+        raise ConfigError(problem)  # before the run directory is written, on every process
     if resume_step is not None:  # another number of processes is refused before anything is written
         check_resumable(ckpt, rt.world_size)
     if rt.is_main:
@@ -79,6 +81,25 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     tracker = Tracker(run_dir, cfg.tracking, job_type=job_type, config=to_dict(cfg),
                       is_main=rt.is_main, resume_step=resume_step)
     return Stage(run_dir, rt, tok, model, tracker, backbone_path, resume_step)
+
+
+def sharded_quantization_problem(quantization: str, rt) -> str | None:
+    """A quantized backbone (``model.quantization`` int8 / nf4) cannot be sharded: the zero3 and
+    fsdp2 presets partition every parameter of the model they are given, and bitsandbytes' packed
+    integer weights only mean something whole, next to their quantization state (absmax, code),
+    which is not a parameter and would not follow. Replicate it instead (ddp, zero2: the backbone
+    is frozen, so only the adapters' gradients and optimizer state are split) -- the 4-bit
+    backbone is a quarter of the bf16 one on every process. README: Multi-GPU."""
+    if quantization in (None, "none"):
+        return None
+    preset = "zero3" if rt.zero_stage == 3 else "fsdp2" if rt.fsdp is not None else None
+    if preset is None:
+        return None
+    return (f"model.quantization={quantization}: a quantized backbone cannot be sharded, and this run was "
+            f"launched with the {preset} preset ({'DeepSpeed ZeRO-3' if preset == 'zero3' else 'FSDP2'} "
+            f"partitions every parameter, bitsandbytes' packed weights only work whole); launch it with "
+            f"the ddp or zero2 preset (configs/accelerate/), which keep one quantized backbone per "
+            f"process, or set model.quantization=none")
 
 
 def load_model(backbone_path: str, model_cfg, device, chat_template: str | None = None):
