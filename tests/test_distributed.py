@@ -411,5 +411,6 @@ def test_a_quantized_backbone_is_refused_by_the_sharding_presets(preset, tiny_ll
                          f"data.train={sft_data}", "train.max_steps=2", "tracking.wandb=false",
                          "model.quantization=nf4", timeout=180, expect_failure=True)
     assert "model.quantization=nf4: a quantized backbone cannot be sharded" in out, out[-3000:]
-    assert f"the {preset} preset" in out and "ddp or zero2" in out
+    sharding = {"zero3": "DeepSpeed ZeRO stage 3", "fsdp2": "FSDP2 (the fsdp2 preset)"}[preset]
+    assert f"launched with {sharding}" in out and "ddp or zero2" in out
     assert not (tmp_path / "run").exists()

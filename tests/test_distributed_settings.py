@@ -211,12 +211,13 @@ def test_trainer_refuses_the_resume_before_any_training(tmp_path):
 
 def test_stage_start_refuses_the_resume_before_writing(tmp_path, monkeypatch):
     """start_stage (every stage, PPO included) checks before it rewrites config.yaml or loads the model."""
-    from align.config import TrainConfig
+    from align.config import ModelConfig, TrainConfig
     from align.stages import common
     one_process_checkpoint(tmp_path)
     (tmp_path / "config.yaml").write_text("kept: true\n")
     monkeypatch.setattr(common, "Runtime", lambda **k: FakeRuntime(0, 2))
-    cfg = type("Cfg", (), {"output_dir": str(tmp_path), "resume": True, "train": TrainConfig()})()
+    cfg = type("Cfg", (), {"output_dir": str(tmp_path), "resume": True, "train": TrainConfig(),
+                           "model": ModelConfig()})()
     with pytest.raises(ResumeError, match="written by 1 process and this run has 2"):
         common.start_stage(cfg, "sft", str(tmp_path))
     assert (tmp_path / "config.yaml").read_text() == "kept: true\n"
@@ -340,3 +341,21 @@ def test_fsdp2_layer_classes_must_exist(tiny_llama):
         == ["LlamaMLP"] * model.arch.num_layers
     with pytest.raises(ConfigError, match="LlamaDecoderLayer"):
         shard_groups(model, FSDPSettings(layer_classes=("GPT2Block",)))
+
+
+@pytest.mark.parametrize("zero_stage,fsdp,named", [(3, None, "DeepSpeed ZeRO stage 3 (the zero3 / zero3_offload presets"),
+                                                   (None, object(), "FSDP2 (the fsdp2 preset)"),
+                                                   (2, None, None), (None, None, None)])
+def test_the_quantized_sharding_refusal_names_what_the_run_was_launched_with(zero_stage, fsdp, named):
+    """Any stage-3 launch (zero3, zero3_offload, a user's own stage-3 DeepSpeed config) and FSDP2 are
+    refused for int8 / nf4 with the sharding named; replicating launches (ddp, zero2) pass."""
+    from align.stages.common import sharded_quantization_problem
+    rt = type("Rt", (), {"zero_stage": zero_stage, "fsdp": fsdp})()
+    for quantization in ("int8", "nf4"):
+        problem = sharded_quantization_problem(quantization, rt)
+        if named is None:
+            assert problem is None
+        else:
+            assert f"model.quantization={quantization}: a quantized backbone cannot be sharded" in problem
+            assert f"launched with {named}" in problem and "ddp or zero2" in problem
+    assert sharded_quantization_problem("none", rt) is None

@@ -92,14 +92,16 @@ def sharded_quantization_problem(quantization: str, rt) -> str | None:
     backbone is a quarter of the bf16 one on every process. README: Multi-GPU."""
     if quantization in (None, "none"):
         return None
-    preset = "zero3" if rt.zero_stage == 3 else "fsdp2" if rt.fsdp is not None else None
-    if preset is None:
+    if rt.zero_stage == 3:
+        sharding = "DeepSpeed ZeRO stage 3 (the zero3 / zero3_offload presets, or a stage-3 DeepSpeed config)"
+    elif rt.fsdp is not None:
+        sharding = "FSDP2 (the fsdp2 preset)"
+    else:
         return None
     return (f"model.quantization={quantization}: a quantized backbone cannot be sharded, and this run was "
-            f"launched with the {preset} preset ({'DeepSpeed ZeRO-3' if preset == 'zero3' else 'FSDP2'} "
-            f"partitions every parameter, bitsandbytes' packed weights only work whole); launch it with "
-            f"the ddp or zero2 preset (configs/accelerate/), which keep one quantized backbone per "
-            f"process, or set model.quantization=none")
+            f"launched with {sharding}, which partitions every parameter while bitsandbytes' packed weights "
+            f"only work whole; launch it with the ddp or zero2 preset (configs/accelerate/), which keep one "
+            f"quantized backbone per process, or set model.quantization=none")
 
 
 def load_model(backbone_path: str, model_cfg, device, chat_template: str | None = None):
