@@ -58,15 +58,18 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 SIZES = ("smollm2", "100m", "1b", "tiny")
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """A /proc/self/status memory field in MiB: VmRSS (all resident pages), RssAnon (the process's
+    own memory) or RssFile (pages of mapped files, e.g. a checkpoint read through a memory map:
+    clean page cache the kernel can drop and read again)."""
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def steps_peak_sampler(armed):
-    """A thread that records the peak RSS once ``armed()`` is true (the warm-up steps are done)."""
+def steps_peak_sampler(armed, field: str = "VmRSS"):
+    """A thread that records the peak of ``field`` (rss_mb) every 20 ms once ``armed()`` is true."""
     import threading
     state = {"peak": 0.0, "stop": False}
 
@@ -75,11 +78,19 @@ def steps_peak_sampler(armed):
         while not state["stop"]:
             on = on or armed()
             if on:
-                state["peak"] = max(state["peak"], rss_mb())
+                state["peak"] = max(state["peak"], rss_mb(field))
             time.sleep(0.02)
     t = threading.Thread(target=loop, daemon=True)
     t.start()
     return state
+
+
+def anon_peak_sampler():
+    """The peak anonymous RSS from now on, load included. A quantized load reads the float
+    checkpoint through a memory map, so VmRSS peaks near the checkpoint's size while loading even
+    when the process's own memory stays small; RssAnon separates the two. (Sampled: a spike
+    shorter than 20 ms can be missed; VmHWM, the peak_mb column, cannot.)"""
+    return steps_peak_sampler(lambda: True, "RssAnon")
 
 
 def tensors_mb(model) -> float:
@@ -115,6 +126,7 @@ def prompts_for(size: str) -> list:
 
 
 def align_worker(a) -> dict:
+    anon = anon_peak_sampler()
     import torch
 
     import align.stages.ppo as ppo
@@ -135,17 +147,18 @@ def align_worker(a) -> dict:
         return metrics.exists() and sum("time/rollout_s" in ln for ln in metrics.read_text().splitlines()) >= a.warmup
     sampler = steps_peak_sampler(warmed_up)
     ppo.run(cfg)
-    sampler["stop"] = True
+    sampler["stop"] = anon["stop"] = True
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     rows = [r for r in rows if "time/rollout_s" in r][a.warmup:]
     return {"step_s": statistics.median(r["time/rollout_s"] + r["time/update_s"] for r in rows),
-            "steps_peak_mb": sampler["peak"], "peak_mb": peak_memory_mb("cpu"),
+            "steps_peak_mb": sampler["peak"], "peak_mb": peak_memory_mb("cpu"), "anon_peak_mb": anon["peak"],
             "response_tokens": statistics.median(r["response/length"] for r in rows),
             "torch_threads": torch.get_num_threads()}
 
 
 def trl_worker(a) -> dict:
     """TRL 1.12's PPOTrainer with as much of the one configuration quantized as it can train."""
+    anon = anon_peak_sampler()
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -192,10 +205,10 @@ def trl_worker(a) -> dict:
                          callbacks=[Stamp()])
     t0 = time.perf_counter()
     trainer.train()
-    sampler["stop"] = True
+    sampler["stop"] = anon["stop"] = True
     times = [b - a_ for a_, b in zip([t0] + stamps[:-1], stamps)][a.warmup:]
     return {"step_s": statistics.median(times), "steps_peak_mb": sampler["peak"], "peak_mb": peak_memory_mb("cpu"),
-            "weights_mb": weights, "response_tokens": a.response_length, "torch_threads": torch.get_num_threads()}
+            "anon_peak_mb": anon["peak"], "weights_mb": weights, "response_tokens": a.response_length, "torch_threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -248,7 +261,7 @@ def main() -> None:
                 runs[side][mode].append(run_worker(pythons[side], Path(__file__), [
                     *common, "--which", side, "--mode", mode, "--workdir", str(wd)], env_extra=MALLOC))
                 print(f"{side} {mode}: {runs[side][mode][-1]} ({time.time() - t:.0f} s)", flush=True)
-    keys = ("step_s", "steps_peak_mb", "peak_mb", "response_tokens", "weights_mb")
+    keys = ("step_s", "steps_peak_mb", "peak_mb", "anon_peak_mb", "response_tokens", "weights_mb")
     med = {side: {m: {k: statistics.median(r[k] for r in rs) for k in keys if k in rs[0]} for m, rs in per.items()}
            for side, per in runs.items()}
     if "align" in sides:
@@ -277,9 +290,10 @@ def render(a, med: dict, sides: list[str], modes: list[str], load0) -> str:
     cols = ["model.quantization"]
     if "align" in sides:
         cols += ["align weights (MiB)", "align peak RSS, PPO steps (MiB)", "align peak RSS incl. load (MiB)",
-                 "align step (s)", "align peak / align none"]
+                 "align peak anonymous RSS incl. load (MiB)", "align step (s)", "align peak / align none"]
     if "trl" in sides:
-        cols += ["TRL weights (MiB)", "TRL peak RSS, PPO steps (MiB)", "TRL peak RSS incl. load (MiB)", "TRL step (s)"]
+        cols += ["TRL weights (MiB)", "TRL peak RSS, PPO steps (MiB)", "TRL peak RSS incl. load (MiB)",
+                 "TRL peak anonymous RSS incl. load (MiB)", "TRL step (s)"]
     if len(sides) == 2:
         cols += ["align / TRL, peak RSS in steps"]
     md = [f"#### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -292,16 +306,20 @@ def render(a, med: dict, sides: list[str], modes: list[str], load0) -> str:
         if al:
             base = med["align"].get("none", {}).get("steps_peak_mb")
             cells += [mb(al['weights_mb']), f"{al['steps_peak_mb']:,.0f}", f"{al['peak_mb']:,.0f}",
-                      f"{al['step_s']:.2f}", f"{al['steps_peak_mb'] / base:.2f}" if base else "–"]
+                      f"{al['anon_peak_mb']:,.0f}", f"{al['step_s']:.2f}",
+                      f"{al['steps_peak_mb'] / base:.2f}" if base else "–"]
         if tr:
             cells += [mb(tr['weights_mb']), f"{tr['steps_peak_mb']:,.0f}", f"{tr['peak_mb']:,.0f}",
-                      f"{tr['step_s']:.2f}"]
+                      f"{tr['anon_peak_mb']:,.0f}", f"{tr['step_s']:.2f}"]
         if al and tr:
             cells.append(f"{al['steps_peak_mb'] / tr['steps_peak_mb']:.2f}")
         md.append("| " + " | ".join(cells) + " |")
     md += ["", "align: policy, reference, value and reward are four LoRA roles on one backbone loaded in the row's "
            "mode." + (" TRL 1.12: policy (peft LoRA; reference = adapters off) and reward model loaded in the row's "
                       "mode, value model float32 (its PPOTrainer trains the whole value model)." if "trl" in sides else ""),
+           "", "Peak RSS incl. load counts the pages of the float checkpoint that the loader reads through a memory "
+           "map (clean page cache the kernel can drop and read again); peak anonymous RSS is the process's own "
+           "memory, load included (RssAnon, sampled every 20 ms).",
            "", f"Machine: {machine()}, {a.threads or 'default'} thread(s) per process, MALLOC_MMAP_THRESHOLD_=131072 "
            f"(RSS follows live tensors); load average at start {load0}."]
     return "\n".join(md) + "\n"

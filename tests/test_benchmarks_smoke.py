@@ -159,8 +159,8 @@ def test_methods_pipeline_annotates_once_then_runs_every_method_on_the_same_rank
 
 
 def test_bench_quant_memory_runs_align_in_float_and_nf4_on_the_tiny_config(tmp_path):
-    """bench_quant_memory.py, align's side (CI has no TRL 1.12 environment): every mode's peak memory,
-    step time and weight bytes are there, and the nf4 backbone's weights are smaller than float32's."""
+    """bench_quant_memory.py, align's side (CI has no TRL 1.12 environment): every mode's peak memory
+    (resident, and anonymous including the load), step time and weight bytes are there, and the nf4 backbone's weights are smaller than float32's."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_quant_memory.py"), "--size", "tiny",
                         "--sides", "align", "--modes", "none,nf4", "--warmup", "1", "--steps", "1",
                         "--batch", "4", "--micro-batch", "4", "--response-length", "4", "--out", str(tmp_path)],
@@ -169,8 +169,10 @@ def test_bench_quant_memory_runs_align_in_float_and_nf4_on_the_tiny_config(tmp_p
     payload = json.loads((tmp_path / "quant_memory_tiny_cpu.json").read_text())
     med = payload["medians"]["align"]
     for mode in ("none", "nf4"):
-        for k in ("step_s", "steps_peak_mb", "peak_mb", "weights_mb"):
+        for k in ("step_s", "steps_peak_mb", "peak_mb", "anon_peak_mb", "weights_mb"):
             assert med[mode][k] > 0, (mode, k, med[mode])
         assert med[mode]["steps_peak_mb"] <= med[mode]["peak_mb"] + 1, med[mode]
+        # the process's own memory (RssAnon) is part of its resident set, whose peak is VmHWM
+        assert med[mode]["anon_peak_mb"] <= med[mode]["peak_mb"] + 1, med[mode]
     assert med["nf4"]["weights_mb"] < med["none"]["weights_mb"], med
     assert "| nf4 |" in (tmp_path / "quant_memory_tiny_cpu.md").read_text()
