@@ -359,3 +359,33 @@ def test_the_quantized_sharding_refusal_names_what_the_run_was_launched_with(zer
             assert f"model.quantization={quantization}: a quantized backbone cannot be sharded" in problem
             assert f"launched with {named}" in problem and "ddp or zero2" in problem
     assert sharded_quantization_problem("none", rt) is None
+
+
+def test_a_finished_command_closes_its_process_group_and_a_failed_one_leaves_it(tmp_path, monkeypatch):
+    """``align STAGE`` closes the process group (barrier, destroy) once the stage has finished, so
+    no rank is torn down with gloo's threads still running at interpreter exit (an occasional
+    SIGABRT after a finished run); on an error it does not wait at a barrier."""
+    import torch.distributed as dist
+
+    import align.stages.sft as sft
+    from align.cli import main
+    calls = []
+    monkeypatch.setattr(sft, "run", lambda cfg: calls.append(cfg.output_dir))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["sft", f"output_dir={tmp_path / 'run'}"]) == 0
+        assert calls == [str(tmp_path / "run")]
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def fails(cfg):
+        raise ValueError("a bad record")
+    monkeypatch.setattr(sft, "run", fails)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    try:
+        assert main(["sft", f"output_dir={tmp_path / 'run2'}"]) == 1
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
