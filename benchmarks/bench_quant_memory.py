@@ -208,7 +208,8 @@ def trl_worker(a) -> dict:
     sampler["stop"] = anon["stop"] = True
     times = [b - a_ for a_, b in zip([t0] + stamps[:-1], stamps)][a.warmup:]
     return {"step_s": statistics.median(times), "steps_peak_mb": sampler["peak"], "peak_mb": peak_memory_mb("cpu"),
-            "anon_peak_mb": anon["peak"], "weights_mb": weights, "response_tokens": a.response_length, "torch_threads": torch.get_num_threads()}
+            "anon_peak_mb": anon["peak"], "weights_mb": weights, "response_tokens": a.response_length,
+            "torch_threads": torch.get_num_threads()}
 
 
 def main() -> None:

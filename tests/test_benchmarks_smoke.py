@@ -160,7 +160,8 @@ def test_methods_pipeline_annotates_once_then_runs_every_method_on_the_same_rank
 
 def test_bench_quant_memory_runs_align_in_float_and_nf4_on_the_tiny_config(tmp_path):
     """bench_quant_memory.py, align's side (CI has no TRL 1.12 environment): every mode's peak memory
-    (resident, and anonymous including the load), step time and weight bytes are there, and the nf4 backbone's weights are smaller than float32's."""
+    (resident, and anonymous including the load), step time and weight bytes are there, and the nf4
+    backbone's weights are smaller than float32's."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_quant_memory.py"), "--size", "tiny",
                         "--sides", "align", "--modes", "none,nf4", "--warmup", "1", "--steps", "1",
                         "--batch", "4", "--micro-batch", "4", "--response-length", "4", "--out", str(tmp_path)],
