@@ -239,7 +239,8 @@ def _reward(cfg: PipelineConfig, sft_dir: Path, rankings: Path, out: Path) -> Pa
         c.train.lr, c.train.batch_size, c.train.seed = cfg.reward_lr, cfg.reward_batch_size, cfg.seed
         c.train.max_steps, c.train.epochs, c.train.eval_every = cfg.reward_steps, cfg.reward_epochs, 50
         c.train.scheduler = "linear"
-        c.normalize.max_new_tokens = cfg.response_length
+        # the statistics of the policy stage's own samples: same length, same temperature
+        c.normalize.max_new_tokens, c.normalize.temperature = cfg.response_length, cfg.temperature
         c.tracking = _tracking(cfg, "reward")
         _fresh_or_resume(c)
         reward_stage.run(c)

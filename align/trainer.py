@@ -60,6 +60,12 @@ class Trainer:
     log_extra: Callable[[int], None] | None = None
     extra_state: dict = field(default_factory=dict)
     dtype: str = "float32"                    # model.dtype: DeepSpeed's bf16/fp16 flags follow it
+    # how many units a training example adds to its loss's denominator (preference stages: 1 for a
+    # ranked group, 0 for one with no ordered pair). When given, every micro-batch gets ``loss_norm``
+    # = the count over the step's global batch / (grad_accum * world): the loss divides its
+    # (weighted) sum by it, so after accelerate's division by grad_accum and the average over
+    # processes the gradient is sum(w * grad L) / N over the global batch, however it is split.
+    loss_units: Callable[[Any], float] | None = None
 
     def __post_init__(self):
         c, world = self.cfg, self.rt.world_size
@@ -77,6 +83,13 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.train_set), generator=g)
         return perm[idx * self.per_step:(idx + 1) * self.per_step].tolist()
+
+    def loss_norm(self, step: int) -> float | None:
+        """The global batch's ``loss_units`` divided by its number of micro-batches."""
+        if self.loss_units is None:
+            return None
+        total = sum(float(self.loss_units(self.train_set[i])) for i in self.global_batch(step))
+        return total / (self.cfg.grad_accum * self.rt.world_size)
 
     def my_micro_batches(self, step: int) -> list[list[int]]:
         ids, b, world = self.global_batch(step), self.cfg.batch_size, self.rt.world_size
@@ -105,9 +118,12 @@ class Trainer:
         while step < self.total_steps:
             engine.train()
             sums: dict[str, float] = {}
+            norm = self.loss_norm(step)
             for micro in self.my_micro_batches(step):
                 batch = self.collate([self.train_set[i] for i in micro])
                 batch = {k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                if norm is not None:
+                    batch["loss_norm"] = norm
                 with rt.accelerator.accumulate(engine):
                     loss, metrics = self.loss_fn(engine, batch)
                     rt.accelerator.backward(loss)

@@ -37,8 +37,10 @@ def test_pair_losses_match_hand_computation():
     assert st["logps/chosen"].item() == -3.0 and st["logps/rejected"].item() == -5.0
     smooth, _ = dpo_loss(pol, ref, ranks, group, 1, beta, "sigmoid", label_smoothing=0.2)
     assert smooth.item() == pytest.approx(-(0.8 * lsig(0.75) + 0.2 * lsig(-0.75)), abs=1e-6)
-    ipo, _ = dpo_loss(pol, ref, ranks, group, 1, beta, "ipo")
+    ipo, _ = dpo_loss(pol, ref, ranks, group, 1, beta, "ipo", ipo_logps="sum")
     assert ipo.item() == pytest.approx((1.5 - 1 / (2 * beta)) ** 2, abs=1e-6)
+    with pytest.raises(ValueError, match="length"):  # the default (per-token mean) needs the lengths
+        dpo_loss(pol, ref, ranks, group, 1, beta, "ipo")
     with pytest.raises(ValueError, match="choose sigmoid or ipo"):
         dpo_pair_loss(torch.tensor([1.0]), 0.1, "hinge")
 
@@ -56,11 +58,12 @@ def test_kwise_is_all_ordered_pairs_averaged_per_group_and_k2_is_the_pair_loss()
         def pair(h):
             return -lsig(beta * h) if kind == "sigmoid" else (h - 1 / (2 * beta)) ** 2
         want = 0.5 * (sum(pair(d[i] - d[j]) for i, j in g0) / 3 + pair(d[3] - d[4]))
-        loss, st = dpo_loss(pol, ref, ranks, group, 2, beta, kind)
+        loss, st = dpo_loss(pol, ref, ranks, group, 2, beta, kind, ipo_logps="sum")
         assert loss.item() == pytest.approx(want, abs=1e-6) and st["pairs"] == 4
         # weights: group 0 counts 3 times as much as group 1
-        wl, _ = dpo_loss(pol, ref, ranks, group, 2, beta, kind, weight=torch.tensor([3.0, 1.0]))
-        assert wl.item() == pytest.approx((3 * sum(pair(d[i] - d[j]) for i, j in g0) / 3 + pair(d[3] - d[4])) / 4,
+        wl, _ = dpo_loss(pol, ref, ranks, group, 2, beta, kind, weight=torch.tensor([3.0, 1.0]), ipo_logps="sum")
+        # a weight scales its group's loss; the denominator counts groups
+        assert wl.item() == pytest.approx((3 * sum(pair(d[i] - d[j]) for i, j in g0) / 3 + pair(d[3] - d[4])) / 2,
                                           abs=1e-6)
     # K = 2 groups: the mean of the plain pairwise losses
     pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-2.0, -3.0])
@@ -73,6 +76,22 @@ def test_kwise_is_all_ordered_pairs_averaged_per_group_and_k2_is_the_pair_loss()
     tie, st = dpo_loss(torch.tensor([-1.0, -1.0, -2.0]), torch.zeros(3), torch.tensor([0.0, 0.0, 1.0]),
                        torch.zeros(3, dtype=torch.long), 1, 1.0)
     assert st["pairs"] == 2 and tie.item() == pytest.approx(-lsig(1.0), abs=1e-6)
+
+
+def test_ipo_default_divides_each_log_ratio_by_its_length_and_sum_is_eq17():
+    # chosen 10 tokens, rejected 50: log-ratios +2.0 and -5.0 summed
+    pol, ref = torch.tensor([-12.0, -80.0]), torch.tensor([-14.0, -75.0])
+    ranks, group, lengths = torch.tensor([0.0, 1.0]), torch.zeros(2, dtype=torch.long), torch.tensor([10, 50])
+    beta = 0.1
+    mean, _ = dpo_loss(pol, ref, ranks, group, 1, beta, "ipo", lengths=lengths)
+    h_mean = 2.0 / 10 - (-5.0) / 50              # 0.2 + 0.1 = 0.3
+    assert mean.item() == pytest.approx((h_mean - 1 / (2 * beta)) ** 2, abs=1e-5)   # (0.3 - 5)^2 = 22.09
+    summed, _ = dpo_loss(pol, ref, ranks, group, 1, beta, "ipo", lengths=lengths, ipo_logps="sum")
+    assert summed.item() == pytest.approx((7.0 - 5.0) ** 2, abs=1e-5)              # h = 2 + 5 = 7
+    assert mean.item() == pytest.approx(22.09, abs=1e-4) and summed.item() == pytest.approx(4.0, abs=1e-4)
+    # the sigmoid loss ignores the lengths
+    s1, _ = dpo_loss(pol, ref, ranks, group, 1, beta, "sigmoid", lengths=lengths)
+    assert s1.item() == pytest.approx(-lsig(beta * 7.0), abs=1e-6)
 
 
 def test_plackett_luce_by_hand_and_k2_equals_sigmoid_dpo():

@@ -46,8 +46,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     """Whiten ``x`` with statistics over its real entries: (x - mean) * rsqrt(var + 1e-8).
 
     Biased variance, 1e-8 inside the rsqrt (N+ ``masked_whiten``). ``shift_mean=False`` adds the
-    mean back (divide by std only): used for rewards (2019 E3); advantages use True (F2). Output has
-    x's shape, with masked positions set to 0.
+    mean back after scaling, ``(x - mean) / std + mean``: the spread becomes 1 and the mean is kept
+    (N+ and TRL's ``whiten(shift_mean=False)``; note this is not ``x / std``): used for rewards
+    (2019 E3); advantages use True (F2). Output has x's shape, with masked positions set to 0.
     """
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)

@@ -5,9 +5,10 @@ same prompt). The advantage of a response is measured against the other response
 so no value model is needed:
 
 * GRPO (Shao et al. 2024, DeepSeekMath): ``A_i = (r_i - mean_g r) / (std_g r + eps)``, the same for
-  every token of response ``i``; the loss is the clipped ratio objective plus ``beta`` times the
-  k3 estimate of KL(pi || pi_ref) at every token, each response's token losses averaged over its
-  own length, then averaged over responses.
+  every token of response ``i``; the loss is the clipped ratio objective plus ``beta`` times a
+  per-token KL estimate in the loss (``grpo_kl``: k3 by default, whose gradient is that of the
+  forward KL(pi_ref || pi), as in DeepSeekMath and TRL), each response's token losses averaged
+  over its own length, then averaged over responses.
 * Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): no division by the group std
   (it up-weights prompts whose answers all score alike) and no per-response length normalisation
   (it favours long wrong answers): token losses summed and divided by a constant, the maximum
@@ -15,7 +16,10 @@ so no value model is needed:
 * RLOO (Ahmadian et al. 2024): the KL penalty goes into the reward, ``R_i = r_i - beta * sum_t
   KL_t``, and the baseline of response ``i`` is the mean of the *other* ``G - 1`` responses'
   ``R``: ``A_i = R_i - (sum_g R - R_i) / (G - 1)``, an unbiased estimate. The loss is the clipped
-  ratio objective (as TRL's RLOO), averaged over tokens.
+  ratio objective with the whole response as one action (one ratio per response, as the paper
+  and TRL), averaged over responses; a per-token ratio is an option.
+
+The full statement of each objective, with references: docs/objectives.md.
 """
 from __future__ import annotations
 
@@ -62,27 +66,83 @@ def clipped_token_losses(logprobs, old_logprobs, advantages, mask, clip_range: f
     return torch.max(l1, l2), stats
 
 
+def _over(total: torch.Tensor, count, denominator) -> torch.Tensor:
+    """``total / denominator`` (the loop's share of a global count) or, without one, ``total / count``."""
+    d = count if denominator is None else denominator
+    return total / (d.clamp(min=1) if torch.is_tensor(d) else max(float(d), 1e-8))
+
+
+def grpo_kl(logprobs, old_logprobs, ref_logprobs, mask, estimator: str = "k3", importance_weight: bool = False):
+    """The per-token KL term of GRPO's loss [B, T] (0 on padding), differentiated through
+    ``logprobs`` (docs/objectives.md):
+
+    * ``k3`` (DeepSeekMath, TRL): its expected gradient is that of the *forward* KL(pi_ref || pi);
+    * ``k2``: its expected gradient is that of the reverse KL(pi || pi_ref), the RLHF objective's;
+    * ``k1`` in the loss has zero expected gradient (E_pi[grad log pi] = 0) and is refused unless
+    * ``importance_weight``: the term is multiplied by the ratio pi / pi_old *with* its gradient
+      (TRL's ``use_bias_correction_kl``). The term's expectation under the sampler is then E_pi[k]
+      at the current policy, whatever the epoch or minibatch, and its gradient is grad E_pi[k]:
+      grad KL(pi || pi_ref) for k1 and k3 (both unbiased estimates of it).
+    """
+    m = mask.bool()
+    if estimator == "k1" and not importance_weight:
+        raise ValueError("kl_estimator=k1 in the loss has zero gradient in expectation; use k2 or k3, "
+                         "or k1 with the importance weight")
+    kl = kl_per_token(logprobs, ref_logprobs, estimator)
+    if importance_weight:
+        kl = kl * torch.exp(torch.where(m, logprobs - old_logprobs, torch.zeros_like(logprobs)))
+    return torch.where(m, kl, torch.zeros_like(kl))
+
+
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range: float = 0.2,
-              beta: float = 0.04, kl_estimator: str = "k3", variant: str = "grpo", max_length: int | None = None):
+              beta: float = 0.04, kl_estimator: str = "k3", variant: str = "grpo", max_length: int | None = None,
+              kl_importance_weight: bool = False, denominator=None):
     """GRPO's (``variant="grpo"``) or Dr. GRPO's (``"dr_grpo"``) loss of a chunk of responses.
     ``logprobs`` carry the gradient; ``old_logprobs`` (rollout), ``ref_logprobs`` (reference) and
-    ``advantages`` [B] are constants. Returns (loss, stats incl. the mean per-token KL)."""
+    ``advantages`` [B] are constants. GRPO: each response's token losses averaged over its own
+    length; Dr. GRPO: summed and divided by ``max_length``; then the sum over responses divided by
+    ``denominator`` (the loop passes the global minibatch's response count over its chunks, so the
+    loss does not depend on how a minibatch is split) or, without one, by this chunk's count.
+    The KL term: ``grpo_kl``. Returns (loss, stats incl. the mean per-token KL estimate)."""
     m = mask.bool()
     tok, stats = clipped_token_losses(logprobs, old_logprobs, advantages, m, clip_range)
-    kl = torch.where(m, kl_per_token(logprobs, ref_logprobs, kl_estimator), torch.zeros_like(logprobs))
-    per_token = (tok + beta * kl) * m
+    kl = grpo_kl(logprobs, old_logprobs, ref_logprobs, m, kl_estimator, kl_importance_weight) if beta else \
+        torch.zeros_like(tok)
+    per_token = torch.where(m, tok + beta * kl, torch.zeros_like(tok))
     if variant == "grpo":
-        loss = (per_token.sum(1) / m.sum(1).clamp(min=1)).mean()
+        per_response = per_token.sum(1) / m.sum(1).clamp(min=1)
     elif variant == "dr_grpo":
-        loss = per_token.sum(1).mean() / float(max_length or m.shape[1])
+        per_response = per_token.sum(1) / float(max_length or m.shape[1])
     else:
         raise ValueError(f"variant={variant!r}: choose grpo or dr_grpo")
+    loss = _over(per_response.sum(), torch.tensor(m.shape[0]), denominator)
     stats["kl"] = masked_mean(kl.detach(), m)
     return loss, stats
 
 
-def rloo_loss(logprobs, old_logprobs, advantages, mask, clip_range: float = 0.2):
-    """RLOO's clipped objective with leave-one-out advantages [B], averaged over real tokens."""
+def rloo_loss(logprobs, old_logprobs, advantages, mask, clip_range: float = 0.2, level: str = "sequence",
+              denominator=None):
+    """RLOO's clipped objective with leave-one-out advantages [B].
+
+    ``level="sequence"`` (default; Ahmadian et al. 2024, TRL): the response is one action, with one
+    ratio ``exp(sum_t log pi - log pi_old)`` clipped per response; the loss is the sum over responses
+    divided by ``denominator`` (the loop: the global minibatch's response count over its chunks;
+    default: this chunk's). ``"token"``: a ratio per token, clipped per token, summed over real
+    tokens and divided by ``denominator`` (the loop: the minibatch's token count over its chunks;
+    default: this chunk's token count). On-policy both are REINFORCE with the leave-one-out
+    baseline: the gradient is ``sum_i A_i grad log pi(y_i)`` over the response (resp. token) count."""
     m = mask.bool()
-    tok, stats = clipped_token_losses(logprobs, old_logprobs, advantages, m, clip_range)
-    return masked_mean(tok, m), stats
+    if level == "token":
+        tok, stats = clipped_token_losses(logprobs, old_logprobs, advantages, m, clip_range)
+        total = torch.where(m, tok, torch.zeros_like(tok)).sum()
+        return _over(total, m.sum(), denominator), stats
+    if level != "sequence":
+        raise ValueError(f"level={level!r}: choose sequence or token")
+    logr = torch.where(m, logprobs - old_logprobs, torch.zeros_like(logprobs)).sum(1)
+    ratio = torch.exp(logr)
+    a = advantages.to(ratio.dtype)
+    l1, l2 = -a * ratio, -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    with torch.no_grad():
+        stats = {"clipfrac": (l2 > l1).to(ratio.dtype).mean(), "approxkl": 0.5 * (logr ** 2).mean(),
+                 "ratio_mean": ratio.mean()}
+    return _over(torch.max(l1, l2).sum(), torch.tensor(m.shape[0]), denominator), stats

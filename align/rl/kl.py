@@ -32,6 +32,15 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     raise ValueError(f"kl_estimator={estimator!r}: choose k1, k2 or k3")
 
 
+def masked_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+              estimator: str = "k1") -> torch.Tensor:
+    """``kl_per_token`` on real tokens and exactly 0 on padding (``torch.where``, so a -inf or NaN
+    log-prob in a padded slot cannot turn into NaN as ``kl * mask`` would)."""
+    kl = kl_per_token(logprobs, ref_logprobs, estimator)
+    m = mask.bool()
+    return torch.where(m, kl, torch.zeros_like(kl))
+
+
 class FixedKLController:
     """Constant KL coefficient beta (N+: 0.05; InstructGPT: 0.02). ``value`` is a python float."""
 

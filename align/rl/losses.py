@@ -122,12 +122,33 @@ def ranking_pairs(ranks: torch.Tensor, group: torch.Tensor, ties: str = "skip"):
     return i, j, i[:0], j[:0]
 
 
+def counts_in_loss(ranks, ties: str = "skip") -> float:
+    """1 when a ranked group takes part in ``kwise_loss`` / ``dpo_loss`` (it has an ordered pair,
+    or, with ``ties='half'``, any pair), 0 when it has none (all tied): the unit the losses'
+    denominator counts (``_group_mean``)."""
+    ranks = list(ranks)
+    if ties == "half":
+        return 1.0 if len(ranks) >= 2 else 0.0
+    return 1.0 if len(set(ranks)) >= 2 else 0.0
+
+
 def kwise_loss(rewards: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor, n_groups: int,
                margin: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-               ties: str = "skip") -> tuple[torch.Tensor, dict]:
+               ties: str = "skip", center_coef: float = 0.0,
+               norm: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """InstructGPT's loss: per group, the mean over its C(K,2) ordered pairs of
-    ``-log sigmoid(r_better - r_worse - margin)``; then the (weighted) mean over groups.
-    With ``ties='half'`` a tied pair contributes the Bradley-Terry loss with target 1/2."""
+    ``-log sigmoid(r_better - r_worse - margin)``; then the weighted mean over groups (each group's
+    loss times its weight, summed, over the group count: ``_group_mean``).
+    With ``ties='half'`` a tied pair contributes the Bradley-Terry loss with target 1/2.
+
+    ``center_coef`` adds reward centering (Eisenstein et al. 2023; TRL's
+    ``center_rewards_coefficient``) to each group's loss: ``center_coef * (sum_k r_k)^2``, the squared
+    sum of the group's rewards. For a pair that is TRL's ``(r_chosen + r_rejected)^2 = 4 s^2``
+    (s the pair's mid-point): it pins the rewards' level and leaves their difference, which the
+    Bradley-Terry term trains, alone. For K completions it is ``K^2 * mean_k(r_k)^2``.
+
+    ``norm``: the denominator of the weighted sum over groups (see ``_group_mean``); None: this
+    batch's own count of groups."""
     i, j, ti, tj = ranking_pairs(ranks, group, ties)
     d = rewards[i] - rewards[j]
     if margin is not None:
@@ -138,7 +159,11 @@ def kwise_loss(rewards: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor, 
         dt = rewards[ti] - rewards[tj]
         pair_loss = torch.cat([pair_loss, -(0.5 * F.logsigmoid(dt) + 0.5 * F.logsigmoid(-dt))])
         gidx = torch.cat([gidx, group[ti]])
-    loss = _group_mean(pair_loss, gidx, n_groups, weight)
+    extra = None
+    if center_coef:
+        sums = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(0, group, rewards)
+        extra = center_coef * sums ** 2
+    loss = _group_mean(pair_loss, gidx, n_groups, weight, norm, extra)
     with torch.no_grad():
         acc = (rewards[i] > rewards[j]).float().mean() if len(i) else torch.tensor(0.0)
     return loss, {"accuracy": acc, "pairs": float(len(i)), "margin": d.detach().mean() if len(i) else 0.0}
@@ -156,7 +181,8 @@ def dpo_pair_loss(h: torch.Tensor, beta: float, kind: str = "sigmoid", label_smo
 
     * ``sigmoid`` (Rafailov et al. 2023), with conservative DPO's label smoothing eps:
       ``-(1 - eps) log sigma(beta h) - eps log sigma(-beta h)`` (eps = 0: plain DPO);
-    * ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2``.
+    * ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2``; ``dpo_loss`` decides whether the
+      log-ratios in ``h`` are per-token means (default) or sums.
     """
     if kind == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -165,35 +191,64 @@ def dpo_pair_loss(h: torch.Tensor, beta: float, kind: str = "sigmoid", label_smo
     raise ValueError(f"DPO pair loss {kind!r}: choose sigmoid or ipo")
 
 
-def _group_mean(values: torch.Tensor, gidx: torch.Tensor, n_groups: int, weight: torch.Tensor | None):
-    """Mean of ``values`` inside each group, then the (weighted) mean over groups that have any."""
+def _group_mean(values: torch.Tensor, gidx: torch.Tensor, n_groups: int, weight: torch.Tensor | None,
+                norm: float | torch.Tensor | None = None, extra: torch.Tensor | None = None):
+    """Mean of ``values`` inside each group (plus ``extra[g]``, a per-group term, when given), times
+    the group's weight, summed over the groups that have any value and divided by ``norm``.
+
+    A record's weight scales its loss: weight 3 counts as three records of weight 1 in every batch,
+    also a batch of one. ``norm=None`` divides by the number of groups that have a value here (the
+    mean over groups when every weight is 1). A training step passes its *global* batch's count
+    split over its micro-batches and processes (``Trainer``: ``N / (grad_accum * world)``), so the
+    gradient of a step is ``sum_g w_g grad L_g / N`` however the global batch is cut."""
     sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add(0, gidx, values)
     counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add(
         0, gidx, torch.ones_like(values))
     has = counts > 0
     per_group = sums[has] / counts[has]
+    if extra is not None:
+        per_group = per_group + extra[has]
     w = weight[has].to(values.dtype) if weight is not None else torch.ones_like(per_group)
-    return (per_group * w).sum() / w.sum().clamp(min=1e-8)
+    return (per_group * w).sum() / _denominator(norm, has.sum(), values)
+
+
+def _denominator(norm, count: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    d = count.to(like.dtype) if norm is None else torch.as_tensor(norm, dtype=like.dtype, device=like.device)
+    return d.clamp(min=1e-8) if norm is not None else d.clamp(min=1)
 
 
 def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor,
              n_groups: int, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0,
-             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             weight: torch.Tensor | None = None, norm: float | torch.Tensor | None = None,
+             lengths: torch.Tensor | None = None, ipo_logps: str = "mean") -> tuple[torch.Tensor, dict]:
     """DPO over prompt groups (pairs are groups of K = 2): per group, the mean of ``dpo_pair_loss``
-    over all its ordered (better, worse) pairs (ties skipped), then the (weighted) mean over groups,
-    so a prompt counts as one unit whatever its K (as ``kwise_loss`` does for the reward model).
-    ``kind="plackett_luce"`` takes ``plackett_luce_loss`` instead. Inputs are [N] per completion:
-    summed log-probs under the policy (with gradient) and the reference.
+    over all its ordered (better, worse) pairs (ties skipped), then the weighted sum over groups
+    divided by ``norm`` (default: their count; see ``_group_mean``), so a prompt counts as one
+    unit whatever its K (as ``kwise_loss`` does for the reward model). ``kind="plackett_luce"``
+    takes ``plackett_luce_loss`` instead. Inputs are [N] per completion: summed log-probs under
+    the policy (with gradient) and the reference.
+
+    IPO with ``ipo_logps="mean"`` (default) divides each completion's log-ratio by its token count
+    ``lengths`` before taking ``h`` (TRL's IPO, the form agreed with the IPO authors): beta then
+    means the same for short and long completions. ``"sum"`` uses the summed log-ratios of Azar et
+    al. eq. 17 literally.
 
     Stats (detached, over pairs): ``accuracy`` (implicit reward of the better > the worse, a tie
     counted 1/2), ``margin`` (mean reward difference), ``rewards/chosen`` and ``rewards/rejected``
     (mean implicit reward of the better / worse side), ``logps/chosen``, ``logps/rejected``."""
     if kind == "plackett_luce":
-        loss = plackett_luce_loss(policy_logps, ref_logps, ranks, group, n_groups, beta, weight)
+        loss = plackett_luce_loss(policy_logps, ref_logps, ranks, group, n_groups, beta, weight, norm)
     else:
         i, j, _, _ = ranking_pairs(ranks, group)
-        h = (policy_logps[i] - ref_logps[i]) - (policy_logps[j] - ref_logps[j])
-        loss = _group_mean(dpo_pair_loss(h, beta, kind, label_smoothing), group[i], n_groups, weight)
+        logratio = policy_logps - ref_logps
+        if kind == "ipo" and ipo_logps == "mean":
+            if lengths is None:
+                raise ValueError("IPO with per-token mean log-ratios needs each completion's length")
+            logratio = logratio / lengths.to(logratio.dtype).clamp(min=1)
+        elif kind == "ipo" and ipo_logps != "sum":
+            raise ValueError(f"ipo_logps={ipo_logps!r}: choose mean or sum")
+        h = logratio[i] - logratio[j]
+        loss = _group_mean(dpo_pair_loss(h, beta, kind, label_smoothing), group[i], n_groups, weight, norm)
     return loss, dpo_stats(policy_logps, ref_logps, ranks, group, beta)
 
 
@@ -215,7 +270,7 @@ def dpo_stats(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: torch.
 
 def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: torch.Tensor,
                        group: torch.Tensor, n_groups: int, beta: float,
-                       weight: torch.Tensor | None = None) -> torch.Tensor:
+                       weight: torch.Tensor | None = None, norm: float | torch.Tensor | None = None) -> torch.Tensor:
     """Listwise DPO (Rafailov et al. 2023, App. A.3): per group, the negative log-likelihood of its
     ranking under the Plackett-Luce model with the implicit rewards r = beta (logpi - logref),
     ``-sum_k [r_k - logsumexp({r_k} u {r_j : rank_j > rank_k})]`` over every completion that has a
@@ -234,4 +289,4 @@ def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, rank
     counted = torch.zeros(n_groups, dtype=torch.bool, device=r.device)
     counted[group[has]] = True
     w = weight[counted].to(r.dtype) if weight is not None else torch.ones_like(sums[counted])
-    return (sums[counted] * w).sum() / w.sum().clamp(min=1e-8)
+    return (sums[counted] * w).sum() / _denominator(norm, counted.sum(), r)

@@ -34,6 +34,7 @@ def compute_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float
 
 
 def whiten_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Optional reward whitening (2019: on; N+ final runs: off): divide by the std over real
-    tokens but keep the mean, i.e. masked_whiten(shift_mean=False). [B, T] -> [B, T], 0 on pads."""
+    """Optional reward whitening (2019: on; N+ final runs: off): ``(r - mean) / std + mean`` over
+    real tokens, i.e. unit spread with the mean kept (masked_whiten(shift_mean=False)).
+    [B, T] -> [B, T], 0 on pads."""
     return masked_whiten(rewards, mask, shift_mean=False)

@@ -54,7 +54,7 @@ from align.data.common import load_preference_splits
 from align.data.preferences import TokenGroup, collate_groups, tokenize_train_and_eval
 from align.data.sft import encode_prompts
 from align.rl.functional import logprobs_from_logits
-from align.rl.losses import dpo_loss
+from align.rl.losses import counts_in_loss, dpo_loss
 from align.rules import (
     AT_LEAST_ONE,
     FRACTION,
@@ -90,14 +90,18 @@ class DPOOptions:
     beta: float = 0.1                    # DPO's beta: implicit reward = beta * (log pi - log pi_ref)
     loss: str = "sigmoid"                # sigmoid (DPO) | ipo (Azar et al.) | plackett_luce (listwise rankings)
     label_smoothing: float = 0.0         # conservative DPO's eps, the assumed label-noise rate (sigmoid only)
+    ipo_logps: str = "mean"              # IPO's log-ratios: mean (per completion token: TRL, the IPO authors) |
+                                         # sum (Azar et al. eq. 17 literally; beta then depends on the lengths)
     reference: str = "precompute"        # precompute: reference log-probs once per example before
                                          # training | batch: a no-grad reference forward per micro-batch
 
     RULES: ClassVar[dict] = {"beta": POSITIVE, "loss": OneOf(*LOSSES),
                              "label_smoothing": Range(0, 0.5, hi_open=True),
-                             "reference": OneOf("precompute", "batch")}
+                             "reference": OneOf("precompute", "batch"), "ipo_logps": OneOf("mean", "sum")}
 
     def checks(self, at: str) -> Iterator[str]:
+        if self.ipo_logps != "mean" and self.loss != "ipo":
+            yield f"{at}ipo_logps={self.ipo_logps!r}: applies to loss=ipo only (loss={self.loss})"
         if self.label_smoothing and self.loss != "sigmoid":
             yield (f"{at}label_smoothing={self.label_smoothing!r}: conservative DPO applies to loss=sigmoid only "
                    f"(loss={self.loss})")
@@ -204,7 +208,8 @@ def dpo_loss_fn(model, o: DPOOptions, frozen: list[str]):
                 ref = sequence_logprobs(engine, batch, "reference")
         pol = sequence_logprobs(engine, batch, "policy")
         return dpo_loss(pol, ref.to(pol.dtype), batch["ranks"], batch["group"], len(batch["weight"]), o.beta,
-                        o.loss, o.label_smoothing, batch["weight"])
+                        o.loss, o.label_smoothing, batch["weight"], batch.get("loss_norm"),
+                        batch["completion_mask"].sum(1), o.ipo_logps)
     return loss_fn
 
 
@@ -212,14 +217,16 @@ def _flat(groups: list[TokenGroup], logps: list[torch.Tensor]) -> tuple[torch.Te
     ranks = torch.tensor([r for g in groups for r in g.ranks], dtype=torch.float)
     group = torch.tensor([i for i, g in enumerate(groups) for _ in g.sequences])
     weight = torch.tensor([g.weight for g in groups])
-    return torch.cat(logps), ranks, group, weight
+    lengths = torch.tensor([len(s) - p for g in groups for s, p in zip(g.sequences, g.prompt_lengths)])
+    return torch.cat(logps), ranks, group, weight, lengths
 
 
 def preference_eval(policy: list[torch.Tensor], ref: list[torch.Tensor], groups: list[TokenGroup],
                     o: DPOOptions) -> dict:
     """Held-out loss, implicit-reward accuracy (a tie counts 1/2) and margin over all ordered pairs."""
-    pol, ranks, group, weight = _flat(groups, policy)
-    loss, st = dpo_loss(pol, torch.cat(ref), ranks, group, len(groups), o.beta, o.loss, o.label_smoothing, weight)
+    pol, ranks, group, weight, lengths = _flat(groups, policy)
+    loss, st = dpo_loss(pol, torch.cat(ref), ranks, group, len(groups), o.beta, o.loss, o.label_smoothing, weight,
+                        lengths=lengths, ipo_logps=o.ipo_logps)
     return {"eval/loss": float(loss), "eval/accuracy": float(st["accuracy"]), "eval/margin": float(st["margin"]),
             "eval/rewards/chosen": float(st["rewards/chosen"]), "eval/rewards/rejected": float(st["rewards/rejected"]),
             "eval/pairs": int(st["pairs"])}
@@ -287,7 +294,8 @@ def run(cfg: DPOConfig) -> dict:
 
     trainer = Trainer("dpo", st.run_dir, cfg.train, rt, model, list(zip(tgroups, train_ref)),
                       lambda items: collate_dpo(items, pad), dpo_loss_fn(model, o, frozen), st.tracker,
-                      eval_fn=evaluate if has_eval else None, dtype=cfg.model.dtype)
+                      eval_fn=evaluate if has_eval else None, dtype=cfg.model.dtype,
+                      loss_units=lambda item: counts_in_loss(item[0].ranks))
     result = trainer.run(resume=cfg.resume)
     if "stopped_at" in result:
         st.tracker.finish()

@@ -25,7 +25,7 @@ from align.config import (
 )
 from align.rl.functional import masked_mean
 from align.rl.group import group_advantages, grpo_loss, rloo_advantages, rloo_loss
-from align.rl.kl import kl_per_token, make_kl_controller
+from align.rl.kl import make_kl_controller, masked_kl
 from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range, Spec
 from align.stages.common import backbone_from_run
 from align.stages.ppo import (
@@ -83,17 +83,30 @@ class GroupAlgoConfig:
 @dataclass
 class GRPOAlgoConfig(GroupAlgoConfig):
     variant: str = "grpo"                # grpo (group std, per-response length mean) | dr_grpo (neither)
-    kl_estimator: str = "k3"             # k1 | k2 | k3 estimate of KL(pi || pi_ref) in the loss
+    kl_estimator: str = "k3"             # the KL term in the loss: k3 (DeepSeekMath, TRL): gradient of the forward
+                                         # KL(ref || pi) | k2: of the reverse KL(pi || ref) | k1: only with
+                                         # kl_importance_weight (alone its expected gradient is 0)
+    kl_importance_weight: bool = False   # multiply the KL term by pi / pi_old with its gradient (TRL's
+                                         # use_bias_correction_kl): unbiased over epochs and minibatches, and
+                                         # k1 / k3 then give the gradient of the reverse KL(pi || ref)
 
     RULES: ClassVar[dict] = {**GroupAlgoConfig.RULES, "variant": OneOf("grpo", "dr_grpo"),
                              "kl_estimator": OneOf("k1", "k2", "k3")}
+
+    def checks(self, at: str) -> Iterator[str]:
+        if self.kl_estimator == "k1" and self.kl_coef > 0 and not self.kl_importance_weight:
+            yield (f"{at}kl_estimator='k1': in the loss k1's expected gradient is zero (E_pi[grad log pi] = 0), so "
+                   f"it would not pull toward the reference; use k3 (forward KL, the default), k2 (reverse KL), "
+                   f"or k1 with {at}kl_importance_weight=true (docs/objectives.md)")
 
 
 @dataclass
 class RLOOAlgoConfig(GroupAlgoConfig):
     kl_coef: float = 0.05                # beta of the per-token KL (k1) subtracted from the reward
+    ratio_level: str = "sequence"        # sequence: one ratio per response, clipped per response, mean over
+                                         # responses (the RLOO paper, TRL) | token: per-token ratio, token mean
 
-    RULES: ClassVar[dict] = dict(GroupAlgoConfig.RULES)
+    RULES: ClassVar[dict] = {**GroupAlgoConfig.RULES, "ratio_level": OneOf("sequence", "token")}
 
 
 @dataclass
@@ -189,6 +202,15 @@ class GroupLoop(PPOLoop):
     def kl_controller(self):
         return make_kl_controller("fixed", kl_coef=self.a.kl_coef)
 
+    def denominator(self, ro: Rollout, tokens: bool = False) -> float:
+        """The chunk's share of the current global minibatch's response (or token) count: a chunk's
+        loss is its sum divided by this, so that after accelerate's division by the accumulation
+        steps and the mean over processes the minibatch's loss is its plain mean, however the
+        minibatch is cut into chunks (``MinibatchSplit``)."""
+        rows = self.minibatch_rows
+        count = float(ro.response_mask[rows].sum()) if tokens else float(len(rows))
+        return count / (self.split.accum_steps * self.split.world)
+
     def train_chunk(self, ro: Rollout, adv: dict, idx: torch.Tensor) -> dict[str, float]:
         a, rt = self.a, self.rt
         with rt.accelerator.accumulate(self.engine):
@@ -227,13 +249,15 @@ class GRPOLoop(GroupLoop):
 
     def advantages(self, ro: Rollout) -> dict[str, torch.Tensor]:
         a = self.a
-        kl = kl_per_token(ro.logprobs, ro.ref_logprobs, a.kl_estimator) * ro.response_mask
+        # logged as objective/kl: the sampled sequence KL(pi || pi_ref) (k1 summed), whatever the loss's estimator
+        kl = masked_kl(ro.logprobs, ro.ref_logprobs, ro.response_mask)
         return {"kl": kl, "advantages": group_advantages(ro.scores, a.group_size, scale=a.variant == "grpo")}
 
     def loss(self, logprobs, ro: Rollout, adv: dict, idx):
         a = self.a
         return grpo_loss(logprobs, ro.logprobs[idx], ro.ref_logprobs[idx], adv["advantages"][idx],
-                         ro.response_mask[idx], a.cliprange, a.kl_coef, a.kl_estimator, a.variant, a.response_length)
+                         ro.response_mask[idx], a.cliprange, a.kl_coef, a.kl_estimator, a.variant, a.response_length,
+                         a.kl_importance_weight, self.denominator(ro))
 
 
 class RLOOLoop(GroupLoop):
@@ -241,12 +265,14 @@ class RLOOLoop(GroupLoop):
 
     def advantages(self, ro: Rollout) -> dict[str, torch.Tensor]:
         a = self.a
-        kl = kl_per_token(ro.logprobs, ro.ref_logprobs, "k1") * ro.response_mask
+        kl = masked_kl(ro.logprobs, ro.ref_logprobs, ro.response_mask)
         rewards = ro.scores - a.kl_coef * kl.sum(1)
         return {"kl": kl, "advantages": rloo_advantages(rewards, a.group_size)}
 
     def loss(self, logprobs, ro: Rollout, adv: dict, idx):
-        return rloo_loss(logprobs, ro.logprobs[idx], adv["advantages"][idx], ro.response_mask[idx], self.a.cliprange)
+        a = self.a
+        return rloo_loss(logprobs, ro.logprobs[idx], adv["advantages"][idx], ro.response_mask[idx], a.cliprange,
+                         a.ratio_level, self.denominator(ro, tokens=a.ratio_level == "token"))
 
 
 def _run(cfg: _GroupStageConfig, loop_cls) -> dict:

@@ -48,7 +48,7 @@ from align.data.common import check_eval_split, read_records, split_by_prompt
 from align.data.sft import encode_prompts
 from align.rl.functional import entropy_from_logits, masked_mean, masked_whiten
 from align.rl.gae import compute_gae
-from align.rl.kl import kl_per_token, make_kl_controller
+from align.rl.kl import make_kl_controller, masked_kl
 from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.rewards import compute_token_rewards, whiten_rewards
 from align.rl.rollout import apply_missing_stop_penalty
@@ -57,6 +57,11 @@ from align.scoring import (decode, evaluate_role, generate, load_callable, load_
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.resume import prepare_resumable, save_resumable
 from align.trainer import make_optimizer, make_scheduler
+
+
+# Where the KL penalty is a per-token reward, only k1's policy gradient is that of KL(pi || ref)
+# (docs/objectives.md; tests/test_rl_objectives.py checks each one listed here); k2 and k3 are refused.
+REWARD_KL_ESTIMATORS = ("k1",)
 
 
 @dataclass
@@ -101,7 +106,8 @@ class PPOAlgoConfig:
     weight_decay: float = 0.0            # AdamW weight decay
     max_grad_norm: float = 1.0           # gradient clipping
     kl_coef: float = 0.05                # initial beta of the per-token KL penalty
-    kl_estimator: str = "k1"             # k1 | k2 | k3 (in the reward)
+    kl_estimator: str = "k1"             # the per-token KL penalty in the reward: k1 = log pi - log ref; k2 | k3 are
+                                         # refused (as rewards their policy gradient is not that of KL(pi || ref))
     kl_controller: str = "fixed"         # fixed | adaptive (Ziegler et al.)
     kl_target: float = 6.0               # adaptive controller's target KL (nats per sequence)
     kl_horizon: int = 10000              # adaptive controller's horizon (samples)
@@ -165,6 +171,10 @@ class PPOConfig:
     def checks(self, at: str) -> Iterator[str]:
         """The run dirs this stage reads, the reward source, the backbone and the minibatch split."""
         yield from policy_stage_problems(self, at, "ppo")
+        if self.ppo.kl_estimator in ("k2", "k3"):  # valid estimators (align.rl.kl), wrong place
+            yield (f"{at}ppo.kl_estimator={self.ppo.kl_estimator!r}: as a per-token penalty in the reward only k1 "
+                   f"regularises toward the reference (k2 and k3 as rewards have a policy gradient other than that "
+                   f"of KL(pi || ref): Tang & Munos 2025); use k1 (docs/objectives.md)")
         if not self.reward_run and self.reward_fn and self.value.init == "reward":
             yield f"{at}value.init='reward' needs a learned reward (reward_run); use value.init=fresh with reward_fn"
 
@@ -465,7 +475,7 @@ class PromptOrder:
 
 def advantages(ro: Rollout, kl_coef: float, a: PPOAlgoConfig) -> dict[str, torch.Tensor]:
     """Per-token KL penalty and rewards, GAE advantages and returns of a (global) rollout batch."""
-    kl = kl_per_token(ro.logprobs, ro.ref_logprobs, a.kl_estimator) * ro.response_mask
+    kl = masked_kl(ro.logprobs, ro.ref_logprobs, ro.response_mask, a.kl_estimator)
     rewards, non_score = compute_token_rewards(ro.scores, kl, kl_coef, ro.response_mask, ro.seq_lengths)
     if a.whiten_rewards:
         rewards = whiten_rewards(rewards, ro.response_mask)
@@ -491,6 +501,12 @@ class PPOLoop:
                 raise RuntimeError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {self.rt.world_size} processes")
         self.info = build_roles(self.model, cfg, with_value=self.with_value)
         self.norm = self.info["reward_norm"]
+        t_norm = self.norm.get("temperature")
+        if self.a.normalize_reward and t_norm is not None and float(t_norm) != float(self.a.temperature):
+            self.rt.print(f"[{self.section}] warning: the reward's normalisation statistics were sampled at temperature "
+                          f"{t_norm} (reward run's normalize.temperature), this stage samples at "
+                          f"{self.section}.temperature={self.a.temperature}: normalised scores will not start at "
+                          f"mean 0 / std 1; retrain the reward with normalize.temperature={self.a.temperature}")
         train_prompts, self.eval_prompts = load_prompts(cfg, self.tok)
         self.order = self.prompt_order(train_prompts)
         self.gold_fn, self.reward_fn = load_gold(cfg.eval.gold), load_gold(cfg.reward_fn)
@@ -548,6 +564,7 @@ class PPOLoop:
             perm = torch.randperm(a.rollout_batch_size, generator=g)
             for mb in range(a.num_minibatches):
                 gmb = perm[mb * self.split.minibatch:(mb + 1) * self.split.minibatch]
+                self.minibatch_rows = gmb  # the loss of a critic-free stage is normalised over it
                 for k, idx in enumerate(self.split.chunks(gmb, rt.rank)):
                     step = self.train_chunk(ro, adv, idx.to(rt.device))
                     for key, val in step.items():

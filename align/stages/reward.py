@@ -34,7 +34,7 @@ from align.config import (
 from align.data.common import load_preference_splits
 from align.data.preferences import collate_groups, tokenize_train_and_eval
 from align.data.sft import prompt_text
-from align.rl.losses import kwise_loss, ranking_pairs
+from align.rl.losses import counts_in_loss, kwise_loss, ranking_pairs
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf
 from align.scoring import generate, left_pad, score, sequence_rewards
 from align.stages.common import backbone_from_run, finish_stage, start_stage
@@ -62,7 +62,8 @@ class NormalizeConfig:
     source: str = "sft_samples"         # sft_samples | best_completions | none
     num_prompts: int = 64                # held-out prompts sampled for the statistics
     max_new_tokens: int = 48             # length of those samples
-    temperature: float = 1.0             # sampling temperature of those samples
+    temperature: float = 0.7             # their sampling temperature: use the policy stage's (ppo/grpo/rloo
+                                         # .temperature), so its normalised step-0 scores have mean 0, std 1
 
     RULES: ClassVar[dict] = {"source": OneOf("sft_samples", "best_completions", "none"),
                              "num_prompts": NON_NEGATIVE, "max_new_tokens": AT_LEAST_ONE, "temperature": POSITIVE}
@@ -74,7 +75,8 @@ class RewardConfig:
     resume: bool = False                 # continue the run in output_dir from its latest checkpoint
     sft_run: str = ""                   # the SFT run dir (gives backbone and SFT adapters)
     init: str = "sft_copy"              # sft_copy | sft_stack | base
-    center_coef: float = 0.0            # TRL's center_rewards_coefficient: coef * mean(r^2)
+    center_coef: float = 0.0            # reward centering (TRL's center_rewards_coefficient): adds
+                                        # coef * (sum of a group's rewards)^2 per group (pairs: (r_c + r_r)^2)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
@@ -131,11 +133,8 @@ def reward_loss_fn(center_coef: float, ties: str):
     def loss_fn(model, batch):
         out = model(batch["input_ids"], batch["attention_mask"])
         r = sequence_rewards(out.values, batch["attention_mask"])
-        loss, stats = kwise_loss(r, batch["ranks"], batch["group"], len(batch["weight"]),
-                                 batch["margin"], batch["weight"], ties)
-        if center_coef:
-            loss = loss + center_coef * (r ** 2).mean()
-        return loss, stats
+        return kwise_loss(r, batch["ranks"], batch["group"], len(batch["weight"]), batch["margin"],
+                          batch["weight"], ties, center_coef, batch.get("loss_norm"))
     return loss_fn
 
 
@@ -191,7 +190,8 @@ def run(cfg: RewardConfig) -> dict:
     trainer = Trainer("reward", st.run_dir, cfg.train, rt, model, tgroups,
                       lambda gs: collate_groups(gs, tok.pad_token_id),
                       reward_loss_fn(cfg.center_coef, cfg.data.ties), st.tracker,
-                      eval_fn=evaluate if has_eval else None, dtype=cfg.model.dtype)
+                      eval_fn=evaluate if has_eval else None, dtype=cfg.model.dtype,
+                      loss_units=lambda g: counts_in_loss(g.ranks, cfg.data.ties))
     result = trainer.run(resume=cfg.resume)
     if "stopped_at" in result:
         st.tracker.finish()
@@ -227,7 +227,7 @@ def reward_normalisation(model, tok, cfg: RewardConfig, eval_groups, rt) -> dict
         resp = generate(model, ids, tok, rt.device, role="sft", max_new_tokens=n.max_new_tokens,
                         temperature=n.temperature, generator=g, runtime=rt)
         r = score(model, resp, ("reward",), n.temperature, cfg.train.batch_size)["reward"]["score"].float()
-        return _norm_stats(r, "sft_samples")
+        return {**_norm_stats(r, "sft_samples"), "temperature": n.temperature}
     else:
         from align.data.sft import tokenize_pair
         seqs = []
