@@ -77,14 +77,19 @@ def test_reward_two_processes_matches_one_process(preset, tiny_llama, tmp_path):
         for i in range(64):
             # 16 prompts: with 9 the split by prompt hash held none out at 0.2, which is now refused
             f.write(json.dumps({"prompt": f"the dog {i % 16}", "completions": [" happy song", " sad rain", " a dog"],
-                                "ranks": [0, 2, 1]}) + "\n")
+                                "ranks": [0, 2, 1], "weight": [1.0, 3.0, 0.5, 2.0][i % 4]}) + "\n")
     common = [f"sft_run={sft}", f"data.train={data}", "data.eval_fraction=0.2", "train.max_steps=4",
               "train.batch_size=4", "train.log_every=1", "tracking.wandb=false", "normalize.source=none"]
     launch_bounded(preset, "reward", f"output_dir={tmp_path / 'ds'}", *common, timeout=300)
     single("reward", f"output_dir={tmp_path / 'one'}", "train.grad_accum=2", *common)
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ds")), torch.tensor(losses(tmp_path / "one")),
-                               atol=1e-5, rtol=1e-5)
-    same_tensors(tmp_path / "ds/heads/reward/head.safetensors", tmp_path / "one/heads/reward/head.safetensors", 1e-5)
+    # the same global batch of 8 weighted groups in one micro-batch: weights count over the global batch
+    single("reward", f"output_dir={tmp_path / 'whole'}", *[c for c in common if c != "train.batch_size=4"],
+           "train.batch_size=8")
+    for other in ("one", "whole"):
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / "ds")), torch.tensor(losses(tmp_path / other)),
+                                   atol=1e-5, rtol=1e-5)
+        same_tensors(tmp_path / "ds/heads/reward/head.safetensors", tmp_path / f"{other}/heads/reward/head.safetensors",
+                     1e-5)
 
 
 @pytest.mark.parametrize("preset", ["zero2", "zero3", "fsdp2"])
