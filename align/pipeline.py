@@ -403,7 +403,7 @@ def annotate(cfg: PipelineConfig, backbone: Path, sft_dir: Path, data: Path) -> 
     # that never saw one cannot know that saying nothing is bad. Malformed tasks would be skipped
     # with their reason in rankings.rejects.jsonl, as with human exports.
     rc = import_main(["label-studio", str(export), "--out", str(data / "rankings.jsonl"), "--on-error", "skip",
-                      "--empty-completions", "keep"])
+                      "--empty-completions", "keep", "--overwrite"])  # its own file, again after a kill
     if rc != 0:
         raise RuntimeError(f"importing {export} failed (exit {rc})")
     return data / "rankings.jsonl"

@@ -321,12 +321,36 @@ def _replace_dir(tmp: str, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_records(records: list[dict], path: str | Path, fmt: str | None = None) -> Path:
-    """Write ``records`` atomically (a temporary file or directory, then ``os.replace``).
+def write_split_directory(parts: dict[str, list[dict]], directory: str | Path, fmt: str, marker: str) -> list[Path]:
+    """One output per split (``NAME.jsonl``, ``NAME.parquet`` or a ``NAME`` datasets directory) in
+    a temporary sibling of ``directory``, marked as align import's, then renamed into place."""
+    from data_tools.outputs import user_mode, write_marker
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        names = [name if fmt == "datasets" else f"{name}.{fmt}" for name in parts]
+        for name, rs in zip(names, parts.values()):
+            write_records(rs, tmp / name, fmt)
+        write_marker(tmp, marker)
+        user_mode(tmp, directory=True)
+        _replace_dir(str(tmp), directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [directory / n for n in names]
+
+
+def write_records(records: list[dict], path: str | Path, fmt: str | None = None, marker: str | None = None) -> Path:
+    """Write ``records`` atomically (a temporary file or directory, then ``os.replace``), with the
+    user's normal file mode. Whether ``path`` may be replaced is the caller's to check
+    (``data_tools.outputs.check_output``).
 
     ``fmt`` defaults to :func:`output_format`: JSONL (gzipped for ``*.gz``), Parquet for
     ``*.parquet`` (``meta`` stored as a JSON string), or a ``datasets.save_to_disk`` directory for
-    a path without a suffix. :func:`read_records` reads all three back to the same records."""
+    a path without a suffix (carrying ``data_tools.outputs.MARKER`` when ``marker`` names the
+    source). :func:`read_records` reads all three back to the same records."""
+    from data_tools.outputs import user_mode, write_marker
     fmt = fmt or output_format(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,6 +362,9 @@ def write_records(records: list[dict], path: str | Path, fmt: str | None = None)
         datasets.utils.disable_progress_bars()
         try:
             datasets.Dataset(table).save_to_disk(tmp, num_shards=1)   # (one shard: an empty split reloads)
+            if marker:
+                write_marker(Path(tmp), marker)
+            user_mode(tmp, directory=True)
             _replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -361,6 +388,7 @@ def write_records(records: list[dict], path: str | Path, fmt: str | None = None)
         else:
             os.close(fd)
             raise ValueError(f"unknown output format {fmt!r} (jsonl, parquet or datasets)")
+        user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

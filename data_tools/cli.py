@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, metavar="OUTPUT",
                        help="output: *.jsonl (also *.jsonl.gz), *.parquet, or a path without suffix for a "
                             "datasets.save_to_disk directory; with --split a directory of one file per split")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing OUTPUT: a file, or a directory an earlier align import wrote "
+                            "(a directory holding anything else is never replaced)")
         p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                        help="fail (default): stop at the first bad record, write nothing; skip: write the good "
                             "records and OUTPUT.rejects.jsonl (each reject with file, record number, reason)")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         run(source(args.source), args.inputs, args.out, args, on_error=args.on_error, split=args.split,
-            fmt=args.format)
+            fmt=args.format, overwrite=args.overwrite)
     except UsageError as e:
         print(f"align import {args.source}: error: {e}", file=sys.stderr)
         return 2

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from data_tools.aggregate import combine
 from data_tools.base import Dropped, Item, Source, UsageError, finalize, parse_kv
-from data_tools.canonical import (RecordError, completions_of, dumps, record_kind, text_of, validate_record,
-                                  write_records)
+from data_tools.canonical import (RecordError, completions_of, dumps, output_format, record_kind, text_of,
+                                  validate_record, write_records, write_split_directory)
+from data_tools.outputs import check_output
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -170,12 +171,30 @@ def rejects_path_for(out: str | Path) -> Path:
     return p.parent / f"{name}.rejects.jsonl"
 
 
+def output_plan(out: str, splits: dict | None, fmt: str | None) -> tuple[Path, str, str]:
+    """(the path written, "file" or "directory", the format) of an import's main output."""
+    out_path = Path(out)
+    if splits:
+        directory = out_path
+        if out_path.suffix in (".jsonl", ".parquet"):     # out.jsonl -> out/train.jsonl, ...
+            directory, fmt = out_path.with_suffix(""), fmt or out_path.suffix[1:]
+        return directory, "directory", fmt or "jsonl"
+    fmt = fmt or output_format(out_path)
+    return out_path, "directory" if fmt == "datasets" else "file", fmt
+
+
 def run(source: Source, inputs: list[str], out: str, opts, *, on_error: str = "fail", split: str | None = None,
-        fmt: str | None = None, stream=None) -> Report:
+        fmt: str | None = None, stream=None, overwrite: bool = False) -> Report:
     """Import ``inputs`` with ``source`` into ``out``. With ``on_error="fail"`` the first bad record
-    raises :class:`RecordError` and nothing is written."""
+    raises :class:`RecordError` and nothing is written. Outputs that would replace what align import
+    did not write (or, without ``overwrite``, anything) are refused before any input is read
+    (``data_tools.outputs``)."""
     stream = sys.stdout if stream is None else stream
     splits = parse_splits(split)
+    target, kind, fmt = output_plan(out, splits, fmt)
+    check_output(target, kind, inputs, overwrite)
+    if on_error == "skip":
+        check_output(rejects_path_for(out), "file", inputs, overwrite)
     how = getattr(opts, "aggregate", "mean") or "mean"
     if how not in ("mean", "majority"):
         raise UsageError(f"--aggregate {how!r}: choose mean or majority")
@@ -271,27 +290,19 @@ def run(source: Source, inputs: list[str], out: str, opts, *, on_error: str = "f
     rep.written = len(records)
     rep.count(records)
 
-    out_path = Path(out)
     if splits:
-        directory = out_path
-        if out_path.suffix in (".jsonl", ".parquet"):     # out.jsonl -> out/train.jsonl, ...
-            directory, fmt = out_path.with_suffix(""), fmt or out_path.suffix[1:]
-        fmt = fmt or "jsonl"
-        if directory.exists() and not directory.is_dir():
-            raise UsageError(f"--split writes a directory, but {directory} is a file")
         parts: dict[str, list] = {name: [] for name in splits}
         for r in records:
             parts[split_of(r, splits)].append(r)
-        for name, rs in parts.items():
-            target = directory / (name if fmt == "datasets" else f"{name}.{fmt}")
-            write_records(rs, target, fmt)
+        written = write_split_directory(parts, target, fmt, source.name)
+        for (name, rs), path in zip(parts.items(), written):
             rep.splits[name] = len(rs)
-            rep.outputs.append(str(target))
+            rep.outputs.append(str(path))
     else:
-        write_records(records, out_path, fmt)
-        rep.outputs.append(str(out_path))
+        write_records(records, target, fmt, marker=source.name)
+        rep.outputs.append(str(target))
     if on_error == "skip":
-        rp = rejects_path_for(out_path)
+        rp = rejects_path_for(out)
         write_records(rejects, rp, "jsonl")
         rep.rejects_path = str(rp)
     print(rep.text(), file=stream)

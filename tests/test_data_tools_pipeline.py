@@ -95,7 +95,7 @@ def test_the_reward_stage_reads_every_pair_and_ranking(tmp_path, case):
 def test_fail_stops_before_writing_anything(tmp_path, capsys):
     out = tmp_path / "hh.jsonl"
     out.write_text("previous contents\n")
-    rc = cli.main(["hh-rlhf", str(EXTRA / "hh_rlhf_broken.jsonl"), "--out", str(out)])
+    rc = cli.main(["hh-rlhf", str(EXTRA / "hh_rlhf_broken.jsonl"), "--out", str(out), "--overwrite"])
     err = capsys.readouterr().err
     assert rc == 1 and f"{EXTRA / 'hh_rlhf_broken.jsonl'}: line 2: invalid JSON" in err and "nothing was written" in err
     assert out.read_text() == "previous contents\n" and sorted(p.name for p in tmp_path.iterdir()) == ["hh.jsonl"]

@@ -1,0 +1,68 @@
+"""Where ``align import`` may write: never over what it did not write, never over its own inputs.
+
+* A file output (``*.jsonl``, ``*.jsonl.gz``, ``*.parquet``) that exists is replaced only with
+  ``--overwrite``.
+* A directory output (a ``datasets.save_to_disk`` directory, or the directory ``--split`` writes)
+  may be new or empty; one that holds files is replaced only when it carries the marker
+  ``.align-import.json`` that an earlier ``align import`` left in it, and ``--overwrite`` is given.
+* An output that is, or holds, one of the inputs is refused in every case.
+
+Everything is checked before any input is read, and written into a temporary sibling that is then
+renamed into place (``canonical.write_records``), with the user's normal file mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from data_tools.base import UsageError
+
+MARKER = ".align-import.json"
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(path: str | Path, kind: str, inputs: list[str], overwrite: bool) -> None:
+    """Refuse ``path`` (a ``kind`` = ``"file"`` or ``"directory"`` output) with a one-line reason,
+    or return when writing it loses nothing a user had."""
+    p = Path(path).resolve()
+    for inp in inputs:
+        q = Path(inp).resolve()
+        if q == p or (kind == "directory" and _inside(q, p)):
+            raise UsageError(f"--out {path}: that would overwrite the input {inp}; write somewhere else")
+    if not os.path.lexists(p):
+        return
+    if kind == "file":
+        if p.is_dir():
+            raise UsageError(f"--out {path} is a directory; give a file name (*.jsonl, *.parquet) or a new path")
+        if not overwrite:
+            raise UsageError(f"--out {path} exists; pass --overwrite to replace it")
+        return
+    if not p.is_dir():
+        raise UsageError(f"--out {path} is a file, but this output is a directory; give a new path")
+    if not any(p.iterdir()):
+        return
+    if not (p / MARKER).is_file():
+        raise UsageError(f"--out {path} is a directory that holds files align import did not write; "
+                         f"nothing was changed: give a new or empty directory")
+    if not overwrite:
+        raise UsageError(f"--out {path} holds an earlier import; pass --overwrite to replace it")
+
+
+def write_marker(directory: Path, source: str) -> None:
+    (directory / MARKER).write_text(json.dumps({"written_by": "align import", "source": source}) + "\n")
+
+
+def user_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a file or directory made by mkstemp/mkdtemp (0600/0700) the mode a plain ``open`` or
+    ``mkdir`` would have given it under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
