@@ -10,7 +10,10 @@ A checkpoint is a directory ``checkpoints/step_<N>/`` with:
   and anything else the stage needs.
 
 It is written to a temporary directory and renamed into place, then ``checkpoints/latest`` is
-replaced atomically, so a kill at any moment leaves the previous checkpoint usable.
+replaced atomically, so a kill at any moment leaves the previous checkpoint usable. ``manifest.json``
+records every file's size and SHA-256, so a truncated or altered file is found before a resume
+uses it (``verify_checkpoint``); ``find_checkpoint`` falls back past such a checkpoint to the newest
+one that verifies, naming what it skipped.
 Under DeepSpeed the optimizer state is partitioned across ranks, so each rank saves its own
 ``optimizer_rank<r>.pt`` (same format) and ``rng_rank<r>.pt`` into the same directory: the directory
 must be on a filesystem every process sees (shared by all nodes), and a checkpoint resumes only
@@ -18,6 +21,7 @@ with the number of processes that wrote it (``check_resumable``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -106,6 +110,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     if barrier:
         barrier()
     if is_main:
+        (tmp / MANIFEST).write_text(json.dumps({f.name: _digest(f) for f in sorted(tmp.iterdir())}, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -114,7 +119,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         pointer = ckpt_root / ".latest.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, ckpt_root / "latest")
-        done = sorted((p for p in ckpt_root.glob("step_*")), key=lambda p: int(p.name[5:]))
+        done = _steps(ckpt_root)
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if barrier:
@@ -122,12 +127,87 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
+MANIFEST = "manifest.json"
+
+
+def _digest(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when checkpoint ``path`` is complete and unaltered, else what is wrong with it (a
+    missing, truncated or changed file, named). Checkpoints written before manifests existed are
+    checked for their files and a readable ``state.json``."""
+    path = Path(path)
+    if not path.is_dir():
+        return "missing"
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())
+        except ValueError:
+            return f"{MANIFEST} is unreadable"
+        for name, rec in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != rec["bytes"]:
+                return f"{name} is truncated or changed ({f.stat().st_size} bytes, {rec['bytes']} written)"
+            if _digest(f)["sha256"] != rec["sha256"]:
+                return f"{name} does not match its checksum"
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "state.json").exists() else None
+    for name in ("state.json", "trainable.safetensors", "rng_rank0.pt", "rng_rank0.json"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        json.loads((path / "state.json").read_text())
+    except ValueError:
+        return "state.json is unreadable"
+    return None
+
+
+def _steps(ckpt_root: Path) -> list[Path]:
+    return sorted((p for p in ckpt_root.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+
+
+def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[str, str]]]:
+    """The newest checkpoint of ``run_dir`` that verifies (the one ``checkpoints/latest`` names
+    first), and the newer ones skipped on the way, each with its reason."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    candidates = ([named] if named is not None else []) + [p for p in reversed(_steps(root)) if p != named]
+    skipped: list[tuple[str, str]] = []
+    if named is not None and not named.is_dir():
+        skipped.append((named.name, "named by checkpoints/latest but missing"))
+        candidates = candidates[1:]
+    for c in candidates:
+        problem = verify_checkpoint(c)
+        if problem is None:
+            return c, skipped
+        skipped.append((c.name, problem))
+    return None, skipped
+
+
+def set_aside(run_dir: Path, bad: list[str], good: Path) -> None:
+    """Move checkpoints that failed verification to ``checkpoints/bad_<name>`` (kept for a look,
+    out of rotation) and point ``latest`` at ``good``."""
+    root = Path(run_dir) / "checkpoints"
+    for name in bad:
+        if (root / name).is_dir():
+            os.replace(root / name, root / f"bad_{name}")
+    pointer = root / ".latest.tmp"
+    pointer.write_text(good.name)
+    os.replace(pointer, root / "latest")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that verifies (``find_checkpoint``), or None."""
+    return find_checkpoint(run_dir)[0]
 
 
 class ResumeError(ValueError):

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"align {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:   # a missing file, a full disk, bad data: one line, not a traceback
         print(f"align {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align.guard import check_tensors
 
 
 def prepare_resumable(rt, model, optimizer, scheduler, run_dir: Path, resume: bool, micro_batch_size: int,
@@ -35,7 +36,9 @@ def prepare_resumable(rt, model, optimizer, scheduler, run_dir: Path, resume: bo
 def save_resumable(rt, run_dir: Path, step: int, model, optimizer, scheduler, keep: int,
                    stateful: dict | None = None, extra: dict | None = None) -> None:
     """A checkpoint ``prepare_resumable`` restores exactly (written atomically by every rank)."""
+    trainable = rt.trainable_state(model)
+    check_tensors(trainable, step)   # a NaN never reaches a checkpoint, so rotation never drops the last good one
     state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": rt.world_size,
              **{k: obj.state_dict() for k, obj in (stateful or {}).items()}, **(extra or {})}
-    save_checkpoint(run_dir, step, rt.trainable_state(model), rt.optimizer_state(optimizer), state, rank=rt.rank,
+    save_checkpoint(run_dir, step, trainable, rt.optimizer_state(optimizer), state, rank=rt.rank,
                     is_main=rt.is_main, keep=keep, barrier=rt.barrier)

@@ -89,25 +89,43 @@ class Exists(Rule):
 
 
 class Spec(Rule):
-    """A ``module:function`` reference ('' allowed unless ``required``)."""
+    """A ``module:function`` reference ('' allowed unless ``required``): the module imports, the
+    function exists and, with ``args``, can be called with that many positional arguments."""
 
     FORM = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
-    def __init__(self, required: bool = False):
-        self.required = required
+    def __init__(self, required: bool = False, args: int = 0, call: str = ""):
+        self.required, self.args, self.call = required, args, call
 
     def problem(self, value) -> str | None:
         if value in ("", None):
             return "required" if self.required else None
         if not isinstance(value, str) or not self.FORM.match(value):
             return "give 'module:function'"
+        import importlib
         import importlib.util
-        mod = value.partition(":")[0]
+        import inspect
+        mod, _, name = value.partition(":")
         try:
             found = importlib.util.find_spec(mod) is not None
         except (ImportError, ValueError):
             found = False
-        return None if found else f"module {mod!r} cannot be imported"
+        if not found:
+            return f"module {mod!r} cannot be imported"
+        try:
+            fn = getattr(importlib.import_module(mod), name, None)
+        except Exception as e:  # noqa: BLE001 - the user's module failed while importing: say how
+            return f"importing {mod!r} failed: {type(e).__name__}: {e}"
+        if not callable(fn):
+            return f"{mod!r} has no function {name!r}"
+        if self.args:
+            try:
+                inspect.signature(fn).bind(*range(self.args))
+            except TypeError as e:
+                return f"cannot be called as {self.call or f'{self.args} positional arguments'} ({e})"
+            except ValueError:
+                pass  # a builtin without a signature: let the call tell
+        return None
 
 
 __all__ = ["Rule", "OneOf", "Range", "Exists", "Spec", "POSITIVE", "NON_NEGATIVE", "AT_LEAST_ONE",

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from align.config import TrainConfig
 from align.distributed import Runtime
+from align.guard import check_loss, mark_started
 from align.resume import prepare_resumable, save_resumable
 from align.tracking import Tracker
 
@@ -115,6 +116,7 @@ class Trainer:
             engine.eval()
             self.tracker.log(self.eval_fn(0), 0)
         t0 = time.time()
+        mark_started(self.run_dir)
         while step < self.total_steps:
             engine.train()
             sums: dict[str, float] = {}
@@ -126,6 +128,7 @@ class Trainer:
                     batch["loss_norm"] = norm
                 with rt.accelerator.accumulate(engine):
                     loss, metrics = self.loss_fn(engine, batch)
+                    check_loss(loss, step + 1, self.stage, rt, f" (micro-batch of train examples {micro[:8]})")
                     rt.accelerator.backward(loss)
                     if rt.accelerator.sync_gradients and c.max_grad_norm > 0:
                         gn = rt.accelerator.clip_grad_norm_(params, c.max_grad_norm)

@@ -311,6 +311,21 @@ def _table(records: list[dict]):
                          "message lists or other types: write JSONL instead") from None
 
 
+MARKER = ".align-import.json"   # in every directory align import writes (data_tools.outputs)
+
+
+def write_marker(directory: Path, source: str) -> None:
+    (directory / MARKER).write_text(json.dumps({"written_by": "align import", "source": source}) + "\n")
+
+
+def user_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a file or directory made by mkstemp/mkdtemp (0600/0700) the mode a plain ``open`` or
+    ``mkdir`` would have given it under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 def _replace_dir(tmp: str, path: Path) -> None:
     old = None
     if path.exists():
@@ -324,7 +339,6 @@ def _replace_dir(tmp: str, path: Path) -> None:
 def write_split_directory(parts: dict[str, list[dict]], directory: str | Path, fmt: str, marker: str) -> list[Path]:
     """One output per split (``NAME.jsonl``, ``NAME.parquet`` or a ``NAME`` datasets directory) in
     a temporary sibling of ``directory``, marked as align import's, then renamed into place."""
-    from data_tools.outputs import user_mode, write_marker
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -350,7 +364,6 @@ def write_records(records: list[dict], path: str | Path, fmt: str | None = None,
     ``*.parquet`` (``meta`` stored as a JSON string), or a ``datasets.save_to_disk`` directory for
     a path without a suffix (carrying ``data_tools.outputs.MARKER`` when ``marker`` names the
     source). :func:`read_records` reads all three back to the same records."""
-    from data_tools.outputs import user_mode, write_marker
     fmt = fmt or output_format(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,11 @@ renamed into place (``canonical.write_records``), with the user's normal file mo
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from data_tools.base import UsageError
-
-MARKER = ".align-import.json"
+from data_tools.canonical import MARKER
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -54,15 +52,3 @@ def check_output(path: str | Path, kind: str, inputs: list[str], overwrite: bool
                          f"nothing was changed: give a new or empty directory")
     if not overwrite:
         raise UsageError(f"--out {path} holds an earlier import; pass --overwrite to replace it")
-
-
-def write_marker(directory: Path, source: str) -> None:
-    (directory / MARKER).write_text(json.dumps({"written_by": "align import", "source": source}) + "\n")
-
-
-def user_mode(path: str | Path, directory: bool = False) -> None:
-    """Give a file or directory made by mkstemp/mkdtemp (0600/0700) the mode a plain ``open`` or
-    ``mkdir`` would have given it under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)

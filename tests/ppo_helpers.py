@@ -70,3 +70,29 @@ def bandit_optimum(ref_probs: torch.Tensor, reward: torch.Tensor, beta: float) -
     pi = ref_probs * torch.exp(reward / beta) / z
     er = float((pi * reward).sum())
     return {"objective": float(beta * torch.log(z)), "reward": er, "kl": er / beta - float(torch.log(z)), "pi": pi}
+
+
+_CALLS = {"n": 0}
+
+
+def nan_on_third_call(prompts, responses, ended):
+    """A reward function that goes wrong at its third call (iteration 3): NaN for one response."""
+    _CALLS["n"] += 1
+    out = [float(len(r)) for r in responses]
+    if _CALLS["n"] >= 3:
+        out[1] = float("nan")
+    return out
+
+
+def reset_calls() -> None:
+    _CALLS["n"] = 0
+
+
+def one_short(prompts, responses, ended):
+    """A reward function that returns one reward too few."""
+    return [1.0] * (len(responses) - 1)
+
+
+def two_args(prompts, responses):
+    """Not a reward function: it does not take ``ended``."""
+    return [0.0] * len(responses)

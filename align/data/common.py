@@ -5,6 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from align.data.records import Record, where_of
 
 COMPLETION_FIELDS = ("completion", "chosen", "rejected")
 
@@ -14,7 +15,7 @@ def as_chat(record: dict) -> dict:
     (``completion``, ``chosen``, ``rejected``, every one of ``completions``) as one assistant turn,
     so the chat template renders them (``data.chat: true``). Plain text is what annotation tools
     export; a chat model is trained and sampled on its template. Message lists stay as they are."""
-    out = dict(record)
+    out = Record(record, where_of(record, ""))
     if isinstance(out.get("prompt"), str):
         out["prompt"] = [{"role": "user", "content": out["prompt"]}]
     for key in COMPLETION_FIELDS:
@@ -40,18 +41,29 @@ def _read(path: Path) -> list[dict]:
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             raise ValueError(f"{path} holds several splits ({list(ds)}); point at one of them")
-        return [dict(r) for r in ds]
+        return [Record(r, f"{path}: row {i}") for i, r in enumerate(ds, 1)]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+        return [Record(r, f"{path}: row {i}") for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         f"save the file as UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        return list(data)
+        out = []
+        for i, rec in enumerate(data, 1):
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}: record {i} of the JSON array is a {type(rec).__name__}, not an object")
+            out.append(Record(rec, f"{path}: record {i}"))
+        return out
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -62,7 +74,7 @@ def _read(path: Path) -> list[dict]:
             raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}: line {n}: a record must be a JSON object")
-        out.append(rec)
+        out.append(Record(rec, f"{path}: line {n}"))
     return out
 
 
@@ -129,15 +141,33 @@ def load_preference_splits(data) -> tuple[list, list, bool]:
     """A preference stage's (reward, DPO) train and eval groups from ``data.train`` and
     ``data.eval`` (or ``data.eval_fraction`` of train, split by prompt), and whether there is an
     eval split (a configured split that holds nothing is refused; none configured: no eval)."""
-    from align.config import require_file
+    from align.config import ConfigError, require_file
     from align.data.preferences import to_group
-    records = read_records(require_file(data.train, "data.train"), data.chat)
+    from align.rl.losses import counts_in_loss
+    records = require_records(read_records(require_file(data.train, "data.train"), data.chat), data.train, "data.train")
     if data.eval:
-        eval_records = read_records(require_file(data.eval, "data.eval"), data.chat)
+        eval_records = require_records(read_records(require_file(data.eval, "data.eval"), data.chat), data.eval,
+                                       "data.eval")
     else:
         records, eval_records = split_by_prompt(records, data.eval_fraction)
-    groups = [to_group(r, f"{data.train}: record {i}") for i, r in enumerate(records)]
-    eval_groups = [to_group(r, f"eval record {i}") for i, r in enumerate(eval_records)]
+    groups = [to_group(r, where_of(r, f"{data.train}: record {i}")) for i, r in enumerate(records, 1)]
+    eval_groups = [to_group(r, where_of(r, f"{data.eval or data.train}: record {i}"))
+                   for i, r in enumerate(eval_records, 1)]
     has_eval = check_eval_split(len(eval_groups), file=data.eval, fraction=data.eval_fraction, train=data.train)
+    ties = getattr(data, "ties", "skip")
+    if not any(counts_in_loss(g.ranks, ties) and g.weight > 0 for g in groups):
+        raise ConfigError(f"data.train: no record of {data.train} can teach anything (every ranking is all tied "
+                          f"or has weight 0): the loss would be 0 at every step")
+    if has_eval and not any(counts_in_loss(g.ranks, ties) for g in eval_groups):
+        raise ConfigError(f"data.eval: no held-out record of {data.eval or data.train} ranks one completion above "
+                          f"another (all tied): held-out accuracy would be undefined")
     return groups, eval_groups, has_eval
+
+
+def require_records(records: list, file, key: str) -> list:
+    """``records``, or a config error when the file held none (not a misleading message later)."""
+    if not records:
+        from align.config import ConfigError
+        raise ConfigError(f"{key}: {file} holds no records")
+    return records
 

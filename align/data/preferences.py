@@ -57,24 +57,62 @@ def _weight(rec: dict, where: str) -> float:
     return w
 
 
+def _finite(rec: dict, key: str, where: str, default: float) -> float:
+    raw = rec.get(key)
+    if raw is None:
+        return default
+    try:
+        x = float(raw)
+    except (TypeError, ValueError):
+        x = math.nan
+    if isinstance(raw, bool) or not math.isfinite(x):
+        raise ValueError(f"{where}: field {key!r} must be a finite number, got {raw!r}")
+    return x
+
+
+def _ranks(rec: dict, n: int, where: str) -> list[int]:
+    ranks = rec["ranks"]
+    ok = isinstance(ranks, list) and len(ranks) == n and all(
+        not isinstance(r, bool) and isinstance(r, (int, float)) and math.isfinite(r) and r == int(r) and r >= 0
+        for r in ranks)
+    if not ok:
+        raise ValueError(f"{where}: field 'ranks' needs one integer >= 0 per completion ({n}), got {ranks!r}")
+    return [int(r) for r in ranks]
+
+
 def to_group(rec: dict, where: str) -> Group:
+    """The record as a prompt group; a field that cannot be trained on (a non-finite ``margin``,
+    ``weight`` or ``scores``, a non-integer rank, a completion repeated inside one ranking) is
+    refused, naming ``where`` (file and line) and the field."""
     w = _weight(rec, where)
     try:
         if "completions" in rec:
-            comps, ranks = rec["completions"], [int(r) for r in rec["ranks"]]
-            if len(comps) < 2 or len(ranks) != len(comps):
-                raise ValueError("'completions' needs K >= 2 entries and 'ranks' one per completion")
+            comps = rec["completions"]
+            if not isinstance(comps, list) or len(comps) < 2:
+                raise ValueError("field 'completions' needs K >= 2 entries")
+            ranks = _ranks(rec, len(comps), where)
+            seen: dict = {}
+            for i, c in enumerate(comps):
+                j = seen.setdefault(repr(c), i)
+                if j != i:
+                    raise ValueError(f"field 'completions': completions[{i}] repeats completions[{j}] (one text "
+                                     f"cannot be ranked against itself)")
+            scores = rec.get("scores")
+            if scores is not None and (not isinstance(scores, list) or len(scores) != len(comps) or not all(
+                    not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in scores)):
+                raise ValueError(f"field 'scores' needs one finite number per completion, got {scores!r}")
             return Group(rec["prompt"], comps, ranks, 0.0, w)
         chosen, rejected = rec["chosen"], rec["rejected"]
         if "prompt" in rec:
             prompt = rec["prompt"]
         else:
             prompt, chosen, rejected = _common_prefix(chosen, rejected)
-        return Group(prompt, [chosen, rejected], [0, 1], float(rec.get("margin", 0.0) or 0.0), w)
+        return Group(prompt, [chosen, rejected], [0, 1], _finite(rec, "margin", where, 0.0), w)
     except KeyError as e:
         raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 @dataclass

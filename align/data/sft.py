@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from align.data.records import where_of
 from align.tokens import encode, specials
 
 IGNORE = -100
@@ -77,9 +78,9 @@ def encode_prompts(records: list[dict], where: str, tokenizer, chat_template: st
     """``{"text", "ids"}`` per record's ``prompt`` (see ``prompt_text``), keeping the last
     ``max_length`` tokens when given; a record without a prompt fails naming ``where`` and its index."""
     out = []
-    for i, r in enumerate(records):
+    for i, r in enumerate(records, 1):
         if "prompt" not in r:
-            raise ValueError(f"{where}: record {i}: missing field 'prompt'")
+            raise ValueError(f"{where_of(r, f'{where}: record {i}')}: missing field 'prompt'")
         text = prompt_text(r["prompt"], tokenizer, chat_template)
         ids = encode(tokenizer, text, bos=True)
         if max_length and len(ids) > max_length:  # keep the end, and the BOS in front
@@ -125,11 +126,11 @@ def build_examples(records, tokenizer, max_length: int, completion_only: bool = 
                    chat_template: str | None = None, where: str = "data") -> tuple[list, TruncationReport]:
     report = TruncationReport()
     out = []
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(records, 1):
         try:
             prompt, completion = render(rec, tokenizer, chat_template)
         except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{where}: record {i}: {e}") from None
+            raise ValueError(f"{where_of(rec, f'{where}: record {i}')}: {e}") from None
         p, c = tokenize_pair(prompt, completion, tokenizer, max_length, report)
         if not c:
             continue

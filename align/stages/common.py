@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,10 @@ import numpy as np
 import torch
 
 from align.backbone import load_backbone, load_tokenizer, resolve_checkpoint
-from align.checkpoint import check_resumable, latest_checkpoint
+from align.checkpoint import check_resumable, find_checkpoint, set_aside
 from align.config import ConfigError, save_config, to_dict
 from align.distributed import Runtime
+from align.guard import FinishedRun, acquire, finished_summary
 from align.model import AlignModel
 from align.tracking import Tracker
 
@@ -42,26 +44,63 @@ def backbone_from_run(run_dir: str | Path) -> dict:
     return json.loads(f.read_text())
 
 
+def _resume_point(cfg, job_type: str, run_dir: Path):
+    """(the checkpoint to resume from or None, the newer ones that failed verification) for a run
+    directory, refusing what would lose a run: a run there without resume=true, or resume=true on
+    checkpoints none of which verifies. A finished run resumed raises ``FinishedRun``."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} is a file; give a directory")
+    if not (run_dir / "config.yaml").exists():
+        return None, []
+    if not cfg.resume:
+        raise ConfigError(f"output_dir {run_dir} already holds a run; pass resume=true to continue "
+                          f"it or choose another output_dir")
+    summary = finished_summary(run_dir)
+    if summary is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[{job_type}] {run_dir} holds a finished run: nothing to resume, summary.json kept")
+        raise FinishedRun(summary)
+    ckpt, skipped = find_checkpoint(run_dir)
+    if ckpt is None and skipped:
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped)
+        raise ConfigError(f"resume=true: no checkpoint in {run_dir / 'checkpoints'} verifies ({reasons}); nothing "
+                          f"was changed: move them away to start over, or choose another output_dir")
+    return ckpt, skipped
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir {run_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {run_dir} is not writable")
+
+
 def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     run_dir = Path(cfg.output_dir)
     if not backbone_path or not Path(backbone_path).exists():
         raise ConfigError(f"model.path: backbone {backbone_path!r} does not exist")
-    resume_step = None
-    if run_dir.exists() and any(run_dir.iterdir()):
-        ckpt = latest_checkpoint(run_dir)
-        if cfg.resume and ckpt is not None:
-            resume_step = json.loads((ckpt / "state.json").read_text())["step"]
-        elif not cfg.resume and (run_dir / "config.yaml").exists():
-            raise ConfigError(f"output_dir {run_dir} already holds a run; pass resume=true to continue "
-                              f"it or choose another output_dir")
+    ckpt, skipped = _resume_point(cfg, job_type, run_dir)
+    resume_step = json.loads((ckpt / "state.json").read_text())["step"] if ckpt is not None else None
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    holds_run = (run_dir / "config.yaml").exists()
     rt = Runtime(grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
     if (problem := sharded_quantization_problem(cfg.model.quantization, rt)) is not None:
         raise ConfigError(problem)  # before the run directory is written, on every process
     if resume_step is not None:  # another number of processes is refused before anything is written
         check_resumable(ckpt, rt.world_size)
     if rt.is_main:
+        _make_run_dir(run_dir)
+        acquire(run_dir, fresh)   # one run per directory, for the life of this one
+        if skipped and ckpt is not None:
+            set_aside(run_dir, [name for name, _ in skipped], ckpt)
+            rt.print(f"[{job_type}] resuming from {ckpt.name}; skipped "
+                     + "; ".join(f"{name} ({why}, kept as checkpoints/bad_{name})" for name, why in skipped))
+        elif holds_run and ckpt is None:
+            rt.print(f"[{job_type}] resume=true: {run_dir} has no checkpoint yet; starting over at step 0 "
+                     f"(a run is replayed exactly from its seed)")
         resolve_checkpoint(backbone_path)  # a GGUF file is converted once, by one process
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     rt.barrier()
     rt.check_shared_dir(run_dir)  # on several nodes: output_dir on a shared filesystem, or a clear error

@@ -67,6 +67,7 @@ from align.rules import (
 from align.scoring import decode, generate, response_stats
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.trainer import Trainer, eval_mode
+from align.guard import stage_entry
 
 LOSSES = ("sigmoid", "ipo", "plackett_luce")
 
@@ -250,6 +251,7 @@ def policy_kl(model, resp, temperature: float, batch_size: int) -> tuple[torch.T
     return torch.cat(exact), torch.cat(sampled)
 
 
+@stage_entry
 def run(cfg: DPOConfig) -> dict:
     validate(cfg)  # everything, before the run directory is written
     backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]

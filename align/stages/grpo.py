@@ -40,6 +40,7 @@ from align.stages.ppo import (
     recompute_logprobs,
     run_loop,
 )
+from align.guard import check_loss, stage_entry
 
 
 @dataclass
@@ -122,7 +123,7 @@ class _GroupStageConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     SECTION: ClassVar[str] = ""
-    RULES: ClassVar[dict] = {"reward_fn": Spec()}
+    RULES: ClassVar[dict] = {"reward_fn": Spec(args=3, call="fn(prompts, responses, ended)")}
 
     @property
     def algo(self) -> GroupAlgoConfig:
@@ -218,6 +219,7 @@ class GroupLoop(PPOLoop):
             out = response_stats(self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
                                  ro.response_mask[idx], ("policy",), a.temperature)["policy"]
             loss, stats = self.loss(out["logprobs"], ro, adv, idx)
+            check_loss(loss, self.iteration_no, self.section, rt)
             rt.accelerator.backward(loss)  # accelerate divides by the accumulation steps
             if rt.accelerator.sync_gradients:
                 if a.max_grad_norm > 0:
@@ -283,11 +285,13 @@ def _run(cfg: _GroupStageConfig, loop_cls) -> dict:
     return run_loop(loop_cls, cfg, backbone, split)
 
 
+@stage_entry
 def run(cfg: GRPOConfig) -> dict:
     """``align grpo``: GRPO or Dr. GRPO (``grpo.variant``)."""
     return _run(cfg, GRPOLoop)
 
 
+@stage_entry
 def run_rloo(cfg: RLOOConfig) -> dict:
     """``align rloo``: RLOO with the KL penalty in the reward."""
     return _run(cfg, RLOOLoop)

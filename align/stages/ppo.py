@@ -44,7 +44,7 @@ from align.adapters.peft_format import load_adapter, save_adapter, save_head
 from align.config import (ConfigError, ModelConfig, TrackingConfig, backbone_problems, require_file,
                           run_dir_problems, validate)
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, Exists, OneOf, Spec
-from align.data.common import check_eval_split, read_records, split_by_prompt
+from align.data.common import check_eval_split, read_records, require_records, split_by_prompt
 from align.data.sft import encode_prompts
 from align.rl.functional import entropy_from_logits, masked_mean, masked_whiten
 from align.rl.gae import compute_gae
@@ -57,6 +57,7 @@ from align.scoring import (decode, evaluate_role, generate, load_callable, load_
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.resume import prepare_resumable, save_resumable
 from align.trainer import make_optimizer, make_scheduler
+from align.guard import NonFiniteError, agree, check_loss, check_rewards, mark_started, stage_entry
 
 
 # Where the KL penalty is a per-token reward, only k1's policy gradient is that of KL(pi || ref)
@@ -148,7 +149,7 @@ class PPOEvalConfig:
     num_samples_logged: int = 8          # samples written to samples.jsonl / W&B per evaluation
 
     RULES: ClassVar[dict] = {"every": NON_NEGATIVE, "num_prompts": NON_NEGATIVE, "temperature": POSITIVE,
-                             "gold": Spec(), "num_samples_logged": NON_NEGATIVE}
+                             "gold": Spec(args=3, call="fn(prompts, responses, ended)"), "num_samples_logged": NON_NEGATIVE}
 
 
 @dataclass
@@ -166,7 +167,7 @@ class PPOConfig:
     eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    RULES: ClassVar[dict] = {"reward_fn": Spec()}
+    RULES: ClassVar[dict] = {"reward_fn": Spec(args=3, call="fn(prompts, responses, ended)")}
 
     def checks(self, at: str) -> Iterator[str]:
         """The run dirs this stage reads, the reward source, the backbone and the minibatch split."""
@@ -201,6 +202,7 @@ def policy_stage_problems(cfg, at: str, section: str) -> Iterator[str]:
                f"(a learned reward's run dir, or a programmatic reward)")
     elif cfg.reward_run:
         yield from run_dir_problems(cfg.reward_run, f"{at}reward_run", "reward")
+        yield from _same_backbone(cfg.sft_run, cfg.reward_run, at)
     yield from backbone_problems(cfg.model.path, cfg.sft_run, f"{at}model.path")
     a = getattr(cfg, section)
     if all(AT_LEAST_ONE.problem(getattr(a, k)) is None
@@ -209,6 +211,20 @@ def policy_stage_problems(cfg, at: str, section: str) -> Iterator[str]:
             minibatch_split(a, int(os.environ.get("WORLD_SIZE", "1")), section)
         except ConfigError as e:
             yield str(e)
+
+
+def _same_backbone(sft_run: str, reward_run: str, at: str) -> Iterator[str]:
+    """The SFT and reward runs must have trained on the same backbone (their recorded fingerprints)."""
+    prints = []
+    for run in (sft_run, reward_run):
+        f = Path(run) / "backbone.json"
+        try:
+            prints.append(json.loads(f.read_text()).get("fingerprint"))
+        except (OSError, ValueError):
+            return  # run_dir_problems names a missing or broken record
+    if prints[0] and prints[1] and prints[0] != prints[1]:
+        yield (f"{at}reward_run={reward_run!r} was trained on another backbone than {at}sft_run={sft_run!r} "
+               f"(fingerprints {prints[1][:12]} vs {prints[0][:12]}); train the reward model from this SFT run")
 
 
 @dataclass
@@ -347,9 +363,11 @@ def parameter_groups(model, params: list, value_lr: float) -> list:
 
 # ------------------------------------------------------------------------------------ data
 def load_prompts(cfg: PPOConfig, tok) -> tuple[list, list]:
-    recs = read_records(require_file(cfg.data.prompts, "data.prompts"), cfg.data.chat)
+    recs = require_records(read_records(require_file(cfg.data.prompts, "data.prompts"), cfg.data.chat),
+                           cfg.data.prompts, "data.prompts")
     if cfg.data.eval_prompts:
-        held = read_records(require_file(cfg.data.eval_prompts, "data.eval_prompts"), cfg.data.chat)
+        held = require_records(read_records(require_file(cfg.data.eval_prompts, "data.eval_prompts"), cfg.data.chat),
+                               cfg.data.eval_prompts, "data.eval_prompts")
     else:
         recs, held = split_by_prompt(recs, cfg.data.eval_fraction)
     check_eval_split(len(held), file=cfg.data.eval_prompts, fraction=cfg.data.eval_fraction, train=cfg.data.prompts,
@@ -382,7 +400,7 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, width, reward_fn=None,
-            algo=None) -> Rollout:
+            algo=None, step: int = 0) -> tuple[Rollout, float]:
     """Sample, score and evaluate one batch. ``width``: the prompt width of the *global* batch, so
     every process pads alike (gatherable, and numerically identical whatever the world size).
     ``algo``: the algorithm's settings (default ``cfg.ppo``; GRPO/RLOO pass theirs)."""
@@ -395,11 +413,17 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, wi
     roles = (("policy",) if recompute else ()) + ("reference",) + (("value",) if with_value else ()) + \
         (() if reward_fn else ("reward",))
     st = score(engine, resp, roles, a.temperature, a.micro_batch_size)
-    if reward_fn:
-        raw = torch.tensor(reward_fn([p["text"] for p in prompts], decode(tok, resp), resp.has_stop.tolist()),
-                           dtype=torch.float, device=rt.device)
-    else:
-        raw = st["reward"]["score"]
+    n, problem, raw = len(prompts), None, torch.zeros(len(prompts))
+    try:
+        if reward_fn:
+            out = reward_fn([p["text"] for p in prompts], decode(tok, resp), resp.has_stop.tolist())
+            raw = check_rewards(out, n, f"reward_fn {cfg.reward_fn}", step)
+        else:
+            raw = check_rewards(st["reward"]["score"].float().cpu(), n, f"the reward role ({cfg.reward_run})", step)
+    except NonFiniteError as e:
+        problem = e
+    agree(rt, problem, step)   # every process stops together
+    raw = raw.to(rt.device)
     scores = (raw - norm["mean"]) / norm["std"] if a.normalize_reward else raw.clone()
     if a.missing_stop_mode != "none":
         scores = apply_missing_stop_penalty(scores, resp.has_stop, a.missing_stop_penalty, a.missing_stop_mode)
@@ -547,7 +571,7 @@ class PPOLoop:
         t0 = time.time()
         prompts, seeds, width = self.order(it)
         ro, t_generate = rollout(self.model, self.engine, prompts, self.cfg, self.tok, self.rt, self.norm, seeds,
-                                 width, self.reward_fn, algo=self.a)
+                                 width, self.reward_fn, algo=self.a, step=it + 1)
         if self.rt.world_size > 1:
             ro = gather_rollout(ro, self.rt)
         return ro, t_generate, time.time() - t0
@@ -558,6 +582,7 @@ class PPOLoop:
         (MinibatchSplit): every rank makes the same number of forward/backward calls, so no rank
         waits at a collective alone."""
         a, rt = self.a, self.rt
+        self.iteration_no = it + 1
         stats: dict[str, list] = {}
         for epoch in range(self.epochs()):
             g = torch.Generator().manual_seed(a.seed * 7919 + it * 131 + epoch)
@@ -586,6 +611,7 @@ class PPOLoop:
                                        a.cliprange)
             vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], adv["returns"][idx], m,
                                       a.cliprange_value)
+            check_loss(pg + a.vf_coef * vf, self.iteration_no, self.section, rt)
             rt.accelerator.backward(pg + a.vf_coef * vf)  # accelerate divides by the accumulation steps
             if rt.accelerator.sync_gradients:
                 if a.max_grad_norm > 0:
@@ -658,6 +684,7 @@ class PPOLoop:
                 (self.st.run_dir / "roles.json").write_text(json.dumps(self.info["stacks"], indent=2))
 
 
+@stage_entry
 def run(cfg: PPOConfig) -> dict:
     validate(cfg)  # every key, file and run dir, before the run directory is written
     backbone, split = check(cfg)  # refused before the run dir exists
@@ -676,6 +703,7 @@ def run_loop(loop_cls, cfg, backbone: str, split: MinibatchSplit) -> dict:
     last_eval: dict = {}
     if start == 0 and cfg.eval.every:  # the SFT policy's score: the baseline of every curve
         st.tracker.log(loop.evaluate(0), 0)
+    mark_started(st.run_dir)
     it = start
     while it < a.iterations:
         logs = loop.iteration(it)

@@ -40,6 +40,7 @@ from align.scoring import generate, left_pad, score, sequence_rewards
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.tokens import encode
 from align.trainer import Trainer
+from align.guard import stage_entry
 
 
 @dataclass
@@ -170,6 +171,7 @@ def pairwise_eval(scores: list[torch.Tensor], groups) -> dict:
     return res
 
 
+@stage_entry
 def run(cfg: RewardConfig) -> dict:
     validate(cfg)  # everything, before the run directory is written
     backbone = cfg.model.path or (backbone_from_run(cfg.sft_run)["path"] if cfg.sft_run else "")

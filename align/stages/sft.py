@@ -18,7 +18,7 @@ import torch
 from align.adapters.base import AdapterConfig
 from align.adapters.peft_format import save_adapter
 from align.config import ModelConfig, TrackingConfig, TrainConfig, require_file, validate
-from align.data.common import check_eval_split, read_records, split_by_prompt
+from align.data.common import check_eval_split, read_records, require_records, split_by_prompt
 from align.data.sft import Collator, build_examples, pack, render
 from align.rl.losses import label_positions, lm_loss_at
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Exists
@@ -26,6 +26,7 @@ from align.scoring import decode, generate
 from align.stages.common import finish_stage, start_stage
 from align.tokens import encode
 from align.trainer import Trainer
+from align.guard import stage_entry
 
 
 @dataclass
@@ -71,12 +72,14 @@ def sft_loss(model, batch):
     return loss, {"tokens": n}
 
 
+@stage_entry
 def run(cfg: SFTConfig) -> dict:
     validate(cfg)  # everything, before the run directory is written
     train_path = require_file(cfg.data.train, "data.train")
-    records = read_records(train_path, cfg.data.chat)
+    records = require_records(read_records(train_path, cfg.data.chat), train_path, "data.train")
     if cfg.data.eval:
-        eval_records = read_records(require_file(cfg.data.eval, "data.eval"), cfg.data.chat)
+        eval_records = require_records(read_records(require_file(cfg.data.eval, "data.eval"), cfg.data.chat),
+                                       cfg.data.eval, "data.eval")
     else:
         records, eval_records = split_by_prompt(records, cfg.data.eval_fraction)
     eval_check = dict(file=cfg.data.eval, fraction=cfg.data.eval_fraction, train=str(train_path))
