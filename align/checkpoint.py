@@ -39,8 +39,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     sorted name and the header is rewritten with sorted keys (safetensors keeps ``__metadata__``
     in a Rust HashMap, so its order changes from run to run and even from call to call)."""
     path = Path(path)
-    save_file({k: tensors[k] for k in sorted(tensors)}, path,
-              metadata=None if metadata is None else {k: metadata[k] for k in sorted(metadata)})
+    try:
+        save_file({k: tensors[k] for k in sorted(tensors)}, path,
+                  metadata=None if metadata is None else {k: metadata[k] for k in sorted(metadata)})
+    except Exception as e:  # noqa: BLE001 - safetensors' Rust errors (a full disk among them) are no OSError
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise OSError(f"cannot write {path}: {e}") from None
     with open(path, "r+b") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -97,23 +102,20 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         raise RuntimeError(f"rank {rank} cannot see {tmp}, made by rank 0: every process writes its "
                            f"optimizer shard and RNG state into the checkpoint directory, so on several "
                            f"nodes output_dir must be on a filesystem shared by all nodes")
-    opt_name = "optimizer.pt" if rank == 0 else f"optimizer_rank{rank}.pt"
-    if optimizer is not None:  # an optimizer, or its state as Runtime.optimizer_state gives it
-        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / opt_name)
-    rng_t, rng_p = _rng_state()
-    torch.save(rng_t, tmp / f"rng_rank{rank}.pt")
-    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_p))
+    try:
+        _write_checkpoint_files(tmp, trainable, optimizer, state, rank, is_main)
+        if barrier:
+            barrier()
+        if is_main:
+            (tmp / MANIFEST).write_text(json.dumps({f.name: _digest(f) for f in sorted(tmp.iterdir())}, indent=1))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except OSError:   # e.g. a full disk: the half-written directory goes, the previous checkpoints stay
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if is_main:
-        save_safetensors({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
-                         tmp / "trainable.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-    if barrier:
-        barrier()
-    if is_main:
-        (tmp / MANIFEST).write_text(json.dumps({f.name: _digest(f) for f in sorted(tmp.iterdir())}, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = ckpt_root / ".latest.tmp"
@@ -125,6 +127,19 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     if barrier:
         barrier()
     return final
+
+
+def _write_checkpoint_files(tmp: Path, trainable: dict, optimizer, state: dict, rank: int, is_main: bool) -> None:
+    opt_name = "optimizer.pt" if rank == 0 else f"optimizer_rank{rank}.pt"
+    if optimizer is not None:  # an optimizer, or its state as Runtime.optimizer_state gives it
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / opt_name)
+    rng_t, rng_p = _rng_state()
+    torch.save(rng_t, tmp / f"rng_rank{rank}.pt")
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_p))
+    if is_main:
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                         tmp / "trainable.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 MANIFEST = "manifest.json"

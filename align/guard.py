@@ -106,6 +106,7 @@ def stage_entry(run):
         except FinishedRun as done:
             return done.summary
         except BaseException:
+            _close_progress_bars()   # so the error starts on its own line
             if run_dir is not None:
                 key = _key(run_dir)
                 if key in _OWNED and key not in _STARTED:
@@ -116,6 +117,12 @@ def stage_entry(run):
             if run_dir is not None:
                 release(run_dir)
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 # ------------------------------------------------------------------------------ finite numbers

@@ -426,3 +426,35 @@ def test_kill_9_then_resume_is_exact(stage, tiny_llama, tmp_path):
     a = load_file(tmp_path / "full" / "adapters" / role / "adapter_model.safetensors")
     b = load_file(killed / "adapters" / role / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------ a full disk
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 160 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "tinyfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_every_checkpoint_whole(tiny_llama, tmp_path, tiny_filesystem):
+    from align.checkpoint import verify_checkpoint
+    data = synthetic_instructions(tmp_path / "d.jsonl", n=200)
+    out = tiny_filesystem / "run"
+    r = subprocess.run([sys.executable, "-m", "align.cli", "sft", f"output_dir={out}", f"model.path={tiny_llama}",
+                        f"data.train={data}", "data.max_length=32", "train.batch_size=8", "train.max_steps=40",
+                        "train.save_every=1", "train.keep_checkpoints=1000", "train.eval_every=0", "data.num_samples=0",
+                        "tracking.wandb=false"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert r.returncode == 1, r.stderr[-2000:]
+    last = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("align sft:")]
+    assert len(last) == 1 and "No space left on device" in last[0], r.stderr[-2000:]
+    steps = list((out / "checkpoints").glob("step_*"))
+    assert steps, "the disk filled before any checkpoint: make the filesystem larger"
+    assert all(verify_checkpoint(s) is None for s in steps)
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert verify_checkpoint(out / "checkpoints" / latest) is None

@@ -282,6 +282,6 @@ def test_an_empty_configured_eval_split_is_refused(tmp_path):
         return load_config(ppo.PPOConfig, None, [f"data.prompts={prompts}", *extra])
     with pytest.raises(ConfigError, match=r"data.eval_fraction=0.0001 holds out no eval prompts from .*p.jsonl"):
         ppo.load_prompts(cfg("data.eval_fraction=0.0001"), None)
-    with pytest.raises(ConfigError, match=r"data.eval_prompts: .*empty.jsonl yields no eval prompts"):
+    with pytest.raises(ConfigError, match=r"data.eval_prompts: .*empty.jsonl holds no records"):
         ppo.load_prompts(cfg(f"data.eval_prompts={tmp_path / 'empty.jsonl'}"), None)
     assert ppo.check_eval_split(0, file="", fraction=0.0, train=str(prompts)) is False

@@ -123,7 +123,7 @@ def test_empty_eval_split_is_refused_when_configured_and_silent_when_absent(tiny
     assert not (tmp_path / "tiny_fraction").exists()
     # a held-out file without records: refused, naming the file
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ConfigError, match=r"data.eval: .*empty.jsonl yields no eval records"):
+    with pytest.raises(ConfigError, match=r"data.eval: .*empty.jsonl holds no records"):
         sft.run(sft_cfg(tmp_path, data, f"data.eval={tmp_path / 'empty.jsonl'}", name="empty_file"))
     assert not (tmp_path / "empty_file").exists()
     # no eval data asked for (fraction 0, no file): training runs and logs no eval numbers
