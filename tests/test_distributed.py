@@ -419,3 +419,43 @@ def test_a_quantized_backbone_is_refused_by_the_sharding_presets(preset, tiny_ll
     sharding = {"zero3": "DeepSpeed ZeRO stage 3", "fsdp2": "FSDP2 (the fsdp2 preset)"}[preset]
     assert f"launched with {sharding}" in out and "ddp or zero2" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_kill_9_of_a_two_process_run_then_resume_is_exact(tiny_llama, sft_data, tmp_path):
+    """SIGKILL to every process of a 2-process ZeRO-2 SFT run as soon as its third checkpoint is named
+    (mid-training or mid-save), then resume=true: the adapters equal an uninterrupted 2-process run's."""
+    import signal
+    import socket
+    import time
+
+    import psutil
+    common = [f"model.path={tiny_llama}", f"data.train={sft_data}", "train.max_steps=14", "train.batch_size=4",
+              "train.save_every=1", "train.eval_every=0", "tracking.wandb=false", "data.num_samples=0", "train.lr=5e-3"]
+    launch_bounded("zero2", "sft", f"output_dir={tmp_path / 'full'}", *common, timeout=300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(ROOT / "configs" / "accelerate" / "zero2.yaml"), "--num_processes", "2",
+                          "--main_process_port", str(port), "-m", "align.cli", "sft", f"output_dir={killed}", *common],
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0, latest = time.time(), killed / "checkpoints" / "latest"
+    while True:
+        try:
+            if int(latest.read_text().strip()[5:]) >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        assert p.poll() is None and time.time() - t0 < 300, "finished or stuck before it could be killed"
+        time.sleep(0.01)
+    procs = psutil.Process(p.pid).children(recursive=True) + [psutil.Process(p.pid)]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+    launch_bounded("zero2", "sft", f"output_dir={killed}", "resume=true", *common, timeout=300)
+    a = load_file(tmp_path / "full/adapters/sft/adapter_model.safetensors")
+    b = load_file(killed / "adapters/sft/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
