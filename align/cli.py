@@ -1,4 +1,4 @@
-"""``align`` command line: one sub-command per stage plus the pipeline, import, eval and export."""
+"""``align`` command line: one sub-command per stage plus the pipeline, import, eval and config."""
 from __future__ import annotations
 
 import argparse

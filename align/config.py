@@ -37,10 +37,11 @@ class ModelConfig:
     quantization: str = "none"           # none | int8 | nf4: frozen backbone Linear weights via bitsandbytes
                                          # (nf4: 4-bit NormalFloat, double quantization, dtype = compute
                                          # dtype; QLoRA); refused with the full / top_k methods
-    zero3_gather_for_generation: bool = True  # ZeRO-3 / FSDP2 sampling: gather the whole model (fast); false: layer by layer (1/N memory, slow)
-                                         # true holds a whole backbone per process while sampling; false
-                                         # all-gathers each module (FSDP2: each layer's shards) at every
-                                         # token (README: ZeRO-3 memory, FSDP2)
+    zero3_gather_for_generation: bool = True  # ZeRO-3 / FSDP2 sampling: gather the whole model (fast);
+                                              # false: layer by layer (1/N memory, slow). true holds a whole
+                                              # backbone per process while sampling; false all-gathers each
+                                              # module (FSDP2: each layer's shards) at every token (README:
+                                              # ZeRO-3 memory, FSDP2)
 
     RULES: ClassVar[dict] = {"path": Exists(), "dtype": OneOf(*DTYPE_CHOICES),
                              "quantization": OneOf(*QUANTIZATIONS)}
