@@ -245,8 +245,8 @@ def test_a_nan_reward_stops_the_run_naming_the_step_and_keeps_the_good_checkpoin
     H.reset_calls()
     cfg = load_config(grpo.GRPOConfig, None, [
         f"output_dir={tmp_path / 'g'}", f"sft_run={sft_run}", f"data.prompts={prompts}", "tracking.wandb=false",
-        f"data.eval_prompts={prompts}", "reward_fn=tests.ppo_helpers:nan_on_third_call", "grpo.iterations=5", "grpo.rollout_batch_size=8",
-        "grpo.response_length=4", "grpo.save_every=1", "grpo.keep_checkpoints=2"])
+        f"data.eval_prompts={prompts}", "reward_fn=tests.ppo_helpers:nan_on_third_call", "grpo.iterations=5",
+        "grpo.rollout_batch_size=8", "grpo.response_length=4", "grpo.save_every=1", "grpo.keep_checkpoints=2"])
     with pytest.raises(NonFiniteError, match=r"step 3: reward_fn tests.ppo_helpers:nan_on_third_call gave a "
                                              r"non-finite reward \(nan\) for response 1 of 8"):
         grpo.run(cfg)
@@ -449,7 +449,8 @@ def test_a_full_disk_is_one_line_and_leaves_every_checkpoint_whole(tiny_llama, t
                         f"data.train={data}", "data.max_length=32", "train.batch_size=8", "train.max_steps=40",
                         "train.save_every=1", "train.keep_checkpoints=1000", "train.eval_every=0", "data.num_samples=0",
                         "tracking.wandb=false"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "WANDB_MODE": "offline"})
     assert r.returncode == 1, r.stderr[-2000:]
     last = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("align sft:")]
     assert len(last) == 1 and "No space left on device" in last[0], r.stderr[-2000:]

@@ -149,7 +149,8 @@ class PPOEvalConfig:
     num_samples_logged: int = 8          # samples written to samples.jsonl / W&B per evaluation
 
     RULES: ClassVar[dict] = {"every": NON_NEGATIVE, "num_prompts": NON_NEGATIVE, "temperature": POSITIVE,
-                             "gold": Spec(args=3, call="fn(prompts, responses, ended)"), "num_samples_logged": NON_NEGATIVE}
+                             "gold": Spec(args=3, call="fn(prompts, responses, ended)"),
+                             "num_samples_logged": NON_NEGATIVE}
 
 
 @dataclass
@@ -527,8 +528,8 @@ class PPOLoop:
         self.norm = self.info["reward_norm"]
         t_norm = self.norm.get("temperature")
         if self.a.normalize_reward and t_norm is not None and float(t_norm) != float(self.a.temperature):
-            self.rt.print(f"[{self.section}] warning: the reward's normalisation statistics were sampled at temperature "
-                          f"{t_norm} (reward run's normalize.temperature), this stage samples at "
+            self.rt.print(f"[{self.section}] warning: the reward's normalisation statistics were sampled at "
+                          f"temperature {t_norm} (reward run's normalize.temperature), this stage samples at "
                           f"{self.section}.temperature={self.a.temperature}: normalised scores will not start at "
                           f"mean 0 / std 1; retrain the reward with normalize.temperature={self.a.temperature}")
         train_prompts, self.eval_prompts = load_prompts(cfg, self.tok)
