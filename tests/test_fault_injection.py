@@ -184,6 +184,15 @@ def test_data_that_teaches_nothing_is_refused(recs, match, tiny_llama, tmp_path)
     assert not (tmp_path / "rm").exists()
 
 
+def test_an_output_dir_that_is_a_file_is_refused_and_left_alone(tiny_llama, tmp_path):
+    data = synthetic_instructions(tmp_path / "d.jsonl", n=40)
+    f = tmp_path / "run"
+    f.write_text("not a directory\n")
+    with pytest.raises(ConfigError, match=r"output_dir .*run is a file; give a directory"):
+        sft.run(sft_cfg(tmp_path, (tiny_llama, data)))
+    assert f.read_text() == "not a directory\n"
+
+
 def test_unreadable_files_give_one_line_naming_file_and_line(tmp_path):
     from align.data.common import read_records
     bad = tmp_path / "latin1.jsonl"
@@ -297,7 +306,8 @@ def _same_final(tmp_path, a="full", b="cut"):
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-@pytest.mark.parametrize("damage", ["delete_newest", "truncate_trainable", "delete_state", "truncate_optimizer"])
+@pytest.mark.parametrize("damage", ["delete_newest", "truncate_trainable", "delete_state", "truncate_optimizer",
+                                    "delete_rng", "truncate_rng_json", "edit_state"])
 def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_says_which(damage, tiny_llama, tmp_path, capsys):
     data, common = _sft_pair(tiny_llama, tmp_path)
     newest = tmp_path / "cut" / "checkpoints" / "step_4"
@@ -306,6 +316,13 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_says_which(damag
         shutil.rmtree(newest)
     elif damage == "delete_state":
         (newest / "state.json").unlink()
+    elif damage == "delete_rng":
+        (newest / "rng_rank0.pt").unlink()
+    elif damage == "truncate_rng_json":
+        (newest / "rng_rank0.json").write_text((newest / "rng_rank0.json").read_text()[:10])
+    elif damage == "edit_state":   # same length, other content: only the checksum can tell
+        text = (newest / "state.json").read_text()
+        (newest / "state.json").write_text(text.replace('"step": 4', '"step": 5'))
     else:
         f = newest / ("trainable.safetensors" if damage == "truncate_trainable" else "optimizer.pt")
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
