@@ -210,7 +210,7 @@ def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[str, str]]]:
 
 def set_aside(run_dir: Path, bad: list[str], good: Path) -> None:
     """Move checkpoints that failed verification to ``checkpoints/bad_<name>`` (kept for a look,
-    out of rotation) and point ``latest`` at ``good``."""
+    out of rotation) and point ``latest`` at ``good``, the one that verified."""
     root = Path(run_dir) / "checkpoints"
     for name in bad:
         if (root / name).is_dir():
@@ -221,8 +221,13 @@ def set_aside(run_dir: Path, bad: list[str], good: Path) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint of ``run_dir`` that verifies (``find_checkpoint``), or None."""
-    return find_checkpoint(run_dir)[0]
+    """The checkpoint ``checkpoints/latest`` names, or None. A resumed stage has verified it and
+    pointed ``latest`` at it first (``find_checkpoint``, ``set_aside``), so it is not hashed again."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.json").exists() else None
 
 
 class ResumeError(ValueError):

@@ -140,20 +140,23 @@ def check_loss(loss: torch.Tensor, step: int, stage: str, rt=None, what: str = "
 
 
 def check_rewards(rewards, n: int, source: str, step: int) -> torch.Tensor:
-    """Rewards of ``n`` responses as a float tensor, or a one-line error naming their source when
-    there are not ``n`` of them or one is not a finite number."""
-    try:
-        values = [float(r) for r in rewards]
-    except (TypeError, ValueError):
-        raise NonFiniteError(f"step {step}: {source} returned {list(rewards)!r:.200}; it must return one number "
-                             f"per response") from None
-    if len(values) != n:
-        raise NonFiniteError(f"step {step}: {source} returned {len(values)} rewards for {n} responses")
-    bad = [i for i, v in enumerate(values) if v != v or v in (float("inf"), float("-inf"))]
-    if bad:
-        raise NonFiniteError(f"step {step}: {source} gave a non-finite reward ({values[bad[0]]}) for response "
-                             f"{bad[0]} of {n}; nothing was trained on it")
-    return torch.tensor(values, dtype=torch.float)
+    """Rewards of ``n`` responses as a float tensor (a tensor stays on its device), or a one-line
+    error naming their source when there are not ``n`` of them or one is not a finite number."""
+    if not torch.is_tensor(rewards):
+        try:
+            rewards = torch.tensor([float(r) for r in rewards])
+        except (TypeError, ValueError):
+            raise NonFiniteError(f"step {step}: {source} returned {list(rewards)!r:.200}; it must return one number "
+                                 f"per response") from None
+    rewards = rewards.float().reshape(-1)
+    if len(rewards) != n:
+        raise NonFiniteError(f"step {step}: {source} returned {len(rewards)} rewards for {n} responses")
+    bad = (~torch.isfinite(rewards)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise NonFiniteError(f"step {step}: {source} gave a non-finite reward ({float(rewards[i])}) for response "
+                             f"{i} of {n}; nothing was trained on it")
+    return rewards
 
 
 def agree(rt, error: Exception | None, step: int) -> None:

@@ -45,13 +45,14 @@ def backbone_from_run(run_dir: str | Path) -> dict:
 
 
 def _resume_point(cfg, job_type: str, run_dir: Path):
-    """(the checkpoint to resume from or None, the newer ones that failed verification) for a run
+    """(the checkpoint to resume from or None, the newer ones that failed verification, whether the
+    directory holds a run) for a run
     directory, refusing what would lose a run: a run there without resume=true, or resume=true on
     checkpoints none of which verifies. A finished run resumed raises ``FinishedRun``."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} is a file; give a directory")
     if not (run_dir / "config.yaml").exists():
-        return None, []
+        return None, [], False
     if not cfg.resume:
         raise ConfigError(f"output_dir {run_dir} already holds a run; pass resume=true to continue "
                           f"it or choose another output_dir")
@@ -65,7 +66,7 @@ def _resume_point(cfg, job_type: str, run_dir: Path):
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped)
         raise ConfigError(f"resume=true: no checkpoint in {run_dir / 'checkpoints'} verifies ({reasons}); nothing "
                           f"was changed: move them away to start over, or choose another output_dir")
-    return ckpt, skipped
+    return ckpt, skipped, True
 
 
 def _make_run_dir(run_dir: Path) -> None:
@@ -81,10 +82,9 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     run_dir = Path(cfg.output_dir)
     if not backbone_path or not Path(backbone_path).exists():
         raise ConfigError(f"model.path: backbone {backbone_path!r} does not exist")
-    ckpt, skipped = _resume_point(cfg, job_type, run_dir)
+    ckpt, skipped, holds_run = _resume_point(cfg, job_type, run_dir)
     resume_step = json.loads((ckpt / "state.json").read_text())["step"] if ckpt is not None else None
     fresh = not run_dir.exists() or not any(run_dir.iterdir())
-    holds_run = (run_dir / "config.yaml").exists()
     rt = Runtime(grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
     if (problem := sharded_quantization_problem(cfg.model.quantization, rt)) is not None:
         raise ConfigError(problem)  # before the run directory is written, on every process
@@ -93,11 +93,12 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     if rt.is_main:
         _make_run_dir(run_dir)
         acquire(run_dir, fresh)   # one run per directory, for the life of this one
-        if skipped and ckpt is not None:
+        if ckpt is not None:  # latest -> the verified checkpoint, which prepare_resumable then reads
             set_aside(run_dir, [name for name, _ in skipped], ckpt)
-            rt.print(f"[{job_type}] resuming from {ckpt.name}; skipped "
-                     + "; ".join(f"{name} ({why}, kept as checkpoints/bad_{name})" for name, why in skipped))
-        elif holds_run and ckpt is None:
+            if skipped:
+                rt.print(f"[{job_type}] resuming from {ckpt.name}; skipped "
+                         + "; ".join(f"{name} ({why}, kept as checkpoints/bad_{name})" for name, why in skipped))
+        elif holds_run:
             rt.print(f"[{job_type}] resume=true: {run_dir} has no checkpoint yet; starting over at step 0 "
                      f"(a run is replayed exactly from its seed)")
         resolve_checkpoint(backbone_path)  # a GGUF file is converted once, by one process

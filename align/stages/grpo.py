@@ -203,23 +203,23 @@ class GroupLoop(PPOLoop):
     def kl_controller(self):
         return make_kl_controller("fixed", kl_coef=self.a.kl_coef)
 
-    def denominator(self, ro: Rollout, tokens: bool = False) -> float:
-        """The chunk's share of the current global minibatch's response (or token) count: a chunk's
-        loss is its sum divided by this, so that after accelerate's division by the accumulation
-        steps and the mean over processes the minibatch's loss is its plain mean, however the
-        minibatch is cut into chunks (``MinibatchSplit``)."""
-        rows = self.minibatch_rows
-        count = float(ro.response_mask[rows].sum()) if tokens else float(len(rows))
+    def denominator(self, ro: Rollout, minibatch: torch.Tensor, tokens: bool = False) -> float:
+        """A chunk's share of its global minibatch's response (or token) count: a chunk's loss is
+        its sum divided by this, so that after accelerate's division by the accumulation steps and
+        the mean over processes the minibatch's loss is its plain mean, however the minibatch is
+        cut into chunks (``MinibatchSplit``)."""
+        count = float(ro.response_mask[minibatch].sum()) if tokens else float(len(minibatch))
         return count / (self.split.accum_steps * self.split.world)
 
-    def train_chunk(self, ro: Rollout, adv: dict, idx: torch.Tensor) -> dict[str, float]:
+    def train_chunk(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor,
+                    it: int) -> dict[str, float]:
         a, rt = self.a, self.rt
         with rt.accelerator.accumulate(self.engine):
             from align.scoring import response_stats
             out = response_stats(self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
                                  ro.response_mask[idx], ("policy",), a.temperature)["policy"]
-            loss, stats = self.loss(out["logprobs"], ro, adv, idx)
-            check_loss(loss, self.iteration_no, self.section, rt)
+            loss, stats = self.loss(out["logprobs"], ro, adv, idx, minibatch)
+            check_loss(loss, it, self.section, rt)
             rt.accelerator.backward(loss)  # accelerate divides by the accumulation steps
             if rt.accelerator.sync_gradients:
                 if a.max_grad_norm > 0:
@@ -255,11 +255,11 @@ class GRPOLoop(GroupLoop):
         kl = masked_kl(ro.logprobs, ro.ref_logprobs, ro.response_mask)
         return {"kl": kl, "advantages": group_advantages(ro.scores, a.group_size, scale=a.variant == "grpo")}
 
-    def loss(self, logprobs, ro: Rollout, adv: dict, idx):
+    def loss(self, logprobs, ro: Rollout, adv: dict, idx, minibatch):
         a = self.a
         return grpo_loss(logprobs, ro.logprobs[idx], ro.ref_logprobs[idx], adv["advantages"][idx],
                          ro.response_mask[idx], a.cliprange, a.kl_coef, a.kl_estimator, a.variant, a.response_length,
-                         a.kl_importance_weight, self.denominator(ro))
+                         a.kl_importance_weight, self.denominator(ro, minibatch))
 
 
 class RLOOLoop(GroupLoop):
@@ -271,10 +271,10 @@ class RLOOLoop(GroupLoop):
         rewards = ro.scores - a.kl_coef * kl.sum(1)
         return {"kl": kl, "advantages": rloo_advantages(rewards, a.group_size)}
 
-    def loss(self, logprobs, ro: Rollout, adv: dict, idx):
+    def loss(self, logprobs, ro: Rollout, adv: dict, idx, minibatch):
         a = self.a
         return rloo_loss(logprobs, ro.logprobs[idx], adv["advantages"][idx], ro.response_mask[idx], a.cliprange,
-                         a.ratio_level, self.denominator(ro, tokens=a.ratio_level == "token"))
+                         a.ratio_level, self.denominator(ro, minibatch, tokens=a.ratio_level == "token"))
 
 
 def _run(cfg: _GroupStageConfig, loop_cls) -> dict:

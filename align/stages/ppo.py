@@ -414,13 +414,13 @@ def rollout(model, engine, prompts, cfg: PPOConfig, tok, rt, norm, row_seeds, wi
     roles = (("policy",) if recompute else ()) + ("reference",) + (("value",) if with_value else ()) + \
         (() if reward_fn else ("reward",))
     st = score(engine, resp, roles, a.temperature, a.micro_batch_size)
-    n, problem, raw = len(prompts), None, torch.zeros(len(prompts))
+    n, problem, raw = len(prompts), None, torch.zeros(len(prompts), device=rt.device)
     try:
         if reward_fn:
             out = reward_fn([p["text"] for p in prompts], decode(tok, resp), resp.has_stop.tolist())
             raw = check_rewards(out, n, f"reward_fn {cfg.reward_fn}", step)
         else:
-            raw = check_rewards(st["reward"]["score"].float().cpu(), n, f"the reward role ({cfg.reward_run})", step)
+            raw = check_rewards(st["reward"]["score"], n, f"the reward role ({cfg.reward_run})", step)
     except NonFiniteError as e:
         problem = e
     agree(rt, problem, step)   # every process stops together
@@ -583,16 +583,14 @@ class PPOLoop:
         (MinibatchSplit): every rank makes the same number of forward/backward calls, so no rank
         waits at a collective alone."""
         a, rt = self.a, self.rt
-        self.iteration_no = it + 1
         stats: dict[str, list] = {}
         for epoch in range(self.epochs()):
             g = torch.Generator().manual_seed(a.seed * 7919 + it * 131 + epoch)
             perm = torch.randperm(a.rollout_batch_size, generator=g)
             for mb in range(a.num_minibatches):
                 gmb = perm[mb * self.split.minibatch:(mb + 1) * self.split.minibatch]
-                self.minibatch_rows = gmb  # the loss of a critic-free stage is normalised over it
                 for k, idx in enumerate(self.split.chunks(gmb, rt.rank)):
-                    step = self.train_chunk(ro, adv, idx.to(rt.device))
+                    step = self.train_chunk(ro, adv, idx.to(rt.device), gmb, it + 1)
                     for key, val in step.items():
                         stats.setdefault(key, []).append(val)
                     if epoch == 0 and mb == 0 and k == 0:
@@ -600,9 +598,12 @@ class PPOLoop:
                             stats[f"policy/first_{key}"] = [step[f"policy/{key}"]]
         return stats
 
-    def train_chunk(self, ro: Rollout, adv: dict, idx: torch.Tensor) -> dict[str, float]:
+    def train_chunk(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor,
+                    it: int) -> dict[str, float]:
         """Forward/backward of one chunk under policy and value (one module call); the optimizer
-        steps when accelerate's accumulation says so. Returns the chunk's loss statistics."""
+        steps when accelerate's accumulation says so. ``minibatch``: the global minibatch's rows
+        (``idx`` is this rank's chunk of it); ``it``: the iteration (1-based). Returns the chunk's
+        loss statistics."""
         a, rt = self.a, self.rt
         with rt.accelerator.accumulate(self.engine):
             out = response_stats(self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
@@ -612,8 +613,9 @@ class PPOLoop:
                                        a.cliprange)
             vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], adv["returns"][idx], m,
                                       a.cliprange_value)
-            check_loss(pg + a.vf_coef * vf, self.iteration_no, self.section, rt)
-            rt.accelerator.backward(pg + a.vf_coef * vf)  # accelerate divides by the accumulation steps
+            loss = pg + a.vf_coef * vf
+            check_loss(loss, it, self.section, rt)
+            rt.accelerator.backward(loss)  # accelerate divides by the accumulation steps
             if rt.accelerator.sync_gradients:
                 if a.max_grad_norm > 0:
                     rt.accelerator.clip_grad_norm_(self.params, a.max_grad_norm)
