@@ -67,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     from align.config import ConfigError, load_config
     module, cls_name, _ = STAGES[args.command]
     mod = importlib.import_module(module)
-    from align.distributed import end_processes
+    from align.distributed import end_processes, exit_now
     try:
         cfg = load_config(getattr(mod, cls_name), config, overrides)
         mod.run(cfg)
-        end_processes()
+        if end_processes():
+            exit_now(0)
     except ConfigError as e:
         print(f"align {args.command}: config error: {e}", file=sys.stderr)
         return 2

@@ -284,17 +284,34 @@ class Runtime:
                 named[n].copy_(t.to(named[n].dtype))
 
 
-def end_processes() -> None:
+def end_processes() -> bool:
     """Close the process group at the end of a finished command: a barrier, so no rank leaves while
-    another is still in a collective, then ``destroy_process_group``. Left to the interpreter's exit
-    instead, gloo's background threads are torn down with the process's static objects, which
-    aborts a rank now and then ("terminate called without an active exception", exit -6) after the
-    run has written everything, and the launcher reports the whole run failed (seen on this 2-core
-    machine under load: a zero2 SFT and an FSDP2 PPO test run, 2026-12-04). Not called on an error:
-    a barrier there could wait for a rank that is stuck in a collective."""
+    another is still in a collective, then ``destroy_process_group``. Returns whether there was one.
+    Even after it, gloo's and the TCP store's native threads are torn down with the process's static
+    objects at interpreter exit, which aborts a rank now and then ("terminate called without an
+    active exception", exit -6) after the run has written everything, and the launcher reports the
+    whole run failed (seen on this 2-core machine under load: zero2 SFT, FSDP2 PPO and FSDP2 prefix
+    SFT runs). So the command line leaves such a process with ``os._exit`` once its files are closed
+    (``exit_now``). Not called on an error: a barrier there could wait for a rank that is stuck in a
+    collective."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        return True
+    return False
+
+
+def exit_now(code: int) -> None:
+    """Leave a finished multi-process command without running native static destructors (see
+    ``end_processes``): Python's own streams and logging handlers are flushed and closed first, every
+    run file was closed by its stage, and the kernel releases the run lock."""
+    import logging
+    import sys
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def register_role_tensors(model) -> None:

@@ -459,3 +459,21 @@ def test_kill_9_of_a_two_process_run_then_resume_is_exact(tiny_llama, sft_data, 
     a = load_file(tmp_path / "full/adapters/sft/adapter_model.safetensors")
     b = load_file(killed / "adapters/sft/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_multi_process_command_leaves_with_its_output_flushed(tmp_path):
+    """A rank that finished its run leaves with ``os._exit`` (gloo's native threads otherwise abort
+    it now and then at interpreter exit, and the launcher calls the whole run failed): what it
+    printed or logged but had not flushed still reaches the streams, and the exit code is the one
+    given. Without the flush, buffered stdout written to a pipe is lost."""
+    code = ("import logging, sys\n"
+            "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+            "print('written but not flushed', end='')\n"
+            "logging.getLogger('x').info('a log line')\n"
+            "from align.distributed import exit_now\n"
+            "exit_now(3)\n"
+            "print('never')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3
+    assert p.stdout == "written but not flushed"
+    assert "a log line" in p.stderr
