@@ -4,16 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGES = {
-    "sft": ("align.stages.sft", "SFTConfig", "Stage 1: instruction tuning of an adapter set"),
-    "reward": ("align.stages.reward", "RewardConfig", "Stage 2: reward model on ranked comparisons"),
-    "ppo": ("align.stages.ppo", "PPOConfig", "Stage 3: PPO against the reward model, KL to the SFT policy"),
-    "dpo": ("align.stages.dpo", "DPOConfig", "DPO on preference pairs and rankings, the SFT policy as reference"),
-    "grpo": ("align.stages.grpo", "GRPOConfig", "GRPO / Dr. GRPO: group-relative advantages, KL to the SFT policy in the loss"),
-    "rloo": ("align.stages.rloo", "RLOOConfig", "RLOO: leave-one-out baseline, KL to the SFT policy in the reward"),
-    "pipeline": ("align.pipeline", "PipelineConfig", "Run SFT -> reward -> PPO (the quickstart) end to end"),
-    "eval": ("align.evaluate", "EvalConfig", "Compare two policies on held-out prompts"),
-}
+from align.registry import STAGES
 
 
 def _available(module: str) -> bool:
@@ -27,13 +18,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="align", description="RLHF where every trainable part is a parameter-efficient module "
                                   "over one frozen, shared backbone.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, _, helptext) in STAGES.items():
-        if _available(module):
-            p = sub.add_parser(name, help=helptext, description=helptext)
+    for name, stage in STAGES.items():
+        if stage.available():
+            p = sub.add_parser(name, help=stage.help, description=stage.help)
             p.add_argument("config", nargs="?", help="YAML config (optional: defaults + overrides)")
             p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 resume=true")
     cp = sub.add_parser("config", help="Print a stage's full config with every default (the config reference)")
-    cp.add_argument("stage", choices=[n for n, (m, _, _) in STAGES.items() if _available(m)])
+    cp.add_argument("stage", choices=[n for n, s in STAGES.items() if s.available()])
     cp.add_argument("--markdown", action="store_true", help="a table of every key, default and meaning")
     if _available("data_tools.cli"):
         sub.add_parser("import", help="Import human annotations into canonical records", add_help=False)
@@ -48,29 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "config":
-        import importlib
-
         from omegaconf import OmegaConf
-        module, cls_name, _ = STAGES[args.stage]
+        cls = STAGES[args.stage].config
         if args.markdown:
             from align.config import reference_markdown
-            print(reference_markdown(getattr(importlib.import_module(module), cls_name)), end="")
+            print(reference_markdown(cls), end="")
             return 0
-        print(OmegaConf.to_yaml(OmegaConf.structured(getattr(importlib.import_module(module), cls_name))), end="")
+        print(OmegaConf.to_yaml(OmegaConf.structured(cls)), end="")
         return 0
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides.insert(0, config)
         config = None
-    import importlib
-
     from align.config import ConfigError, load_config
-    module, cls_name, _ = STAGES[args.command]
-    mod = importlib.import_module(module)
     from align.distributed import end_processes, exit_now
+    stage = STAGES[args.command]
     try:
-        cfg = load_config(getattr(mod, cls_name), config, overrides)
-        mod.run(cfg)
+        cfg = load_config(stage.config, config, overrides)
+        stage.run(cfg)
         if end_processes():
             exit_now(0)
     except ConfigError as e:

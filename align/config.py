@@ -3,15 +3,15 @@
 OmegaConf does the loading, merging and type checking; this module turns its errors into
 messages that name the file and the key, and :func:`validate` checks everything else (choices,
 ranges, files and run directories, adapter settings) before a stage writes anything: every config
-dataclass declares ``RULES`` (``align.rules``) for its fields and may add ``checks(at)`` for what
-spans fields or touches the disk; each adapter method declares the settings it reads.
+dataclass declares each field with ``align.rules.setting`` (default, help, rule) and may add
+``checks(at)`` for what spans fields or touches the disk; each adapter method declares the settings it reads.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from align.adapters.base import AdapterConfig
 from align.arch import NEEDS_FLOAT_WEIGHTS, QUANTIZATIONS, quantized_refusal
-from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range
+from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range, field_help, field_rule, setting
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -30,21 +30,20 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = ""                       # a HF model directory (or a run dir's backbone reference)
-    dtype: str = "float32"               # float32 | bfloat16 | float16
-    trust_remote_code: bool = False      # never on unless asked
-    gradient_checkpointing: bool = False  # recompute backbone activations in backward (memory for time)
-    quantization: str = "none"           # none | int8 | nf4: frozen backbone Linear weights via bitsandbytes
-                                         # (nf4: 4-bit NormalFloat, double quantization, dtype = compute
-                                         # dtype; QLoRA); refused with the full / top_k methods
-    zero3_gather_for_generation: bool = True  # ZeRO-3 / FSDP2 sampling: gather the whole model (fast);
-                                              # false: layer by layer (1/N memory, slow). true holds a whole
-                                              # backbone per process while sampling; false all-gathers each
-                                              # module (FSDP2: each layer's shards) at every token (README:
-                                              # ZeRO-3 memory, FSDP2)
-
-    RULES: ClassVar[dict] = {"path": Exists(), "dtype": OneOf(*DTYPE_CHOICES),
-                             "quantization": OneOf(*QUANTIZATIONS)}
+    path: str = setting("", "a HF model directory (or a run dir's backbone reference)", Exists())
+    dtype: str = setting("float32", "float32 | bfloat16 | float16", OneOf(*DTYPE_CHOICES))
+    trust_remote_code: bool = setting(False, "never on unless asked")
+    gradient_checkpointing: bool = setting(False, "recompute backbone activations in backward (memory for time)")
+    quantization: str = setting(
+        "none",
+        "none | int8 | nf4: frozen backbone Linear weights via bitsandbytes (nf4: 4-bit NormalFloat, double "
+        "quantization, dtype = compute dtype; QLoRA); refused with the full / top_k methods",
+        OneOf(*QUANTIZATIONS))
+    zero3_gather_for_generation: bool = setting(
+        True,
+        "ZeRO-3 / FSDP2 sampling: gather the whole model (fast); false: layer by layer (1/N memory, slow). true holds "
+        "a whole backbone per process while sampling; false all-gathers each module (FSDP2: each layer's shards) at "
+        "every token (README: ZeRO-3 memory, FSDP2)")
 
     def checks(self, at: str) -> Iterator[str]:
         if self.quantization in ("int8", "nf4"):
@@ -56,30 +55,23 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0                        # data order and initialisation; sampling adds rank * 100003 per process
-    lr: float = 1e-3                     # peak learning rate (AdamW)
-    weight_decay: float = 0.0            # AdamW weight decay (adapter tensors only)
-    adam_eps: float = 1e-8               # AdamW epsilon
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    scheduler: str = "cosine"            # cosine | linear | constant
-    warmup_steps: int = 0                # linear warm-up from 0
-    epochs: float = 1.0                  # passes over the training set (fractions allowed)
-    max_steps: int = 0                   # >0 overrides epochs
-    batch_size: int = 8                  # per process, per micro-batch
-    grad_accum: int = 1                  # micro-batches per optimizer step
-    max_grad_norm: float = 1.0           # gradient clipping (0: off)
-    log_every: int = 10                  # steps between logged training metrics
-    eval_every: int = 0                  # 0: at the end only
-    save_every: int = 0                  # 0: at the end only
-    keep_checkpoints: int = 2            # most recent checkpoints kept in checkpoints/
-    stop_after_steps: int = 0            # testing aid: stop (as if killed) after this many steps
-
-    RULES: ClassVar[dict] = {
-        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "adam_eps": POSITIVE,
-        "scheduler": OneOf("cosine", "linear", "constant"), "warmup_steps": NON_NEGATIVE, "epochs": POSITIVE,
-        "max_steps": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE,
-        "max_grad_norm": NON_NEGATIVE, "log_every": AT_LEAST_ONE, "eval_every": NON_NEGATIVE,
-        "save_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE, "stop_after_steps": NON_NEGATIVE}
+    seed: int = setting(0, "data order and initialisation; sampling adds rank * 100003 per process")
+    lr: float = setting(1e-3, "peak learning rate (AdamW)", POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay (adapter tensors only)", NON_NEGATIVE)
+    adam_eps: float = setting(1e-8, "AdamW epsilon", POSITIVE)
+    adam_betas: list = setting(help="AdamW betas", factory=lambda: [0.9, 0.999])
+    scheduler: str = setting("cosine", "cosine | linear | constant", OneOf("cosine", "linear", "constant"))
+    warmup_steps: int = setting(0, "linear warm-up from 0", NON_NEGATIVE)
+    epochs: float = setting(1.0, "passes over the training set (fractions allowed)", POSITIVE)
+    max_steps: int = setting(0, ">0 overrides epochs", NON_NEGATIVE)
+    batch_size: int = setting(8, "per process, per micro-batch", AT_LEAST_ONE)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", AT_LEAST_ONE)
+    max_grad_norm: float = setting(1.0, "gradient clipping (0: off)", NON_NEGATIVE)
+    log_every: int = setting(10, "steps between logged training metrics", AT_LEAST_ONE)
+    eval_every: int = setting(0, "0: at the end only", NON_NEGATIVE)
+    save_every: int = setting(0, "0: at the end only", NON_NEGATIVE)
+    keep_checkpoints: int = setting(2, "most recent checkpoints kept in checkpoints/", AT_LEAST_ONE)
+    stop_after_steps: int = setting(0, "testing aid: stop (as if killed) after this many steps", NON_NEGATIVE)
 
     def checks(self, at: str) -> Iterator[str]:
         b = self.adam_betas
@@ -90,14 +82,15 @@ class TrainConfig:
 
 @dataclass
 class TrackingConfig:
-    wandb: bool = True                   # false: metrics.jsonl only
-    project: str = "align"               # W&B project
-    group: Optional[str] = None          # stages of one pipeline share a group
-    name: Optional[str] = None           # W&B run name (default: the stage)
-    mode: Optional[str] = None           # online | offline | disabled; default offline without an API key
-    tags: list = field(default_factory=list)  # W&B tags
-
-    RULES: ClassVar[dict] = {"mode": OneOf("online", "offline", "disabled", null=True)}
+    wandb: bool = setting(True, "false: metrics.jsonl only")
+    project: str = setting("align", "W&B project")
+    group: Optional[str] = setting(None, "stages of one pipeline share a group")
+    name: Optional[str] = setting(None, "W&B run name (default: the stage)")
+    mode: Optional[str] = setting(
+        None,
+        "online | offline | disabled; default offline without an API key",
+        OneOf("online", "offline", "disabled", null=True))
+    tags: list = setting(help="W&B tags", factory=list)
 
 
 def load_config(cls, path: str | None = None, overrides: list[str] | tuple = ()) -> Any:
@@ -140,15 +133,15 @@ def save_config(cfg, path: Path) -> None:
 
 
 def config_problems(cfg, at: str = "") -> list[str]:
-    """Every problem of ``cfg`` (a config dataclass), each ``key=value: what is wrong``: the
-    ``RULES`` of every (nested) dataclass, then its ``checks(at)``."""
+    """Every problem of ``cfg`` (a config dataclass), each ``key=value: what is wrong``: the rule of
+    every (nested) field (``align.rules.setting``), then each dataclass's ``checks(at)``."""
     out: list[str] = []
-    rules = getattr(type(cfg), "RULES", {})
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        rule = field_rule(f)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             out += config_problems(value, f"{at}{f.name}.")
-        elif f.name in rules and (problem := rules[f.name].problem(value)) is not None:
+        elif rule is not None and (problem := rule.problem(value)) is not None:
             out.append(f"{at}{f.name}={value!r}: {problem}")
     checks = getattr(cfg, "checks", None)
     if callable(checks):
@@ -259,36 +252,13 @@ __all__ = ["AdapterConfig", "ModelConfig", "TrainConfig", "TrackingConfig", "Con
 
 
 def reference(cls) -> list[tuple[str, str, str]]:
-    """(dotted key, default, comment) for every leaf of a config dataclass, the comment taken from
-    the field's trailing ``# ...`` in the source: one source of truth for the README's reference."""
-    import inspect
-    import re
+    """(dotted key, default, help) for every leaf of a config dataclass, the help taken from the
+    field's ``setting(...)``: one source of truth for the config reference."""
     import typing
 
     rows: list[tuple[str, str, str]] = []
 
-    def comments(c) -> dict[str, str]:
-        out, last, col = {}, None, -1
-        for line in inspect.getsource(c).splitlines():
-            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-            cont = re.match(r"\s+#\s*(.*)$", line)
-            if m:
-                out[m.group(1)], last, col = m.group(2).strip(), m.group(1), line.index("#")
-            elif cont and last and line.index("#") == col:  # the comment continued in its column
-                out[last] += " " + cont.group(1).strip()
-            else:
-                last = None
-        return out
-
-    def all_comments(c) -> dict[str, str]:  # a subclass's fields and those it inherits
-        out: dict[str, str] = {}
-        for k in reversed(c.__mro__):
-            if dataclasses.is_dataclass(k):
-                out.update(comments(k))
-        return out
-
     def walk(c, prefix: str):
-        notes = all_comments(c)
         hints = typing.get_type_hints(c)
         for f in dataclasses.fields(c):
             t = hints[f.name]
@@ -311,7 +281,7 @@ def reference(cls) -> list[tuple[str, str, str]]:
                 shown = str(default).lower()
             else:
                 shown = str(default)
-            rows.append((prefix + f.name, shown, notes.get(f.name, "")))
+            rows.append((prefix + f.name, shown, field_help(f)))
 
     walk(cls, "")
     return rows

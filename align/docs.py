@@ -14,11 +14,9 @@ from pathlib import Path
 
 from align.config import reference_markdown
 
-CONFIGS = [("sft", "align.stages.sft", "SFTConfig"), ("reward", "align.stages.reward", "RewardConfig"),
-           ("ppo", "align.stages.ppo", "PPOConfig"), ("dpo", "align.stages.dpo", "DPOConfig"),
-           ("grpo", "align.stages.grpo", "GRPOConfig"), ("rloo", "align.stages.rloo", "RLOOConfig"),
-           ("eval", "align.evaluate", "EvalConfig"),
-           ("pipeline", "align.pipeline", "PipelineConfig")]
+from align.registry import STAGES
+
+CONFIGS = [(name, stage.module, stage.config_name) for name, stage in STAGES.items()]
 
 
 def config_reference() -> str:

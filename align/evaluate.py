@@ -13,37 +13,38 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
 from align.config import DTYPE_CHOICES, ConfigError, backbone_problems, run_dir_problems, validate
-from align.rules import AT_LEAST_ONE, POSITIVE, Exists, OneOf, Spec
+from align.rules import AT_LEAST_ONE, POSITIVE, Exists, OneOf, Spec, setting
 
 
 @dataclass
 class EvalConfig:
-    sft_run: str = ""                    # the SFT run dir (backbone and reference policy)
-    reward_run: str = ""                 # the reward run dir (learned reward)
-    policy_a: str = "sft"                # sft, or a PPO or DPO run dir
-    policy_b: str = ""                   # a PPO or DPO run dir (or sft)
-    prompts: str = ""                    # held-out prompts (records with a prompt)
-    num_prompts: int = 256               # how many of them
-    temperature: float = 1.0             # sampling temperature
-    response_length: int = 48            # max new tokens
-    gold: str = ""                       # "module:function(prompts, responses, ended) -> list[float]"
-    chat_template: Optional[str] = None  # Jinja template for conversational prompts (tokenizers without one)
-    chat: bool = False                   # plain-text prompts as a user turn (chat template)
-    dtype: Optional[str] = None          # float32 | bfloat16 | float16; default: the SFT run's model.dtype
-    device: Optional[str] = None         # default: cuda when available, else cpu
-    trust_remote_code: bool = False      # never on unless asked
-    seed: int = 0                        # sampling seed (the same for both policies)
-    output: str = ""                     # optional: write the comparison JSON here
-
-    RULES: ClassVar[dict] = {
-        "prompts": Exists(required=True, what="a records file with prompts"), "num_prompts": AT_LEAST_ONE,
-        "temperature": POSITIVE, "response_length": AT_LEAST_ONE, "gold": Spec(),
-        "dtype": OneOf(*DTYPE_CHOICES, null=True)}
+    sft_run: str = setting("", "the SFT run dir (backbone and reference policy)")
+    reward_run: str = setting("", "the reward run dir (learned reward)")
+    policy_a: str = setting("sft", "sft, or a PPO or DPO run dir")
+    policy_b: str = setting("", "a PPO or DPO run dir (or sft)")
+    prompts: str = setting(
+        "",
+        "held-out prompts (records with a prompt)",
+        Exists(required=True, what="a records file with prompts"))
+    num_prompts: int = setting(256, "how many of them", AT_LEAST_ONE)
+    temperature: float = setting(1.0, "sampling temperature", POSITIVE)
+    response_length: int = setting(48, "max new tokens", AT_LEAST_ONE)
+    gold: str = setting("", '"module:function(prompts, responses, ended) -> list[float]"', Spec())
+    chat_template: Optional[str] = setting(None, "Jinja template for conversational prompts (tokenizers without one)")
+    chat: bool = setting(False, "plain-text prompts as a user turn (chat template)")
+    dtype: Optional[str] = setting(
+        None,
+        "float32 | bfloat16 | float16; default: the SFT run's model.dtype",
+        OneOf(*DTYPE_CHOICES, null=True))
+    device: Optional[str] = setting(None, "default: cuda when available, else cpu")
+    trust_remote_code: bool = setting(False, "never on unless asked")
+    seed: int = setting(0, "sampling seed (the same for both policies)")
+    output: str = setting("", "optional: write the comparison JSON here")
 
     def checks(self, at: str) -> Iterator[str]:
         yield from run_dir_problems(self.sft_run, f"{at}sft_run", "sft")

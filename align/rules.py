@@ -1,8 +1,9 @@
 """Rules for config values, declared next to the fields they govern.
 
-A config dataclass declares ``RULES: ClassVar[dict] = {field: rule}`` (and may add a
-``checks(at)`` method for what spans fields or touches the disk); an adapter method declares the
-``AdapterConfig`` fields it reads as ``settings = {field: rule}``. ``align.config.validate`` walks
+A config dataclass declares each field with :func:`setting`: its default, its help text (the
+config reference, ``align config STAGE --markdown``, is generated from it) and its rule (and the
+class may add a ``checks(at)`` method for what spans fields or touches the disk); an adapter
+method declares the ``AdapterConfig`` fields it reads as ``settings = {field: rule}``. ``align.config.validate`` walks
 a stage config and applies them all before any stage writes anything.
 
 This module imports nothing from ``align``: configs and adapter methods both declare with it.
@@ -11,9 +12,27 @@ prefixes it with ``key=value: ``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
+
+
+def setting(default=dataclasses.MISSING, help: str = "", rule: "Rule | None" = None, *, factory=None):
+    """A config field: ``default`` (or ``factory`` for a mutable one), the ``help`` the reference
+    shows for it, and the ``rule`` its value must follow (``None``: any value of its type)."""
+    meta = {"help": help, "rule": rule}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def field_rule(f: dataclasses.Field) -> "Rule | None":
+    return f.metadata.get("rule")
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
 
 
 class Rule:

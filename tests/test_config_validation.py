@@ -304,21 +304,22 @@ def test_the_peft_type_table_is_derived_from_the_method_classes():
 
 
 def test_every_choice_is_listed_in_its_documented_comment():
-    """The README's config reference (the fields' comments) lists exactly what validation allows."""
+    """The config reference (each field's help) lists exactly what validation allows."""
     from dataclasses import fields, is_dataclass
 
     from align.adapters.base import METHODS, AdapterConfig
-    from align.rules import OneOf
+    from align.rules import OneOf, field_rule
 
     def choice_rules(obj, at=""):
         for f in fields(obj):
-            value, rule = getattr(obj, f.name), getattr(type(obj), "RULES", {}).get(f.name)
+            value, rule = getattr(obj, f.name), field_rule(f)
             if is_dataclass(value):
                 yield from choice_rules(value, f"{at}{f.name}.")
             elif isinstance(rule, OneOf):
                 yield at + f.name, rule
+    from align.registry import STAGES as ALL_STAGES
     seen = 0
-    for cls, _ in STAGES.values():
+    for cls in (stage.config for stage in ALL_STAGES.values()):
         notes = {key: note for key, _, note in reference(cls)}
         for key, rule in choice_rules(cls()):
             seen += 1
@@ -331,3 +332,47 @@ def test_every_choice_is_listed_in_its_documented_comment():
                 seen += 1
                 assert all(c in adapter_notes[name] for c in rule.choices), (cls.method, name)
     assert seen >= 20
+
+
+def test_every_field_declares_its_help_and_the_reference_shows_all_of_it():
+    """Help lives in each field's ``setting(...)``, not in source comments a parser could drop: every
+    leaf field of every stage config (adapter settings included) has help, the generated reference
+    shows it whole, and no field line carries a trailing comment that would be lost."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from align.adapters.base import AdapterConfig
+    from align.config import reference_markdown
+    from align.rules import field_help
+
+    import typing
+
+    def leaf_fields(cls, at=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            sub = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)),
+                       None)
+            if sub is not None and f.default is not None:
+                yield from leaf_fields(sub, f"{at}{f.name}.")
+            else:
+                yield at + f.name, f, cls
+    from align.registry import STAGES as ALL_STAGES
+    classes = [stage.config for stage in ALL_STAGES.values()] + [AdapterConfig]
+    seen = 0
+    for cls in classes:
+        table = reference_markdown(cls)
+        for key, f, owner in leaf_fields(cls):
+            if key.startswith("adapter.") and owner is AdapterConfig and cls is not AdapterConfig:
+                continue
+            seen += 1
+            text = field_help(f)
+            assert text, f"{cls.__name__} {key}: no help"
+            assert f"| `{key}` |" in table and text.replace("|", "\\|") in table, f"{cls.__name__} {key}"
+    assert seen > 150
+    for cls in {owner for c in classes for _, _, owner in leaf_fields(c)}:
+        src = inspect.getsource(cls)
+        for node in ast.parse(src).body[0].body:
+            if isinstance(node, ast.AnnAssign):
+                for line in src.splitlines()[node.lineno - 1:node.end_lineno]:
+                    assert "  # " not in line, f"{cls.__name__}: a comment on a field line: {line.strip()}"

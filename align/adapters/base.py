@@ -18,14 +18,14 @@ methods that add virtual tokens to the input (prompt tuning, P-tuning) implement
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
 
 from align.arch import Arch
-from align.rules import Rule
+from align.rules import Rule, setting
 
 
 def held_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -52,31 +52,35 @@ class AdapterConfig:
     (run by ``align.config.validate``) refuses a field the chosen method does not read when it is
     set away from its default. ``method`` and ``extra`` belong to every method.
     """
-    method: str = "lora"  # lora | bottleneck | prefix | ia3 | prompt | ptuning | llama_adapter | full | top_k
+    method: str = setting("lora", "lora | bottleneck | prefix | ia3 | prompt | ptuning | llama_adapter | full | top_k")
     # LoRA
-    r: int = 8                           # LoRA rank
-    alpha: float = 16.0                  # LoRA scaling alpha (scale alpha/r)
-    dropout: float = 0.0                 # LoRA dropout on the adapter input
-    target_modules: Any = None  # list of module-name suffixes, or one regex string; None = family default
-    use_rslora: bool = False             # scale alpha/sqrt(r) (rank-stabilised LoRA)
+    r: int = setting(8, "LoRA rank")
+    alpha: float = setting(16.0, "LoRA scaling alpha (scale alpha/r)")
+    dropout: float = setting(0.0, "LoRA dropout on the adapter input")
+    target_modules: Any = setting(None, "list of module-name suffixes, or one regex string; None = family default")
+    use_rslora: bool = setting(False, "scale alpha/sqrt(r) (rank-stabilised LoRA)")
     # bottleneck adapters
-    variant: str = "houlsby"  # houlsby (after attention and MLP) | pfeiffer (after MLP only)
-    bottleneck_size: int = 16            # bottleneck adapter width
-    nonlinearity: str = "relu"           # bottleneck adapter: relu | gelu | silu | tanh
-    init_std: float = 1e-2               # bottleneck down-projection init std
+    variant: str = setting("houlsby", "houlsby (after attention and MLP) | pfeiffer (after MLP only)")
+    bottleneck_size: int = setting(16, "bottleneck adapter width")
+    nonlinearity: str = setting("relu", "bottleneck adapter: relu | gelu | silu | tanh")
+    init_std: float = setting(1e-2, "bottleneck down-projection init std")
     # prefix / prompt / p-tuning / llama-adapter
-    num_virtual_tokens: int = 8          # prefix / prompt / p-tuning length; LLaMA-Adapter prompt length
-    prefix_projection: bool = False      # prefix tuning: train through an MLP reparameterisation (folded away at save)
-    encoder_hidden_size: int = 64        # prefix MLP / p-tuning encoder hidden size
-    prompt_init: str = "random"  # random | sample_vocab | text
-    prompt_init_text: str = ""           # text for prompt_init=text
-    encoder_type: str = "mlp"  # p-tuning prompt encoder: mlp | lstm | none
-    adapter_layers: int = 2  # LLaMA-Adapter: top L layers
+    num_virtual_tokens: int = setting(8, "prefix / prompt / p-tuning length; LLaMA-Adapter prompt length")
+    prefix_projection: bool = setting(
+        False,
+        "prefix tuning: train through an MLP reparameterisation (folded away at save)")
+    encoder_hidden_size: int = setting(64, "prefix MLP / p-tuning encoder hidden size")
+    prompt_init: str = setting("random", "random | sample_vocab | text")
+    prompt_init_text: str = setting("", "text for prompt_init=text")
+    encoder_type: str = setting("mlp", "p-tuning prompt encoder: mlp | lstm | none")
+    adapter_layers: int = setting(2, "LLaMA-Adapter: top L layers")
     # IA3
-    feedforward_modules: Any = None      # IA3: which targets are feed-forward (scaled on the input); None = family default
+    feedforward_modules: Any = setting(
+        None,
+        "IA3: which targets are feed-forward (scaled on the input); None = family default")
     # top_k baseline
-    top_k: int = 1                       # top_k baseline: number of top blocks trained (with the final norm and LM head)
-    extra: dict = field(default_factory=dict)  # method-specific extras
+    top_k: int = setting(1, "top_k baseline: number of top blocks trained (with the final norm and LM head)")
+    extra: dict = setting(help="method-specific extras", factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -56,6 +56,7 @@ from align.data.sft import encode_prompts
 from align.rl.functional import logprobs_from_logits
 from align.rl.losses import counts_in_loss, dpo_loss
 from align.rules import (
+    setting,
     AT_LEAST_ONE,
     FRACTION,
     NON_NEGATIVE,
@@ -74,31 +75,38 @@ LOSSES = ("sigmoid", "ipo", "plackett_luce")
 
 @dataclass
 class DPODataConfig:
-    train: str = ""                      # pairs or K-wise rankings (the reward stage's records)
-    eval: str = ""                       # optional held-out file; else eval_fraction of train by prompt
-    eval_fraction: float = 0.1           # split by prompt: no prompt is on both sides
-    max_length: int = 512                # tokens per prompt+completion
-    chat_template: Optional[str] = None  # Jinja template for tokenizers without one
-    chat: bool = False                   # plain-text prompts/completions as a user and an assistant turn (chat template)
-
-    RULES: ClassVar[dict] = {
-        "train": Exists(required=True, what="a records file"), "eval": Exists(), "eval_fraction": FRACTION,
-        "max_length": AT_LEAST_ONE}
+    train: str = setting(
+        "",
+        "pairs or K-wise rankings (the reward stage's records)",
+        Exists(required=True, what="a records file"))
+    eval: str = setting("", "optional held-out file; else eval_fraction of train by prompt", Exists())
+    eval_fraction: float = setting(0.1, "split by prompt: no prompt is on both sides", FRACTION)
+    max_length: int = setting(512, "tokens per prompt+completion", AT_LEAST_ONE)
+    chat_template: Optional[str] = setting(None, "Jinja template for tokenizers without one")
+    chat: bool = setting(False, "plain-text prompts/completions as a user and an assistant turn (chat template)")
 
 
 @dataclass
 class DPOOptions:
-    beta: float = 0.1                    # DPO's beta: implicit reward = beta * (log pi - log pi_ref)
-    loss: str = "sigmoid"                # sigmoid (DPO) | ipo (Azar et al.) | plackett_luce (listwise rankings)
-    label_smoothing: float = 0.0         # conservative DPO's eps, the assumed label-noise rate (sigmoid only)
-    ipo_logps: str = "mean"              # IPO's log-ratios: mean (per completion token: TRL, the IPO authors) |
-                                         # sum (Azar et al. eq. 17 literally; beta then depends on the lengths)
-    reference: str = "precompute"        # precompute: reference log-probs once per example before
-                                         # training | batch: a no-grad reference forward per micro-batch
-
-    RULES: ClassVar[dict] = {"beta": POSITIVE, "loss": OneOf(*LOSSES),
-                             "label_smoothing": Range(0, 0.5, hi_open=True),
-                             "reference": OneOf("precompute", "batch"), "ipo_logps": OneOf("mean", "sum")}
+    beta: float = setting(0.1, "DPO's beta: implicit reward = beta * (log pi - log pi_ref)", POSITIVE)
+    loss: str = setting(
+        "sigmoid",
+        "sigmoid (DPO) | ipo (Azar et al.) | plackett_luce (listwise rankings)",
+        OneOf(*LOSSES))
+    label_smoothing: float = setting(
+        0.0,
+        "conservative DPO's eps, the assumed label-noise rate (sigmoid only)",
+        Range(0, 0.5, hi_open=True))
+    ipo_logps: str = setting(
+        "mean",
+        "IPO's log-ratios: mean (per completion token: TRL, the IPO authors) | sum (Azar et al. eq. 17 literally; "
+        "beta then depends on the lengths)",
+        OneOf("mean", "sum"))
+    reference: str = setting(
+        "precompute",
+        "precompute: reference log-probs once per example before training | batch: a no-grad reference forward per "
+        "micro-batch",
+        OneOf("precompute", "batch"))
 
     def checks(self, at: str) -> Iterator[str]:
         if self.ipo_logps != "mean" and self.loss != "ipo":
@@ -110,20 +118,23 @@ class DPOOptions:
 
 @dataclass
 class DPOEvalConfig:
-    kl_prompts: int = 32                 # held-out prompts sampled from the policy for its KL to the reference (0: off)
-    max_new_tokens: int = 48             # length of those samples
-    temperature: float = 1.0             # their sampling temperature (and of the KL's log-probs)
-
-    RULES: ClassVar[dict] = {"kl_prompts": NON_NEGATIVE, "max_new_tokens": AT_LEAST_ONE, "temperature": POSITIVE}
+    kl_prompts: int = setting(
+        32,
+        "held-out prompts sampled from the policy for its KL to the reference (0: off)",
+        NON_NEGATIVE)
+    max_new_tokens: int = setting(48, "length of those samples", AT_LEAST_ONE)
+    temperature: float = setting(1.0, "their sampling temperature (and of the KL's log-probs)", POSITIVE)
 
 
 @dataclass
 class DPOConfig:
-    output_dir: str = "runs/dpo"         # the run directory
-    resume: bool = False                 # continue the run in output_dir from its latest checkpoint
-    sft_run: str = ""                    # the SFT run dir (backbone; its adapters are the reference)
-    init: str = "sft_copy"               # sft_copy: trainable copy of the SFT adapters | sft_stack: frozen
-                                         # SFT adapters + a new set (adapter.*) on top
+    output_dir: str = setting("runs/dpo", "the run directory")
+    resume: bool = setting(False, "continue the run in output_dir from its latest checkpoint")
+    sft_run: str = setting("", "the SFT run dir (backbone; its adapters are the reference)")
+    init: str = setting(
+        "sft_copy",
+        "sft_copy: trainable copy of the SFT adapters | sft_stack: frozen SFT adapters + a new set (adapter.*) on top",
+        OneOf("sft_copy", "sft_stack"))
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DPODataConfig = field(default_factory=DPODataConfig)
@@ -131,8 +142,6 @@ class DPOConfig:
     eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=1.0))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    RULES: ClassVar[dict] = {"init": OneOf("sft_copy", "sft_stack")}
 
     def checks(self, at: str) -> Iterator[str]:
         if not self.output_dir:

@@ -26,7 +26,7 @@ from align.config import (
 from align.rl.functional import masked_mean
 from align.rl.group import group_advantages, grpo_loss, rloo_advantages, rloo_loss
 from align.rl.kl import make_kl_controller, masked_kl
-from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range, Spec
+from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range, Spec, setting
 from align.stages.common import backbone_from_run
 from align.stages.ppo import (
     PPODataConfig,
@@ -45,54 +45,53 @@ from align.guard import check_loss, stage_entry
 
 @dataclass
 class GroupAlgoConfig:
-    seed: int = 0                        # data order; sampling is seeded per response row
-    iterations: int = 100                # iterations (rollout + update)
-    rollout_batch_size: int = 64         # responses per iteration over all processes (prompts x group_size)
-    group_size: int = 4                  # responses sampled per prompt (GRPO's G, RLOO's k), >= 2
-    num_minibatches: int = 1             # optimizer steps per epoch
-    num_epochs: int = 1                  # passes over each rollout batch (1: strictly on-policy)
-    micro_batch_size: int = 16           # most rows per process per forward/backward
-    response_length: int = 48            # max new tokens per response
-    temperature: float = 0.7             # sampling temperature, also applied in every log-prob
-    rollout_logprobs: str = "auto"       # sample | recompute | auto, as ppo.rollout_logprobs
-    lr: float = 1e-4                     # peak learning rate of the policy
-    lr_schedule: str = "linear"          # linear (to 0) | constant
-    adam_eps: float = 1e-5               # AdamW epsilon
-    weight_decay: float = 0.0            # AdamW weight decay
-    max_grad_norm: float = 1.0           # gradient clipping (0: off)
-    kl_coef: float = 0.04                # beta of the KL to the reference (SFT) policy
-    cliprange: float = 0.2               # ratio clip
-    normalize_reward: bool = True        # (r - mean) / std with the reward stage's statistics
-    missing_stop_penalty: float = -1.0   # a response with no stop token scores this (mode replace)
-    missing_stop_mode: str = "replace"   # replace | subtract | none
-    log_every: int = 1                   # iterations between logged metrics
-    save_every: int = 0                  # iterations between checkpoints (0: at the end only)
-    keep_checkpoints: int = 2            # most recent checkpoints kept
-    stop_after_iterations: int = 0       # testing aid: stop as if killed
-
-    RULES: ClassVar[dict] = {
-        "iterations": AT_LEAST_ONE, "rollout_batch_size": AT_LEAST_ONE, "group_size": Range(2, integer=True),
-        "num_minibatches": AT_LEAST_ONE, "num_epochs": AT_LEAST_ONE, "micro_batch_size": AT_LEAST_ONE,
-        "response_length": AT_LEAST_ONE, "temperature": POSITIVE,
-        "rollout_logprobs": OneOf("auto", "sample", "recompute"), "lr": POSITIVE,
-        "lr_schedule": OneOf("linear", "constant"), "adam_eps": POSITIVE, "weight_decay": NON_NEGATIVE,
-        "max_grad_norm": NON_NEGATIVE, "kl_coef": NON_NEGATIVE, "cliprange": POSITIVE,
-        "missing_stop_mode": OneOf("replace", "subtract", "none"), "log_every": AT_LEAST_ONE,
-        "save_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE, "stop_after_iterations": NON_NEGATIVE}
+    seed: int = setting(0, "data order; sampling is seeded per response row")
+    iterations: int = setting(100, "iterations (rollout + update)", AT_LEAST_ONE)
+    rollout_batch_size: int = setting(
+        64,
+        "responses per iteration over all processes (prompts x group_size)",
+        AT_LEAST_ONE)
+    group_size: int = setting(4, "responses sampled per prompt (GRPO's G, RLOO's k), >= 2", Range(2, integer=True))
+    num_minibatches: int = setting(1, "optimizer steps per epoch", AT_LEAST_ONE)
+    num_epochs: int = setting(1, "passes over each rollout batch (1: strictly on-policy)", AT_LEAST_ONE)
+    micro_batch_size: int = setting(16, "most rows per process per forward/backward", AT_LEAST_ONE)
+    response_length: int = setting(48, "max new tokens per response", AT_LEAST_ONE)
+    temperature: float = setting(0.7, "sampling temperature, also applied in every log-prob", POSITIVE)
+    rollout_logprobs: str = setting(
+        "auto",
+        "sample | recompute | auto, as ppo.rollout_logprobs",
+        OneOf("auto", "sample", "recompute"))
+    lr: float = setting(1e-4, "peak learning rate of the policy", POSITIVE)
+    lr_schedule: str = setting("linear", "linear (to 0) | constant", OneOf("linear", "constant"))
+    adam_eps: float = setting(1e-5, "AdamW epsilon", POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay", NON_NEGATIVE)
+    max_grad_norm: float = setting(1.0, "gradient clipping (0: off)", NON_NEGATIVE)
+    kl_coef: float = setting(0.04, "beta of the KL to the reference (SFT) policy", NON_NEGATIVE)
+    cliprange: float = setting(0.2, "ratio clip", POSITIVE)
+    normalize_reward: bool = setting(True, "(r - mean) / std with the reward stage's statistics")
+    missing_stop_penalty: float = setting(-1.0, "a response with no stop token scores this (mode replace)")
+    missing_stop_mode: str = setting("replace", "replace | subtract | none", OneOf("replace", "subtract", "none"))
+    log_every: int = setting(1, "iterations between logged metrics", AT_LEAST_ONE)
+    save_every: int = setting(0, "iterations between checkpoints (0: at the end only)", NON_NEGATIVE)
+    keep_checkpoints: int = setting(2, "most recent checkpoints kept", AT_LEAST_ONE)
+    stop_after_iterations: int = setting(0, "testing aid: stop as if killed", NON_NEGATIVE)
 
 
 @dataclass
 class GRPOAlgoConfig(GroupAlgoConfig):
-    variant: str = "grpo"                # grpo (group std, per-response length mean) | dr_grpo (neither)
-    kl_estimator: str = "k3"             # the KL term in the loss: k3 (DeepSeekMath, TRL): gradient of the forward
-                                         # KL(ref || pi) | k2: of the reverse KL(pi || ref) | k1: only with
-                                         # kl_importance_weight (alone its expected gradient is 0)
-    kl_importance_weight: bool = False   # multiply the KL term by pi / pi_old with its gradient (TRL's
-                                         # use_bias_correction_kl): unbiased over epochs and minibatches, and
-                                         # k1 / k3 then give the gradient of the reverse KL(pi || ref)
-
-    RULES: ClassVar[dict] = {**GroupAlgoConfig.RULES, "variant": OneOf("grpo", "dr_grpo"),
-                             "kl_estimator": OneOf("k1", "k2", "k3")}
+    variant: str = setting(
+        "grpo",
+        "grpo (group std, per-response length mean) | dr_grpo (neither)",
+        OneOf("grpo", "dr_grpo"))
+    kl_estimator: str = setting(
+        "k3",
+        "the KL term in the loss: k3 (DeepSeekMath, TRL): gradient of the forward KL(ref || pi) | k2: of the reverse "
+        "KL(pi || ref) | k1: only with kl_importance_weight (alone its expected gradient is 0)",
+        OneOf("k1", "k2", "k3"))
+    kl_importance_weight: bool = setting(
+        False,
+        "multiply the KL term by pi / pi_old with its gradient (TRL's use_bias_correction_kl): unbiased over epochs "
+        "and minibatches, and k1 / k3 then give the gradient of the reverse KL(pi || ref)")
 
     def checks(self, at: str) -> Iterator[str]:
         if self.kl_estimator == "k1" and self.kl_coef > 0 and not self.kl_importance_weight:
@@ -103,27 +102,30 @@ class GRPOAlgoConfig(GroupAlgoConfig):
 
 @dataclass
 class RLOOAlgoConfig(GroupAlgoConfig):
-    kl_coef: float = 0.05                # beta of the per-token KL (k1) subtracted from the reward
-    ratio_level: str = "sequence"        # sequence: one ratio per response, clipped per response, mean over
-                                         # responses (the RLOO paper, TRL) | token: per-token ratio, token mean
-
-    RULES: ClassVar[dict] = {**GroupAlgoConfig.RULES, "ratio_level": OneOf("sequence", "token")}
+    kl_coef: float = setting(0.05, "beta of the per-token KL (k1) subtracted from the reward", NON_NEGATIVE)
+    ratio_level: str = setting(
+        "sequence",
+        "sequence: one ratio per response, clipped per response, mean over responses (the RLOO paper, TRL) | token: "
+        "per-token ratio, token mean",
+        OneOf("sequence", "token"))
 
 
 @dataclass
 class _GroupStageConfig:
-    output_dir: str = ""                 # the run directory
-    resume: bool = False                 # continue the run in output_dir from its latest checkpoint
-    sft_run: str = ""                    # the SFT run dir: backbone, reference and initial policy
-    reward_run: str = ""                 # the reward stage's run dir (the learned reward role)
-    reward_fn: str = ""                  # or a programmatic reward "module:function(prompts, responses, ended)"
+    output_dir: str = setting("", "the run directory")
+    resume: bool = setting(False, "continue the run in output_dir from its latest checkpoint")
+    sft_run: str = setting("", "the SFT run dir: backbone, reference and initial policy")
+    reward_run: str = setting("", "the reward stage's run dir (the learned reward role)")
+    reward_fn: str = setting(
+        "",
+        "or a programmatic reward \"module:function(prompts, responses, ended)\"",
+        Spec(args=3, call="fn(prompts, responses, ended)"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PPODataConfig = field(default_factory=PPODataConfig)
     eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     SECTION: ClassVar[str] = ""
-    RULES: ClassVar[dict] = {"reward_fn": Spec(args=3, call="fn(prompts, responses, ended)")}
 
     @property
     def algo(self) -> GroupAlgoConfig:
@@ -149,7 +151,7 @@ class _GroupStageConfig:
 
 @dataclass
 class GRPOConfig(_GroupStageConfig):
-    output_dir: str = "runs/grpo"        # the run directory
+    output_dir: str = setting("runs/grpo", "the run directory")
     grpo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
 
     SECTION: ClassVar[str] = "grpo"
@@ -157,7 +159,7 @@ class GRPOConfig(_GroupStageConfig):
 
 @dataclass
 class RLOOConfig(_GroupStageConfig):
-    output_dir: str = "runs/rloo"        # the run directory
+    output_dir: str = setting("runs/rloo", "the run directory")
     rloo: RLOOAlgoConfig = field(default_factory=RLOOAlgoConfig)
 
     SECTION: ClassVar[str] = "rloo"

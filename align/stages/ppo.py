@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -43,7 +43,7 @@ from align.adapters.base import AdapterConfig
 from align.adapters.peft_format import load_adapter, save_adapter, save_head
 from align.config import (ConfigError, ModelConfig, TrackingConfig, backbone_problems, require_file,
                           run_dir_problems, validate)
-from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, Exists, OneOf, Spec
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, Exists, OneOf, Spec, setting
 from align.data.common import check_eval_split, read_records, require_records, split_by_prompt
 from align.data.sft import encode_prompts
 from align.rl.functional import entropy_from_logits, masked_mean, masked_whiten
@@ -67,108 +67,102 @@ REWARD_KL_ESTIMATORS = ("k1",)
 
 @dataclass
 class PPODataConfig:
-    prompts: str = ""                    # records with a "prompt" (other fields ignored)
-    eval_prompts: str = ""               # held-out prompts; else eval_fraction of prompts
-    eval_fraction: float = 0.05          # held-out share of prompts when eval_prompts is empty
-    max_prompt_length: int = 256         # longer prompts keep their last tokens
-    chat_template: Optional[str] = None  # Jinja template for tokenizers without one
-    chat: bool = False                   # plain-text prompts/completions as a user and an assistant turn (chat template)
-
-    RULES: ClassVar[dict] = {"prompts": Exists(required=True, what="a records file with prompts"),
-                             "eval_prompts": Exists(), "eval_fraction": FRACTION, "max_prompt_length": AT_LEAST_ONE}
+    prompts: str = setting(
+        "",
+        "records with a \"prompt\" (other fields ignored)",
+        Exists(required=True, what="a records file with prompts"))
+    eval_prompts: str = setting("", "held-out prompts; else eval_fraction of prompts", Exists())
+    eval_fraction: float = setting(0.05, "held-out share of prompts when eval_prompts is empty", FRACTION)
+    max_prompt_length: int = setting(256, "longer prompts keep their last tokens", AT_LEAST_ONE)
+    chat_template: Optional[str] = setting(None, "Jinja template for tokenizers without one")
+    chat: bool = setting(False, "plain-text prompts/completions as a user and an assistant turn (chat template)")
 
 
 @dataclass
 class ValueConfig:
-    init: str = "reward"                 # reward: copy of the reward role (adapters + head) | fresh
-    share_policy: bool = False           # value head on the policy's adapters instead of its own set
-    adapter: Optional[AdapterConfig] = None  # for init=fresh (default: the policy's method and config)
-
-    RULES: ClassVar[dict] = {"init": OneOf("reward", "fresh")}
+    init: str = setting("reward", "reward: copy of the reward role (adapters + head) | fresh", OneOf("reward", "fresh"))
+    share_policy: bool = setting(False, "value head on the policy's adapters instead of its own set")
+    adapter: Optional[AdapterConfig] = setting(None, "for init=fresh (default: the policy's method and config)")
 
 
 @dataclass
 class PPOAlgoConfig:
-    seed: int = 0                        # data order; sampling is seeded per prompt row
-    iterations: int = 100                # PPO iterations (rollout + update)
-    rollout_batch_size: int = 64         # prompts per iteration, over all processes
-    num_minibatches: int = 1             # optimizer steps per PPO epoch
-    num_ppo_epochs: int = 4              # passes over each rollout batch
-    micro_batch_size: int = 16           # most rows per process per forward/backward (a process's share
-                                         # of a minibatch goes in ceil(share / micro) near-equal chunks)
-    response_length: int = 48            # max new tokens per response
-    temperature: float = 0.7             # sampling temperature, also applied in every log-prob
-    rollout_logprobs: str = "auto"       # sample: the sampler's log-probs (N+) | recompute: a fresh policy
-                                         # forward | auto: sample in float32, recompute in 16-bit dtypes
-    lr: float = 1e-4                     # peak learning rate (policy; the value too unless value_lr)
-    value_lr: float = 0.0                # peak learning rate of the value's adapters and head (0: lr)
-    lr_schedule: str = "linear"          # linear (to 0, N+) | constant
-    adam_eps: float = 1e-5               # AdamW epsilon
-    weight_decay: float = 0.0            # AdamW weight decay
-    max_grad_norm: float = 1.0           # gradient clipping
-    kl_coef: float = 0.05                # initial beta of the per-token KL penalty
-    kl_estimator: str = "k1"             # the per-token KL penalty in the reward: k1 = log pi - log ref; k2 | k3 are
-                                         # refused (as rewards their policy gradient is not that of KL(pi || ref))
-    kl_controller: str = "fixed"         # fixed | adaptive (Ziegler et al.)
-    kl_target: float = 6.0               # adaptive controller's target KL (nats per sequence)
-    kl_horizon: int = 10000              # adaptive controller's horizon (samples)
-    gamma: float = 1.0                   # GAE discount
-    lam: float = 0.95                    # GAE lambda
-    cliprange: float = 0.2               # PPO policy ratio clip
-    cliprange_value: float = 0.2         # value clip around the old values
-    vf_coef: float = 0.1                 # value loss weight
-    normalize_reward: bool = True        # (r - mean) / std with the reward stage's statistics
-    whiten_rewards: bool = False         # whiten the token rewards per batch (off by default)
-    whiten_advantages: bool = True       # whiten advantages over real tokens
-    missing_stop_penalty: float = -1.0   # N+: a response with no stop token scores -1
-    missing_stop_mode: str = "replace"   # replace | subtract | none
-    log_every: int = 1                   # iterations between logged metrics
-    save_every: int = 0                  # iterations between checkpoints (0: at the end only)
-    keep_checkpoints: int = 2            # most recent checkpoints kept
-    stop_after_iterations: int = 0       # testing aid: stop as if killed
-
-    RULES: ClassVar[dict] = {
-        "iterations": AT_LEAST_ONE, "rollout_batch_size": AT_LEAST_ONE, "num_minibatches": AT_LEAST_ONE,
-        "num_ppo_epochs": AT_LEAST_ONE, "micro_batch_size": AT_LEAST_ONE, "response_length": AT_LEAST_ONE,
-        "temperature": POSITIVE, "rollout_logprobs": OneOf("auto", "sample", "recompute"), "lr": POSITIVE,
-        "value_lr": NON_NEGATIVE, "lr_schedule": OneOf("linear", "constant"), "adam_eps": POSITIVE,
-        "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE, "kl_coef": NON_NEGATIVE,
-        "kl_estimator": OneOf("k1", "k2", "k3"), "kl_controller": OneOf("fixed", "adaptive"), "kl_target": POSITIVE,
-        "kl_horizon": AT_LEAST_ONE, "gamma": UNIT, "lam": UNIT, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
-        "vf_coef": NON_NEGATIVE, "missing_stop_mode": OneOf("replace", "subtract", "none"),
-        "log_every": AT_LEAST_ONE, "save_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE,
-        "stop_after_iterations": NON_NEGATIVE}
+    seed: int = setting(0, "data order; sampling is seeded per prompt row")
+    iterations: int = setting(100, "PPO iterations (rollout + update)", AT_LEAST_ONE)
+    rollout_batch_size: int = setting(64, "prompts per iteration, over all processes", AT_LEAST_ONE)
+    num_minibatches: int = setting(1, "optimizer steps per PPO epoch", AT_LEAST_ONE)
+    num_ppo_epochs: int = setting(4, "passes over each rollout batch", AT_LEAST_ONE)
+    micro_batch_size: int = setting(
+        16,
+        "most rows per process per forward/backward (a process's share of a minibatch goes in ceil(share / micro) "
+        "near-equal chunks)",
+        AT_LEAST_ONE)
+    response_length: int = setting(48, "max new tokens per response", AT_LEAST_ONE)
+    temperature: float = setting(0.7, "sampling temperature, also applied in every log-prob", POSITIVE)
+    rollout_logprobs: str = setting(
+        "auto",
+        "sample: the sampler's log-probs (N+) | recompute: a fresh policy forward | auto: sample in float32, "
+        "recompute in 16-bit dtypes",
+        OneOf("auto", "sample", "recompute"))
+    lr: float = setting(1e-4, "peak learning rate (policy; the value too unless value_lr)", POSITIVE)
+    value_lr: float = setting(0.0, "peak learning rate of the value's adapters and head (0: lr)", NON_NEGATIVE)
+    lr_schedule: str = setting("linear", "linear (to 0, N+) | constant", OneOf("linear", "constant"))
+    adam_eps: float = setting(1e-5, "AdamW epsilon", POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay", NON_NEGATIVE)
+    max_grad_norm: float = setting(1.0, "gradient clipping", NON_NEGATIVE)
+    kl_coef: float = setting(0.05, "initial beta of the per-token KL penalty", NON_NEGATIVE)
+    kl_estimator: str = setting(
+        "k1",
+        "the per-token KL penalty in the reward: k1 = log pi - log ref; k2 | k3 are refused (as rewards their policy "
+        "gradient is not that of KL(pi || ref))",
+        OneOf("k1", "k2", "k3"))
+    kl_controller: str = setting("fixed", "fixed | adaptive (Ziegler et al.)", OneOf("fixed", "adaptive"))
+    kl_target: float = setting(6.0, "adaptive controller's target KL (nats per sequence)", POSITIVE)
+    kl_horizon: int = setting(10000, "adaptive controller's horizon (samples)", AT_LEAST_ONE)
+    gamma: float = setting(1.0, "GAE discount", UNIT)
+    lam: float = setting(0.95, "GAE lambda", UNIT)
+    cliprange: float = setting(0.2, "PPO policy ratio clip", POSITIVE)
+    cliprange_value: float = setting(0.2, "value clip around the old values", POSITIVE)
+    vf_coef: float = setting(0.1, "value loss weight", NON_NEGATIVE)
+    normalize_reward: bool = setting(True, "(r - mean) / std with the reward stage's statistics")
+    whiten_rewards: bool = setting(False, "whiten the token rewards per batch (off by default)")
+    whiten_advantages: bool = setting(True, "whiten advantages over real tokens")
+    missing_stop_penalty: float = setting(-1.0, "N+: a response with no stop token scores -1")
+    missing_stop_mode: str = setting("replace", "replace | subtract | none", OneOf("replace", "subtract", "none"))
+    log_every: int = setting(1, "iterations between logged metrics", AT_LEAST_ONE)
+    save_every: int = setting(0, "iterations between checkpoints (0: at the end only)", NON_NEGATIVE)
+    keep_checkpoints: int = setting(2, "most recent checkpoints kept", AT_LEAST_ONE)
+    stop_after_iterations: int = setting(0, "testing aid: stop as if killed", NON_NEGATIVE)
 
 
 @dataclass
 class PPOEvalConfig:
-    every: int = 0                       # iterations; 0: at the end only
-    num_prompts: int = 64                # held-out prompts per evaluation
-    temperature: float = 0.7             # sampling temperature at evaluation
-    gold: str = ""                       # optional "module:function(prompts, responses, ended) -> list[float]"
-    num_samples_logged: int = 8          # samples written to samples.jsonl / W&B per evaluation
-
-    RULES: ClassVar[dict] = {"every": NON_NEGATIVE, "num_prompts": NON_NEGATIVE, "temperature": POSITIVE,
-                             "gold": Spec(args=3, call="fn(prompts, responses, ended)"),
-                             "num_samples_logged": NON_NEGATIVE}
+    every: int = setting(0, "iterations; 0: at the end only", NON_NEGATIVE)
+    num_prompts: int = setting(64, "held-out prompts per evaluation", NON_NEGATIVE)
+    temperature: float = setting(0.7, "sampling temperature at evaluation", POSITIVE)
+    gold: str = setting(
+        "",
+        "optional \"module:function(prompts, responses, ended) -> list[float]\"",
+        Spec(args=3, call="fn(prompts, responses, ended)"))
+    num_samples_logged: int = setting(8, "samples written to samples.jsonl / W&B per evaluation", NON_NEGATIVE)
 
 
 @dataclass
 class PPOConfig:
-    output_dir: str = "runs/ppo"         # the run directory
-    resume: bool = False                 # continue the run in output_dir from its latest checkpoint
-    sft_run: str = ""                    # the SFT run dir: backbone, reference and initial policy
-    reward_run: str = ""                 # the reward stage's run dir (the learned reward role)
-    reward_fn: str = ""                  # or a programmatic reward "module:function(prompts,
-                                         # responses, ended) -> list[float]" (then value.init=fresh)
+    output_dir: str = setting("runs/ppo", "the run directory")
+    resume: bool = setting(False, "continue the run in output_dir from its latest checkpoint")
+    sft_run: str = setting("", "the SFT run dir: backbone, reference and initial policy")
+    reward_run: str = setting("", "the reward stage's run dir (the learned reward role)")
+    reward_fn: str = setting(
+        "",
+        "or a programmatic reward \"module:function(prompts, responses, ended) -> list[float]\" (then value.init=fresh)",
+        Spec(args=3, call="fn(prompts, responses, ended)"))
     model: ModelConfig = field(default_factory=ModelConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
     data: PPODataConfig = field(default_factory=PPODataConfig)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    RULES: ClassVar[dict] = {"reward_fn": Spec(args=3, call="fn(prompts, responses, ended)")}
 
     def checks(self, at: str) -> Iterator[str]:
         """The run dirs this stage reads, the reward source, the backbone and the minibatch split."""

@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import Iterator
 
 import torch
 
@@ -35,7 +35,7 @@ from align.data.common import load_preference_splits
 from align.data.preferences import collate_groups, tokenize_train_and_eval
 from align.data.sft import prompt_text
 from align.rl.losses import counts_in_loss, kwise_loss, ranking_pairs
-from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, setting
 from align.scoring import generate, left_pad, score, sequence_rewards
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.tokens import encode
@@ -45,47 +45,50 @@ from align.guard import stage_entry
 
 @dataclass
 class RewardDataConfig:
-    train: str = ""                      # pairs or K-wise rankings (canonical or TRL records)
-    eval: str = ""                       # optional held-out file; else eval_fraction of train by prompt
-    eval_fraction: float = 0.1          # split by prompt: no prompt is on both sides
-    max_length: int = 512                # tokens per prompt+completion
-    chat_template: str | None = None     # Jinja template for tokenizers without one
-    chat: bool = False                   # plain-text prompts/completions as a user and an assistant turn (chat template)
-    ties: str = "skip"                  # skip | half (a tie is a Bradley-Terry target of 1/2)
-
-    RULES: ClassVar[dict] = {
-        "train": Exists(required=True, what="a records file"), "eval": Exists(), "eval_fraction": FRACTION,
-        "max_length": AT_LEAST_ONE, "ties": OneOf("skip", "half")}
+    train: str = setting(
+        "",
+        "pairs or K-wise rankings (canonical or TRL records)",
+        Exists(required=True, what="a records file"))
+    eval: str = setting("", "optional held-out file; else eval_fraction of train by prompt", Exists())
+    eval_fraction: float = setting(0.1, "split by prompt: no prompt is on both sides", FRACTION)
+    max_length: int = setting(512, "tokens per prompt+completion", AT_LEAST_ONE)
+    chat_template: str | None = setting(None, "Jinja template for tokenizers without one")
+    chat: bool = setting(False, "plain-text prompts/completions as a user and an assistant turn (chat template)")
+    ties: str = setting("skip", "skip | half (a tie is a Bradley-Terry target of 1/2)", OneOf("skip", "half"))
 
 
 @dataclass
 class NormalizeConfig:
-    source: str = "sft_samples"         # sft_samples | best_completions | none
-    num_prompts: int = 64                # held-out prompts sampled for the statistics
-    max_new_tokens: int = 48             # length of those samples
-    temperature: float = 0.7             # their sampling temperature: use the policy stage's (ppo/grpo/rloo
-                                         # .temperature), so its normalised step-0 scores have mean 0, std 1
-
-    RULES: ClassVar[dict] = {"source": OneOf("sft_samples", "best_completions", "none"),
-                             "num_prompts": NON_NEGATIVE, "max_new_tokens": AT_LEAST_ONE, "temperature": POSITIVE}
+    source: str = setting(
+        "sft_samples",
+        "sft_samples | best_completions | none",
+        OneOf("sft_samples", "best_completions", "none"))
+    num_prompts: int = setting(64, "held-out prompts sampled for the statistics", NON_NEGATIVE)
+    max_new_tokens: int = setting(48, "length of those samples", AT_LEAST_ONE)
+    temperature: float = setting(
+        0.7,
+        "their sampling temperature: use the policy stage's (ppo/grpo/rloo .temperature), so its normalised step-0 "
+        "scores have mean 0, std 1",
+        POSITIVE)
 
 
 @dataclass
 class RewardConfig:
-    output_dir: str = "runs/reward"      # the run directory
-    resume: bool = False                 # continue the run in output_dir from its latest checkpoint
-    sft_run: str = ""                   # the SFT run dir (gives backbone and SFT adapters)
-    init: str = "sft_copy"              # sft_copy | sft_stack | base
-    center_coef: float = 0.0            # reward centering (TRL's center_rewards_coefficient): adds
-                                        # coef * (sum of a group's rewards)^2 per group (pairs: (r_c + r_r)^2)
+    output_dir: str = setting("runs/reward", "the run directory")
+    resume: bool = setting(False, "continue the run in output_dir from its latest checkpoint")
+    sft_run: str = setting("", "the SFT run dir (gives backbone and SFT adapters)")
+    init: str = setting("sft_copy", "sft_copy | sft_stack | base", OneOf("sft_copy", "sft_stack", "base"))
+    center_coef: float = setting(
+        0.0,
+        "reward centering (TRL's center_rewards_coefficient): adds coef * (sum of a group's rewards)^2 per group "
+        "(pairs: (r_c + r_r)^2)",
+        NON_NEGATIVE)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=1.0))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    RULES: ClassVar[dict] = {"init": OneOf("sft_copy", "sft_stack", "base"), "center_coef": NON_NEGATIVE}
 
     def checks(self, at: str) -> Iterator[str]:
         if not self.output_dir:

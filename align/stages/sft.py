@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -21,7 +21,7 @@ from align.config import ModelConfig, TrackingConfig, TrainConfig, require_file,
 from align.data.common import check_eval_split, read_records, require_records, split_by_prompt
 from align.data.sft import Collator, build_examples, pack, render
 from align.rl.losses import label_positions, lm_loss_at
-from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Exists
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Exists, setting
 from align.scoring import decode, generate
 from align.stages.common import finish_stage, start_stage
 from align.tokens import encode
@@ -31,26 +31,25 @@ from align.guard import stage_entry
 
 @dataclass
 class SFTDataConfig:
-    train: str = ""                      # canonical/TRL records: JSONL, JSON, Parquet or a datasets dir
-    eval: str = ""                       # optional held-out file; else eval_fraction of train by prompt
-    eval_fraction: float = 0.05          # held-out share of prompts when data.eval is empty
-    max_length: int = 512                # tokens per example (the prompt is cut first, counted)
-    completion_only_loss: bool = True    # false: loss on the prompt tokens too
-    packing: bool = False                # pack examples into max_length rows (attention kept within each example)
-    chat_template: Optional[str] = None  # Jinja template for tokenizers without one
-    chat: bool = False                   # plain-text prompts/completions as a user and an assistant turn (chat template)
-    num_samples: int = 4                 # samples generated at each evaluation
-    max_new_tokens: int = 48             # length of the eval samples
-
-    RULES: ClassVar[dict] = {
-        "train": Exists(required=True, what="a records file"), "eval": Exists(), "eval_fraction": FRACTION,
-        "max_length": AT_LEAST_ONE, "num_samples": NON_NEGATIVE, "max_new_tokens": AT_LEAST_ONE}
+    train: str = setting(
+        "",
+        "canonical/TRL records: JSONL, JSON, Parquet or a datasets dir",
+        Exists(required=True, what="a records file"))
+    eval: str = setting("", "optional held-out file; else eval_fraction of train by prompt", Exists())
+    eval_fraction: float = setting(0.05, "held-out share of prompts when data.eval is empty", FRACTION)
+    max_length: int = setting(512, "tokens per example (the prompt is cut first, counted)", AT_LEAST_ONE)
+    completion_only_loss: bool = setting(True, "false: loss on the prompt tokens too")
+    packing: bool = setting(False, "pack examples into max_length rows (attention kept within each example)")
+    chat_template: Optional[str] = setting(None, "Jinja template for tokenizers without one")
+    chat: bool = setting(False, "plain-text prompts/completions as a user and an assistant turn (chat template)")
+    num_samples: int = setting(4, "samples generated at each evaluation", NON_NEGATIVE)
+    max_new_tokens: int = setting(48, "length of the eval samples", AT_LEAST_ONE)
 
 
 @dataclass
 class SFTConfig:
-    output_dir: str = "runs/sft"         # the run directory
-    resume: bool = False                 # continue the run in output_dir from its latest checkpoint
+    output_dir: str = setting("runs/sft", "the run directory")
+    resume: bool = setting(False, "continue the run in output_dir from its latest checkpoint")
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
