@@ -80,7 +80,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import side_by_side_arguments  # noqa: E402
+from benchmarks.common import side_by_side_arguments, table  # noqa: E402
 
 METHODS = ("dpo", "grpo", "rloo")
 LORA = dict(r=8, alpha=16, targets=["q_proj", "v_proj"])
@@ -226,7 +226,7 @@ def trl_versions_of(results: dict) -> list[str]:
                    if r.get("trl_version")})
 
 
-def main(argv=None):
+def parse_arguments(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     side_by_side_arguments(ap, reps=3, warmup=1, steps=3)
     next(x for x in ap._actions if x.dest == "trl_python").help = \
@@ -245,10 +245,11 @@ def main(argv=None):
     ap.add_argument("--response-length", type=int, default=32, help="GRPO/RLOO: max new tokens")
     ap.add_argument("--grpo-beta", type=float, default=0.04, help="GRPO: KL coefficient (k3, in the loss)")
     ap.add_argument("--rloo-beta", type=float, default=0.05, help="RLOO: KL coefficient (k1, in the reward)")
-    a = ap.parse_args(argv)
-    if a.worker:
-        print(json.dumps((align_worker if a.which == "align" else trl_worker)(a)))
-        return
+    return ap.parse_args(argv)
+
+
+def checked_methods(a) -> list[str]:
+    """The methods of ``--methods``, once they and the GRPO/RLOO batch sizes are valid."""
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if bad := [m for m in methods if m not in METHODS]:
         raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
@@ -256,63 +257,94 @@ def main(argv=None):
         raise SystemExit(f"--batch {a.batch} must be a multiple of --group-size {a.group_size} and of "
                          f"--micro-batch {a.micro_batch} (TRL's generation batch holds whole groups and is cut into "
                          f"gradient_accumulation_steps chunks of per_device_train_batch_size)")
+    return methods
+
+
+def worker_arguments(a, model: Path) -> list[str]:
+    """The arguments every worker process gets, both sides and every method."""
+    return ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
+            "--lr", str(a.lr), "--gradient-checkpointing", a.gradient_checkpointing, "--dpo-batch", str(a.dpo_batch),
+            "--words", str(a.words), "--max-length", str(a.max_length), "--batch", str(a.batch),
+            "--group-size", str(a.group_size), "--micro-batch", str(a.micro_batch),
+            "--response-length", str(a.response_length), "--grpo-beta", str(a.grpo_beta),
+            "--rloo-beta", str(a.rloo_beta)]
+
+
+def add_ratios(res: dict, n_backbone: int) -> None:
+    """Each side's trainable fraction of the backbone and, with both sides, the align / TRL ratios."""
+    al, tr = res.get("align", {}).get("median", {}), res.get("trl", {}).get("median")
+    for r in (al, tr):
+        if r:
+            r["trainable_fraction_pct"] = 100 * r["trainable"] / n_backbone
+    if al and tr:
+        res["ratio"] = {k: al[k] / tr[k] for k in ("step_s", "peak_mb") if tr.get(k)}
+
+
+def method_table(a, m: str, res: dict, n_backbone: int, threads: str) -> str:
+    """One method's table: its settings in the title, a row per metric, align's rollout/update split."""
+    al, tr = res.get("align", {}).get("median", {}), res.get("trl", {}).get("median")
+    mem = "peak allocated GPU memory (MiB)" if a.device == "cuda" else "peak resident memory (MiB)"
+    rows = [("step_s", "seconds per optimizer step" + ("" if m == "dpo" else " (rollout + update)")),
+            ("peak_mb", mem)]
+    if m == "dpo":
+        what = (f"DPO step, batch {a.dpo_batch} pairs, {a.words} words per record, max length {a.max_length}, "
+                f"beta 0.1, reference log-probs precomputed")
+    else:
+        beta = a.grpo_beta if m == "grpo" else a.rloo_beta
+        what = (f"{m.upper()} step, {a.batch} responses ({a.batch // a.group_size} prompts x {a.group_size}), "
+                f"{a.response_length} new tokens, micro-batch {a.micro_batch}, beta {beta}")
+        rows.append(("response_tokens", "mean response length (tokens)"))
+    rows += [("trainable", "trainable parameters"), ("trainable_fraction_pct", "trainable / backbone (%)")]
+    md = table(f"{what}, {a.size} Llama ({n_backbone:,} params), {a.device}, LoRA r8 q/v, gradient "
+               f"checkpointing {a.gradient_checkpointing}, {threads}; median of {a.reps} processes",
+               rows, al, tr, {})
+    if al and m != "dpo":
+        md += (f"\nalign's step splits into rollout {al['rollout_s']:.3g} s (generation "
+               f"{al['generate_s']:.3g} s, then the reward and the reference's scoring forward) and update "
+               f"{al['update_s']:.3g} s.\n")
+    return md
+
+
+def summary_table(a, both: list[str], results: dict, threads: str) -> str:
+    """One row per method that ran on both sides: seconds per step and peak memory, each with its ratio."""
+    unit = "GPU MiB" if a.device == "cuda" else "RSS MiB"
+    head = [f"#### Per method: align against trl {', '.join(trl_versions_of(results))}, {a.size} Llama, "
+            f"{a.device}, LoRA r8 q/v, gradient checkpointing {a.gradient_checkpointing}, {threads}; median of "
+            f"{a.reps} processes (the tables below give each method's settings)", "",
+            f"| method | align s/step | TRL s/step | align / TRL | align peak {unit} | TRL peak {unit} "
+            f"| align / TRL |",
+            "|---|---|---|---|---|---|---|"]
+    for m in both:
+        al, tr, q = results[m]["align"]["median"], results[m]["trl"]["median"], results[m]["ratio"]
+        head.append(f"| {m.upper()} | {al['step_s']:.3g} | {tr['step_s']:.3g} | {q['step_s']:.2f} | "
+                    f"{al['peak_mb']:,.0f} | {tr['peak_mb']:,.0f} | {q['peak_mb']:.2f} |")
+    return "\n".join(head) + "\n"
+
+
+def main(argv=None):
+    a = parse_arguments(argv)
+    if a.worker:
+        print(json.dumps((align_worker if a.which == "align" else trl_worker)(a)))
+        return
+    methods = checked_methods(a)
     a.trl_python = a.trl_python or sys.executable  # TRL 1.16 of this interpreter, not bench_ppo's trl 1.12 venv
     from benchmarks.common import (backbone_params, load_average, machine, model_dir, prepare_stage_runs, run_sides,
-                                   set_threads, table, write_results)
+                                   set_threads, write_results)
     threads = set_threads(a.threads)
     load_start = load_average("start")
     model = model_dir(a.size)
     n_backbone = backbone_params(model)
-    common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
-              "--lr", str(a.lr), "--gradient-checkpointing", a.gradient_checkpointing, "--dpo-batch", str(a.dpo_batch),
-              "--words", str(a.words), "--max-length", str(a.max_length), "--batch", str(a.batch),
-              "--group-size", str(a.group_size), "--micro-batch", str(a.micro_batch),
-              "--response-length", str(a.response_length), "--grpo-beta", str(a.grpo_beta),
-              "--rloo-beta", str(a.rloo_beta)]
-    mem = "peak allocated GPU memory (MiB)" if a.device == "cuda" else "peak resident memory (MiB)"
+    common = worker_arguments(a, model)
     results, md = {}, []
     for m in methods:
         res = run_sides(a, f"po-{m}", Path(__file__), ["--method", m, *common],
                         lambda wd: prepare_stage_runs(model, wd))
         results[m] = res
-        al, tr = res.get("align", {}).get("median", {}), res.get("trl", {}).get("median")
-        for r in (al, tr):
-            if r:
-                r["trainable_fraction_pct"] = 100 * r["trainable"] / n_backbone
-        if al and tr:
-            res["ratio"] = {k: al[k] / tr[k] for k in ("step_s", "peak_mb") if tr.get(k)}
-        rows = [("step_s", "seconds per optimizer step" + ("" if m == "dpo" else " (rollout + update)")),
-                ("peak_mb", mem)]
-        if m == "dpo":
-            what = (f"DPO step, batch {a.dpo_batch} pairs, {a.words} words per record, max length {a.max_length}, "
-                    f"beta 0.1, reference log-probs precomputed")
-        else:
-            beta = a.grpo_beta if m == "grpo" else a.rloo_beta
-            what = (f"{m.upper()} step, {a.batch} responses ({a.batch // a.group_size} prompts x {a.group_size}), "
-                    f"{a.response_length} new tokens, micro-batch {a.micro_batch}, beta {beta}")
-            rows.append(("response_tokens", "mean response length (tokens)"))
-        rows += [("trainable", "trainable parameters"), ("trainable_fraction_pct", "trainable / backbone (%)")]
-        md.append(table(f"{what}, {a.size} Llama ({n_backbone:,} params), {a.device}, LoRA r8 q/v, gradient "
-                        f"checkpointing {a.gradient_checkpointing}, {threads}; median of {a.reps} processes",
-                        rows, al, tr, {}))
-        if al and m != "dpo":
-            md[-1] += (f"\nalign's step splits into rollout {al['rollout_s']:.3g} s (generation "
-                       f"{al['generate_s']:.3g} s, then the reward and the reference's scoring forward) and update "
-                       f"{al['update_s']:.3g} s.\n")
+        add_ratios(res, n_backbone)
+        md.append(method_table(a, m, res, n_backbone, threads))
     both = [m for m in methods if "ratio" in results[m]]
     if both:  # the summary: one row per method
-        unit = "GPU MiB" if a.device == "cuda" else "RSS MiB"
-        head = [f"#### Per method: align against trl {', '.join(trl_versions_of(results))}, {a.size} Llama, "
-                f"{a.device}, LoRA r8 q/v, gradient checkpointing {a.gradient_checkpointing}, {threads}; median of "
-                f"{a.reps} processes (the tables below give each method's settings)", "",
-                f"| method | align s/step | TRL s/step | align / TRL | align peak {unit} | TRL peak {unit} "
-                f"| align / TRL |",
-                "|---|---|---|---|---|---|---|"]
-        for m in both:
-            al, tr, q = results[m]["align"]["median"], results[m]["trl"]["median"], results[m]["ratio"]
-            head.append(f"| {m.upper()} | {al['step_s']:.3g} | {tr['step_s']:.3g} | {q['step_s']:.2f} | "
-                        f"{al['peak_mb']:,.0f} | {tr['peak_mb']:,.0f} | {q['peak_mb']:.2f} |")
-        md.insert(0, "\n".join(head) + "\n")
+        md.insert(0, summary_table(a, both, results, threads))
     trl_versions = trl_versions_of(results)
     payload = {"benchmark": "po_trl", "size": a.size, "device": a.device, "machine": machine(),
                "trl_version": trl_versions, "date": time.strftime("%Y-%m-%d"), "args": vars(a),

@@ -432,7 +432,7 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores"
 
 
-def main(argv=None):
+def parse_arguments(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--from", dest="src", default=None,
@@ -474,26 +474,24 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.src is None and not (a.backbone and a.data):
         a.src = "runs/quickstart"
-    if a.worker:
-        res = sweep_worker(a) if a.ppo_lr else worker(a)
-        Path(a.result).write_text(json.dumps(res, indent=2))
-        return
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in LRS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
-    io = inputs(a)
-    out, work = Path(a.out), Path(a.work)
-    per = out / "methods"
-    per.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    passed, skip = [], False  # what regenerates every row: the arguments less --resume and --note
+    return a
+
+
+def regenerate_command(argv) -> str:
+    """The command line that regenerates every row: the arguments less --resume, --collect and --note."""
+    passed, skip = [], False
     for x in (argv if argv is not None else sys.argv[1:]):
         if skip or x in ("--resume", "--collect") or x.startswith("--note"):
             skip = x == "--note"
             continue
         passed.append(x)
-    command = "python benchmarks/compare_methods.py " + shlex.join(passed)
+    return "python benchmarks/compare_methods.py " + shlex.join(passed)
+
+
+def worker_runner(a, io: dict):
+    """``run_worker(label, extra, f, log)``: one worker process on ``io``'s backbone and data with
+    ``extra`` arguments, writing its result to ``f`` (its output to ``log``); a failure becomes a row
+    with the error."""
     env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if a.threads:
         env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
@@ -502,7 +500,6 @@ def main(argv=None):
               "--eval-prompts", str(a.eval_prompts)] + (["--threads", str(a.threads)] if a.threads else [])
 
     def run_worker(label: str, extra: list[str], f: Path, log: Path) -> dict:
-        """One worker process writing its result to ``f``; a failure becomes a row with the error."""
         f.unlink(missing_ok=True)
         args = [sys.executable, str(Path(__file__).resolve()), "--worker", "--result", str(f), *common, *extra]
         print(f"[compare_methods] {label}: running (log {log})", file=sys.stderr, flush=True)
@@ -526,8 +523,11 @@ def main(argv=None):
         print(f"[compare_methods] {label}: {res['wall_s']:.0f} s {brief}", file=sys.stderr, flush=True)
         return res
 
-    if a.ppo_lrs:
-        return sweep(a, methods, per, work, run_worker, command)
+    return run_worker
+
+
+def method_rows(a, methods: list[str], per: Path, work: Path, run_worker) -> list[dict]:
+    """The method table's rows: one full run per method (a finished one kept with --resume)."""
     rows = []
     for m in methods:
         f = per / f"{m}.json"
@@ -539,6 +539,29 @@ def main(argv=None):
                                    "--reward-epochs", str(a.reward_epochs), "--reward-steps", str(a.reward_steps),
                                    "--normalize-prompts", str(a.normalize_prompts)]
                                + ([] if a.rm_gold else ["--no-rm-gold"]), f, work / f"{m}.log"))
+    return rows
+
+
+def main(argv=None):
+    a = parse_arguments(argv)
+    if a.worker:
+        res = sweep_worker(a) if a.ppo_lr else worker(a)
+        Path(a.result).write_text(json.dumps(res, indent=2))
+        return
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in LRS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+    io = inputs(a)
+    out, work = Path(a.out), Path(a.work)
+    per = out / "methods"
+    per.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    command = regenerate_command(argv)
+    run_worker = worker_runner(a, io)
+    if a.ppo_lrs:
+        return sweep(a, methods, per, work, run_worker, command)
+    rows = method_rows(a, methods, per, work, run_worker)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "inputs": io,
             "args": {k: v for k, v in vars(a).items() if k not in ("worker", "method", "work_dir", "result", "resume")},
             "command": command.strip()}

@@ -10,6 +10,7 @@ import hashlib
 import statistics
 import sys
 from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 
 from data_tools.aggregate import combine
@@ -183,6 +184,161 @@ def output_plan(out: str, splits: dict | None, fmt: str | None) -> tuple[Path, s
     return out_path, "directory" if fmt == "datasets" else "file", fmt
 
 
+class _Accounts:
+    """Where each input item went (converted, dropped with a reason, rejected with the error) and the
+    canonical records the converted ones produced, checked."""
+
+    def __init__(self, source: Source, rep: Report, on_error: str, empty: str):
+        self.source, self.rep, self.on_error, self.empty = source, rep, on_error, empty
+        self.status: dict[tuple, str] = {}
+        self.rejects: list[dict] = []
+        self.produced: list[dict] = []
+
+    def reject(self, item: Item, err: RecordError) -> None:
+        if self.on_error == "fail":
+            raise err
+        self.status[item.key] = "rejected"
+        raw = item.raw if not isinstance(item.raw, RecordError) else None
+        self.rejects.append({"file": str(item.path), "record": item.n, "unit": item.unit, "field": err.field,
+                             "reason": err.reason, "error": str(err), "raw": raw})
+
+    def drop(self, item: Item, reason: str) -> None:
+        self.status[item.key] = "dropped"
+        self.rep.dropped[reason] = self.rep.dropped.get(reason, 0) + 1
+
+    @contextmanager
+    def outcome(self, item: Item):
+        """Account for ``item`` as dropped or rejected when converting it raises :class:`Dropped` or
+        :class:`RecordError` in the ``with`` block."""
+        try:
+            yield
+        except Dropped as d:
+            self.drop(item, d.reason)
+        except RecordError as e:
+            self.reject(item, e)
+
+    def add(self, recs: list[dict], item: Item) -> None:
+        self.produced.extend(self.prepare(recs, item))
+
+    def prepare(self, recs: list[dict], item: Item) -> list[dict]:
+        """The records of one item, finalized and validated, less pairs without a preference."""
+        out_recs, same = [], 0
+        for r in recs:
+            r = finalize(r, self.source.name)
+            validate_record(r, item.where)
+            if "chosen" in r and r["chosen"] == r["rejected"]:
+                same += 1
+                continue
+            self.check_completions(r, item)
+            out_recs.append(r)
+        if recs and not out_recs:
+            raise Dropped("chosen and rejected are identical (no preference)")
+        if same:
+            note = "pairs left out: chosen and rejected are identical (no preference)"
+            self.rep.notes[note] = self.rep.notes.get(note, 0) + same
+        return out_recs
+
+    def check_completions(self, r: dict, item: Item) -> None:
+        """A record's completions are distinct, and (unless --empty-completions keep) none is empty."""
+        if "completions" in r:
+            seen = {}
+            for i, c in enumerate(r["completions"]):
+                j = seen.setdefault(dumps(c), i)
+                if j != i:
+                    raise RecordError(item.where, f"completions[{i}]", f"repeats completions[{j}]")
+        if self.empty == "reject":
+            for f, c in completions_of(r):
+                if not text_of(c).strip():
+                    raise RecordError(item.where, f, "the completion is empty (pass --empty-completions "
+                                                     "keep to import empty completions)")
+
+
+def _check_outputs(out: str, inputs: list[str], splits: dict | None, fmt: str | None, on_error: str,
+                   overwrite: bool) -> tuple[Path, str]:
+    """(the path written, the format) of the main output, once it and the rejects file may be written."""
+    target, kind, fmt = output_plan(out, splits, fmt)
+    check_output(target, kind, inputs, overwrite)
+    if on_error == "skip":
+        check_output(rejects_path_for(out), "file", inputs, overwrite)
+    return target, fmt
+
+
+def _aggregation(opts) -> str:
+    how = getattr(opts, "aggregate", "mean") or "mean"
+    if how not in ("mean", "majority"):
+        raise UsageError(f"--aggregate {how!r}: choose mean or majority")
+    return how
+
+
+def _read_inputs(source: Source, inputs: list[str], opts, state: dict, acc: _Accounts) -> None:
+    """Read and convert every record of every input file, in order."""
+    for i, inp in enumerate(inputs):
+        path = Path(inp)
+        if not path.exists():
+            raise FileNotFoundError(f"input {path} does not exist")
+        for item in source.read(path, opts):
+            item.file_index = i
+            acc.rep.read += 1
+            acc.status[item.key] = "converted"
+            with acc.outcome(item):
+                acc.add(_convert(source, item, opts, state), item)
+
+
+def _convert(source: Source, item: Item, opts, state: dict) -> list[dict]:
+    """The source's records of one item, or the error reading it already met."""
+    if isinstance(item.raw, RecordError):
+        raise item.raw
+    return source.convert(item, opts, state)
+
+
+def _finish_source(source: Source, opts, state: dict, acc: _Accounts) -> None:
+    """What the source decides once it has seen every input (records, rejects and drops per item)."""
+    for event, item, payload in source.finish(opts, state):
+        if acc.status.get(item.key) == "rejected":
+            continue
+        if event == "records":
+            with acc.outcome(item):
+                acc.add(payload, item)
+        elif event == "reject":
+            acc.reject(item, payload)
+        elif event == "drop":
+            acc.drop(item, payload)
+    for note, n in state.get("notes", {}).items():
+        acc.rep.notes[note] = acc.rep.notes.get(note, 0) + n
+
+
+def _combine(acc: _Accounts, how: str) -> list[dict]:
+    """The records to write: the produced ones less exact duplicates, each item's judgements merged;
+    the report counts every step."""
+    rep = acc.rep
+    rep.converted = sum(s == "converted" for s in acc.status.values())
+    rep.rejected = sum(s == "rejected" for s in acc.status.values())
+    rep.produced = len(acc.produced)
+    comb = combine(acc.produced, how, acc.source.name)
+    records = comb.records
+    for r in records:
+        validate_record(r, "aggregated record")
+    rep.duplicates, rep.merged_votes, rep.aggregated = comb.duplicates, comb.merged_votes, comb.aggregated
+    rep.written = len(records)
+    rep.count(records)
+    return records
+
+
+def _write(records: list[dict], target: Path, fmt: str, splits: dict | None, marker: str, rep: Report) -> None:
+    """Write the records to one output, or with ``splits`` one file per split."""
+    if splits:
+        parts: dict[str, list] = {name: [] for name in splits}
+        for r in records:
+            parts[split_of(r, splits)].append(r)
+        written = write_split_directory(parts, target, fmt, marker)
+        for (name, rs), path in zip(parts.items(), written):
+            rep.splits[name] = len(rs)
+            rep.outputs.append(str(path))
+    else:
+        write_records(records, target, fmt, marker=marker)
+        rep.outputs.append(str(target))
+
+
 def run(source: Source, inputs: list[str], out: str, opts, *, on_error: str = "fail", split: str | None = None,
         fmt: str | None = None, stream=None, overwrite: bool = False) -> Report:
     """Import ``inputs`` with ``source`` into ``out``. With ``on_error="fail"`` the first bad record
@@ -191,119 +347,19 @@ def run(source: Source, inputs: list[str], out: str, opts, *, on_error: str = "f
     (``data_tools.outputs``)."""
     stream = sys.stdout if stream is None else stream
     splits = parse_splits(split)
-    target, kind, fmt = output_plan(out, splits, fmt)
-    check_output(target, kind, inputs, overwrite)
-    if on_error == "skip":
-        check_output(rejects_path_for(out), "file", inputs, overwrite)
-    how = getattr(opts, "aggregate", "mean") or "mean"
-    if how not in ("mean", "majority"):
-        raise UsageError(f"--aggregate {how!r}: choose mean or majority")
+    target, fmt = _check_outputs(out, inputs, splits, fmt, on_error, overwrite)
+    how = _aggregation(opts)
     empty = getattr(opts, "empty_completions", None) or source.empty_completions
     rep = Report(source=source.name)
-    status: dict[tuple, str] = {}
-    rejects: list[dict] = []
-    produced: list[dict] = []
-
-    def reject(item: Item, err: RecordError) -> None:
-        if on_error == "fail":
-            raise err
-        status[item.key] = "rejected"
-        raw = item.raw if not isinstance(item.raw, RecordError) else None
-        rejects.append({"file": str(item.path), "record": item.n, "unit": item.unit, "field": err.field,
-                        "reason": err.reason, "error": str(err), "raw": raw})
-
-    def drop(item: Item, reason: str) -> None:
-        status[item.key] = "dropped"
-        rep.dropped[reason] = rep.dropped.get(reason, 0) + 1
-
-    def prepare(recs: list[dict], item: Item) -> list[dict]:
-        out_recs, same = [], 0
-        for r in recs:
-            r = finalize(r, source.name)
-            validate_record(r, item.where)
-            if "chosen" in r and r["chosen"] == r["rejected"]:
-                same += 1
-                continue
-            if "completions" in r:
-                seen = {}
-                for i, c in enumerate(r["completions"]):
-                    j = seen.setdefault(dumps(c), i)
-                    if j != i:
-                        raise RecordError(item.where, f"completions[{i}]", f"repeats completions[{j}]")
-            if empty == "reject":
-                for f, c in completions_of(r):
-                    if not text_of(c).strip():
-                        raise RecordError(item.where, f, "the completion is empty (pass --empty-completions "
-                                                         "keep to import empty completions)")
-            out_recs.append(r)
-        if recs and not out_recs:
-            raise Dropped("chosen and rejected are identical (no preference)")
-        if same:
-            note = "pairs left out: chosen and rejected are identical (no preference)"
-            rep.notes[note] = rep.notes.get(note, 0) + same
-        return out_recs
-
+    acc = _Accounts(source, rep, on_error, empty)
     state: dict = {}
-    for i, inp in enumerate(inputs):
-        path = Path(inp)
-        if not path.exists():
-            raise FileNotFoundError(f"input {path} does not exist")
-        for item in source.read(path, opts):
-            item.file_index = i
-            rep.read += 1
-            status[item.key] = "converted"
-            try:
-                if isinstance(item.raw, RecordError):
-                    raise item.raw
-                recs = prepare(source.convert(item, opts, state), item)
-            except Dropped as d:
-                drop(item, d.reason)
-                continue
-            except RecordError as e:
-                reject(item, e)
-                continue
-            produced.extend(recs)
-    for event, item, payload in source.finish(opts, state):
-        if status.get(item.key) == "rejected":
-            continue
-        if event == "records":
-            try:
-                produced.extend(prepare(payload, item))
-            except Dropped as d:
-                drop(item, d.reason)
-            except RecordError as e:
-                reject(item, e)
-        elif event == "reject":
-            reject(item, payload)
-        elif event == "drop":
-            drop(item, payload)
-    for note, n in state.get("notes", {}).items():
-        rep.notes[note] = rep.notes.get(note, 0) + n
-    rep.converted = sum(s == "converted" for s in status.values())
-    rep.rejected = sum(s == "rejected" for s in status.values())
-    rep.produced = len(produced)
-    comb = combine(produced, how, source.name)
-    records = comb.records
-    for r in records:
-        validate_record(r, "aggregated record")
-    rep.duplicates, rep.merged_votes, rep.aggregated = comb.duplicates, comb.merged_votes, comb.aggregated
-    rep.written = len(records)
-    rep.count(records)
-
-    if splits:
-        parts: dict[str, list] = {name: [] for name in splits}
-        for r in records:
-            parts[split_of(r, splits)].append(r)
-        written = write_split_directory(parts, target, fmt, source.name)
-        for (name, rs), path in zip(parts.items(), written):
-            rep.splits[name] = len(rs)
-            rep.outputs.append(str(path))
-    else:
-        write_records(records, target, fmt, marker=source.name)
-        rep.outputs.append(str(target))
+    _read_inputs(source, inputs, opts, state, acc)
+    _finish_source(source, opts, state, acc)
+    records = _combine(acc, how)
+    _write(records, target, fmt, splits, source.name, rep)
     if on_error == "skip":
         rp = rejects_path_for(out)
-        write_records(rejects, rp, "jsonl")
+        write_records(acc.rejects, rp, "jsonl")
         rep.rejects_path = str(rp)
     print(rep.text(), file=stream)
     return rep

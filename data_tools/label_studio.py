@@ -66,6 +66,83 @@ def ranker_positions(value, ids: list[str], where: str, field: str, bucket_order
     return pos
 
 
+def _prompt_key(data: dict, where: str) -> str:
+    """The key of the task's prompt in ``data`` (the first of PROMPT_KEYS holding a string)."""
+    pkey = next((k for k in PROMPT_KEYS if isinstance(data.get(k), str)), None)
+    if pkey is None:
+        raise RecordError(where, "data.prompt", f"is missing (one of {', '.join(PROMPT_KEYS)})")
+    return pkey
+
+
+def _task_items(data: dict, pkey: str, left: str, right: str, where: str) -> tuple[list, list, set]:
+    """(item ids, their texts, the data keys used) of a Ranker task (its items) or a Pairwise task
+    (ids "left" and "right")."""
+    if isinstance(data.get("items"), list):
+        ids, texts = zip(*[_item_text(it, where, k) for k, it in enumerate(data["items"])]) if data["items"] \
+            else ((), ())
+        used = {pkey, "items"}
+    elif left in data and right in data:
+        for k in (left, right):
+            if not isinstance(data[k], str):
+                raise RecordError(where, f"data.{k}", "must be a string")
+        ids, texts = ("left", "right"), (data[left], data[right])
+        used = {pkey, left, right}
+    else:
+        raise RecordError(where, "data", f"neither 'items' (Ranker) nor '{left}'/'{right}' (Pairwise)")
+    ids, texts = list(ids), list(texts)
+    if len(set(ids)) != len(ids):
+        raise RecordError(where, "data.items", "item ids are not unique")
+    return ids, texts, used
+
+
+def _task_meta(task: dict, data: dict, used: set) -> dict:
+    """What the task holds besides its labels: its own fields, drafts and predictions, and the data keys
+    that are neither the prompt nor the items."""
+    meta = without(task, "data", "annotations", "drafts", "predictions")
+    for k in ("drafts", "predictions"):
+        if task.get(k):
+            meta[k] = task[k]
+    extra = without(data, *used)
+    if extra:
+        meta["data"] = extra
+    return meta
+
+
+def _annotation_positions(ann: dict, a_i: int, ids: list[str], where: str, bucket_order,
+                          tie_choice: str) -> tuple[dict | None, list]:
+    """(position per judged item id, or None without a ranking/pairwise result; the results not used)."""
+    pos, unused = None, []
+    for r_i, res in enumerate(ann.get("result") or []):
+        f = f"annotations[{a_i}].result[{r_i}].value"
+        t = res.get("type") if isinstance(res, dict) else None
+        value = res.get("value") if isinstance(res, dict) else None
+        if t == "ranker":
+            pos = ranker_positions(value, ids, where, f, bucket_order)
+        elif t == "pairwise":
+            sel = (value or {}).get("selected")
+            if sel not in ("left", "right"):
+                raise RecordError(where, f + ".selected", f"expected 'left' or 'right', got {sel!r}")
+            pos = {"left": 0, "right": 1} if sel == "left" else {"left": 1, "right": 0}
+        elif (t == "choices" and ids == ["left", "right"]
+              and tie_choice in ((value or {}).get("choices") or [])):
+            pos = {"left": 0, "right": 0}
+        else:
+            unused.append(res)
+    return pos, unused
+
+
+def _annotator(ann: dict, a_i: int) -> str:
+    """Who made the annotation: ``completed_by`` (a user's email or id), else ``annotation<i>``."""
+    who = ann.get("completed_by")
+    if isinstance(who, dict):
+        who = who.get("email") or who.get("id")
+    return str(who if who is not None else f"annotation{a_i}")
+
+
+def _count(notes: dict, note: str) -> None:
+    notes[note] = notes.get(note, 0) + 1
+
+
 class LabelStudio(Source):
     def add_arguments(self, parser) -> None:
         parser.add_argument("--bucket-order", help="Ranker bucket mode: bucket names best first, comma-separated "
@@ -80,78 +157,34 @@ class LabelStudio(Source):
         data = task.get("data")
         if not isinstance(data, dict):
             raise RecordError(where, "data", "a task needs a 'data' object")
-        pkey = next((k for k in PROMPT_KEYS if isinstance(data.get(k), str)), None)
-        if pkey is None:
-            raise RecordError(where, "data.prompt", f"is missing (one of {', '.join(PROMPT_KEYS)})")
+        pkey = _prompt_key(data, where)
         prompt = data[pkey]
         bucket_order = [b.strip() for b in opts.bucket_order.split(",")] if opts.bucket_order else None
         left, right = [a.strip() for a in opts.answers.split(",")]
-        if isinstance(data.get("items"), list):
-            ids, texts = zip(*[_item_text(it, where, k) for k, it in enumerate(data["items"])]) if data["items"] \
-                else ((), ())
-            used = {pkey, "items"}
-        elif left in data and right in data:
-            for k in (left, right):
-                if not isinstance(data[k], str):
-                    raise RecordError(where, f"data.{k}", "must be a string")
-            ids, texts = ("left", "right"), (data[left], data[right])
-            used = {pkey, left, right}
-        else:
-            raise RecordError(where, "data", f"neither 'items' (Ranker) nor '{left}'/'{right}' (Pairwise)")
-        ids, texts = list(ids), list(texts)
-        if len(set(ids)) != len(ids):
-            raise RecordError(where, "data.items", "item ids are not unique")
+        ids, texts, used = _task_items(data, pkey, left, right, where)
         group = content_hash("label-studio", prompt, sorted(texts))
-        meta = without(task, "data", "annotations", "drafts", "predictions")
-        for k in ("drafts", "predictions"):
-            if task.get(k):
-                meta[k] = task[k]
-        extra = without(data, *used)
-        if extra:
-            meta["data"] = extra
+        meta = _task_meta(task, data, used)
         notes = state.setdefault("notes", {})
         votes = []
         for a_i, ann in enumerate(task.get("annotations") or []):
             if not isinstance(ann, dict):
                 raise RecordError(where, f"annotations[{a_i}]", "must be an object")
             if ann.get("was_cancelled"):
-                notes["cancelled annotations skipped"] = notes.get("cancelled annotations skipped", 0) + 1
+                _count(notes, "cancelled annotations skipped")
                 continue
-            pos, unused = None, []
-            for r_i, res in enumerate(ann.get("result") or []):
-                f = f"annotations[{a_i}].result[{r_i}].value"
-                t = res.get("type") if isinstance(res, dict) else None
-                value = res.get("value") if isinstance(res, dict) else None
-                if t == "ranker":
-                    pos = ranker_positions(value, ids, where, f, bucket_order)
-                elif t == "pairwise":
-                    sel = (value or {}).get("selected")
-                    if sel not in ("left", "right"):
-                        raise RecordError(where, f + ".selected", f"expected 'left' or 'right', got {sel!r}")
-                    pos = {"left": 0, "right": 1} if sel == "left" else {"left": 1, "right": 0}
-                elif (t == "choices" and ids == ["left", "right"]
-                      and opts.tie_choice in ((value or {}).get("choices") or [])):
-                    pos = {"left": 0, "right": 0}
-                else:
-                    unused.append(res)
+            pos, unused = _annotation_positions(ann, a_i, ids, where, bucket_order, opts.tie_choice)
             if pos is None:
-                notes["annotations without a ranking/pairwise result skipped"] = \
-                    notes.get("annotations without a ranking/pairwise result skipped", 0) + 1
+                _count(notes, "annotations without a ranking/pairwise result skipped")
                 continue
             judged_ids = [i for i in ids if i in pos]
             if len(judged_ids) < 2:
-                notes["annotations judging fewer than 2 items skipped"] = \
-                    notes.get("annotations judging fewer than 2 items skipped", 0) + 1
+                _count(notes, "annotations judging fewer than 2 items skipped")
                 continue
-            who = ann.get("completed_by")
-            if isinstance(who, dict):
-                who = who.get("email") or who.get("id")
             vote_meta = dict(meta, annotation=without(ann, "result", "completed_by"))
             if unused:
                 vote_meta["annotation"]["other_results"] = unused
             votes.append(judged(prompt, [texts[ids.index(i)] for i in judged_ids], [pos[i] for i in judged_ids],
-                                annotators=[str(who if who is not None else f"annotation{a_i}")],
-                                meta=vote_meta, **{GROUP: group}))
+                                annotators=[_annotator(ann, a_i)], meta=vote_meta, **{GROUP: group}))
         if not votes:
             raise Dropped("task without a completed ranking or pairwise annotation")
         return votes

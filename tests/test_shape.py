@@ -1,17 +1,27 @@
-"""The shape of the code (issue 16): no function in align/ longer than a screen, so each does one
-named thing; and "sample → cut at the stop → mask → score" lives in one module."""
+"""The shape of the code: no function in align/, data_tools/ or benchmarks/ longer than a screen, so
+each does one named thing; and "sample → cut at the stop → mask → score" lives in one module."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 80
+PACKAGES = ("align", "data_tools", "benchmarks")
 
 
-def test_no_function_in_align_is_longer_than_80_lines():
+def _sources(package: str) -> list[Path]:
+    """The package's Python files, less those under a dot directory (benchmarks/.venv-trl, .work)."""
+    return [path for path in sorted((ROOT / package).rglob("*.py"))
+            if not any(part.startswith(".") for part in path.relative_to(ROOT / package).parts)]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_function_is_longer_than_80_lines(package):
     long = []
-    for path in sorted((ROOT / "align").rglob("*.py")):
+    for path in _sources(package):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
