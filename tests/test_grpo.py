@@ -13,7 +13,7 @@ import tests.ppo_helpers as H
 from align.adapters import AdapterConfig
 from align.config import ConfigError, load_config
 from align.rl.group import group_advantages, grpo_loss, rloo_advantages, rloo_loss
-from align.stages import grpo, rloo
+from align.stages import grpo, online, rloo
 
 LORA_HEAD = AdapterConfig(method="lora", r=8, alpha=16, target_modules=["q_proj", "v_proj", "lm_head"])
 
@@ -85,12 +85,12 @@ def metrics(run_dir):
 def test_group_prompt_order_gives_each_prompt_group_size_consecutive_rows(tiny_llama, tmp_path):
     a = grpo.GRPOAlgoConfig(rollout_batch_size=12, group_size=4)
     prompts = [{"ids": [i], "text": str(i)} for i in range(9)]
-    order = grpo.GroupPromptOrder(prompts, a, 0, 1)
+    order = online.PromptOrder(prompts, a, 0, 1)
     rows, seeds, _ = order(0)
     texts = [r["text"] for r in rows]
     assert len(rows) == 12 and len(set(texts)) == 3 and all(len(set(texts[i:i + 4])) == 1 for i in (0, 4, 8))
     assert len(set(seeds)) == 12  # every response of a group is its own sample
-    halves = [grpo.GroupPromptOrder(prompts, a, r, 2)(0)[0] for r in (0, 1)]
+    halves = [online.PromptOrder(prompts, a, r, 2)(0)[0] for r in (0, 1)]
     assert [x["text"] for x in halves[0] + halves[1]] == texts  # two processes split the same batch
 
 

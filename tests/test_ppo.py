@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import align.stages.online as online
 import align.stages.ppo as ppo
 import tests.ppo_helpers as H
 from align.adapters import AdapterConfig
@@ -281,7 +282,7 @@ def test_an_empty_configured_eval_split_is_refused(tmp_path):
     def cfg(*extra):
         return load_config(ppo.PPOConfig, None, [f"data.prompts={prompts}", *extra])
     with pytest.raises(ConfigError, match=r"data.eval_fraction=0.0001 holds out no eval prompts from .*p.jsonl"):
-        ppo.load_prompts(cfg("data.eval_fraction=0.0001"), None)
+        online.load_prompts(cfg("data.eval_fraction=0.0001"), None)
     with pytest.raises(ConfigError, match=r"data.eval_prompts: .*empty.jsonl holds no records"):
-        ppo.load_prompts(cfg(f"data.eval_prompts={tmp_path / 'empty.jsonl'}"), None)
-    assert ppo.check_eval_split(0, file="", fraction=0.0, train=str(prompts)) is False
+        online.load_prompts(cfg(f"data.eval_prompts={tmp_path / 'empty.jsonl'}"), None)
+    assert online.check_eval_split(0, file="", fraction=0.0, train=str(prompts)) is False

@@ -1,4 +1,4 @@
-"""How PPO spreads every minibatch over processes and micro-batches (align.stages.ppo.MinibatchSplit):
+"""How PPO spreads every minibatch over processes and micro-batches (align.stages.online.MinibatchSplit):
 every rank gets an equal share in the same number of forward/backward calls, whatever the world
 size and micro-batch size, and a config that cannot be split evenly is refused before any work."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import align.stages.online as online
 import align.stages.ppo as ppo
 from align.config import ConfigError, load_config
 
@@ -16,7 +17,7 @@ def algo(rollout: int, minibatches: int, micro: int) -> ppo.PPOAlgoConfig:
     return ppo.PPOAlgoConfig(rollout_batch_size=rollout, num_minibatches=minibatches, micro_batch_size=micro)
 
 
-def every_rank(split: ppo.MinibatchSplit, rows: torch.Tensor) -> list[list[torch.Tensor]]:
+def every_rank(split: online.MinibatchSplit, rows: torch.Tensor) -> list[list[torch.Tensor]]:
     return [split.chunks(rows, r) for r in range(split.world)]
 
 
@@ -27,9 +28,9 @@ def test_every_rank_gets_an_equal_share_in_the_same_number_of_calls(world, rollo
     a = algo(rollout, minibatches, micro)
     if rollout % (world * minibatches):
         with pytest.raises(ConfigError):
-            ppo.minibatch_split(a, world)
+            online.minibatch_split(a, world)
         return
-    s = ppo.minibatch_split(a, world)
+    s = online.minibatch_split(a, world)
     share = rollout // minibatches // world
     assert (s.minibatch, s.per_rank, s.accum_steps) == (rollout // minibatches, share, -(-share // micro))
     rows = torch.randperm(s.minibatch)
@@ -54,8 +55,8 @@ def test_world_size_invariant_chunks(world, rollout, minibatches, micro):
     unequal 10 rows x 2 ranks, micro 4 -> chunks 3, 3, 2, 2 (the 2-process test's uneven case)."""
     if rollout % (world * minibatches):
         pytest.skip("refused")
-    s = ppo.minibatch_split(algo(rollout, minibatches, micro), world)
-    one = ppo.minibatch_split(algo(rollout, minibatches, s.chunk), 1)
+    s = online.minibatch_split(algo(rollout, minibatches, micro), world)
+    one = online.minibatch_split(algo(rollout, minibatches, s.chunk), 1)
     if s.per_rank % s.accum_steps and (rollout, world) != (20, 2):
         return  # unequal chunks: no 1-process micro_batch_size need cut alike
     rows = torch.randperm(s.minibatch)
@@ -75,7 +76,7 @@ def test_the_default_configs_split_on_1_2_4_8_processes(world):
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "ppo.yaml").read_text())["ppo"]
     for rollout, minibatches, micro in ((raw["rollout_batch_size"], raw["num_minibatches"], raw["micro_batch_size"]),
                                         (64, 2, 32)):
-        s = ppo.minibatch_split(algo(rollout, minibatches, micro), world)
+        s = online.minibatch_split(algo(rollout, minibatches, micro), world)
         assert s.per_rank == rollout // minibatches // world and s.accum_steps == 1
         assert all(len(chunks) == 1 for chunks in every_rank(s, torch.arange(s.minibatch)))
 
@@ -98,7 +99,7 @@ def test_grad_accum_follows_the_split(monkeypatch):
 ])
 def test_an_uneven_split_is_refused_with_the_values_that_work(rollout, minibatches, world, expect):
     with pytest.raises(ConfigError, match=expect):
-        ppo.minibatch_split(algo(rollout, minibatches, 8), world)
+        online.minibatch_split(algo(rollout, minibatches, 8), world)
 
 
 @pytest.mark.parametrize("key", ["rollout_batch_size", "num_minibatches", "micro_batch_size"])
@@ -106,7 +107,7 @@ def test_non_positive_sizes_are_refused(key):
     a = algo(8, 2, 4)
     setattr(a, key, 0)
     with pytest.raises(ConfigError, match=f"ppo.{key}=0"):
-        ppo.minibatch_split(a, 1)
+        online.minibatch_split(a, 1)
 
 
 def test_an_uneven_split_fails_before_the_run_dir_is_written(tmp_path, monkeypatch):
