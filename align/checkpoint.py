@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from align.rundir import RunDir
+
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
@@ -90,7 +92,7 @@ def _set_rng_state(tensors: dict, plain: dict) -> None:
 def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer,
                     state: dict, *, rank: int = 0, is_main: bool = True, keep: int = 2,
                     barrier=None) -> Path:
-    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root = RunDir(run_dir).checkpoints
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".tmp_step_{step}"
     if is_main:
@@ -192,7 +194,7 @@ def _steps(ckpt_root: Path) -> list[Path]:
 def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[str, str]]]:
     """The newest checkpoint of ``run_dir`` that verifies (the one ``checkpoints/latest`` names
     first), and the newer ones skipped on the way, each with its reason."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     pointer = root / "latest"
     named = root / pointer.read_text().strip() if pointer.is_file() else None
     candidates = ([named] if named is not None else []) + [p for p in reversed(_steps(root)) if p != named]
@@ -211,7 +213,7 @@ def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[str, str]]]:
 def set_aside(run_dir: Path, bad: list[str], good: Path) -> None:
     """Move checkpoints that failed verification to ``checkpoints/bad_<name>`` (kept for a look,
     out of rotation) and point ``latest`` at ``good``, the one that verified."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     for name in bad:
         if (root / name).is_dir():
             os.replace(root / name, root / f"bad_{name}")
@@ -223,7 +225,7 @@ def set_aside(run_dir: Path, bad: list[str], good: Path) -> None:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint ``checkpoints/latest`` names, or None. A resumed stage has verified it and
     pointed ``latest`` at it first (``find_checkpoint``, ``set_aside``), so it is not hashed again."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
+    pointer = RunDir(run_dir).checkpoints / "latest"
     if not pointer.is_file():
         return None
     path = pointer.parent / pointer.read_text().strip()

@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides.insert(0, config)
         config = None
     from align.config import ConfigError, load_config
-    from align.distributed import end_processes, exit_now
+    from align.distributed import end_processes
     stage = STAGES[args.command]
     try:
         cfg = load_config(stage.config, config, overrides)
         stage.run(cfg)
         if end_processes():
-            exit_now(0)
+            _closed_group.append(args.command)
     except ConfigError as e:
         print(f"align {args.command}: config error: {e}", file=sys.stderr)
         return 2
@@ -68,5 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_closed_group: list[str] = []   # the command that closed a process group at its end (see entry)
+
+
+def entry() -> None:
+    """The ``align`` program (and ``python -m align.cli``): ``main``, then the exit. A process that
+    closed a multi-process group at the end of its command leaves with ``exit_now`` (gloo's native
+    threads otherwise abort it now and then at interpreter exit: align.distributed.end_processes);
+    ``main`` itself never ends the interpreter, so calling it in-process is safe."""
+    code = main()
+    if _closed_group:
+        from align.distributed import exit_now
+        exit_now(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -19,13 +19,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from align.adapters.base import AdapterConfig
 from align.arch import NEEDS_FLOAT_WEIGHTS, QUANTIZATIONS, quantized_refusal
-from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range, field_help, field_rule, setting
+from align.rules import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, Exists, OneOf, Range, field_help,
+                         field_rule, setting)
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -199,28 +196,33 @@ def validate(cfg) -> None:
 
 def run_dir_problems(path: str, key: str, kind: str = "sft") -> list[str]:
     """What a finished run directory of stage ``kind`` (sft | reward | ppo) lacks that a later stage
-    reads: sft: backbone.json and adapters/sft; reward: reward_role.json, its adapter dirs and head;
-    ppo: adapters/policy."""
-    import json
+    reads: sft: backbone.json and adapters/sft; reward: the reward role in roles.json, its adapter
+    dirs and head; ppo: adapters/policy."""
+    from align.rundir import RunDir
     if not path:
         return [f"{key}: required (a finished {kind} run directory)"]
-    d = Path(path)
-    if not d.is_dir():
+    run = RunDir(path)
+    if not run.path.is_dir():
         return [f"{key}={path!r}: no such directory"]
-    need = {"sft": ["backbone.json", "adapters/sft"], "reward": ["reward_role.json"],
-            "ppo": ["adapters/policy"]}[kind]
-    out = [f"{key}={path!r} is not a finished {kind} run: it has no {n}" for n in need if not (d / n).exists()]
-    if kind == "reward" and not out:
-        try:
-            rr = json.loads((d / "reward_role.json").read_text())
-            parts = [e["dir"] for e in rr["adapters"]] + [rr["head"]]
-        except (ValueError, KeyError, TypeError) as e:
-            return [f"{key}={path!r}: reward_role.json is unreadable ({e!r})"]
-        for p in parts:
-            if not (Path(p) if Path(p).is_absolute() else d / p).is_dir():
-                out.append(f"{key}={path!r} is not a finished reward run: reward_role.json names {p}, "
-                           f"which does not exist")
-    return out
+    if kind == "reward":
+        return _reward_role_problems(run, path, key)
+    need = {"sft": [run.backbone_record, run.adapter("sft")], "ppo": [run.adapter("policy")]}[kind]
+    return [f"{key}={path!r} is not a finished {kind} run: it has no {n.relative_to(run.path)}"
+            for n in need if not n.exists()]
+
+
+def _reward_role_problems(run, path: str, key: str) -> list[str]:
+    """A reward run's role record must name adapter dirs and a head that exist."""
+    f = run.roles_file()
+    try:
+        rr = run.role("reward")
+        if rr is None:
+            return [f"{key}={path!r} is not a finished reward run: it has no reward role ({f.name})"]
+        parts = [e["dir"] for e in rr["adapters"]] + [rr["head"]]
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"{key}={path!r}: {f.name} is unreadable ({e!r})"]
+    return [f"{key}={path!r} is not a finished reward run: {f.name} names {p}, which does not exist"
+            for p in parts if not run.resolve(p).is_dir()]
 
 
 def backbone_problems(model_path: str, sft_run: str, key: str = "model.path") -> list[str]:
@@ -229,7 +231,8 @@ def backbone_problems(model_path: str, sft_run: str, key: str = "model.path") ->
     import json
     if model_path:
         return []  # checked by ModelConfig's rule
-    rec = Path(sft_run) / "backbone.json" if sft_run else None
+    from align.rundir import RunDir
+    rec = RunDir(sft_run).backbone_record if sft_run else None
     if rec is None or not rec.is_file():
         return []  # the sft_run problem is reported on its own
     try:

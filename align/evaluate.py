@@ -1,7 +1,7 @@
 """``align eval``: compare two policies on held-out prompts.
 
 A policy is ``sft`` (the SFT run's adapters) or a PPO or DPO run dir (its ``adapters/policy``, stacked
-as its ``policy_role.json`` says when it has one). Both are
+as its roles.json says). Both are
 loaded as roles over one backbone next to the reference (SFT) and reward roles. For each policy:
 mean gold score (when the task has a gold scorer) with its standard error, mean learned reward,
 KL to the SFT policy; and win rates of B over A by gold and by the reward model.
@@ -19,6 +19,7 @@ import torch
 
 from align.config import DTYPE_CHOICES, ConfigError, backbone_problems, run_dir_problems, validate
 from align.rules import AT_LEAST_ONE, POSITIVE, Exists, OneOf, Spec, setting
+from align.rundir import RunDir
 
 
 @dataclass
@@ -61,23 +62,21 @@ class EvalConfig:
 
 def _policy_dir(spec: str, sft_run: str) -> Path:
     if spec == "sft":
-        return Path(sft_run) / "adapters" / "sft"
-    return Path(spec) / "adapters" / "policy"
+        return RunDir(sft_run).adapter("sft")
+    return RunDir(spec).adapter("policy")
 
 
 def _load_policy(model, spec: str, sft_run: str, name: str) -> list[str]:
     """Load a run dir's policy into ``model``; returns its adapter stack: ``adapters/policy``, or
-    the stack its ``policy_role.json`` records (a DPO run with ``init=sft_stack``: the SFT adapters,
+    the stack its roles record (roles.json) gives the policy (a DPO run with ``init=sft_stack``: the SFT adapters,
     reusing the loaded ``sft`` set, under the run's own set)."""
     from align.adapters.peft_format import load_adapter
-    run = Path(spec)
-    rec = run / "policy_role.json"
-    entries = (json.loads(rec.read_text())["adapters"] if rec.exists()
-               else [{"name": "policy", "dir": "adapters/policy"}])
-    sft_dir = (Path(sft_run) / "adapters" / "sft").resolve()
+    run = RunDir(spec)
+    entries = (run.role("policy") or {"adapters": [{"name": "policy", "dir": "adapters/policy"}]})["adapters"]
+    sft_dir = RunDir(sft_run).adapter("sft").resolve()
     stack = []
     for e in entries:
-        d = Path(e["dir"]) if Path(e["dir"]).is_absolute() else run / e["dir"]
+        d = run.resolve(e["dir"])
         if e["name"] == "sft" and d.resolve() == sft_dir and "sft" in model.adapters:
             stack.append("sft")
             continue
@@ -102,14 +101,14 @@ def build(cfg: EvalConfig):
                        trust_remote_code=cfg.trust_remote_code,
                        quantization=record.get("quantization", "none"))  # the backbone the SFT ran on
     tok, model = load_model(record["path"], mcfg, rt.device, chat_template=cfg.chat_template)
-    load_adapter(model, "sft", Path(cfg.sft_run) / "adapters" / "sft")
+    load_adapter(model, "sft", RunDir(cfg.sft_run).adapter("sft"))
     model.add_role("reference", ["sft"])
     for name, spec in (("a", cfg.policy_a), ("b", cfg.policy_b)):
         if spec == "sft":
             model.add_role(name, ["sft"])
         else:
             model.add_role(name, _load_policy(model, spec, cfg.sft_run, name))
-    load_reward_role(model, cfg.reward_run, sft_dir=Path(cfg.sft_run) / "adapters" / "sft", prefix="rm")
+    load_reward_role(model, cfg.reward_run, sft_dir=RunDir(cfg.sft_run).adapter("sft"), prefix="rm")
     model.eval()
     return model, tok, rt
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from align.rundir import RunDir
+
 _LOCKS: dict[Path, int] = {}     # run dir -> the open lock file of this process
 _OWNED: set[Path] = set()        # run dirs this process created (or found empty) and locked
 _STARTED: set[Path] = set()      # run dirs whose training loop has started
@@ -85,7 +87,7 @@ def mark_started(run_dir) -> None:
 
 def finished_summary(run_dir: Path) -> dict | None:
     """The summary of a finished run in ``run_dir`` (None when it has none, or stopped early)."""
-    path = Path(run_dir) / "summary.json"
+    path = RunDir(run_dir).summary_file
     if not path.is_file():
         return None
     try:

@@ -35,6 +35,7 @@ from align.arch import NEEDS_FLOAT_WEIGHTS, QUANTIZATIONS, quantized_refusal
 from align.config import ModelConfig, TrackingConfig, validate
 from align.registry import POLICY_STAGES, STAGES
 from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range, setting
+from align.rundir import RunDir
 
 
 @dataclass
@@ -368,7 +369,7 @@ def annotate(cfg: PipelineConfig, backbone: Path, sft_dir: Path, data: Path) -> 
     task = task_module(cfg)
     rt = Runtime()
     tok, model = load_model(str(backbone), ModelConfig(path=str(backbone), quantization=cfg.quantization), rt.device)
-    load_adapter(model, "sft", sft_dir / "adapters" / "sft")
+    load_adapter(model, "sft", RunDir(sft_dir).adapter("sft"))
     model.add_role("sft", ["sft"])
     prompts = task.prompts("rm", cfg.annotate_prompts, cfg.seed)
     rendered = [prompt_text(as_chat({"prompt": p})["prompt"], tok) if cfg.chat else p for p in prompts]

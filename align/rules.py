@@ -18,6 +18,10 @@ import re
 from pathlib import Path
 
 
+class ConfigError(ValueError):
+    """A config (or a run directory it names) that a stage refuses before writing anything."""
+
+
 def setting(default=dataclasses.MISSING, help: str = "", rule: "Rule | None" = None, *, factory=None):
     """A config field: ``default`` (or ``factory`` for a mutable one), the ``help`` the reference
     shows for it, and the ``rule`` its value must follow (``None``: any value of its type)."""

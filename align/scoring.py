@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from align.generation import sample
 from align.rl.functional import logprobs_from_logits
 from align.rl.rollout import response_mask_from_lengths, truncate_after_stop
+from align.rundir import RunDir
 from align.tokens import specials
 
 
@@ -136,12 +136,13 @@ def load_reward_role(model, reward_run: str | Path, *, sft_dir: Path | None = No
     An adapter of the stack that is ``sft_dir`` itself reuses the loaded ``sft`` set (the same
     frozen adapters, not a second copy). Returns (the stack's set names, the normalisation)."""
     from align.adapters.peft_format import load_adapter, load_head
-    reward_run = Path(reward_run)
-    rr = json.loads((reward_run / "reward_role.json").read_text())
+    run = RunDir(reward_run)
+    rr = run.role("reward")
+    if rr is None:
+        raise ValueError(f"{run.path} has no reward role ({run.roles_file().name}); give a finished reward run")
     stack = []
     for entry in rr["adapters"]:
-        d = Path(entry["dir"])
-        d = d if d.is_absolute() else reward_run / d
+        d = run.resolve(entry["dir"])
         if entry["name"] == "sft" and sft_dir is not None and "sft" in model.adapters \
                 and d.resolve() == Path(sft_dir).resolve():
             stack.append("sft")
@@ -149,7 +150,7 @@ def load_reward_role(model, reward_run: str | Path, *, sft_dir: Path | None = No
         name = prefix if entry["name"] == "reward" else f"{prefix}_{entry['name']}"
         load_adapter(model, name, d)
         stack.append(name)
-    head_rec = load_head(model, role, reward_run / rr["head"])
+    head_rec = load_head(model, role, run.resolve(rr["head"]))
     model.add_role(role, stack, head=role)
     return stack, head_rec.get("normalisation") or rr.get("normalisation") or {"mean": 0.0, "std": 1.0}
 

@@ -57,7 +57,7 @@ def role_runs(backbone: Path, work: Path) -> tuple[Path, Path, Path]:
     from align.backbone import load_backbone, load_tokenizer
     from align.model import AlignModel
     sft, rm, prompts = work / "sft", work / "reward", work / "prompts.jsonl"
-    if (rm / "reward_role.json").exists():
+    if (rm / "roles.json").exists():
         return sft, rm, prompts
     tok = load_tokenizer(backbone)
     model = AlignModel(load_backbone(backbone, tokenizer=tok))
@@ -72,8 +72,8 @@ def role_runs(backbone: Path, work: Path) -> tuple[Path, Path, Path]:
     save_head(model, "reward", rm / "heads" / "reward",
               extra={"normalisation": {"mean": 0.0, "std": 1.0, "source": "benchmark", "n": 0}})
     save_adapter(model, "reward", rm / "adapters" / "reward")
-    (rm / "reward_role.json").write_text(json.dumps(
-        {"adapters": [{"name": "reward", "dir": "adapters/reward"}], "head": "heads/reward"}))
+    (rm / "roles.json").write_text(json.dumps(
+        {"reward": {"adapters": [{"name": "reward", "dir": "adapters/reward"}], "head": "heads/reward"}}))
     for d in (sft, rm):
         (d / "backbone.json").write_text(json.dumps({"path": str(backbone), "fingerprint": model.fingerprint}))
     words = "happy sad quick lazy bright dark warm cold".split()

@@ -107,8 +107,8 @@ def fake_stage_runs(model: str | Path, work: Path) -> tuple[Path, Path]:
         (d / "backbone.json").write_text(record)
     save_head(m, "reward", work / "rm" / "heads" / "reward",
               extra={"normalisation": {"mean": 0.0, "std": 1.0, "source": "benchmark", "n": 0}})
-    (work / "rm" / "reward_role.json").write_text(json.dumps(
-        {"adapters": [{"name": "reward", "dir": "adapters/reward"}], "head": "heads/reward"}))
+    (work / "rm" / "roles.json").write_text(json.dumps(
+        {"reward": {"adapters": [{"name": "reward", "dir": "adapters/reward"}], "head": "heads/reward"}}))
     return work / "sft", work / "rm"
 
 

@@ -214,7 +214,7 @@ def sweep_worker(a) -> dict:
     if missing:
         raise SystemExit(f"--ppo-lrs needs this method's full run first (missing {', '.join(missing)})")
     reward_run = Path(a.reward_dir) if a.reward_dir else work / "reward"
-    if not (reward_run / "reward_role.json").exists():
+    if not (reward_run / "roles.json").exists():
         raise SystemExit(f"no reward run in {reward_run}")
     name = sweep_run(m, a.ppo_lr, a.reward_of)
     if (work / name).exists():

@@ -35,8 +35,8 @@ def fake_reward_run(backbone: Path, run_dir: Path, seed: int = 0, mean: float = 
     save_adapter(model, "reward", run_dir / "adapters" / "reward")
     save_head(model, "reward", run_dir / "heads" / "reward",
               extra={"normalisation": {"mean": mean, "std": std, "source": "test", "n": 0}})
-    (run_dir / "reward_role.json").write_text(json.dumps(
-        {"adapters": [{"name": "reward", "dir": "adapters/reward"}], "head": "heads/reward"}))
+    (run_dir / "roles.json").write_text(json.dumps(
+        {"reward": {"adapters": [{"name": "reward", "dir": "adapters/reward"}], "head": "heads/reward"}}))
     (run_dir / "backbone.json").write_text(json.dumps({"path": str(backbone), "fingerprint": model.fingerprint}))
     return run_dir
 

@@ -49,8 +49,8 @@ def world(tmp_path):
     _write(sft_run / "backbone.json", json.dumps({"path": str(backbone)}))
     _write(sft_run / "adapters" / "sft" / "align_adapter.json")
     rm_run = tmp_path / "rm_run"
-    _write(rm_run / "reward_role.json", json.dumps({"adapters": [{"name": "reward", "dir": "adapters/reward"}],
-                                                     "head": "heads/reward"}))
+    _write(rm_run / "roles.json", json.dumps({"reward": {"adapters": [{"name": "reward", "dir": "adapters/reward"}],
+                                                         "head": "heads/reward"}}))
     _write(rm_run / "adapters" / "reward" / "align_adapter.json")
     _write(rm_run / "heads" / "reward" / "head.json")
     ppo_run = tmp_path / "ppo_run"
@@ -243,7 +243,7 @@ def test_run_directories_must_hold_what_later_stages_read(world):
     import shutil
     sft_run, rm_run = world["sft_run"], world["rm_run"]
     shutil.rmtree(rm_run / "heads")
-    refused(world, "ppo", match=r"reward_run=.* is not a finished reward run: reward_role.json names heads/reward")
+    refused(world, "ppo", match=r"reward_run=.* is not a finished reward run: roles.json names heads/reward")
     refused(world, "eval", match=r"reward_run=.* is not a finished reward run")
     shutil.rmtree(sft_run / "adapters")
     refused(world, "reward", match=r"sft_run=.* is not a finished sft run: it has no adapters/sft")

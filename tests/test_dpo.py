@@ -221,7 +221,7 @@ def test_dpo_learns_a_known_rule_and_leaves_the_reference_alone(tiny_llama, tmp_
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
     run = tmp_path / "dpo"
     assert (run / "adapters" / "policy" / "adapter_model.safetensors").exists()
-    role = json.loads((run / "policy_role.json").read_text())
+    role = json.loads((run / "roles.json").read_text())["policy"]
     assert role["adapters"] == [{"name": "policy", "dir": "adapters/policy"}]
     pol = load_file(run / "adapters" / "policy" / "adapter_model.safetensors")
     assert pol.keys() == before.keys() and any(not torch.equal(pol[k], before[k]) for k in pol)
@@ -263,7 +263,7 @@ def test_kill_and_resume_gives_bitwise_identical_adapters(tiny_llama, tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
     assert strip(_metrics(tmp_path / "full")) == strip(_metrics(tmp_path / "killed"))
-    stack = json.loads((tmp_path / "full" / "policy_role.json").read_text())["adapters"]
+    stack = json.loads((tmp_path / "full" / "roles.json").read_text())["policy"]["adapters"]
     if "init=sft_stack" not in variant:
         assert [e["name"] for e in stack] == ["policy"]
         return

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from align.rundir import RunDir
 from align.backbone import load_backbone, load_tokenizer, resolve_checkpoint
 from align.checkpoint import check_resumable, find_checkpoint, set_aside
 from align.config import ConfigError, save_config, to_dict
@@ -38,10 +39,7 @@ def seed_everything(seed: int) -> None:
 
 def backbone_from_run(run_dir: str | Path) -> dict:
     """The backbone record (path, fingerprint) a previous stage's run dir was trained on."""
-    f = Path(run_dir) / "backbone.json"
-    if not f.exists():
-        raise ConfigError(f"{run_dir} is not a finished align run directory (no backbone.json)")
-    return json.loads(f.read_text())
+    return RunDir(run_dir).backbone()
 
 
 def _resume_point(cfg, job_type: str, run_dir: Path):
@@ -51,7 +49,7 @@ def _resume_point(cfg, job_type: str, run_dir: Path):
     checkpoints none of which verifies. A finished run resumed raises ``FinishedRun``."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} is a file; give a directory")
-    if not (run_dir / "config.yaml").exists():
+    if not RunDir(run_dir).config.exists():
         return None, [], False
     if not cfg.resume:
         raise ConfigError(f"output_dir {run_dir} already holds a run; pass resume=true to continue "
@@ -102,7 +100,7 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
             rt.print(f"[{job_type}] resume=true: {run_dir} has no checkpoint yet; starting over at step 0 "
                      f"(a run is replayed exactly from its seed)")
         resolve_checkpoint(backbone_path)  # a GGUF file is converted once, by one process
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, RunDir(run_dir).config)
     rt.barrier()
     rt.check_shared_dir(run_dir)  # on several nodes: output_dir on a shared filesystem, or a clear error
     seed_everything(cfg.train.seed)
@@ -114,7 +112,7 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     tok, model = load_model(backbone_path, cfg.model, rt.device,
                             chat_template=getattr(getattr(cfg, "data", None), "chat_template", None))
     if rt.is_main:
-        (run_dir / "backbone.json").write_text(json.dumps(
+        RunDir(run_dir).backbone_record.write_text(json.dumps(
             {"path": str(Path(backbone_path).resolve()), "fingerprint": model.fingerprint,
              "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
              "num_params": model.backbone_num_params()}, indent=2))
@@ -159,7 +157,7 @@ def load_model(backbone_path: str, model_cfg, device, chat_template: str | None 
 
 def write_summary(stage: Stage, summary: dict) -> None:
     if stage.rt.is_main:
-        (stage.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        RunDir(stage.run_dir).summary_file.write_text(json.dumps(summary, indent=2, sort_keys=True))
     stage.tracker.summary(summary)
 
 
@@ -169,6 +167,6 @@ def finish_stage(stage: Stage, summary: dict, adapter_set: str) -> dict:
     backbone bytes it holds (``Runtime.memory_report``)."""
     summary = {**summary, "memory": stage.rt.memory_report(stage.model)}
     write_summary(stage, summary)
-    stage.tracker.log_artifact(stage.run_dir / "adapters" / adapter_set, f"{adapter_set}-adapters", "adapter")
+    stage.tracker.log_artifact(RunDir(stage.run_dir).adapter(adapter_set), f"{adapter_set}-adapters", "adapter")
     stage.tracker.finish()
     return summary

@@ -4,7 +4,7 @@ K-wise rankings directly, with the SFT adapters as the frozen reference and no r
 ``align dpo CONFIG`` writes::
 
     adapters/policy/   (peft layout where the method has one; ``align eval policy_b=RUN_DIR`` reads it)
-    policy_role.json   (the policy's adapter stack, with paths)
+    roles.json         (the policy's adapter stack, with paths, and the reference)
     config.yaml backbone.json metrics.jsonl samples.jsonl summary.json checkpoints/ wandb/
 
 * **Data**: the reward stage's records (pairs and K-wise rankings, ``align.data.preferences``),
@@ -23,7 +23,7 @@ K-wise rankings directly, with the SFT adapters as the frozen reference and no r
   and DDP registers no gradient hooks for a no-grad forward).
 * **Policy**: ``init=sft_copy`` (default: a trainable copy of the SFT adapters, so policy ==
   reference at step 0: loss log 2, margins 0) or ``sft_stack`` (the frozen SFT adapters with a new
-  set of ``adapter.*`` on top; ``policy_role.json`` records the stack for ``align eval``).
+  set of ``adapter.*`` on top; ``roles.json`` records the stack for ``align eval``).
 * **Evaluation** (held-out prompts; at step 0, every ``train.eval_every`` steps and at the end):
   implicit-reward accuracy and margin, the loss, chosen/rejected rewards; and the mean summed KL
   of the policy to the reference on samples from the policy for ``eval.kl_prompts`` held-out prompts
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -65,6 +64,7 @@ from align.rules import (
     OneOf,
     Range,
 )
+from align.rundir import RunDir
 from align.scoring import decode, generate, response_stats
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.trainer import Trainer, eval_mode
@@ -152,8 +152,8 @@ class DPOConfig:
 
 def build_dpo_roles(model, cfg: DPOConfig) -> tuple[list[dict], list[str]]:
     """Reference = [sft] (frozen) and the trainable policy; returns (the policy's stack for
-    policy_role.json, the frozen adapter sets)."""
-    sft_dir = Path(cfg.sft_run) / "adapters" / "sft"
+    roles.json, the frozen adapter sets)."""
+    sft_dir = RunDir(cfg.sft_run).adapter("sft")
     load_adapter(model, "sft", sft_dir)
     model.add_role("reference", ["sft"])
     if cfg.init == "sft_copy":
@@ -313,8 +313,10 @@ def run(cfg: DPOConfig) -> dict:
         return result
     with rt.gathered(list(model.adapters["policy"].parameters())):
         if rt.is_main:
-            save_adapter(model, "policy", st.run_dir / "adapters" / "policy", backbone_name=backbone)
-            (st.run_dir / "policy_role.json").write_text(json.dumps({"adapters": stack}, indent=2))
+            run = RunDir(st.run_dir)
+            save_adapter(model, "policy", run.adapter("policy"), backbone_name=backbone)
+            run.write_roles({"policy": {"adapters": stack}, "reference": {"adapters": [
+                {"name": "sft", "dir": str(RunDir(cfg.sft_run).adapter("sft").resolve())}]}})
     summary = {"stage": "dpo", **result, "loss_kind": o.loss, "beta": o.beta, "reference": o.reference,
                "init": cfg.init, "train_groups": len(tgroups), "eval_groups": len(egroups), "truncation": truncation,
                "trainable_params": model.adapters["policy"].num_params(),

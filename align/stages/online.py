@@ -20,7 +20,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar, Iterator, Optional
 
 import torch
@@ -36,6 +35,7 @@ from align.resume import prepare_resumable, save_resumable
 from align.rl.functional import masked_mean
 from align.rl.kl import make_kl_controller
 from align.rl.rollout import apply_missing_stop_penalty
+from align.rundir import RunDir
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range, Spec, setting
 from align.scoring import decode, evaluate_role, generate, load_callable, load_reward_role, response_stats, score
 from align.stages.common import backbone_from_run, finish_stage, start_stage
@@ -187,9 +187,8 @@ def same_backbone(sft_run: str, reward_run: str, at: str) -> Iterator[str]:
     """The SFT and reward runs must have trained on the same backbone (their recorded fingerprints)."""
     prints = []
     for run in (sft_run, reward_run):
-        f = Path(run) / "backbone.json"
         try:
-            prints.append(json.loads(f.read_text()).get("fingerprint"))
+            prints.append(json.loads(RunDir(run).backbone_record.read_text()).get("fingerprint"))
         except (OSError, ValueError):
             return  # run_dir_problems names a missing or broken record
     if prints[0] and prints[1] and prints[0] != prints[1]:
@@ -269,7 +268,7 @@ def build_policy_roles(model, cfg: OnlineStageConfig) -> tuple[list | None, dict
     frozen), ``policy`` (a trainable copy of them) and, with a learned reward, ``reward`` (the
     reward run's adapters and head, frozen). Returns the reward role's adapter stack (None for a
     programmatic reward) and the reward's normalisation statistics."""
-    sft_dir = Path(cfg.sft_run) / "adapters" / "sft"
+    sft_dir = RunDir(cfg.sft_run).adapter("sft")
     load_adapter(model, "sft", sft_dir)
     model.add_role("reference", ["sft"])
     model.copy_adapter("sft", "policy")
@@ -279,9 +278,32 @@ def build_policy_roles(model, cfg: OnlineStageConfig) -> tuple[list | None, dict
     return load_reward_role(model, cfg.reward_run, sft_dir=sft_dir)
 
 
-def role_stacks(model, roles: tuple[str, ...]) -> dict:
-    """The adapter stack of each role (the run's roles record)."""
-    return {r: list(model.roles[r].adapters) for r in roles if r in model.roles}
+def roles_record(model, run: RunDir, sft_run: str, reward_run: str, trained: tuple[str, ...]) -> dict:
+    """roles.json of an online run: each role's adapter stack as directories (the sets this run
+    trained under its own ``adapters/``, the SFT set in the SFT run, the reward's sets as the reward
+    run records them) and its head."""
+    reward = RunDir(reward_run).role("reward") if reward_run else None
+    reward_dirs = {} if reward is None else {
+        ("reward" if e["name"] == "reward" else f"reward_{e['name']}"): str(RunDir(reward_run).resolve(e["dir"]))
+        for e in reward["adapters"]}
+
+    def where(name: str) -> str:
+        if name in trained:
+            return str(run.adapter(name).relative_to(run.path))
+        if name == "sft":
+            return str(RunDir(sft_run).adapter("sft").resolve())
+        return reward_dirs[name]
+    out = {}
+    for r in ("reference", "policy", "value", "reward"):
+        if r in model.roles:
+            out[r] = {"adapters": [{"name": n, "dir": where(n)} for n in model.roles[r].adapters]}
+            head = model.roles[r].head
+            if head is not None:
+                out[r]["head"] = (str(run.head(head).relative_to(run.path)) if head in trained
+                                  else str(RunDir(reward_run).resolve(reward["head"])))
+    if reward is not None and "normalisation" in reward and "reward" in out:
+        out["reward"]["normalisation"] = reward["normalisation"]
+    return out
 
 
 # ------------------------------------------------------------------------------------ data
@@ -569,18 +591,17 @@ class OnlineLoop:
 
     def save_final(self) -> None:
         """The trained adapter sets and heads, and the roles record (``roles.json``)."""
-        model, rt = self.model, self.rt
+        model, rt, run = self.model, self.rt, RunDir(self.st.run_dir)
         trained = [n for n in self.trained if n in model.adapters]
         heads = [h for h in self.trained if h in model.heads]
         with rt.gathered([p for n in trained for p in model.adapters[n].parameters()] +
                          [p for h in heads for p in model.heads[h].parameters()]):
             if rt.is_main:
                 for n in trained:
-                    save_adapter(model, n, self.st.run_dir / "adapters" / n, backbone_name=self.backbone)
+                    save_adapter(model, n, run.adapter(n), backbone_name=self.backbone)
                 for h in heads:
-                    save_head(model, h, self.st.run_dir / "heads" / h)
-                stacks = role_stacks(model, ("reference", "policy", "value", "reward"))
-                (self.st.run_dir / "roles.json").write_text(json.dumps(stacks, indent=2))
+                    save_head(model, h, run.head(h))
+                run.write_roles(roles_record(model, run, self.cfg.sft_run, self.cfg.reward_run, self.trained))
 
 
 def run_online(cfg: OnlineStageConfig, loop_cls: type[OnlineLoop]) -> dict:

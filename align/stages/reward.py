@@ -3,7 +3,7 @@
 ``align reward CONFIG`` writes::
 
     adapters/reward/   heads/reward/ (head.json holds the normalisation mean/std)
-    reward_role.json   (the adapter stack PPO must rebuild, with paths)
+    roles.json         (the reward role: the adapter stack PPO must rebuild, with paths, its head and normalisation)
     config.yaml backbone.json metrics.jsonl summary.json checkpoints/ wandb/
 
 The reward role starts from the SFT adapters (``init: sft_copy``: a trainable copy;
@@ -12,10 +12,8 @@ The reward role starts from the SFT adapters (``init: sft_copy``: a trainable co
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -36,6 +34,7 @@ from align.data.preferences import collate_groups, tokenize_train_and_eval
 from align.data.sft import prompt_text
 from align.rl.losses import counts_in_loss, kwise_loss, ranking_pairs
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, setting
+from align.rundir import RunDir
 from align.scoring import generate, left_pad, score, sequence_rewards
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.tokens import encode
@@ -102,12 +101,12 @@ class RewardConfig:
 
 
 def build_reward_role(model, cfg: RewardConfig) -> list[dict]:
-    """Adds the reward role; returns the stack description written to reward_role.json."""
+    """Adds the reward role; returns the stack description written to roles.json."""
     stack = []
     if cfg.init in ("sft_copy", "sft_stack"):
         if not cfg.sft_run:
             raise ConfigError(f"init={cfg.init} needs sft_run (or use init=base)")
-        sft_dir = Path(cfg.sft_run) / "adapters" / "sft"
+        sft_dir = RunDir(cfg.sft_run).adapter("sft")
         load_adapter(model, "sft", sft_dir)
         if cfg.init == "sft_copy":
             model.copy_adapter("sft", "reward")
@@ -204,10 +203,10 @@ def run(cfg: RewardConfig) -> dict:
     norm = reward_normalisation(model, tok, cfg, eval_groups, rt)
     with rt.gathered(list(model.adapters["reward"].parameters()) + list(model.heads["reward"].parameters())):
         if rt.is_main:
-            save_adapter(model, "reward", st.run_dir / "adapters" / "reward", backbone_name=backbone)
-            save_head(model, "reward", st.run_dir / "heads" / "reward", extra={"normalisation": norm})
-            (st.run_dir / "reward_role.json").write_text(json.dumps(
-                {"adapters": stack, "head": "heads/reward", "normalisation": norm}, indent=2))
+            run = RunDir(st.run_dir)
+            save_adapter(model, "reward", run.adapter("reward"), backbone_name=backbone)
+            save_head(model, "reward", run.head("reward"), extra={"normalisation": norm})
+            run.write_roles({"reward": {"adapters": stack, "head": "heads/reward", "normalisation": norm}})
     summary = {"stage": "reward", **result, "normalisation": norm, "train_groups": len(tgroups),
                "eval_groups": len(egroups), "truncation": truncation, "trainable_params": model.role_num_params("reward"),
                "backbone_params": model.backbone_num_params()}

@@ -22,6 +22,7 @@ from align.data.common import check_eval_split, read_records, require_records, s
 from align.data.sft import Collator, build_examples, pack, render
 from align.rl.losses import label_positions, lm_loss_at
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Exists, setting
+from align.rundir import RunDir
 from align.scoring import decode, generate
 from align.stages.common import finish_stage, start_stage
 from align.tokens import encode
@@ -131,7 +132,7 @@ def run(cfg: SFTConfig) -> dict:
         return result
     with rt.gathered(model.adapters["sft"].parameters()):
         if rt.is_main:
-            save_adapter(model, "sft", st.run_dir / "adapters" / "sft", backbone_name=st.backbone_path)
+            save_adapter(model, "sft", RunDir(st.run_dir).adapter("sft"), backbone_name=st.backbone_path)
     summary = {"stage": "sft", **result, "train_examples": len(examples), "eval_examples": len(eval_examples),
                "truncation": report.as_dict(), "trainable_params": model.adapters["sft"].num_params(),
                "backbone_params": model.backbone_num_params()}
