@@ -113,3 +113,146 @@ def test_hf_export_matches_align_logits_and_greedy_tokens(tiny_llama, tmp_path, 
     assert tok.eos_token_id in gen["eos_token_id"]
     card = (out / "README.md").read_text()
     assert model.fingerprint in card and "/data/train.jsonl" in card and "eval/loss" in card
+
+
+GGUF_TOL = {"f32": 1e-4, "f16": 5e-3, "q8_0": 5e-2}   # measured on tiny llama: 4e-7, 3e-4, 9e-3
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_gguf_export_loads_in_transformers_with_matching_logits(tiny_llama, tmp_path, dtype):
+    pytest.importorskip("gguf")
+    run, model, tok = make_run(tmp_path, tiny_llama, HF_CASES["lora"])
+    out = export(run, tmp_path / "gguf", fmt="gguf", dtype=dtype)
+    name = f"policy-{dtype}.gguf"
+    assert (out / name).is_file()
+    ids = ids_of(tok)
+    theirs, _ = hf_logits(out, ids, gguf_file=name)
+    ours = align_logits(model, "policy", ids)
+    diff = float((theirs - ours).abs().max())
+    print(f"gguf {dtype}: max |dlogit| = {diff:.3g}")
+    assert diff <= GGUF_TOL[dtype]
+    from transformers import AutoTokenizer
+    gtok = AutoTokenizer.from_pretrained(str(out), gguf_file=name)
+    for text in TEXTS:   # the tokenizer rebuilt from the file's metadata splits text as the original
+        assert gtok(text, add_special_tokens=True).input_ids == tok(text).input_ids
+    assert gtok.eos_token_id == tok.eos_token_id and gtok.bos_token_id == tok.bos_token_id
+
+
+def test_gguf_metadata_is_what_llama_cpp_reads(tiny_llama, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    run, model, tok = make_run(tmp_path, tiny_llama, HF_CASES["ia3"])
+    out = export(run, tmp_path / "gguf", fmt="gguf", dtype="q8_0")
+    r = gguf.GGUFReader(out / "policy-q8_0.gguf")
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.tokens")
+         and k not in ("tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
+    cfg = model.backbone.config
+    assert f["general.architecture"] == "llama" and f["llama.block_count"] == cfg.num_hidden_layers
+    assert f["llama.attention.head_count_kv"] == cfg.num_key_value_heads
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    assert f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id and f["tokenizer.ggml.padding_token_id"] == tok.pad_token_id
+    assert f["tokenizer.ggml.add_bos_token"] is False
+    names = {t.name: t.tensor_type.name for t in r.tensors}
+    assert names["blk.0.attn_q.weight"] == "Q8_0" and names["blk.0.attn_norm.weight"] == "F32"
+    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.ffn_down.weight"} <= set(names)
+
+
+def test_gguf_refuses_other_architectures_before_writing(tiny_paths, tmp_path):
+    run, _, _ = make_run(tmp_path, tiny_paths["qwen2"], HF_CASES["rslora"])
+    with pytest.raises(ExportError, match=r"architecture is qwen2 .*Llama family"):
+        export(run, tmp_path / "out", fmt="gguf")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix"])
+def test_peft_export_loads_on_the_original_checkpoint_with_identical_logits(tiny_llama, tmp_path, method):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    cfgs = {"lora": HF_CASES["lora"]["policy"], "ia3": AdapterConfig(method="ia3"),
+            "prefix": AdapterConfig(method="prefix", num_virtual_tokens=3)}
+    run, model, tok = make_run(tmp_path, tiny_llama, {"policy": cfgs[method]})
+    out = export(run, tmp_path / "peft", fmt="peft")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    pm = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ids = ids_of(tok)
+    with torch.no_grad():
+        theirs = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1]:]
+    torch.testing.assert_close(theirs, align_logits(model, "policy", ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_reward_export_scores_as_align_reward_role(tiny_paths, tmp_path, family):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.scoring import sequence_rewards
+    targets = ALL_LINEAR if family == "llama" else None
+    run, model, tok = make_run(tmp_path, tiny_paths[family], {"reward": AdapterConfig(
+        method="lora", r=4, alpha=8, target_modules=targets)}, role="reward", head=True)
+    out = export(run, tmp_path / "rm")
+    rm = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    rtok = AutoTokenizer.from_pretrained(str(out))
+    batch = rtok([t + tok.eos_token for t in TEXTS], return_tensors="pt", padding=True)
+    assert rtok.padding_side == "right" and rm.config.num_labels == 1
+    with torch.no_grad():
+        theirs = rm(**batch).logits[:, 0] + rm.config.align_score_offset
+        values = model(batch["input_ids"], batch["attention_mask"], role="reward").values
+    ours = sequence_rewards(values, batch["attention_mask"])
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    assert rm.config.align_reward_normalisation == {"mean": 0.5, "std": 2.0}
+
+
+@pytest.mark.parametrize("method,fmt,match", [
+    ("bottleneck", "hf", r"bottleneck, which adds a small nonlinear network.*no bottleneck method"),
+    ("prefix", "hf", r"prefix, which adds learned key/value.*--format peft"),
+    ("prompt", "gguf", r"prompt, which prepends.*--format peft"),
+    ("ptuning", "hf", r"ptuning.*--format peft"),
+    ("llama_adapter", "hf", r"llama_adapter.*--format peft"),
+    ("bottleneck", "peft", r"HF peft has no bottleneck"),
+    ("full", "peft", r"HF peft has no full method; use --format hf"),
+])
+def test_methods_a_format_cannot_carry_are_refused_before_writing(tiny_llama, tmp_path, method, fmt, match):
+    run, _, _ = make_run(tmp_path, tiny_llama, {"policy": AdapterConfig(method=method)})
+    with pytest.raises(ExportError, match=match):
+        export(run, tmp_path / "out", fmt=fmt)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_runs_and_outputs_are_refused_before_writing(tiny_llama, tmp_path):
+    with pytest.raises(ExportError, match="no such run directory"):
+        export(tmp_path / "missing", tmp_path / "out")
+    run, _, _ = make_run(tmp_path, tiny_llama, HF_CASES["rslora"])
+    summary = (run / "summary.json").read_text()
+    (run / "summary.json").unlink()
+    with pytest.raises(ExportError, match="has not finished"):
+        export(run, tmp_path / "out")
+    (run / "summary.json").write_text(json.dumps({"stopped_at": "step 3"}))
+    with pytest.raises(ExportError, match="stopped early"):
+        export(run, tmp_path / "out")
+    (run / "summary.json").write_text(summary)
+    with pytest.raises(ExportError, match="--role reward: .* has the roles policy"):
+        export(run, tmp_path / "out", role="reward")
+    with pytest.raises(ExportError, match="--dtype q4: GGUF export writes f32, f16, q8_0"):
+        export(run, tmp_path / "out", fmt="gguf", dtype="q4")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ExportError, match="would overwrite"):
+        export(run, run, overwrite=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ExportError, match="did not write"):
+        export(run, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    export(run, tmp_path / "out")
+    with pytest.raises(ExportError, match="--overwrite"):
+        export(run, tmp_path / "out")
+    export(run, tmp_path / "out", fmt="peft", overwrite=True)   # an earlier export is replaced
+    assert (tmp_path / "out" / "adapter_config.json").exists() and not (tmp_path / "out" / "config.json").exists()
+
+
+def test_peft_refuses_a_stack_of_several_sets(tiny_llama, tmp_path):
+    run, _, _ = make_run(tmp_path, tiny_llama, HF_CASES["lora_then_ia3"])
+    with pytest.raises(ExportError, match="stacks 2 adapter sets .*use --format hf"):
+        export(run, tmp_path / "out", fmt="peft")
+    with pytest.raises(ExportError, match="sequence-classification"):
+        run2, _, _ = make_run(tmp_path / "r", tiny_llama, {"reward": AdapterConfig(method="lora")},
+                              role="reward", head=True)
+        export(run2, tmp_path / "out", fmt="gguf")
