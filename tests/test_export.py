@@ -256,3 +256,92 @@ def test_peft_refuses_a_stack_of_several_sets(tiny_llama, tmp_path):
         run2, _, _ = make_run(tmp_path / "r", tiny_llama, {"reward": AdapterConfig(method="lora")},
                               role="reward", head=True)
         export(run2, tmp_path / "out", fmt="gguf")
+
+
+# ------------------------------------------------------------------------------------ align generate
+def run_generate(capsys, *argv):
+    from align.generate import main
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_generate_answers_as_align_samples_and_compares_sft_with_policy(tiny_llama, tmp_path, capsys):
+    sft_run, sft_model, tok = make_run(tmp_path, tiny_llama, {"sft": HF_CASES["rslora"]["policy"]}, role="sft")
+    run, model, _ = make_run(tmp_path, tiny_llama, HF_CASES["lora"], seed=5)
+    (run / "config.yaml").write_text(yaml.safe_dump({"sft_run": str(sft_run), "data": {"prompts": "/p.jsonl"}}))
+    rc, out, err = run_generate(capsys, run, "--prompt", TEXTS[0], "--prompt", TEXTS[1], "--temperature", 0,
+                                "--max-new-tokens", 8, "--compare", "--json")
+    assert rc == 0, err
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in recs] == TEXTS[:2]
+    for rec, text in zip(recs, TEXTS):
+        ids = tok(text, return_tensors="pt").input_ids
+        for role, m in (("sft", sft_model), ("policy", model)):
+            assert rec["responses"][role] == tok.decode(greedy_align(m, tok, role, ids, 8), skip_special_tokens=True)
+    assert recs[0]["responses"]["sft"] != recs[0]["responses"]["policy"]
+    rc, out, _ = run_generate(capsys, run, "--prompt", TEXTS[0], "--temperature", 0, "--max-new-tokens", 8, "--compare")
+    assert "--- sft" in out and "--- policy" in out
+    # a card in the export names both stages and their data
+    card = (export(run, tmp_path / "hf") / "README.md").read_text()
+    assert "/data/train.jsonl" in card and "/p.jsonl" in card
+
+
+def test_generate_on_an_exported_model_gives_the_runs_answers(tiny_llama, tmp_path, capsys):
+    run, _, _ = make_run(tmp_path, tiny_llama, HF_CASES["ia3"])
+    out_dir = export(run, tmp_path / "hf")
+    args = ["--prompts", tmp_path / "p.txt", "--temperature", 0, "--max-new-tokens", 10, "--json"]
+    (tmp_path / "p.txt").write_text("\n".join(TEXTS) + "\n")
+    _, from_run, _ = run_generate(capsys, run, *args)
+    rc, from_export, err = run_generate(capsys, out_dir, *args)
+    assert rc == 0, err
+    a = [json.loads(line)["responses"]["policy"] for line in from_run.splitlines()]
+    b = [json.loads(line)["responses"]["model"] for line in from_export.splitlines()]
+    assert a == b and len(a) == 3
+
+
+def test_generate_sampling_options_and_refusals(tiny_llama, tmp_path, capsys):
+    from align.generation import nucleus
+    logp = torch.log_softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(0)), -1)
+    kept = nucleus(logp, 0.5).isfinite()
+    for row, k in zip(logp, kept):   # the kept set: the most likely tokens, reaching 0.5 by a minimal set
+        order = row.argsort(descending=True)
+        n = int(k.sum())
+        assert set(order[:n].tolist()) == set(k.nonzero().flatten().tolist())
+        assert row[order[:n]].exp().sum() >= 0.5 > row[order[:n - 1]].exp().sum()
+    run, _, _ = make_run(tmp_path, tiny_llama, HF_CASES["rslora"])
+    base = [run, "--prompt", TEXTS[0], "--max-new-tokens", 6, "--json", "--seed", 3]
+    rc, tiny_p, _ = run_generate(capsys, *base, "--top-p", 1e-6)
+    _, greedy, _ = run_generate(capsys, *base, "--temperature", 0)
+    assert rc == 0 and json.loads(tiny_p)["responses"] == json.loads(greedy)["responses"]
+    _, s1, _ = run_generate(capsys, *base, "--temperature", 1.0)
+    _, s2, _ = run_generate(capsys, *base, "--temperature", 1.0)
+    assert s1 == s2   # seeded
+    for bad, msg in ((["--temperature", -1], "--temperature"), (["--top-p", 0], "--top-p"),
+                     (["--compare"], "--compare: .* needs a policy and the SFT run")):
+        rc, _, err = run_generate(capsys, *base, *bad)
+        assert rc == 1 and msg.split(":")[0] in err and "error" in err
+    rm, _, _ = make_run(tmp_path / "rm", tiny_llama, {"reward": AdapterConfig(method="lora")}, role="reward", head=True)
+    rc, _, err = run_generate(capsys, rm, "--prompt", "x")
+    assert rc == 1 and "no policy to sample from" in err
+
+
+def test_a_trained_sft_run_exports_and_generates_through_the_cli(tiny_llama, tmp_path):
+    """The real run directory an SFT stage writes, through `align export` and `align generate`."""
+    import align.stages.sft as sft
+    from tests.test_sft import sft_cfg, synthetic_instructions
+    data = (tiny_llama, synthetic_instructions(tmp_path / "d.jsonl", n=64))
+    sft.run(sft_cfg(tmp_path, data, "train.max_steps=4", "data.eval_fraction=0", "train.eval_every=0"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "align.cli", *map(str, a)], capture_output=True, text=True, env=env)
+    r = cli("export", tmp_path / "run", "--out", tmp_path / "exp")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and (tmp_path / "exp" / "model.safetensors").is_file()
+    r = cli("export", tmp_path / "run", "--out", tmp_path / "exp")
+    assert r.returncode == 1 and "--overwrite" in r.stderr
+    prompt = ["--prompt", "swap: dog cat ->", "--temperature", "0", "--max-new-tokens", "6", "--json"]
+    a, b = cli("generate", tmp_path / "run", *prompt), cli("generate", tmp_path / "exp", *prompt)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout)["responses"]["sft"] == json.loads(b.stdout)["responses"]["model"]
