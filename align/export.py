@@ -156,6 +156,11 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
     return RunInfo(run, stage, backbone, summary, config, roles, main, _lineage(run, config, stage))
 
 
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run directory (rather than, say, a checkpoint align export wrote)."""
+    return (Path(path) / "backbone.json").is_file()
+
+
 def adapter_methods(spec: RoleSpec) -> list[str]:
     """The method of each adapter set of a role (from the saved records, without loading weights)."""
     from align.adapters.peft_format import read_adapter_config
@@ -246,6 +251,8 @@ def check_request(info: RunInfo, role: str, fmt: str, dtype: str | None) -> list
         raise ExportError(f"--dtype {dtype}: GGUF export writes {', '.join(GGUF_DTYPES)}")
     if fmt == "hf" and (dtype or "f32") not in HF_DTYPES:
         raise ExportError(f"--dtype {dtype}: HF export writes {', '.join(HF_DTYPES)}")
+    if fmt == "peft" and dtype:
+        raise ExportError(f"--dtype {dtype}: a peft export holds the adapter's tensors as trained; leave --dtype out")
     if spec.head is not None and fmt != "hf":
         raise ExportError(f"--format {fmt}: a reward role exports as a Hugging Face sequence-classification "
                           f"checkpoint only; use --format hf")

@@ -46,8 +46,9 @@ def _check_args(args) -> None:
 
 def load_target(args, device: str):
     """(tokenizer, model, {label: role}, chat template) for a run directory or an exported one."""
+    from align.export import is_run_dir, load_roles, read_run
     target = Path(args.run_dir)
-    if (target / "config.json").is_file() and not (target / "backbone.json").is_file():
+    if (target / "config.json").is_file() and not is_run_dir(target):
         if args.compare or args.role:
             raise ValueError(f"{target} is an exported model (one policy): --compare and --role need a run directory")
         from align.config import ModelConfig
@@ -55,7 +56,6 @@ def load_target(args, device: str):
         tok, model = load_model(str(target), ModelConfig(path=str(target), dtype=args.dtype), device)
         model.eval()
         return tok, model, {"model": "base"}, None
-    from align.export import load_roles, read_run
     info = read_run(target)
     policies = [r for r in ("policy", "sft") if r in info.roles]
     if not policies:

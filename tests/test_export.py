@@ -233,6 +233,8 @@ def test_bad_runs_and_outputs_are_refused_before_writing(tiny_llama, tmp_path):
         export(run, tmp_path / "out", role="reward")
     with pytest.raises(ExportError, match="--dtype q4: GGUF export writes f32, f16, q8_0"):
         export(run, tmp_path / "out", fmt="gguf", dtype="q4")
+    with pytest.raises(ExportError, match="--dtype f16: a peft export holds the adapter's tensors"):
+        export(run, tmp_path / "out", fmt="peft", dtype="f16")
     assert not (tmp_path / "out").exists()
     with pytest.raises(ExportError, match="would overwrite"):
         export(run, run, overwrite=True)
