@@ -115,6 +115,17 @@ def test_hf_export_matches_align_logits_and_greedy_tokens(tiny_llama, tmp_path, 
     assert model.fingerprint in card and "/data/train.jsonl" in card and "eval/loss" in card
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_hf_export_of_a_stack_on_other_families(tiny_paths, tmp_path, family):
+    """gpt2's Conv1D layout ([in, out]) and fused q|k|v (IA3 scales its k and v thirds), qwen2's biases."""
+    sets = {"sft": AdapterConfig(method="lora", r=2, alpha=4), "policy": AdapterConfig(method="ia3")}
+    run, model, tok = make_run(tmp_path, tiny_paths[family], sets)
+    out = export(run, tmp_path / "hf")
+    ids = ids_of(tok)
+    theirs, _ = hf_logits(out, ids)
+    assert (theirs - align_logits(model, "policy", ids)).abs().max() <= 1e-4
+
+
 GGUF_TOL = {"f32": 1e-4, "f16": 5e-3, "q8_0": 5e-2}   # measured on tiny llama: 4e-7, 3e-4, 9e-3
 
 
