@@ -137,12 +137,12 @@ def show(records: list[dict], as_json: bool, many: bool) -> None:
 
 def interactive(model, tok, roles, args, chat_template, device) -> None:
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        sys.stderr.write("> ")   # the prompt marker on stderr: stdout holds only answers (--json stays JSON)
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line.strip():     # end of input or an empty line
             break
-        if not line.strip():
-            break
+        line = line.rstrip("\n")
         show(answer(model, tok, roles, [line], args, chat_template, device), args.json, len(roles) > 1)
 
 

@@ -358,3 +358,16 @@ def test_a_trained_sft_run_exports_and_generates_through_the_cli(tiny_llama, tmp
     a, b = cli("generate", tmp_path / "run", *prompt), cli("generate", tmp_path / "exp", *prompt)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert json.loads(a.stdout)["responses"]["sft"] == json.loads(b.stdout)["responses"]["model"]
+
+
+def test_generate_reads_prompts_interactively_from_a_terminal(tiny_llama, tmp_path, capsys, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    run, _, _ = make_run(tmp_path, tiny_llama, HF_CASES["ia3"])
+    monkeypatch.setattr(sys, "stdin", Terminal(f"{TEXTS[0]}\n{TEXTS[1]}\n\nnever read\n"))
+    rc, out, err = run_generate(capsys, run, "--temperature", 0, "--max-new-tokens", 5, "--json")
+    assert rc == 0, err
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == TEXTS[:2]   # an empty line ends it
