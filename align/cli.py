@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.registry import STAGES
+from align.registry import STAGES, TOOLS
 
 
 def _available(module: str) -> bool:
@@ -28,12 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("--markdown", action="store_true", help="a table of every key, default and meaning")
     if _available("data_tools.cli"):
         sub.add_parser("import", help="Import human annotations into canonical records", add_help=False)
+    for name, (module, helptext) in TOOLS.items():
+        if _available(module):
+            sub.add_parser(name, help=helptext, add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
     if argv[0] == "import":
         from data_tools.cli import main as import_main
         return import_main(argv[1:])
+    if argv[0] in TOOLS and _available(TOOLS[argv[0]][0]):
+        import importlib
+        return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

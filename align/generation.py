@@ -4,8 +4,9 @@ Our own small loop rather than ``transformers.generate`` because every role's ad
 key/values, virtual tokens at prefill only, hooks) must be live, positions must follow the
 left-padded mask exactly as in the training forward, and the log-probabilities of the sampled
 tokens must come from the same temperature-warped distribution that PPO later recomputes.
-Pure sampling only: no top-k/top-p and no minimum length, which would make the sampling
-distribution differ from the one PPO optimises (docs/ppo-notes.md §B5).
+Pure sampling in training: no top-k/top-p and no minimum length, which would make the sampling
+distribution differ from the one PPO optimises (docs/ppo-notes.md §B5). ``top_p < 1`` (nucleus
+sampling) exists for ``align generate`` only; no stage passes it.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
            max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
            stop_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
            generator: torch.Generator | None = None, use_cache: bool = True,
-           row_seeds: list[int] | None = None, all_done=None) -> Samples:
+           row_seeds: list[int] | None = None, all_done=None, top_p: float = 1.0) -> Samples:
     """Sample continuations of left-padded prompts from ``role``.
 
     ``row_seeds`` gives each row its own random stream (Gumbel-max with noise seeded by the row's
@@ -58,15 +59,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
                         logits_at=slice(-1, None))
             logits = out.logits[:, -1].float()
             logp_all = torch.log_softmax(logits / temperature, dim=-1)
-            if greedy:
-                nxt = logp_all.argmax(-1)
-            elif row_seeds is not None:
-                u = torch.stack([torch.rand(logp_all.shape[-1], device=device, generator=torch.Generator(
-                    device=device).manual_seed(int(s) * 1_000_003 + len(tokens))) for s in row_seeds])
-                gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-                nxt = (logp_all + gumbel).argmax(-1)
-            else:
-                nxt = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+            nxt = _next_token(logp_all, greedy, row_seeds, generator, len(tokens), top_p)
             lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             lp = torch.where(done, torch.zeros_like(lp), lp)
@@ -102,3 +95,28 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     else:
         lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
     return Samples(toks, lps, lengths)
+
+
+def nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logp`` [B, V] with every token outside the top-``top_p`` nucleus set to -inf (the most
+    likely token always stays)."""
+    sorted_lp, order = logp.sort(-1, descending=True)
+    before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()   # probability mass ranked above each token
+    drop = before >= top_p
+    drop[:, 0] = False
+    return logp.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+
+def _next_token(logp_all: torch.Tensor, greedy: bool, row_seeds, generator, step: int, top_p: float) -> torch.Tensor:
+    """One token per row: argmax, Gumbel-max with per-row seeds, or a multinomial draw."""
+    device = logp_all.device
+    if greedy:
+        return logp_all.argmax(-1)
+    if top_p < 1.0:
+        logp_all = nucleus(logp_all, top_p)
+    if row_seeds is not None:
+        u = torch.stack([torch.rand(logp_all.shape[-1], device=device, generator=torch.Generator(
+            device=device).manual_seed(int(s) * 1_000_003 + step)) for s in row_seeds])
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+        return (logp_all + gumbel).argmax(-1)
+    return torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)

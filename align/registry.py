@@ -47,3 +47,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 )}
 
 POLICY_STAGES = tuple(n for n, s in STAGES.items() if s.policy)
+
+# commands with their own argument parsers (``module.main(argv)``), not stages
+TOOLS = {"export": ("align.export", "Export a run's policy, SFT or reward role (hf merged, peft, gguf)"),
+         "generate": ("align.generate", "Sample answers from a run's policy (or an exported model)")}
