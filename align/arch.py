@@ -97,8 +97,6 @@ def is_linear(module: nn.Module) -> bool:
 
 # model.quantization: how the frozen backbone's Linear weights are stored (align.backbone loads them)
 QUANTIZATIONS = ("none", "int8", "nf4")
-# adapter methods that train (copies of) backbone weights: they cannot start from quantized ones
-NEEDS_FLOAT_WEIGHTS = ("full", "top_k")
 
 
 def quantization_of(backbone: nn.Module) -> str:
@@ -121,9 +119,10 @@ def quantized_refusal(method: str, quantization: str) -> str:
 
 
 def refuse_quantized(method: str, backbone: nn.Module) -> None:
-    """The ``full`` / ``top_k`` baselines are refused on an int8 / nf4 backbone."""
+    """A method that trains backbone weights (``AdapterSet.trains_backbone``: the ``full`` /
+    ``top_k`` baselines) is refused on an int8 / nf4 backbone."""
     q = quantization_of(backbone)
-    if q != "none" and method in NEEDS_FLOAT_WEIGHTS:
+    if q != "none":
         raise ValueError(quantized_refusal(method, q))
 
 

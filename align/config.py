@@ -17,8 +17,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from align.adapters.base import AdapterConfig
-from align.arch import NEEDS_FLOAT_WEIGHTS, QUANTIZATIONS, quantized_refusal
+from align.adapters.base import AdapterConfig, methods_where
+from align.arch import QUANTIZATIONS, quantized_refusal
 from align.rules import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, Exists, OneOf, Range, field_help,
                          field_rule, setting)
 
@@ -158,13 +158,14 @@ def quantization_problems(cfg) -> list[str]:
     if not isinstance(model, ModelConfig) or q == "none" or q not in QUANTIZATIONS:
         return []
     out: list[str] = []
+    trains_backbone = methods_where("trains_backbone")
 
     def walk(obj, at: str):
         items = ([(f"{at}{f.name}", getattr(obj, f.name)) for f in dataclasses.fields(obj)]
                  if dataclasses.is_dataclass(obj) else [(f"{at}[{i}]", v) for i, v in enumerate(obj)])
         for key, v in items:
             if isinstance(v, AdapterConfig):
-                if v.method in NEEDS_FLOAT_WEIGHTS:
+                if v.method in trains_backbone:
                     out.append(f"{key}.method={v.method!r}: {quantized_refusal(v.method, q)}")
             elif (dataclasses.is_dataclass(v) and not isinstance(v, type)) or isinstance(v, (list, tuple)):
                 walk(v, f"{key}." if dataclasses.is_dataclass(v) else key)
@@ -178,7 +179,7 @@ def quantization_problems(cfg) -> list[str]:
                 method = json.loads(rec.read_text())["method"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # an unreadable record is reported where it is loaded
-            if method in NEEDS_FLOAT_WEIGHTS:
+            if method in trains_backbone:
                 out.append(f"{f.name}={run!r}: its adapter set {rec.parent.name} is {method!r}; "
                            f"{quantized_refusal(method, q)}")
     return out

@@ -25,28 +25,16 @@ import torch
 
 from align.adapters.lora import key
 
-MERGEABLE = ("lora", "ia3", "full", "top_k")
-_NOT_MERGEABLE = {
-    "bottleneck": "adds a small nonlinear network (down-projection, activation, up-projection) after "
-                  "its blocks, which no backbone weight can express; HF peft has no bottleneck method "
-                  "either: run it with align (align generate RUN_DIR)",
-    "prefix": "adds learned key/value vectors to every attention layer, which are not weights of the "
-              "backbone; use --format peft (PREFIX_TUNING)",
-    "prompt": "prepends learned embeddings to every input, which no backbone weight can express; "
-              "use --format peft (PROMPT_TUNING)",
-    "ptuning": "prepends virtual tokens made by its prompt encoder, which no backbone weight can "
-               "express; use --format peft (P_TUNING)",
-    "llama_adapter": "adds gated adaption prompts inside the top layers' attention, which no backbone "
-                     "weight can express; use --format peft (ADAPTION_PROMPT)",
-}
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def merge_refusal(method: str) -> str | None:
-    """Why ``method`` cannot be merged into the backbone weights (None when it can)."""
-    if method in MERGEABLE:
-        return None
-    return _NOT_MERGEABLE.get(method, "cannot be merged into the backbone weights")
+    """Why ``method`` cannot be merged into the backbone weights (None when it can): each method
+    class declares it (``AdapterSet.merge_refusal``)."""
+    from align.adapters.base import METHODS, methods_where
+    methods_where("mergeable")   # every method registered
+    cls = METHODS.get(method)
+    return "is not an align adapter method" if cls is None else cls.merge_refusal
 
 
 def original_vocab_size(checkpoint_dir: Path) -> int:

@@ -29,9 +29,9 @@ from typing import Iterator
 
 import torch
 
-from align.adapters.base import AdapterConfig
+from align.adapters.base import AdapterConfig, methods_where
 from align.backbone import cache_root
-from align.arch import NEEDS_FLOAT_WEIGHTS, QUANTIZATIONS, quantized_refusal
+from align.arch import QUANTIZATIONS, quantized_refusal
 from align.config import ModelConfig, TrackingConfig, validate
 from align.registry import POLICY_STAGES, STAGES
 from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range, setting
@@ -122,7 +122,7 @@ class PipelineConfig:
                     yield (f"{at}{key}={getattr(self, key)!r} is not a setting of {self.method} "
                            f"(a LoRA setting; method={self.method!r})")
         if self.quantization in QUANTIZATIONS and self.quantization != "none":
-            if self.method in NEEDS_FLOAT_WEIGHTS:
+            if self.method in methods_where("trains_backbone"):
                 yield f"{at}quantization={self.quantization!r}: {quantized_refusal(self.method, self.quantization)}"
             yield from ModelConfig(quantization=self.quantization).checks(at)  # bitsandbytes installed
         n, batch = self.ppo_prompts, self.ppo_rollout_batch_size

@@ -220,3 +220,19 @@ def test_adapter_refuses_a_different_backbone(tiny_paths, tmp_path):
     other, _ = load(tiny_paths["qwen2"])
     with pytest.raises(FingerprintMismatch, match=model.fingerprint):
         load_adapter(other, "sft", tmp_path / "sft")
+
+
+@pytest.mark.parametrize("method", ["lora", "bottleneck", "prefix", "ia3", "prompt", "ptuning", "llama_adapter",
+                                    "full", "top_k"])
+def test_a_method_declares_whether_it_trains_backbone_weights_and_that_is_what_it_does(tiny_llama, method):
+    """``AdapterSet.trains_backbone`` (what the quantized-backbone refusal reads) is true exactly
+    for the methods whose trainable tensors start as copies of backbone weights."""
+    from align.adapters.base import METHODS as REGISTERED
+    assert set(REGISTERED) == {"lora", "bottleneck", "prefix", "ia3", "prompt", "ptuning", "llama_adapter", "full",
+                               "top_k"}
+    model, _ = load(tiny_llama)
+    model.add_adapter("a", AdapterConfig(method=method))
+    backbone = [p.detach() for p in model.backbone.parameters() if p.dim() == 2]
+    copies = [p for p in model.adapters["a"].parameters()
+              if any(p.shape == w.shape and torch.equal(p.detach(), w) for w in backbone)]
+    assert REGISTERED[method].trains_backbone == bool(copies), (method, len(copies))

@@ -16,6 +16,7 @@ import yaml
 from align.adapters import AdapterConfig
 from align.adapters.peft_format import save_adapter, save_head
 from align.export import ExportError, export
+from align.rundir import RunDir
 from tests.conftest import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def perturb(aset, seed=0, scale=0.1):
 
 def make_run(root: Path, backbone, sets: dict, *, role="policy", head=False, stage=None, seed=0):
     """A finished run directory as the stages write it (adapters/<set>, backbone.json, config.yaml,
-    summary.json, and reward_role.json / policy_role.json for stacks), from randomised sets; returns
+    summary.json, and the role's stack in roles.json), from randomised sets; returns
     (run dir, the AlignModel with the role, its tokenizer)."""
     model, tok = load(backbone)
     run = root / (stage or role)
@@ -49,10 +50,10 @@ def make_run(root: Path, backbone, sets: dict, *, role="policy", head=False, sta
         with torch.no_grad():
             model.heads["rm"].linear.bias.fill_(0.37)
         save_head(model, "rm", run / "heads" / "reward")
-        (run / "reward_role.json").write_text(json.dumps(
-            {"adapters": entries, "head": "heads/reward", "normalisation": {"mean": 0.5, "std": 2.0}}))
+        RunDir(run).write_roles({"reward": {"adapters": entries, "head": "heads/reward",
+                                            "normalisation": {"mean": 0.5, "std": 2.0}}})
     elif len(names) > 1 or names[0] != role:
-        (run / f"{role}_role.json").write_text(json.dumps({"adapters": entries}))
+        RunDir(run).write_roles({role: {"adapters": entries}})
     model.add_role(role, names, head="rm" if head else None)
     (run / "backbone.json").write_text(json.dumps({"path": str(backbone), "fingerprint": model.fingerprint,
                                                    "dtype": "float32", "quantization": "none"}))

@@ -124,6 +124,11 @@ class AdapterSet(nn.Module):
     # The AdapterConfig fields this method reads, each with its rule (align.rules) or None; the
     # others must stay at their defaults (AdapterConfig.checks), as peft has one config per method.
     settings: ClassVar[dict[str, Rule | None]] = {}
+    # What the method is, declared here rather than in tables elsewhere:
+    trains_backbone: ClassVar[bool] = False   # trains (copies of) backbone weights: refused on int8 / nf4
+    # None when its effect is a change of backbone weights that ``align export --format hf`` can merge;
+    # otherwise why not (and what to use instead)
+    merge_refusal: ClassVar[str | None] = "cannot be merged into the backbone weights"
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch):
         super().__init__()
@@ -198,6 +203,15 @@ def register(cls: type[AdapterSet]) -> type[AdapterSet]:
         raise TypeError(f"{cls.__name__}.settings names fields AdapterConfig lacks: {sorted(unknown)}")
     METHODS[cls.method] = cls
     return cls
+
+
+def methods_where(capability: str) -> tuple[str, ...]:
+    """The registered methods whose class declares ``capability`` true (``trains_backbone``), or,
+    for ``mergeable``, whose ``merge_refusal`` is None."""
+    import align.adapters  # noqa: F401  (registers every method)
+    if capability == "mergeable":
+        return tuple(m for m, c in METHODS.items() if c.merge_refusal is None)
+    return tuple(m for m, c in METHODS.items() if getattr(c, capability))
 
 
 def peft_types() -> dict[str, str]:

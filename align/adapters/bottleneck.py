@@ -36,6 +36,9 @@ class Bottleneck(nn.Module):
 @register
 class BottleneckAdapter(AdapterSet):
     method = "bottleneck"
+    merge_refusal = ("adds a small nonlinear network (down-projection, activation, up-projection) after "
+                     "its blocks, which no backbone weight can express; HF peft has no bottleneck method "
+                     "either: run it with align (align generate RUN_DIR)")
     settings = {"variant": OneOf("houlsby", "pfeiffer"), "bottleneck_size": AT_LEAST_ONE,
                 "nonlinearity": OneOf(*ACTIVATIONS), "init_std": NON_NEGATIVE}
 

@@ -96,6 +96,8 @@ class CopiedModules(AdapterSet):
 @register
 class FullFinetune(CopiedModules):
     method = "full"
+    trains_backbone = True
+    merge_refusal = None   # its copied weights are the merged weights
 
     def select(self, backbone):
         return param_leaves(backbone)
@@ -104,6 +106,8 @@ class FullFinetune(CopiedModules):
 @register
 class TopKFinetune(CopiedModules):
     method = "top_k"
+    trains_backbone = True
+    merge_refusal = None
     settings = {"top_k": AT_LEAST_ONE}
 
     def select(self, backbone):

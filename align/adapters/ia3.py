@@ -46,6 +46,7 @@ def is_feedforward(name: str, ff) -> bool:
 @register
 class IA3(AdapterSet):
     method = "ia3"
+    merge_refusal = None   # its vectors scale weight rows or columns
     peft_type = "IA3"
     settings = {"target_modules": None, "feedforward_modules": None}
 

@@ -40,6 +40,8 @@ SUPPORTED = {"llama", "mistral", "qwen2", "gpt2"}  # peft: llama, mistral, gpt2
 @register
 class LlamaAdapter(AdapterSet):
     method = "llama_adapter"
+    merge_refusal = ("adds gated adaption prompts inside the top layers' attention, which no backbone "
+                     "weight can express; use --format peft (ADAPTION_PROMPT)")
     peft_type = "ADAPTION_PROMPT"
     settings = {"num_virtual_tokens": AT_LEAST_ONE, "adapter_layers": AT_LEAST_ONE}
 

@@ -40,6 +40,7 @@ class LoraPair(nn.Module):
 @register
 class LoRA(AdapterSet):
     method = "lora"
+    merge_refusal = None   # the low-rank product B·A is a weight update
     peft_type = "LORA"
     settings = {"r": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Range(0, 1, hi_open=True),
                 "target_modules": None, "use_rslora": None}

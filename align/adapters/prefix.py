@@ -21,6 +21,8 @@ from align.rules import AT_LEAST_ONE
 @register
 class PrefixTuning(AdapterSet):
     method = "prefix"
+    merge_refusal = ("adds learned key/value vectors to every attention layer, which are not weights of the "
+                     "backbone; use --format peft (PREFIX_TUNING)")
     peft_type = "PREFIX_TUNING"
     settings = {"num_virtual_tokens": AT_LEAST_ONE, "prefix_projection": None, "encoder_hidden_size": AT_LEAST_ONE}
 

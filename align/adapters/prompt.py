@@ -46,6 +46,8 @@ def text_init_ids(text: str, n: int, tokenizer_path: str) -> torch.Tensor:
 @register
 class PromptTuning(AdapterSet):
     method = "prompt"
+    merge_refusal = ("prepends learned embeddings to every input, which no backbone weight can express; "
+                     "use --format peft (PROMPT_TUNING)")
     peft_type = "PROMPT_TUNING"
     settings = {"num_virtual_tokens": AT_LEAST_ONE, "prompt_init": OneOf(*PROMPT_INITS), "prompt_init_text": None}
 

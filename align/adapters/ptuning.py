@@ -43,6 +43,8 @@ PEFT_ENCODER = {"mlp": "MLP", "lstm": "LSTM", "none": "MLP"}
 @register
 class PTuning(PromptTuning):
     method = "ptuning"
+    merge_refusal = ("prepends virtual tokens made by its prompt encoder, which no backbone weight can "
+                     "express; use --format peft (P_TUNING)")
     peft_type = "P_TUNING"
     settings = {"num_virtual_tokens": AT_LEAST_ONE, "encoder_type": OneOf(*ENCODERS),
                 "encoder_hidden_size": AT_LEAST_ONE, "prompt_init": OneOf(*PROMPT_INITS), "prompt_init_text": None}
