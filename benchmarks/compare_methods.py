@@ -316,8 +316,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lora = next((r for r in ok if r["method"] == "lora"), ok[0] if ok else None)
     a = meta["args"]
     rm = f"{a['reward_steps']} steps" if a["reward_steps"] else f"{a['reward_epochs']:g} epochs"
-    out = [f"#### Methods on the quickstart task ({n:,}-parameter frozen backbone; SFT {a['sft_steps']} steps, "
-           f"reward {rm}, PPO {a['ppo_iterations']} iterations; {meta['machine']}, {meta['date']})", "",
+    out = ["---", f"measured: {meta['date']}", f"machine: {meta['machine']}", "---",  # run history: front matter
+           f"#### Methods on the quickstart task ({n:,}-parameter frozen backbone; SFT {a['sft_steps']} steps, "
+           f"reward {rm}, PPO {a['ppo_iterations']} iterations)", "",
            *table_head(["method", "trainable: policy (% of backbone)", "reward / value", "lr SFT / RM / PPO",
                         "SFT s/step", "RM s/step", "PPO s/iter", "peak RSS (MiB)", "SFT held-out loss",
                         "RM held-out acc.", "RM acc. vs gold", "gold SFT", "gold PPO", "gold PPO − SFT (paired)",
@@ -396,8 +397,9 @@ def sweep(a, methods: list[str], per: Path, work: Path, run_worker, command: str
                 rows.append({**res, "rm": rm, "ppo_lr": lr, "rm_accuracy_vs_gold": rm_row["rm_accuracy_vs_gold"],
                              "value_ev_last10": critic_ev(work / m / sweep_run(m, lr, rm))})
     out = Path(a.out)
-    lines = [f"#### PPO learning rate and reward model per method (quickstart task, PPO {a.ppo_iterations} "
-             f"iterations from each method's SFT run of the table above; {machine()}, {time.strftime('%Y-%m-%d')})", "",
+    lines = ["---", f"measured: {time.strftime('%Y-%m-%d')}", f"machine: {machine()}", "---",
+             f"#### PPO learning rate and reward model per method (quickstart task, PPO {a.ppo_iterations} "
+             f"iterations from each method's SFT run of the table above)", "",
              "| policy method | PPO lr | reward model (and value init) | RM acc. vs gold | gold PPO − SFT (paired) "
              "| KL to SFT | value expl. var. (last 10 it.) | PPO s/iter |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -78,9 +78,9 @@ def worker(a) -> dict:
 
 def markdown(rows: list[dict], a) -> str:
     import torch
-    lines = [f"#### Policy optimisation on the quickstart task ({a.iterations} iterations x 64 sampled responses for "
-             f"the online methods; {a.eval_prompts} held-out prompts; {torch.get_num_threads()} threads, "
-             f"{time.strftime('%Y-%m-%d')})", "",
+    lines = ["---", f"measured: {time.strftime('%Y-%m-%d')}", f"threads: {torch.get_num_threads()}", "---",
+             f"#### Policy optimisation on the quickstart task ({a.iterations} iterations x 64 sampled responses for "
+             f"the online methods; {a.eval_prompts} held-out prompts)", "",
              "| method | gold gain over SFT (± SEM) | win rate by gold | KL to SFT (nats/response) | "
              "learned reward SFT → policy | stop rate | train wall time (s) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
