@@ -1,5 +1,5 @@
 """Every adapter method and the two finetuning baselines through SFT -> reward -> PPO on the quickstart
-task, each method for every role: the README's method comparison table.
+task, each method for every role: the method comparison table in docs/adapters.md.
 
     bash launch/quickstart.sh                                   # once: backbone, data, rankings
     python benchmarks/compare_methods.py --from runs/quickstart # -> benchmarks/results/methods.{json,md}
@@ -84,7 +84,7 @@ ALL_LINEAR = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # smaller ones. PPO lrs were not tuned beyond one fix: LoRA's, scaled by the same family factor,
 # except prefix, whose PPO at 1e-2 over-optimised the learned reward (KL 15.3 against a target of
 # 6, gold -0.235 +- 0.044 below SFT): 3e-3 (LoRA's) is used.
-# The sweep of 2026-12-01 (README, second methods table; benchmarks/results/methods_ppo_lr.md): 3-10x these
+# The sweep of 2026-12-01 (docs/adapters.md, second methods table; benchmarks/results/methods_ppo_lr.md): 3-10x these
 # rates do not make IA3, prompt tuning, P-tuning or LLaMA-Adapter gain gold, with their own reward model or
 # LoRA's; bottleneck at 1e-3 stays inside the KL target (4.2, +0.17) where 3e-3 overshoots it (9.2, +0.23).
 LRS = {

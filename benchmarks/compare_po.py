@@ -1,5 +1,5 @@
 """PPO, GRPO, Dr. GRPO, RLOO and DPO on the quickstart task at equal budgets, from one SFT run
-and one reward run: the README's policy-optimisation table.
+and one reward run: the policy-optimisation table in docs/grpo-rloo.md.
 
     bash launch/quickstart.sh                                  # once: backbone, SFT, rankings, reward
     python benchmarks/compare_po.py --from runs/quickstart     # -> benchmarks/results/po_methods.{json,md}

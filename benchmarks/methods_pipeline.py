@@ -1,5 +1,5 @@
 """Every adapter method and the two finetuning baselines on a pipeline config's task and model
-(the README's method table on SmolLM2): SFT and reward for every method, PPO for some.
+(the method table on SmolLM2 in docs/adapters.md): SFT and reward for every method, PPO for some.
 
     python benchmarks/methods_pipeline.py --config configs/smollm2.yaml --from runs/smollm2 \\
         --ppo-methods lora,bottleneck,prefix,full                # -> benchmarks/results/methods_smollm2.{json,md}
