@@ -77,7 +77,7 @@ def detect_arch(model: nn.Module) -> Arch:
                     cfg.n_inner or 4 * cfg.n_embd, "c_attn", "c_attn", "c_proj", True)
     raise UnsupportedArchitecture(
         f"model_type {mt!r} is not supported yet; supported: {sorted(LLAMA_LIKE | {'gpt2'})} "
-        f"(see the README's 'Supported architectures')")
+        f"(see docs/checkpoints.md, 'Supported architectures')")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

@@ -40,7 +40,7 @@ class ModelConfig:
         True,
         "ZeRO-3 / FSDP2 sampling: gather the whole model (fast); false: layer by layer (1/N memory, slow). true holds "
         "a whole backbone per process while sampling; false all-gathers each module (FSDP2: each layer's shards) at "
-        "every token (README: ZeRO-3 memory, FSDP2)")
+        "every token (docs/distributed.md)")
 
     def checks(self, at: str) -> Iterator[str]:
         if self.quantization in ("int8", "nf4"):

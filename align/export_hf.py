@@ -31,8 +31,7 @@ HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 def merge_refusal(method: str) -> str | None:
     """Why ``method`` cannot be merged into the backbone weights (None when it can): each method
     class declares it (``AdapterSet.merge_refusal``)."""
-    from align.adapters.base import METHODS, methods_where
-    methods_where("mergeable")   # every method registered
+    from align.adapters.base import METHODS
     cls = METHODS.get(method)
     return "is not an align adapter method" if cls is None else cls.merge_refusal
 

@@ -1,5 +1,5 @@
 """Every adapter method and the two finetuning baselines through SFT -> reward -> PPO on the quickstart
-task, each method for every role: the README's method comparison table.
+task, each method for every role: the method comparison table in docs/adapters.md.
 
     bash launch/quickstart.sh                                   # once: backbone, data, rankings
     python benchmarks/compare_methods.py --from runs/quickstart # -> benchmarks/results/methods.{json,md}
@@ -84,7 +84,7 @@ ALL_LINEAR = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # smaller ones. PPO lrs were not tuned beyond one fix: LoRA's, scaled by the same family factor,
 # except prefix, whose PPO at 1e-2 over-optimised the learned reward (KL 15.3 against a target of
 # 6, gold -0.235 +- 0.044 below SFT): 3e-3 (LoRA's) is used.
-# The sweep of 2026-12-01 (README, second methods table; benchmarks/results/methods_ppo_lr.md): 3-10x these
+# The sweep of 2026-12-01 (docs/adapters.md, second methods table; benchmarks/results/methods_ppo_lr.md): 3-10x these
 # rates do not make IA3, prompt tuning, P-tuning or LLaMA-Adapter gain gold, with their own reward model or
 # LoRA's; bottleneck at 1e-3 stays inside the KL target (4.2, +0.17) where 3e-3 overshoots it (9.2, +0.23).
 LRS = {
@@ -316,8 +316,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lora = next((r for r in ok if r["method"] == "lora"), ok[0] if ok else None)
     a = meta["args"]
     rm = f"{a['reward_steps']} steps" if a["reward_steps"] else f"{a['reward_epochs']:g} epochs"
-    out = [f"#### Methods on the quickstart task ({n:,}-parameter frozen backbone; SFT {a['sft_steps']} steps, "
-           f"reward {rm}, PPO {a['ppo_iterations']} iterations; {meta['machine']}, {meta['date']})", "",
+    out = ["---", f"measured: {meta['date']}", f"machine: {meta['machine']}", "---",  # run history: front matter
+           f"#### Methods on the quickstart task ({n:,}-parameter frozen backbone; SFT {a['sft_steps']} steps, "
+           f"reward {rm}, PPO {a['ppo_iterations']} iterations)", "",
            *table_head(["method", "trainable: policy (% of backbone)", "reward / value", "lr SFT / RM / PPO",
                         "SFT s/step", "RM s/step", "PPO s/iter", "peak RSS (MiB)", "SFT held-out loss",
                         "RM held-out acc.", "RM acc. vs gold", "gold SFT", "gold PPO", "gold PPO − SFT (paired)",
@@ -396,8 +397,9 @@ def sweep(a, methods: list[str], per: Path, work: Path, run_worker, command: str
                 rows.append({**res, "rm": rm, "ppo_lr": lr, "rm_accuracy_vs_gold": rm_row["rm_accuracy_vs_gold"],
                              "value_ev_last10": critic_ev(work / m / sweep_run(m, lr, rm))})
     out = Path(a.out)
-    lines = [f"#### PPO learning rate and reward model per method (quickstart task, PPO {a.ppo_iterations} "
-             f"iterations from each method's SFT run of the table above; {machine()}, {time.strftime('%Y-%m-%d')})", "",
+    lines = ["---", f"measured: {time.strftime('%Y-%m-%d')}", f"machine: {machine()}", "---",
+             f"#### PPO learning rate and reward model per method (quickstart task, PPO {a.ppo_iterations} "
+             f"iterations from each method's SFT run of the table above)", "",
              "| policy method | PPO lr | reward model (and value init) | RM acc. vs gold | gold PPO − SFT (paired) "
              "| KL to SFT | value expl. var. (last 10 it.) | PPO s/iter |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

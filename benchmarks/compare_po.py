@@ -1,5 +1,5 @@
 """PPO, GRPO, Dr. GRPO, RLOO and DPO on the quickstart task at equal budgets, from one SFT run
-and one reward run: the README's policy-optimisation table.
+and one reward run: the policy-optimisation table in docs/grpo-rloo.md.
 
     bash launch/quickstart.sh                                  # once: backbone, SFT, rankings, reward
     python benchmarks/compare_po.py --from runs/quickstart     # -> benchmarks/results/po_methods.{json,md}
@@ -78,9 +78,9 @@ def worker(a) -> dict:
 
 def markdown(rows: list[dict], a) -> str:
     import torch
-    lines = [f"#### Policy optimisation on the quickstart task ({a.iterations} iterations x 64 sampled responses for "
-             f"the online methods; {a.eval_prompts} held-out prompts; {torch.get_num_threads()} threads, "
-             f"{time.strftime('%Y-%m-%d')})", "",
+    lines = ["---", f"measured: {time.strftime('%Y-%m-%d')}", f"threads: {torch.get_num_threads()}", "---",
+             f"#### Policy optimisation on the quickstart task ({a.iterations} iterations x 64 sampled responses for "
+             f"the online methods; {a.eval_prompts} held-out prompts)", "",
              "| method | gold gain over SFT (± SEM) | win rate by gold | KL to SFT (nats/response) | "
              "learned reward SFT → policy | stop rate | train wall time (s) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -1,5 +1,5 @@
 """Every adapter method and the two finetuning baselines on a pipeline config's task and model
-(the README's method table on SmolLM2): SFT and reward for every method, PPO for some.
+(the method table on SmolLM2 in docs/adapters.md): SFT and reward for every method, PPO for some.
 
     python benchmarks/methods_pipeline.py --config configs/smollm2.yaml --from runs/smollm2 \\
         --ppo-methods lora,bottleneck,prefix,full                # -> benchmarks/results/methods_smollm2.{json,md}
@@ -121,8 +121,9 @@ def worker(a) -> dict:
 def markdown(rows: list[dict], meta: dict) -> str:
     ok = [r for r in rows if "error" not in r]
     n = ok[0]["backbone_params"] if ok else 0
-    out = [f"#### Methods on {meta['model']} ({meta['task']}; {n:,}-parameter frozen backbone; the pipeline's "
-           f"settings; {meta['machine']}, {meta['date']})", "",
+    out = ["---", f"measured: {meta['date']}", f"machine: {meta['machine']}", "---",  # run history: front matter
+           f"#### Methods on {meta['model']} ({meta['task']}; {n:,}-parameter frozen backbone; the pipeline's "
+           f"settings)", "",
            *table_head(["method", "trainable (% of backbone)", "lr SFT / RM / PPO", "SFT s/step", "RM s/step",
                         "SFT held-out loss", "RM held-out acc.", "RM acc. vs gold", "gold PPO − SFT (paired)",
                         "KL to SFT", "wall (min)", "peak RSS (MiB)"])]

@@ -304,7 +304,7 @@ def test_the_peft_type_table_is_derived_from_the_method_classes():
 
 
 def test_every_choice_is_listed_in_its_documented_comment():
-    """The config reference (each field's help) lists exactly what validation allows."""
+    """The config reference (docs/configuration.md: each field's help) lists exactly what validation allows."""
     from dataclasses import fields, is_dataclass
 
     from align.adapters.base import METHODS, AdapterConfig

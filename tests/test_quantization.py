@@ -39,7 +39,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
 # every parameter-efficient method (the full / top_k baselines are refused on a quantized backbone)
 PEFT_METHODS = {**METHODS_A, **{k: v for k, v in METHODS_B.items() if k not in ("full", "top_k")}}
 # logits of the quantized vs the float32 tiny llama (hidden 64): measured max |diff| 0.095, mean 0.016
-# for nf4, 0.0082 / 0.0013 for int8 (README "Quantized backbone"); the bounds leave about 2x room
+# for nf4, 0.0082 / 0.0013 for int8 (docs/quantization.md); the bounds leave about 2x room
 LOGIT_TOL = {"nf4": (0.2, 0.04), "int8": (0.02, 0.003)}  # (max abs, mean abs)
 
 
@@ -406,7 +406,7 @@ def test_lora_on_a_quantized_backbone_on_cuda(tiny_llama, quantization):
 @pytest.mark.real
 @pytest.mark.slow
 def test_smollm2_nf4_logits_and_cached_decoding(smollm2):
-    """SmolLM2-135M: nf4 vs float32 logits (measured max |diff| and mean |diff| printed; the README
+    """SmolLM2-135M: nf4 vs float32 logits (measured max |diff| and mean |diff| printed; docs/quantization.md
     states them), and a LoRA on the nf4 model decodes the same with and without the KV cache."""
     torch.manual_seed(0)
     float_model, tok = qload(smollm2, "none")

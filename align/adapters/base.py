@@ -207,8 +207,8 @@ def register(cls: type[AdapterSet]) -> type[AdapterSet]:
 
 def methods_where(capability: str) -> tuple[str, ...]:
     """The registered methods whose class declares ``capability`` true (``trains_backbone``), or,
-    for ``mergeable``, whose ``merge_refusal`` is None."""
-    import align.adapters  # noqa: F401  (registers every method)
+    for ``mergeable``, whose ``merge_refusal`` is None. (Importing this module runs
+    ``align/adapters/__init__.py`` first, which registers every method.)"""
     if capability == "mergeable":
         return tuple(m for m, c in METHODS.items() if c.merge_refusal is None)
     return tuple(m for m, c in METHODS.items() if getattr(c, capability))

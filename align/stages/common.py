@@ -127,7 +127,7 @@ def sharded_quantization_problem(quantization: str, rt) -> str | None:
     integer weights only mean something whole, next to their quantization state (absmax, code),
     which is not a parameter and would not follow. Replicate it instead (ddp, zero2: the backbone
     is frozen, so only the adapters' gradients and optimizer state are split) -- the 4-bit
-    backbone is a quarter of the bf16 one on every process. README: Multi-GPU."""
+    backbone is a quarter of the bf16 one on every process. docs/distributed.md."""
     if quantization in (None, "none"):
         return None
     if rt.zero_stage == 3:
