@@ -35,7 +35,11 @@ class EvalConfig:
     num_prompts: int = setting(256, "how many of them", AT_LEAST_ONE)
     temperature: float = setting(1.0, "sampling temperature", POSITIVE)
     response_length: int = setting(48, "max new tokens", AT_LEAST_ONE)
-    gold: str = setting("", '"module:function(prompts, responses, ended) -> list[float]"', Spec())
+    gold: str = setting(
+        "",
+        '"module:function(prompts, responses, ended, **columns) -> list[float]": the prompt records\' other fields '
+        "arrive as keyword arguments it names",
+        Spec(args=3, call="fn(prompts, responses, ended, **columns)", columns=True))
     chat_template: Optional[str] = setting(None, "Jinja template for conversational prompts (tokenizers without one)")
     chat: bool = setting(False, "plain-text prompts as a user turn (chat template)")
     dtype: Optional[str] = setting(
@@ -131,7 +135,7 @@ def _sem(x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def compare(cfg: EvalConfig) -> dict:
-    from align.scoring import evaluate_role, load_callable
+    from align.scoring import call_scorer, evaluate_role, load_callable
     model, tok, rt = build(cfg)
     prompts = held_out_prompts(cfg, tok)
     gold_fn = load_callable(cfg.gold)
@@ -148,7 +152,7 @@ def compare(cfg: EvalConfig) -> dict:
                  "kl_to_sft_mean": float(out["kl"].mean()), "responses": out["responses"],
                  "_reward": out["reward"]}
         if gold_fn is not None:
-            g = torch.tensor(gold_fn(texts, out["responses"], out["ended"]), dtype=torch.float)
+            g = torch.tensor(call_scorer(gold_fn, prompts, out["responses"], out["ended"]), dtype=torch.float)
             entry.update(gold_mean=float(g.mean()), gold_sem=_sem(g), _gold=g)
             if summarise is not None:
                 entry["gold_terms"] = summarise(texts, out["responses"], out["ended"])
@@ -175,11 +179,10 @@ def compare(cfg: EvalConfig) -> dict:
 def rm_accuracy_vs_gold(cfg: EvalConfig, k: int = 4) -> dict:
     """Reward-model accuracy against gold labels on held-out prompts: K SFT samples per prompt,
     every pair with different gold scores, correct when the RM orders it as gold does."""
-    from align.scoring import decode, generate, load_callable, score
+    from align.scoring import call_scorer, decode, generate, load_callable, score
     model, tok, rt = build(cfg)
     gold_fn = load_callable(cfg.gold)
     prompts = held_out_prompts(cfg, tok)
-    texts = [p["text"] for p in prompts]
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 777)
     rewards, golds = [], []
     for _ in range(k):
@@ -187,7 +190,7 @@ def rm_accuracy_vs_gold(cfg: EvalConfig, k: int = 4) -> dict:
                         max_new_tokens=cfg.response_length, temperature=cfg.temperature, generator=gen)
         rewards.append(score(model, resp, ("reward",), cfg.temperature, len(prompts))["reward"]["score"].cpu())
         decoded, has_stop = decode(tok, resp), resp.has_stop
-        golds.append(torch.tensor(gold_fn(texts, decoded, has_stop.tolist()), dtype=torch.float))
+        golds.append(torch.tensor(call_scorer(gold_fn, prompts, decoded, has_stop.tolist()), dtype=torch.float))
     r, g = torch.stack(rewards, 1), torch.stack(golds, 1)
     correct = total = 0
     for i in range(k):

@@ -113,12 +113,14 @@ class Exists(Rule):
 
 class Spec(Rule):
     """A ``module:function`` reference ('' allowed unless ``required``): the module imports, the
-    function exists and, with ``args``, can be called with that many positional arguments."""
+    function exists and, with ``args``, can be called with that many positional arguments (with
+    ``columns``: plus, by name, whatever further parameters it requires -- data columns a scorer
+    receives as keyword arguments, align.scoring.call_scorer)."""
 
     FORM = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
-    def __init__(self, required: bool = False, args: int = 0, call: str = ""):
-        self.required, self.args, self.call = required, args, call
+    def __init__(self, required: bool = False, args: int = 0, call: str = "", columns: bool = False):
+        self.required, self.args, self.call, self.columns = required, args, call, columns
 
     def problem(self, value) -> str | None:
         if value in ("", None):
@@ -143,7 +145,11 @@ class Spec(Rule):
             return f"{mod!r} has no function {name!r}"
         if self.args:
             try:
-                inspect.signature(fn).bind(*range(self.args))
+                sig = inspect.signature(fn)
+                named = {p.name: None for p in list(sig.parameters.values())[self.args:]
+                         if self.columns and p.default is p.empty
+                         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+                sig.bind(*range(self.args), **named)
             except TypeError as e:
                 return f"cannot be called as {self.call or f'{self.args} positional arguments'} ({e})"
             except ValueError:

@@ -156,6 +156,30 @@ def load_reward_role(model, reward_run: str | Path, *, sft_dir: Path | None = No
     return stack, head_rec.get("normalisation") or rr.get("normalisation") or {"mean": 0.0, "std": 1.0}
 
 
+SCORER_ARGS = ("prompts", "responses", "completions", "ended")   # what a scorer gets positionally
+
+
+def call_scorer(fn: Callable, prompts: list[dict], responses: list[str], ended: list[bool]) -> list:
+    """Call a programmatic reward or gold scorer: ``fn(prompt texts, responses, ended, **columns)``
+    (TRL's convention), where ``columns`` are the prompt records' other fields, each a list with one
+    entry per response (None where a record lacks the field). A scorer receives the columns it
+    names as parameters, or all of them when it takes ``**kwargs``; one with three parameters
+    receives none, so ``fn(prompts, responses, ended)`` keeps working."""
+    import inspect
+    names = sorted({k for p in prompts for k in p.get("columns", {})} - set(SCORER_ARGS))
+    kwargs = {k: [p.get("columns", {}).get(k) for p in prompts] for k in names}
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        params = None   # a builtin without a signature: positional arguments only
+    if params is None:
+        kwargs = {}
+    elif not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        named = {p.name for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        kwargs = {k: v for k, v in kwargs.items() if k in named}
+    return fn([p["text"] for p in prompts], responses, ended, **kwargs)
+
+
 @torch.no_grad()
 def evaluate_role(model, engine, prompts: list[dict], tok, device, *, role: str, temperature: float,
                   max_new_tokens: int, generator=None, micro_batch_size: int = 32,
@@ -170,7 +194,7 @@ def evaluate_role(model, engine, prompts: list[dict], tok, device, *, role: str,
     kl = ((st[role]["logprobs"] - st[reference]["logprobs"]) * resp.response_mask).sum(1)
     texts = decode(tok, resp)
     if reward_fn:
-        reward = torch.tensor(reward_fn([p["text"] for p in prompts], texts, resp.has_stop.tolist()))
+        reward = torch.tensor(call_scorer(reward_fn, prompts, texts, resp.has_stop.tolist()))
     else:
         reward = st[reward_role]["score"]
     return {"responses": texts, "reward": reward.float().cpu(), "kl": kl.float().cpu(),

@@ -96,3 +96,18 @@ def one_short(prompts, responses, ended):
 def two_args(prompts, responses):
     """Not a reward function: it does not take ``ended``."""
     return [0.0] * len(responses)
+
+
+SEEN: list = []   # (source, [(prompt text, answer), ...]) of every call of the two scorers below
+
+
+def answer_reward(prompts, responses, ended, answer):
+    """A verifiable reward: how often the record's own ``answer`` letter appears in the response."""
+    SEEN.append(("reward", list(zip(prompts, answer))))
+    return [float(r.count(a)) for r, a in zip(responses, answer)]
+
+
+def answer_gold(prompts, responses, ended, **columns):
+    """A gold scorer that takes every column: 1 when the response holds the record's answer."""
+    SEEN.append(("gold", list(zip(prompts, columns["answer"]))))
+    return [float(a in r) for r, a in zip(responses, columns["answer"])]

@@ -152,3 +152,50 @@ def test_a_bad_setting_is_refused_before_anything_is_written(tiny_llama, tmp_pat
         grpo.run(cfg(grpo.GRPOConfig, "grpo", tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target",
                      override))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_programmatic_reward_and_the_gold_scorer_receive_each_prompts_own_fields(tiny_llama, tmp_path):
+    """A prompts record's other fields (here a reference ``answer`` and ``metadata``) travel with it
+    through sampling, groups and evaluation: the reward (which names ``answer``) and the gold scorer
+    (``**columns``) see, for every response, the answer of the prompt it answered."""
+    import json
+    words = "happy sad quick lazy".split()
+    answers = {f"the {w} dog": w[0] for w in words}
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for _ in range(4):
+            for text, a in answers.items():
+                f.write(json.dumps({"prompt": text, "answer": a, "metadata": {"source": "test"}}) + "\n")
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    H.SEEN.clear()
+    grpo.run(cfg(grpo.GRPOConfig, "grpo", tmp_path, sft, tmp_path / "p.jsonl",
+                 "reward_fn=tests.ppo_helpers:answer_reward", "eval.gold=tests.ppo_helpers:answer_gold",
+                 f"data.eval_prompts={tmp_path / 'p.jsonl'}", "eval.num_prompts=4", "grpo.iterations=2",
+                 "grpo.rollout_batch_size=8", "grpo.group_size=4", "grpo.response_length=4"))
+    sources = {s for s, _ in H.SEEN}
+    assert sources == {"reward", "gold"}
+    pairs = [p for _, call in H.SEEN for p in call]
+    assert len(pairs) >= 2 * 8 + 4
+    assert all(answers[text.strip()] == a for text, a in pairs), pairs[:4]
+    assert len({a for _, a in pairs}) > 1   # not one answer copied to every row
+
+
+def test_a_scorer_gets_the_columns_it_names_and_a_three_argument_one_gets_none():
+    from align.scoring import call_scorer
+    prompts = [{"text": "p1", "columns": {"answer": "x", "level": 1}}, {"text": "p2", "columns": {"answer": "y"}}]
+    got = {}
+
+    def three(prompts, responses, ended):
+        return [0.0] * len(responses)
+
+    def named(prompts, responses, ended, answer):
+        got["named"] = answer
+        return [1.0, 2.0]
+
+    def every(prompts, completions, ended, **kw):
+        got["every"] = kw
+        return [0.0, 0.0]
+    assert call_scorer(three, prompts, ["a", "b"], [True, False]) == [0.0, 0.0]
+    assert call_scorer(named, prompts, ["a", "b"], [True, False]) == [1.0, 2.0]
+    assert got["named"] == ["x", "y"]
+    call_scorer(every, prompts, ["a", "b"], [True, False])
+    assert got["every"] == {"answer": ["x", "y"], "level": [1, None]}

@@ -75,8 +75,11 @@ def prompt_text(prompt, tokenizer, chat_template: str | None = None) -> str:
 
 def encode_prompts(records: list[dict], where: str, tokenizer, chat_template: str | None = None,
                    max_length: int = 0) -> list[dict]:
-    """``{"text", "ids"}`` per record's ``prompt`` (see ``prompt_text``), keeping the last
-    ``max_length`` tokens when given; a record without a prompt fails naming ``where`` and its index."""
+    """``{"text", "ids", "columns"}`` per record's ``prompt`` (see ``prompt_text``), keeping the last
+    ``max_length`` tokens when given; ``columns`` holds the record's other fields (a reference
+    ``answer``, ``metadata``...), which programmatic rewards and gold scorers receive as keyword
+    arguments (``align.scoring.call_scorer``). A record without a prompt fails naming ``where`` and
+    its index."""
     out = []
     for i, r in enumerate(records, 1):
         if "prompt" not in r:
@@ -85,7 +88,7 @@ def encode_prompts(records: list[dict], where: str, tokenizer, chat_template: st
         ids = encode(tokenizer, text, bos=True)
         if max_length and len(ids) > max_length:  # keep the end, and the BOS in front
             ids = specials(tokenizer).with_bos(ids[-(max_length - len(specials(tokenizer).bos_ids)):])
-        out.append({"text": text, "ids": ids})
+        out.append({"text": text, "ids": ids, "columns": {k: v for k, v in r.items() if k != "prompt"}})
     return out
 
 

@@ -37,11 +37,12 @@ from align.rl.kl import make_kl_controller
 from align.rl.rollout import apply_missing_stop_penalty
 from align.rundir import RunDir
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range, Spec, setting
-from align.scoring import decode, evaluate_role, generate, load_callable, load_reward_role, response_stats, score
+from align.scoring import (call_scorer, decode, evaluate_role, generate, load_callable, load_reward_role,
+                           response_stats, score)
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.trainer import make_optimizer, make_scheduler
 
-REWARD_FN_SPEC = Spec(args=3, call="fn(prompts, responses, ended)")
+REWARD_FN_SPEC = Spec(args=3, call="fn(prompts, responses, ended, **columns)", columns=True)
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -65,7 +66,7 @@ class OnlineEvalConfig:
     temperature: float = setting(0.7, "sampling temperature at evaluation", POSITIVE)
     gold: str = setting(
         "",
-        "optional \"module:function(prompts, responses, ended) -> list[float]\"",
+        "optional \"module:function(prompts, responses, ended, **columns) -> list[float]\" (columns as reward_fn)",
         REWARD_FN_SPEC)
     num_samples_logged: int = setting(8, "samples written to samples.jsonl / W&B per evaluation", NON_NEGATIVE)
 
@@ -131,7 +132,8 @@ class OnlineStageConfig:
     reward_run: str = setting("", "the reward stage's run dir (the learned reward role)")
     reward_fn: str = setting(
         "",
-        "or a programmatic reward \"module:function(prompts, responses, ended) -> list[float]\"",
+        "or a programmatic reward \"module:function(prompts, responses, ended, **columns) -> list[float]\": the "
+        "prompt records' other fields (a reference answer, ...) arrive as keyword arguments it names",
         REWARD_FN_SPEC)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: OnlineDataConfig = field(default_factory=OnlineDataConfig)
@@ -406,7 +408,7 @@ def _checked_rewards(cfg, rt, st, prompts, tok, resp, reward_fn, step: int) -> t
     n, problem, raw = len(prompts), None, torch.zeros(len(prompts), device=rt.device)
     try:
         if reward_fn:
-            out = reward_fn([p["text"] for p in prompts], decode(tok, resp), resp.has_stop.tolist())
+            out = call_scorer(reward_fn, prompts, decode(tok, resp), resp.has_stop.tolist())
             raw = check_rewards(out, n, f"reward_fn {cfg.reward_fn}", step)
         else:
             raw = check_rewards(st["reward"]["score"], n, f"the reward role ({cfg.reward_run})", step)
@@ -671,7 +673,7 @@ def evaluate_policy(model, engine, eval_prompts, cfg: OnlineStageConfig, tok, rt
     rows = [{"prompt": p["text"], "response": r, "reward": float(s)}
             for p, r, s in zip(prompts, res["responses"], res["reward"])]
     if gold_fn is not None:
-        gold = torch.tensor(gold_fn([p["text"] for p in prompts], res["responses"], res["ended"]), dtype=torch.float)
+        gold = torch.tensor(call_scorer(gold_fn, prompts, res["responses"], res["ended"]), dtype=torch.float)
         out["eval/gold"] = float(gold.mean())
         out["eval/gold_sem"] = float(gold.std() / math.sqrt(len(gold))) if len(gold) > 1 else 0.0
         for row, gsc in zip(rows, gold.tolist()):

@@ -90,8 +90,9 @@ class PPOConfig(OnlineStageConfig):
     output_dir: str = setting("runs/ppo", "the run directory")
     reward_fn: str = setting(
         "",
-        "or a programmatic reward \"module:function(prompts, responses, ended) -> list[float]\" (then "
-        "value.init=fresh)",
+        "or a programmatic reward \"module:function(prompts, responses, ended, **columns) -> list[float]\" (then "
+        "value.init=fresh): the prompt records' other fields (a reference answer, ...) arrive as keyword arguments "
+        "it names",
         REWARD_FN_SPEC)
     value: ValueConfig = field(default_factory=ValueConfig)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
