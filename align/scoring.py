@@ -183,18 +183,22 @@ def call_scorer(fn: Callable, prompts: list[dict], responses: list[str], ended: 
 @torch.no_grad()
 def evaluate_role(model, engine, prompts: list[dict], tok, device, *, role: str, temperature: float,
                   max_new_tokens: int, generator=None, micro_batch_size: int = 32,
-                  reward_fn: Callable | None = None, reward_role: str = "reward",
+                  reward_mix=None, reward_role: str = "reward",
                   reference: str = "reference", runtime=None) -> dict:
     """Sample from ``role`` on ``prompts`` (``{"text", "ids"}``); the responses' text, raw reward
-    (the reward role's, or ``reward_fn``'s), summed KL to ``reference`` and whether each ended."""
+    (the reward role's, or with ``reward_mix`` -- an ``align.rewardmix.RewardMix`` -- the weighted
+    sum of its sources' raw values), summed KL to ``reference`` and whether each ended."""
     resp = generate(model, [p["ids"] for p in prompts], tok, device, role=role, max_new_tokens=max_new_tokens,
                     temperature=temperature, generator=generator, runtime=runtime)
-    roles = (role, reference) + (() if reward_fn else (reward_role,))
+    with_role = reward_mix is None or reward_mix.uses_role
+    roles = (role, reference) + ((reward_role,) if with_role else ())
     st = score(engine, resp, roles, temperature, micro_batch_size)
     kl = ((st[role]["logprobs"] - st[reference]["logprobs"]) * resp.response_mask).sum(1)
     texts = decode(tok, resp)
-    if reward_fn:
-        reward = torch.tensor(call_scorer(reward_fn, prompts, texts, resp.has_stop.tolist()))
+    if reward_mix is not None:
+        parts = reward_mix.parts(prompts, texts, resp.has_stop.tolist(), st[reward_role]["score"] if with_role
+                                 else None, 0, kl.device)
+        reward = reward_mix.combine(parts, normalised=False)
     else:
         reward = st[reward_role]["score"]
     return {"responses": texts, "reward": reward.float().cpu(), "kl": kl.float().cpu(),

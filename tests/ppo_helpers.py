@@ -111,3 +111,8 @@ def answer_gold(prompts, responses, ended, **columns):
     """A gold scorer that takes every column: 1 when the response holds the record's answer."""
     SEEN.append(("gold", list(zip(prompts, columns["answer"]))))
     return [float(a in r) for r, a in zip(responses, columns["answer"])]
+
+
+def picky(prompts, responses, ended):
+    """A verifier with an opinion only on prompts about dogs: 1 when the response has an 'e'."""
+    return [(1.0 if "e" in r else 0.0) if "dog" in p else None for p, r in zip(prompts, responses)]

@@ -225,7 +225,7 @@ def test_inputs_known_bad_leave_no_run_directory(tiny_llama, tmp_path):
     base = [f"sft_run={sft_run}", f"data.prompts={prompts}", "tracking.wandb=false", "grpo.rollout_batch_size=8"]
     # a reward_fn that cannot take (prompts, responses, ended)
     with pytest.raises(ConfigError, match=r"reward_fn='tests.ppo_helpers:two_args': cannot be called as "
-                                          r"fn\(prompts, responses, ended\)"):
+                                          r"fn\(prompts, responses, ended, \*\*columns\)"):
         grpo.run(load_config(grpo.GRPOConfig, None, [f"output_dir={tmp_path / 'g'}", *base,
                                                      "reward_fn=tests.ppo_helpers:two_args"]))
     assert not (tmp_path / "g").exists()

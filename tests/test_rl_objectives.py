@@ -158,7 +158,7 @@ def test_logged_kl_is_finite_when_padding_holds_minus_infinity():
                      response=torch.zeros(1, 3, dtype=torch.long), response_mask=mask,
                      seq_lengths=torch.tensor([1]), has_stop=torch.tensor([True]), logprobs=lp, ref_logprobs=ref,
                      values=torch.zeros(1, 3), raw_scores=torch.ones(1), scores=torch.ones(1),
-                     sample_logprobs=lp)
+                     sample_logprobs=lp, reward_parts=torch.ones(1, 1))
     out = ppo.gae_advantages(ro, 0.1, ppo.PPOAlgoConfig())
     assert all(bool(torch.isfinite(v).all()) for v in out.values())
     assert float(out["kl"].sum()) == pytest.approx(-0.5)

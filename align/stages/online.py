@@ -30,19 +30,19 @@ from align.config import (ConfigError, ModelConfig, TrackingConfig, backbone_pro
                           run_dir_problems, validate)
 from align.data.common import check_eval_split, read_records, require_records, split_by_prompt
 from align.data.sft import encode_prompts
-from align.guard import NonFiniteError, agree, check_loss, check_rewards, mark_started
+from align.guard import NonFiniteError, agree, check_loss, mark_started
 from align.resume import prepare_resumable, save_resumable
 from align.rl.functional import masked_mean
 from align.rl.kl import make_kl_controller
 from align.rl.rollout import apply_missing_stop_penalty
+from align.rewardmix import REWARD_FN_SPEC, RewardMix, entry_problems, sources_from_config
 from align.rundir import RunDir
-from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range, Spec, setting
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range, setting
 from align.scoring import (call_scorer, decode, evaluate_role, generate, load_callable, load_reward_role,
                            response_stats, score)
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.trainer import make_optimizer, make_scheduler
 
-REWARD_FN_SPEC = Spec(args=3, call="fn(prompts, responses, ended, **columns)", columns=True)
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -135,6 +135,11 @@ class OnlineStageConfig:
         "or a programmatic reward \"module:function(prompts, responses, ended, **columns) -> list[float]\": the "
         "prompt records' other fields (a reference answer, ...) arrive as keyword arguments it names",
         REWARD_FN_SPEC)
+    rewards: list = setting(
+        help="several reward sources with weights instead of one: a list of {fn: module:function} (as reward_fn) "
+             "and {role: reward} (the learned reward of reward_run), each with an optional weight (1) and name; "
+             "the score is the weighted sum over the sources with an opinion (a function may return None)",
+        factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: OnlineDataConfig = field(default_factory=OnlineDataConfig)
     eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
@@ -151,10 +156,12 @@ class OnlineStageConfig:
         if not self.output_dir:
             yield f"{at}output_dir: required"
         yield from run_dir_problems(self.sft_run, f"{at}sft_run", "sft")
-        if bool(self.reward_run) == bool(self.reward_fn):
+        if self.rewards:
+            yield from entry_problems(self.rewards, self.reward_run, self.reward_fn, at)
+        elif bool(self.reward_run) == bool(self.reward_fn):
             yield (f"{at}reward_run={self.reward_run!r}, {at}reward_fn={self.reward_fn!r}: give exactly one "
-                   f"(a learned reward's run dir, or a programmatic reward)")
-        elif self.reward_run:
+                   f"(a learned reward's run dir, or a programmatic reward), or list several in {at}rewards")
+        if self.reward_run:
             yield from run_dir_problems(self.reward_run, f"{at}reward_run", "reward")
             yield from same_backbone(self.sft_run, self.reward_run, at)
         yield from backbone_problems(self.model.path, self.sft_run, f"{at}model.path")
@@ -275,7 +282,7 @@ def build_policy_roles(model, cfg: OnlineStageConfig) -> tuple[list | None, dict
     model.add_role("reference", ["sft"])
     model.copy_adapter("sft", "policy")
     model.add_role("policy", ["policy"])
-    if cfg.reward_fn:
+    if not cfg.reward_run:
         return None, {"mean": 0.0, "std": 1.0}
     return load_reward_role(model, cfg.reward_run, sft_dir=sft_dir)
 
@@ -372,10 +379,11 @@ class Rollout:
     raw_scores: torch.Tensor
     scores: torch.Tensor         # normalised, penalised
     sample_logprobs: torch.Tensor
+    reward_parts: torch.Tensor   # [B, sources] each reward source's raw value (NaN: no opinion)
 
 
 @torch.no_grad()
-def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, norm, row_seeds, width, reward_fn=None,
+def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, mix: RewardMix, row_seeds, width,
             step: int = 0) -> tuple[Rollout, float]:
     """Sample, score and evaluate one batch; returns it and the sampling seconds. ``width``: the
     prompt width of the *global* batch, so every process pads alike (gatherable, and numerically
@@ -387,10 +395,10 @@ def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, norm, row_s
     recompute = recompute_logprobs(a.rollout_logprobs, cfg.model.dtype, cfg.SECTION)
     with_value = "value" in model.roles
     roles = (("policy",) if recompute else ()) + ("reference",) + (("value",) if with_value else ()) + \
-        (() if reward_fn else ("reward",))
+        (("reward",) if mix.uses_role else ())
     st = score(engine, resp, roles, a.temperature, a.micro_batch_size)
-    raw = _checked_rewards(cfg, rt, st, prompts, tok, resp, reward_fn, step)
-    scores = (raw - norm["mean"]) / norm["std"] if a.normalize_reward else raw.clone()
+    parts = _checked_parts(mix, rt, st, prompts, tok, resp, step)
+    raw, scores = mix.combine(parts, normalised=False), mix.combine(parts)
     if a.missing_stop_mode != "none":
         scores = apply_missing_stop_penalty(scores, resp.has_stop, a.missing_stop_penalty, a.missing_stop_mode)
     # old log-probs: the sampler's own (the temperature-warped distribution it drew from, within
@@ -399,23 +407,20 @@ def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, norm, row_s
     return Rollout(resp.query, resp.query_mask, resp.response, resp.response_mask, resp.seq_lengths, resp.has_stop,
                    logprobs, st["reference"]["logprobs"],
                    st["value"]["values"] if with_value else torch.zeros_like(logprobs), raw, scores,
-                   resp.sample_logprobs), resp.generate_s
+                   resp.sample_logprobs, parts), resp.generate_s
 
 
-def _checked_rewards(cfg, rt, st, prompts, tok, resp, reward_fn, step: int) -> torch.Tensor:
-    """The raw scores of a batch, from the programmatic reward or the reward role: one finite
-    number per response, or every process stops together naming the source and the step."""
-    n, problem, raw = len(prompts), None, torch.zeros(len(prompts), device=rt.device)
+def _checked_parts(mix: RewardMix, rt, st, prompts, tok, resp, step: int) -> torch.Tensor:
+    """Every reward source's values for the batch (RewardMix.parts), or every process stops
+    together naming the source and the step."""
+    problem, parts = None, torch.zeros(len(prompts), len(mix.sources), device=rt.device)
     try:
-        if reward_fn:
-            out = call_scorer(reward_fn, prompts, decode(tok, resp), resp.has_stop.tolist())
-            raw = check_rewards(out, n, f"reward_fn {cfg.reward_fn}", step)
-        else:
-            raw = check_rewards(st["reward"]["score"], n, f"the reward role ({cfg.reward_run})", step)
+        parts = mix.parts(prompts, decode(tok, resp), resp.has_stop.tolist(),
+                          st["reward"]["score"] if mix.uses_role else None, step, rt.device)
     except NonFiniteError as e:
         problem = e
     agree(rt, problem, step)   # every process stops together
-    return raw.to(rt.device)
+    return parts
 
 
 def gather_rollout(ro: Rollout, rt) -> Rollout:
@@ -444,7 +449,8 @@ class OnlineLoop:
         self._warn_normalisation_temperature()
         train_prompts, self.eval_prompts = load_prompts(cfg, self.tok)
         self.order = PromptOrder(train_prompts, self.a, self.rt.rank, self.rt.world_size, self.section)
-        self.gold_fn, self.reward_fn = load_callable(cfg.eval.gold), load_callable(cfg.reward_fn)
+        self.gold_fn = load_callable(cfg.eval.gold)
+        self.mix = RewardMix(sources_from_config(cfg), self.norm, self.a.normalize_reward)
         self.model.eval()  # dropout off in every role (docs/ppo-notes.md §B7); nothing here uses train mode
 
     # ---- hooks a stage supplies
@@ -505,8 +511,8 @@ class OnlineLoop:
         groups and minibatches are global), with generation and rollout seconds."""
         t0 = time.time()
         prompts, seeds, width = self.order(it)
-        ro, t_generate = rollout(self.model, self.engine, prompts, self.cfg, self.tok, self.rt, self.norm, seeds,
-                                 width, self.reward_fn, step=it + 1)
+        ro, t_generate = rollout(self.model, self.engine, prompts, self.cfg, self.tok, self.rt, self.mix, seeds,
+                                 width, step=it + 1)
         if self.rt.world_size > 1:
             ro = gather_rollout(ro, self.rt)
         return ro, t_generate, time.time() - t0
@@ -567,13 +573,14 @@ class OnlineLoop:
             "throughput/rollout_tokens_per_s": tokens / max(times["rollout"], 1e-9),
             "throughput/train_tokens_per_s": tokens * self.a.epochs / max(times["update"], 1e-9),
             "time/rollout_s": times["rollout"], "time/generate_s": times["generate"], "time/update_s": times["update"],
-            **self.extra_metrics(ro, adv, times), **{k: sum(v) / len(v) for k, v in stats.items()},
+            **self.mix.metrics(ro.reward_parts), **self.extra_metrics(ro, adv, times),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
         }
         return self.rt.mean_across(logs)
 
     def evaluate(self, it: int) -> dict:
         return evaluate_policy(self.model, self.engine, self.eval_prompts, self.cfg, self.tok, self.rt, self.gold_fn,
-                               it, self.st.tracker, self.reward_fn)
+                               it, self.st.tracker, self.mix)
 
     def iteration(self, it: int) -> dict:
         """Rollout, advantages, update and the KL controller's step of iteration ``it``; its logs."""
@@ -657,7 +664,7 @@ def run_loop(loop_cls: type[OnlineLoop], cfg: OnlineStageConfig, backbone: str, 
 
 
 def evaluate_policy(model, engine, eval_prompts, cfg: OnlineStageConfig, tok, rt, gold_fn, it, tracker,
-                    reward_fn=None) -> dict:
+                    mix: RewardMix) -> dict:
     """The policy on held-out prompts: mean reward, KL to the reference and the gold score when
     ``eval.gold`` names one; samples go to samples.jsonl / W&B."""
     a = cfg.algo
@@ -666,7 +673,7 @@ def evaluate_policy(model, engine, eval_prompts, cfg: OnlineStageConfig, tok, rt
         return {}
     gen = torch.Generator(device=rt.device).manual_seed(a.seed + 99991)
     res = evaluate_role(model, engine, prompts, tok, rt.device, role="policy", temperature=cfg.eval.temperature,
-                        max_new_tokens=a.response_length, generator=gen, reward_fn=reward_fn,
+                        max_new_tokens=a.response_length, generator=gen, reward_mix=mix,
                         runtime=rt)
     out = {"eval/reward": float(res["reward"].mean()), "eval/kl": float(res["kl"].mean()),
            "eval/num_prompts": len(prompts)}

@@ -106,7 +106,7 @@ class PPOConfig(OnlineStageConfig):
             yield (f"{at}ppo.kl_estimator={self.ppo.kl_estimator!r}: as a per-token penalty in the reward only k1 "
                    f"regularises toward the reference (k2 and k3 as rewards have a policy gradient other than that "
                    f"of KL(pi || ref): Tang & Munos 2025); use k1 (docs/objectives.md)")
-        if not self.reward_run and self.reward_fn and self.value.init == "reward":
+        if not self.reward_run and (self.reward_fn or self.rewards) and self.value.init == "reward":
             yield f"{at}value.init='reward' needs a learned reward (reward_run); use value.init=fresh with reward_fn"
 
 
@@ -115,7 +115,7 @@ def build_roles(model, cfg: PPOConfig) -> dict:
     """reference, policy, value and reward roles over the one backbone; returns the reward's
     normalisation statistics."""
     reward_stack, norm = build_policy_roles(model, cfg)
-    if cfg.reward_fn and cfg.value.init == "reward":
+    if not cfg.reward_run and cfg.value.init == "reward":
         raise ConfigError("value.init=reward needs a learned reward (reward_run); use value.init=fresh")
     _build_value(model, cfg.value, reward_stack, norm if cfg.ppo.normalize_reward else None)
     return norm

@@ -1,0 +1,129 @@
+"""The reward an online stage optimises: one source or a weighted mix of several.
+
+A source is the learned reward role (the reward run's adapters and head, ``role: reward``) or a
+programmatic function (``fn: module:function``, called as ``align.scoring.call_scorer`` calls it,
+with the prompt records' columns). A function may return None for a response it has no opinion on
+(a verifier for another kind of question): that source then adds nothing to the response's score.
+Each response's score is ``sum_i weight_i * s_i`` over the sources with an opinion, where ``s_i``
+is the learned reward normalised with the reward run's statistics (``normalize_reward``) or a
+function's value as it is; the raw score (logged as ``objective/raw_scores``) is the same sum of
+the unnormalised values. Every source is checked (one number or None per response, finite) before
+anything trains on it, and logged on its own (``reward/<name>/mean``, ``std``, ``none_rate``; a 0/1
+verifier's mean is its pass rate). Docs: docs/ppo.md (Reward sources).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from align.guard import NonFiniteError, check_rewards
+from align.rules import Spec
+from align.scoring import call_scorer, load_callable
+
+ROLE = "reward"   # the one learned role a mix can name
+REWARD_FN_SPEC = Spec(args=3, call="fn(prompts, responses, ended, **columns)", columns=True)
+
+
+@dataclass
+class RewardSource:
+    name: str                      # in logs: reward/<name>/...
+    weight: float
+    fn: Callable | None = None     # None: the learned reward role
+    label: str = ""                # where it was configured, for messages
+
+
+def sources_from_config(cfg) -> list[RewardSource]:
+    """The stage's reward sources: ``rewards`` when given, else the one ``reward_run`` or
+    ``reward_fn`` (weight 1)."""
+    listed = bool(cfg.rewards)
+    entries = list(cfg.rewards) or ([{"role": ROLE}] if cfg.reward_run else [{"fn": cfg.reward_fn}])
+    out, seen = [], set()
+    for i, e in enumerate(entries):
+        spec = e.get("fn") or ""
+        name = e.get("name") or (spec.rpartition(":")[2] if spec else "reward_model")
+        while name in seen:
+            name += "_"
+        seen.add(name)
+        label = (f"rewards[{i}] {spec}" if listed else f"reward_fn {spec}") if spec else \
+            f"the reward role ({cfg.reward_run})"
+        out.append(RewardSource(name, float(e.get("weight", 1.0)), load_callable(spec) if spec else None, label))
+    return out
+
+
+def entry_problems(entries, reward_run: str, reward_fn: str, at: str) -> list[str]:
+    """What is wrong with a ``rewards`` list (each ``{fn | role, weight?, name?}``)."""
+    out = []
+    if entries and reward_fn:
+        out.append(f"{at}reward_fn={reward_fn!r}: give it as an entry of {at}rewards instead (not both)")
+    for i, e in enumerate(entries):
+        key = f"{at}rewards[{i}]"
+        if not isinstance(e, dict) or set(e) - {"fn", "role", "weight", "name"} or ("fn" in e) == ("role" in e):
+            out.append(f"{key}={e!r}: give {{fn: module:function}} or {{role: reward}}, optionally weight and name")
+            continue
+        if "role" in e and e["role"] != ROLE:
+            out.append(f"{key}.role={e['role']!r}: the only learned role is 'reward' (reward_run)")
+        if "role" in e and not reward_run:
+            out.append(f"{key}: role 'reward' needs reward_run (a finished reward run)")
+        if "fn" in e and (problem := REWARD_FN_SPEC.problem(e["fn"])) is not None:
+            out.append(f"{key}.fn={e['fn']!r}: {problem}")
+        w = e.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf"):
+            out.append(f"{key}.weight={w!r}: give a finite number")
+    if entries and reward_run and not any(isinstance(e, dict) and "role" in e for e in entries):
+        out.append(f"{at}reward_run={reward_run!r} is given but {at}rewards has no {{role: reward}} entry; "
+                   f"add one or leave reward_run out")
+    return out
+
+
+class RewardMix:
+    def __init__(self, sources: list[RewardSource], norm: dict, normalize: bool):
+        self.sources, self.norm, self.normalize = sources, norm, normalize
+
+    @property
+    def uses_role(self) -> bool:
+        return any(s.fn is None for s in self.sources)
+
+    def parts(self, prompts: list[dict], texts: list[str], ended: list[bool], role_scores, step: int,
+              device) -> torch.Tensor:
+        """``[responses, sources]`` raw values, NaN where a function had no opinion (None); a
+        NonFiniteError naming the source and the step when one gives anything else than one finite
+        number (or None) per response."""
+        n, cols = len(prompts), []
+        for s in self.sources:
+            if s.fn is None:
+                cols.append(check_rewards(role_scores, n, s.label, step).to(device))
+                continue
+            out = list(call_scorer(s.fn, prompts, texts, ended))
+            opinion = [v is not None for v in out]
+            vals = check_rewards([0.0 if v is None else v for v in out], n, s.label, step) \
+                if len(out) == n else check_rewards(out, n, s.label, step)
+            vals = vals.to(device).masked_fill(~torch.tensor(opinion, device=device), float("nan"))
+            cols.append(vals)
+        return torch.stack(cols, 1)
+
+    def combine(self, parts: torch.Tensor, normalised: bool = True) -> torch.Tensor:
+        """The weighted sum over the sources with an opinion (the learned reward normalised when
+        ``normalised`` and ``normalize_reward``)."""
+        total = torch.zeros(parts.shape[0], device=parts.device)
+        for i, s in enumerate(self.sources):
+            v = parts[:, i]
+            if s.fn is None and normalised and self.normalize:
+                v = (v - self.norm["mean"]) / self.norm["std"]
+            total = total + s.weight * torch.nan_to_num(v, nan=0.0)
+        return total
+
+    def metrics(self, parts: torch.Tensor) -> dict:
+        out = {}
+        for i, s in enumerate(self.sources):
+            v = parts[:, i]
+            has = ~torch.isnan(v)
+            vals = v[has]
+            out[f"reward/{s.name}/mean"] = float(vals.mean()) if len(vals) else 0.0
+            out[f"reward/{s.name}/std"] = float(vals.std()) if len(vals) > 1 else 0.0
+            out[f"reward/{s.name}/none_rate"] = 1.0 - float(has.float().mean())
+        return out
+
+
+__all__ = ["RewardMix", "RewardSource", "NonFiniteError", "sources_from_config", "entry_problems"]
