@@ -322,7 +322,7 @@ def test_rloo_sequence_ratio_off_policy_by_hand():
     torch.testing.assert_close(g[1], torch.zeros(2, dtype=torch.float64))                   # clipped: no gradient
 
 
-@pytest.mark.parametrize("fn", ["rloo_sequence", "rloo_token", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("fn", ["rloo_sequence", "rloo_token", "grpo", "dr_grpo", "dapo"])
 def test_group_losses_summed_over_chunks_equal_the_whole_minibatch(fn):
     torch.manual_seed(1)
     lp = torch.randn(8, 4, dtype=torch.float64).requires_grad_()
@@ -340,12 +340,85 @@ def test_group_losses_summed_over_chunks_equal_the_whole_minibatch(fn):
                          denominator=denominator)[0]
     whole = loss(torch.arange(8))
     chunks = torch.tensor_split(torch.arange(8), 3)                # 3, 3, 2 rows: unequal
-    count = float(mask.sum()) if fn == "rloo_token" else 8.0
+    count = float(mask.sum()) if fn in ("rloo_token", "dapo") else 8.0
     summed = sum(loss(c, count / 3) / 3 for c in chunks)           # accelerate divides each by the 3 steps
     torch.testing.assert_close(summed, whole)
     torch.testing.assert_close(grad(summed, lp), grad(whole, lp))
     naive = sum(loss(c) / 3 for c in chunks)                        # each chunk's own mean: what it was
     assert abs(float((naive - whole).detach())) > 1e-6
+
+
+def _grpo_case(seed=3):
+    torch.manual_seed(seed)
+    lp = torch.randn(4, 5, dtype=torch.float64).requires_grad_()
+    old = lp.detach() + 0.05 * torch.randn(4, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -0.5, 0.3, 2.0], dtype=torch.float64)
+    return lp, old, mask, adv
+
+
+def test_dapo_weighs_every_token_of_the_batch_alike_and_grpo_every_response():
+    """On policy (ratio 1, no clipping, beta 0) the gradient of each token's log-prob is -A / N:
+    DAPO: N = the batch's token count; GRPO: N = B x the response's own length."""
+    lp, old, mask, adv = _grpo_case()
+    old = lp.detach().clone()
+    for variant in ("dapo", "grpo"):
+        loss, _ = grpo_loss(lp, old, old, adv, mask, 0.2, 0.0, "k3", variant)
+        g = grad(loss, lp)
+        n = mask.sum() if variant == "dapo" else 4 * mask.sum(1, keepdim=True)
+        want = torch.where(mask, -adv[:, None] / n, torch.zeros_like(lp))
+        torch.testing.assert_close(g, want)
+
+
+def test_clip_higher_lets_a_positive_advantage_raise_its_ratio_further():
+    """ratio 1.25 with A > 0: clipped at 1.2 (no gradient) symmetrically; below 1.28 with DAPO's
+    clip-higher, so the gradient flows. The lower bound is unchanged."""
+    lp = torch.full((1, 2), float(torch.log(torch.tensor(1.25))), dtype=torch.float64, requires_grad=True)
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    for high, flows in ((None, False), (0.28, True)):
+        loss, st = grpo_loss(lp, old, old, torch.tensor([1.0], dtype=torch.float64), mask, 0.2, 0.0,
+                             clip_high=high)
+        assert bool(grad(loss, lp).abs().sum() > 0) == flows
+        assert float(st["clipfrac"]) == (0.0 if flows else 1.0)
+    low = torch.full((1, 2), float(torch.log(torch.tensor(0.7))), dtype=torch.float64, requires_grad=True)
+    loss, _ = grpo_loss(low, old, old, torch.tensor([-1.0], dtype=torch.float64), mask, 0.2, 0.0, clip_high=0.28)
+    assert float(grad(loss, low).abs().sum()) == 0.0     # 0.7 < 1 - 0.2: clipped below as before
+
+
+def test_gspo_gives_every_token_of_a_response_its_length_normalised_sequence_ratio():
+    lp, old, mask, adv = _grpo_case()
+    loss, st = grpo_loss(lp, old, old, adv, mask, 10.0, 0.0, ratio_level="sequence")
+    seq = (torch.where(mask, lp - old, torch.zeros_like(lp)).sum(1) / mask.sum(1)).exp()
+    want = (-adv * seq).mean()      # no clipping at 10; each response's tokens all carry seq
+    torch.testing.assert_close(loss, want)
+    assert float(st["ratio_mean"]) == pytest.approx(float((seq[:, None].expand_as(lp)[mask]).mean()))
+
+
+def test_truncated_responses_add_nothing_to_the_loss_and_stay_in_the_count():
+    lp, old, mask, adv = _grpo_case()
+    truncated = torch.tensor([False, True, False, True])
+    for variant in ("grpo", "dapo"):
+        loss, _ = grpo_loss(lp, old, old, adv, mask, 0.2, 0.0, variant=variant, truncated=truncated)
+        g = grad(loss, lp)
+        assert float(g[truncated].abs().sum()) == 0.0 and float(g[~truncated].abs().sum()) > 0
+    kept = ~truncated
+    whole, _ = grpo_loss(lp, old, old, adv, mask, 0.2, 0.0, variant="grpo", truncated=truncated)
+    part, _ = grpo_loss(lp[kept], old[kept], old[kept], adv[kept], mask[kept], 0.2, 0.0, variant="grpo")
+    torch.testing.assert_close(whole, part * kept.sum() / 4)   # a truncated response counts as a 0
+
+
+def test_a_dapo_gspo_run_with_truncation_masked_trains_and_logs(tiny_llama, tmp_path):
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft", LORA_HEAD)
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 4)
+    grpo.run(group_cfg(grpo.GRPOConfig, "grpo", tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target",
+                       "grpo.variant=dapo", "grpo.cliprange_high=0.28", "grpo.ratio_level=sequence",
+                       "grpo.mask_truncated=true", "grpo.iterations=2", "grpo.rollout_batch_size=8",
+                       "grpo.response_length=4", "grpo.num_epochs=2"))
+    m = [x for x in (json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+         if "policy/loss" in x]
+    assert len(m) == 2 and all(torch.isfinite(torch.tensor(x["policy/loss"])) for x in m)
+    assert m[0]["policy/first_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("section", ["grpo", "rloo"])

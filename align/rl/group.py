@@ -13,6 +13,12 @@ so no value model is needed:
   (it up-weights prompts whose answers all score alike) and no per-response length normalisation
   (it favours long wrong answers): token losses summed and divided by a constant, the maximum
   response length.
+* DAPO (Yu et al. 2025): token-level normalisation -- every real token of the minibatch weighs the
+  same, so a long response is not averaged down -- with "clip-higher" (an upper ratio bound
+  ``1 + clip_high`` above the lower ``1 - clip``) and, optionally, truncated responses left out of
+  the loss; these are options of GRPO's loss (``grpo_loss``), as in TRL's GRPOTrainer.
+* GSPO (Zheng et al. 2025): one importance ratio per response, ``exp(mean_t log pi/pi_old)``,
+  clipped per response (``ratio_level="sequence"``), in place of the per-token ratios.
 * RLOO (Ahmadian et al. 2024): the KL penalty goes into the reward, ``R_i = r_i - beta * sum_t
   KL_t``, and the baseline of response ``i`` is the mean of the *other* ``G - 1`` responses'
   ``R``: ``A_i = R_i - (sum_g R - R_i) / (G - 1)``, an unbiased estimate. The loss is the clipped
@@ -52,14 +58,23 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (g - baseline).reshape(-1)
 
 
-def clipped_token_losses(logprobs, old_logprobs, advantages, mask, clip_range: float):
-    """Per-token clipped surrogate ``max(-A ratio, -A clip(ratio))`` [B, T] for sequence-level
-    advantages [B], and its statistics (clip fraction, approximate KL to the old policy, ratio)."""
+def clipped_token_losses(logprobs, old_logprobs, advantages, mask, clip_range: float, clip_high: float | None = None,
+                         ratio_level: str = "token"):
+    """Per-token clipped surrogate ``max(-A ratio, -A clip(ratio, 1 - clip, 1 + clip_high))`` [B, T]
+    for sequence-level advantages [B] (``clip_high`` None: ``clip_range``), and its statistics
+    (clip fraction, approximate KL to the old policy, ratio). ``ratio_level="sequence"`` (GSPO): every
+    token of a response carries the response's ratio ``exp(mean_t log pi/pi_old)``."""
     m = mask.bool()
     logr = torch.where(m, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    if ratio_level == "sequence":
+        seq = logr.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
+        logr = torch.where(m, seq.expand_as(logr), torch.zeros_like(logr))
+    elif ratio_level != "token":
+        raise ValueError(f"ratio_level={ratio_level!r}: choose token or sequence")
     ratio = torch.exp(logr)
     a = advantages[:, None].to(ratio.dtype)
-    l1, l2 = -a * ratio, -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    hi = clip_range if clip_high is None else clip_high
+    l1, l2 = -a * ratio, -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + hi)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((l2 > l1).to(ratio.dtype), m), "approxkl": 0.5 * masked_mean(logr ** 2, m),
                  "ratio_mean": masked_mean(ratio, m)}
@@ -96,25 +111,36 @@ def grpo_kl(logprobs, old_logprobs, ref_logprobs, mask, estimator: str = "k3", i
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range: float = 0.2,
               beta: float = 0.04, kl_estimator: str = "k3", variant: str = "grpo", max_length: int | None = None,
-              kl_importance_weight: bool = False, denominator=None):
-    """GRPO's (``variant="grpo"``) or Dr. GRPO's (``"dr_grpo"``) loss of a chunk of responses.
-    ``logprobs`` carry the gradient; ``old_logprobs`` (rollout), ``ref_logprobs`` (reference) and
-    ``advantages`` [B] are constants. GRPO: each response's token losses averaged over its own
-    length; Dr. GRPO: summed and divided by ``max_length``; then the sum over responses divided by
-    ``denominator`` (the loop passes the global minibatch's response count over its chunks, so the
-    loss does not depend on how a minibatch is split) or, without one, by this chunk's count.
-    The KL term: ``grpo_kl``. Returns (loss, stats incl. the mean per-token KL estimate)."""
+              kl_importance_weight: bool = False, denominator=None, clip_high: float | None = None,
+              ratio_level: str = "token", truncated=None):
+    """GRPO's (``variant="grpo"``), Dr. GRPO's (``"dr_grpo"``) or DAPO's (``"dapo"``) loss of a chunk
+    of responses. ``logprobs`` carry the gradient; ``old_logprobs`` (rollout), ``ref_logprobs``
+    (reference) and ``advantages`` [B] are constants. GRPO: each response's token losses averaged
+    over its own length; Dr. GRPO: summed and divided by ``max_length``; then the sum over
+    responses divided by ``denominator`` (the loop passes the global minibatch's response count over
+    its chunks, so the loss does not depend on how a minibatch is split) or, without one, by this
+    chunk's count. DAPO: the sum over every real token divided by ``denominator`` (the loop: the
+    minibatch's counted tokens over its chunks) or this chunk's counted token count. ``clip_high``: the upper
+    ratio bound's clip (clip-higher; None: ``clip_range``); ``ratio_level="sequence"``: GSPO's
+    per-response ratio; ``truncated`` [B] bool: responses whose token losses count as 0 (DAPO's
+    overlong filtering; they stay in the response count, as in TRL). The KL term: ``grpo_kl``.
+    Returns (loss, stats incl. the mean per-token KL estimate)."""
     m = mask.bool()
-    tok, stats = clipped_token_losses(logprobs, old_logprobs, advantages, m, clip_range)
+    tok, stats = clipped_token_losses(logprobs, old_logprobs, advantages, m, clip_range, clip_high, ratio_level)
     kl = grpo_kl(logprobs, old_logprobs, ref_logprobs, m, kl_estimator, kl_importance_weight) if beta else \
         torch.zeros_like(tok)
-    per_token = torch.where(m, tok + beta * kl, torch.zeros_like(tok))
+    counted = m if truncated is None else m & ~truncated.bool()[:, None]
+    per_token = torch.where(counted, tok + beta * kl, torch.zeros_like(tok))
+    if variant == "dapo":
+        loss = _over(per_token.sum(), counted.sum(), denominator)
+        stats["kl"] = masked_mean(kl.detach(), m)
+        return loss, stats
     if variant == "grpo":
         per_response = per_token.sum(1) / m.sum(1).clamp(min=1)
     elif variant == "dr_grpo":
         per_response = per_token.sum(1) / float(max_length or m.shape[1])
     else:
-        raise ValueError(f"variant={variant!r}: choose grpo or dr_grpo")
+        raise ValueError(f"variant={variant!r}: choose grpo, dr_grpo or dapo")
     loss = _over(per_response.sum(), torch.tensor(m.shape[0]), denominator)
     stats["kl"] = masked_mean(kl.detach(), m)
     return loss, stats

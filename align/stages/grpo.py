@@ -18,7 +18,7 @@ import torch
 from align.guard import stage_entry
 from align.rl.group import group_advantages, grpo_loss
 from align.rl.kl import masked_kl
-from align.rules import OneOf, setting
+from align.rules import NON_NEGATIVE, OneOf, setting
 from align.stages.online import GroupAlgoConfig, GroupLoop, OnlineStageConfig, Rollout, run_online
 
 
@@ -26,8 +26,18 @@ from align.stages.online import GroupAlgoConfig, GroupLoop, OnlineStageConfig, R
 class GRPOAlgoConfig(GroupAlgoConfig):
     variant: str = setting(
         "grpo",
-        "grpo (group std, per-response length mean) | dr_grpo (neither)",
-        OneOf("grpo", "dr_grpo"))
+        "grpo (group std, per-response length mean) | dr_grpo (neither: sum / response_length) | dapo (group std, "
+        "every token of the minibatch weighs the same)",
+        OneOf("grpo", "dr_grpo", "dapo"))
+    cliprange_high: float = setting(
+        0.0, "upper ratio clip (clip-higher; DAPO: 0.28); 0: cliprange, symmetric", NON_NEGATIVE)
+    ratio_level: str = setting(
+        "token",
+        "token: a ratio per token (GRPO) | sequence: one ratio per response, exp(mean log pi/pi_old), clipped per "
+        "response (GSPO)",
+        OneOf("token", "sequence"))
+    mask_truncated: bool = setting(
+        False, "responses that hit response_length without a stop token add nothing to the loss (DAPO)")
     kl_estimator: str = setting(
         "k3",
         "the KL term in the loss: k3 (DeepSeekMath, TRL): gradient of the forward KL(ref || pi) | k2: of the reverse "
@@ -59,13 +69,18 @@ class GRPOLoop(GroupLoop):
     def advantages(self, ro: Rollout) -> dict[str, torch.Tensor]:
         # logged as objective/kl: the sampled sequence KL(pi || pi_ref) (k1 summed), whatever the loss's estimator
         kl = masked_kl(ro.logprobs, ro.ref_logprobs, ro.response_mask)
-        return {"kl": kl, "advantages": group_advantages(ro.scores, self.a.group_size, scale=self.a.variant == "grpo")}
+        scale = self.a.variant in ("grpo", "dapo")
+        return {"kl": kl, "advantages": group_advantages(ro.scores, self.a.group_size, scale=scale)}
 
     def loss(self, logprobs, ro: Rollout, adv: dict, idx, minibatch):
         a = self.a
         return grpo_loss(logprobs, ro.logprobs[idx], ro.ref_logprobs[idx], adv["advantages"][idx],
                          ro.response_mask[idx], a.cliprange, self.kl_ctl.value, a.kl_estimator, a.variant,
-                         a.response_length, a.kl_importance_weight, self.denominator(ro, minibatch))
+                         a.response_length, a.kl_importance_weight,
+                         self.denominator(ro, minibatch, tokens=a.variant == "dapo",
+                                          ended_only=a.variant == "dapo" and a.mask_truncated),
+                         clip_high=a.cliprange_high or None, ratio_level=a.ratio_level,
+                         truncated=~ro.has_stop[idx] if a.mask_truncated else None)
 
 
 @stage_entry

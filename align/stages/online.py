@@ -716,12 +716,15 @@ class GroupLoop(OnlineLoop):
     def loss(self, logprobs: torch.Tensor, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor):
         raise NotImplementedError
 
-    def denominator(self, ro: Rollout, minibatch: torch.Tensor, tokens: bool = False) -> float:
+    def denominator(self, ro: Rollout, minibatch: torch.Tensor, tokens: bool = False,
+                    ended_only: bool = False) -> float:
         """A chunk's share of its global minibatch's response (or token) count: a chunk's loss is
         its sum divided by this, so that after accelerate's division by the accumulation steps and
         the mean over processes the minibatch's loss is its plain mean, however the minibatch is
-        cut into chunks (``MinibatchSplit``)."""
-        count = float(ro.response_mask[minibatch].sum()) if tokens else float(len(minibatch))
+        cut into chunks (``MinibatchSplit``). ``ended_only``: count only the tokens of responses that
+        ended with a stop token (the others are left out of the loss)."""
+        mask = ro.response_mask & ro.has_stop[:, None].bool() if ended_only else ro.response_mask
+        count = float(mask[minibatch].sum()) if tokens else float(len(minibatch))
         return count / (self.split.accum_steps * self.split.world)
 
     def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor):
