@@ -28,7 +28,7 @@ def _plot(out: Path, ppo_metrics: list[dict]) -> list[str]:
         ax[0].set_xlabel("iteration")
         ax[0].legend()
         ax[0].set_title("reward and gold score")
-        ax[1].plot(steps, [m["objective/kl"] for m in train], label="KL(policy || SFT), rollout")
+        ax[1].plot(steps, [m.get("objective/kl", float("nan")) for m in train], label="KL(policy || SFT), rollout")
         if evals:
             ax[1].plot([m["step"] for m in evals], [m["eval/kl"] for m in evals], "o-", label="held-out")
         ax[1].set_xlabel("iteration")

@@ -77,6 +77,45 @@ def entry_problems(entries, reward_run: str, reward_fn: str, at: str) -> list[st
     return out
 
 
+def required_columns(fn: Callable) -> list[str]:
+    """The columns a scorer cannot do without: its parameters after the first three that have no
+    default (align.scoring.call_scorer passes them by name)."""
+    import inspect
+    try:
+        params = list(inspect.signature(fn).parameters.values())[3:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def column_problems(cfg, files: list[tuple[str, str]]) -> list[str]:
+    """Each prompts record (of the ``(config key, file)`` pairs) that lacks a column a reward
+    function or the gold scorer requires: named by file, line and field, before anything is
+    written."""
+    from align.data.common import read_records
+    from align.data.records import where_of
+    needs = [(s.label, s.fn) for s in sources_from_config(cfg) if s.fn is not None]
+    if cfg.eval.gold:
+        needs.append((f"eval.gold {cfg.eval.gold}", load_callable(cfg.eval.gold)))
+    needs = [(label, cols) for label, fn in needs if (cols := required_columns(fn))]
+    if not needs:
+        return []
+    out = []
+    for key, path in files:
+        if not path:
+            continue
+        for i, rec in enumerate(read_records(path, cfg.data.chat), 1):
+            for label, cols in needs:
+                missing = [c for c in cols if c not in rec]
+                if missing:
+                    out.append(f"{where_of(rec, f'{path}: record {i}')}: no field {missing[0]!r}, which {label} "
+                               f"requires ({key})")
+            if len(out) >= 5:
+                return out
+    return out
+
+
 class RewardMix:
     def __init__(self, sources: list[RewardSource], norm: dict, normalize: bool):
         self.sources, self.norm, self.normalize = sources, norm, normalize

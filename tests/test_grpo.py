@@ -116,7 +116,11 @@ def test_toy_reward_rises_while_kl_stays_bounded(tiny_llama, tmp_path, stage, cl
     early = sum(x["objective/scores"] for x in m[:3]) / 3
     late = sum(x["objective/scores"] for x in m[-3:]) / 3
     assert late > early + rise, (stage, early, late)
-    assert max(x["objective/kl"] for x in m) < kl_max
+    if "grpo.kl_coef=0.0" in extra:   # beta 0: no reference pass in the rollouts; the evaluation measures the KL
+        assert "objective/kl" not in first
+        assert max(x["eval/kl"] for x in metrics(tmp_path / "run") if "eval/kl" in x) < kl_max
+    else:
+        assert max(x["objective/kl"] for x in m) < kl_max
     assert (tmp_path / "run" / "adapters" / "policy" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "run" / "heads").exists()  # no critic
 
@@ -199,3 +203,41 @@ def test_a_scorer_gets_the_columns_it_names_and_a_three_argument_one_gets_none()
     assert got["named"] == ["x", "y"]
     call_scorer(every, prompts, ["a", "b"], [True, False])
     assert got["every"] == {"answer": ["x", "y"], "level": [1, None]}
+
+
+def test_a_kl_coefficient_of_zero_skips_the_reference_forward_in_every_rollout(tiny_llama, tmp_path, monkeypatch):
+    import align.stages.online as online_mod
+    calls = []
+    real = online_mod.score
+
+    def spy(engine, resp, roles, *args, **kw):
+        calls.append(tuple(roles))
+        return real(engine, resp, roles, *args, **kw)
+    monkeypatch.setattr(online_mod, "score", spy)
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 4)
+    for beta, name in ((0.0, "zero"), (0.04, "some")):
+        calls.clear()
+        grpo.run(cfg(grpo.GRPOConfig, "grpo", tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target",
+                     f"grpo.kl_coef={beta}", "grpo.iterations=2", "grpo.rollout_batch_size=8",
+                     "grpo.response_length=4", name=name))
+        assert len(calls) == 2
+        assert all(("reference" in c) == (beta > 0) for c in calls), calls
+    zero = [x for x in metrics(tmp_path / "zero") if "objective/scores" in x]
+    assert zero and all("objective/kl" not in x for x in zero)
+
+
+def test_an_entropy_collapse_is_warned_once():
+    from types import SimpleNamespace
+    printed = []
+    loop = object.__new__(grpo.GRPOLoop)
+    loop.a = grpo.GRPOAlgoConfig(entropy_warn_fraction=0.5)
+    loop.rt = SimpleNamespace(print=printed.append)
+    for it, h in enumerate([2.0, 1.5, 1.01, 0.9, 0.5, 0.1]):
+        loop.watch_entropy(it, h)
+    assert len(printed) == 1 and "iteration 4" in printed[0] and "entropy collapse" in printed[0]
+    loop = object.__new__(grpo.GRPOLoop)
+    loop.a, loop.rt = grpo.GRPOAlgoConfig(entropy_warn_fraction=0.0), SimpleNamespace(print=printed.append)
+    for it, h in enumerate([2.0, 0.01]):
+        loop.watch_entropy(it, h)
+    assert len(printed) == 1

@@ -63,3 +63,18 @@ def test_a_learned_reward_and_a_verifier_mixed_are_each_logged_and_summed_with_t
         expected = 0.5 * m["reward/reward_model/mean"] + 2.0 * m["reward/dogs/mean"] * with_opinion
         assert m["objective/raw_scores"] == pytest.approx(expected, abs=1e-5)
         assert m["objective/scores"] == pytest.approx(expected, abs=1e-5)   # no normalisation, no stop penalty
+
+
+def test_a_prompt_without_the_column_a_reward_requires_is_refused_before_the_run_dir(tiny_llama, tmp_path):
+    import json
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"the dog {i}", **({"answer": "e"} if i != 5 else {})}) + "\n")
+    with pytest.raises(ConfigError, match=r"p.jsonl: line 6: no field 'answer', which reward_fn "
+                                          r"tests.ppo_helpers:answer_reward requires \(data.prompts\)"):
+        grpo.run(load_config(grpo.GRPOConfig, None, [f"output_dir={tmp_path / 'g'}", f"sft_run={sft}",
+                                                     f"data.prompts={tmp_path / 'p.jsonl'}", "tracking.wandb=false",
+                                                     "grpo.rollout_batch_size=8",
+                                                     "reward_fn=tests.ppo_helpers:answer_reward"]))
+    assert not (tmp_path / "g").exists()

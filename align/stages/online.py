@@ -35,7 +35,7 @@ from align.resume import prepare_resumable, save_resumable
 from align.rl.functional import masked_mean
 from align.rl.kl import make_kl_controller
 from align.rl.rollout import apply_missing_stop_penalty
-from align.rewardmix import REWARD_FN_SPEC, RewardMix, entry_problems, sources_from_config
+from align.rewardmix import REWARD_FN_SPEC, RewardMix, column_problems, entry_problems, sources_from_config
 from align.rundir import RunDir
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range, setting
 from align.scoring import (call_scorer, decode, evaluate_role, generate, load_callable, load_reward_role,
@@ -104,6 +104,9 @@ class OnlineAlgoConfig:
     save_every: int = setting(0, "iterations between checkpoints (0: at the end only)", NON_NEGATIVE)
     keep_checkpoints: int = setting(2, "most recent checkpoints kept", AT_LEAST_ONE)
     stop_after_iterations: int = setting(0, "testing aid: stop as if killed", NON_NEGATIVE)
+    entropy_warn_fraction: float = setting(
+        0.2, "warn once when the rollouts' mean token entropy (policy/entropy_rollout) falls below this fraction of "
+             "its first value in the run (entropy collapse); 0: never", FRACTION)
 
     @property
     def group(self) -> int:
@@ -384,18 +387,19 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, mix: RewardMix, row_seeds, width,
-            step: int = 0) -> tuple[Rollout, float]:
+            step: int = 0, with_reference: bool = True) -> tuple[Rollout, float]:
     """Sample, score and evaluate one batch; returns it and the sampling seconds. ``width``: the
     prompt width of the *global* batch, so every process pads alike (gatherable, and numerically
-    identical whatever the world size)."""
+    identical whatever the world size). ``with_reference=False`` (a KL coefficient of 0): no
+    reference forward; the reference log-probs are the old ones (a KL of 0, which nothing reads)."""
     a = cfg.algo
     resp = generate(model, [p["ids"] for p in prompts], tok, rt.device, role="policy",
                     max_new_tokens=a.response_length, temperature=a.temperature, width=width,
                     row_seeds=row_seeds, runtime=rt)
     recompute = recompute_logprobs(a.rollout_logprobs, cfg.model.dtype, cfg.SECTION)
     with_value = "value" in model.roles
-    roles = (("policy",) if recompute else ()) + ("reference",) + (("value",) if with_value else ()) + \
-        (("reward",) if mix.uses_role else ())
+    roles = (("policy",) if recompute else ()) + (("reference",) if with_reference else ()) + \
+        (("value",) if with_value else ()) + (("reward",) if mix.uses_role else ())
     st = score(engine, resp, roles, a.temperature, a.micro_batch_size)
     parts = _checked_parts(mix, rt, st, prompts, tok, resp, step)
     raw, scores = mix.combine(parts, normalised=False), mix.combine(parts)
@@ -405,7 +409,7 @@ def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, mix: Reward
     # ~1e-6 of a fresh forward in float32: docs/ppo-notes.md §B6), or a fresh policy forward
     logprobs = st["policy"]["logprobs"] if recompute else resp.sample_logprobs.masked_fill(~resp.response_mask, 0.0)
     return Rollout(resp.query, resp.query_mask, resp.response, resp.response_mask, resp.seq_lengths, resp.has_stop,
-                   logprobs, st["reference"]["logprobs"],
+                   logprobs, st["reference"]["logprobs"] if with_reference else logprobs.clone(),
                    st["value"]["values"] if with_value else torch.zeros_like(logprobs), raw, scores,
                    resp.sample_logprobs, parts), resp.generate_s
 
@@ -512,7 +516,7 @@ class OnlineLoop:
         t0 = time.time()
         prompts, seeds, width = self.order(it)
         ro, t_generate = rollout(self.model, self.engine, prompts, self.cfg, self.tok, self.rt, self.mix, seeds,
-                                 width, step=it + 1)
+                                 width, step=it + 1, with_reference=self.kl_measured)
         if self.rt.world_size > 1:
             ro = gather_rollout(ro, self.rt)
         return ro, t_generate, time.time() - t0
@@ -560,11 +564,18 @@ class OnlineLoop:
                 vals["policy/entropy"] = masked_mean(entropy_from_logits(logits, a.temperature), ro.response_mask[idx])
         return {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in vals.items()}
 
+    @property
+    def kl_measured(self) -> bool:
+        """Whether rollouts score the reference: not with a KL coefficient of 0 (Dr. GRPO / DAPO
+        settings), which no controller moves away from 0 and nothing in the loss or reward reads."""
+        return self.kl_ctl.value != 0
+
     def metrics(self, ro: Rollout, adv: dict, stats: dict, mean_kl: float, times: dict) -> dict:
-        """The iteration's logged metrics (averaged over processes)."""
+        """The iteration's logged metrics (averaged over processes); ``objective/kl`` only when the
+        reference was scored."""
         tokens = float(ro.response_mask.sum())
         logs = {
-            "objective/kl": mean_kl, "objective/kl_coef": self.kl_ctl.value,
+            **({"objective/kl": mean_kl} if self.kl_measured else {}), "objective/kl_coef": self.kl_ctl.value,
             "objective/scores": float(ro.scores.mean()), "objective/raw_scores": float(ro.raw_scores.mean()),
             "policy/entropy_rollout": float(masked_mean(-ro.logprobs, ro.response_mask)),
             "response/length": float(ro.response_mask.sum(1).float().mean()),
@@ -591,8 +602,23 @@ class OnlineLoop:
         t_update = time.time() - t1
         mean_kl = self.rt.mean_across({"kl": float(adv["kl"].sum(1).mean())})["kl"]
         self.kl_ctl.update(mean_kl, self.a.rollout_batch_size)
-        return self.metrics(ro, adv, stats, mean_kl,
-                            {"generate": t_generate, "rollout": t_rollout, "update": t_update})
+        logs = self.metrics(ro, adv, stats, mean_kl, {"generate": t_generate, "rollout": t_rollout, "update": t_update})
+        self.watch_entropy(it, logs["policy/entropy_rollout"])
+        return logs
+
+    def watch_entropy(self, it: int, entropy: float) -> None:
+        """Warn once when the samples' mean token entropy falls below ``entropy_warn_fraction`` of
+        its first value in this process's run (after a resume: of the first after resuming)."""
+        first = getattr(self, "_first_entropy", None)
+        if first is None:
+            self._first_entropy, self._entropy_warned = entropy, False
+        elif (self.a.entropy_warn_fraction and not self._entropy_warned and first > 0
+              and entropy < self.a.entropy_warn_fraction * first):
+            self._entropy_warned = True
+            self.rt.print(f"[{self.section}] warning: iteration {it + 1}: the samples' mean token entropy fell to "
+                          f"{entropy:.4f}, below {self.a.entropy_warn_fraction} x its first value {first:.4f} "
+                          f"(entropy collapse: the policy is becoming deterministic; a lower lr, a higher kl_coef, "
+                          f"or clip-higher in GRPO may help)")
 
     def save_checkpoint(self, it: int) -> None:
         save_resumable(self.rt, self.st.run_dir, it, self.model, self.optimizer, self.sched, self.a.keep_checkpoints,
@@ -617,6 +643,9 @@ def run_online(cfg: OnlineStageConfig, loop_cls: type[OnlineLoop]) -> dict:
     """An online stage from its config: validated (every key, file and run dir) and its backbone
     and minibatch split settled before the run directory is written; then the iteration loop."""
     validate(cfg)
+    problems = column_problems(cfg, [("data.prompts", cfg.data.prompts), ("data.eval_prompts", cfg.data.eval_prompts)])
+    if problems:
+        raise ConfigError("; ".join(problems))
     recompute_logprobs(cfg.algo.rollout_logprobs, cfg.model.dtype, cfg.SECTION)
     backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]
     split = minibatch_split(cfg.algo, world_size(), cfg.SECTION)
@@ -643,7 +672,7 @@ def run_loop(loop_cls: type[OnlineLoop], cfg: OnlineStageConfig, backbone: str, 
         bar.update(1)
         if it % max(1, a.log_every) == 0 or it == a.iterations:
             st.tracker.log(logs, it)
-            bar.set_postfix(score=f"{logs['objective/scores']:.3f}", kl=f"{logs['objective/kl']:.3f}")
+            bar.set_postfix(score=f"{logs['objective/scores']:.3f}", kl=f"{logs.get('objective/kl', 0.0):.3f}")
         if (cfg.eval.every and it % cfg.eval.every == 0) or it == a.iterations:
             last_eval = loop.evaluate(it)
             st.tracker.log(last_eval, it)
