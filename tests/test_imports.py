@@ -138,3 +138,21 @@ def test_cycle_check_sees_lazy_and_relative_imports():
             "q.a": ("import torch\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from q.b import B\n", False),
             "q.b": ("import importlib\nfrom q.a import x\nM = importlib.import_module('q.a')\n", False)}
     assert find_cycle(import_graph(fine)) is None
+
+
+def test_stages_are_peers_that_import_only_the_shared_bases_and_no_private_names():
+    """PPO, GRPO, RLOO, DPO, SFT and reward stand beside each other: a stage imports from
+    align.stages only the shared bases (``online``, ``common``), and never a private name."""
+    import ast
+    from pathlib import Path
+    stages = Path(__file__).resolve().parents[1] / "align" / "stages"
+    bad = []
+    for path in sorted(stages.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("align.stages"):
+                base = node.module.rsplit(".", 1)[-1]
+                if base not in ("online", "common"):
+                    bad.append(f"{path.name} imports align.stages.{base}")
+                bad += [f"{path.name} imports the private {a.name} from {node.module}"
+                        for a in node.names if a.name.startswith("_")]
+    assert not bad, bad
