@@ -129,11 +129,12 @@ def align_worker(a) -> dict:
         return {"step_s": statistics.median(times), "peak_mb": peak_memory_mb(a.device),
                 "trainable": summary["trainable_params"], "steps_timed": len(times),
                 "torch_threads": torch.get_num_threads()}
-    import align.stages.grpo as stage
+    import importlib
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts()))
     s = a.method
-    cfg_cls, run = (stage.GRPOConfig, stage.run) if s == "grpo" else (stage.RLOOConfig, stage.run_rloo)
+    stage = importlib.import_module(f"align.stages.{s}")
+    cfg_cls, run = (stage.GRPOConfig if s == "grpo" else stage.RLOOConfig), stage.run
     extra = ["grpo.variant=grpo", "grpo.kl_estimator=k3", f"grpo.kl_coef={a.grpo_beta}"] if s == "grpo" else \
         [f"rloo.kl_coef={a.rloo_beta}"]
     cfg = load_config(cfg_cls, None, [
