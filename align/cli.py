@@ -4,12 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.registry import STAGES, TOOLS
-
-
-def _available(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
+from align.registry import STAGES, TOOLS, module_available
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,10 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     cp = sub.add_parser("config", help="Print a stage's full config with every default (the config reference)")
     cp.add_argument("stage", choices=[n for n, s in STAGES.items() if s.available()])
     cp.add_argument("--markdown", action="store_true", help="a table of every key, default and meaning")
-    if _available("data_tools.cli"):
+    if module_available("data_tools.cli"):
         sub.add_parser("import", help="Import human annotations into canonical records", add_help=False)
     for name, (module, helptext) in TOOLS.items():
-        if _available(module):
+        if module_available(module):
             sub.add_parser(name, help=helptext, add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -37,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "import":
         from data_tools.cli import main as import_main
         return import_main(argv[1:])
-    if argv[0] in TOOLS and _available(TOOLS[argv[0]][0]):
+    if argv[0] in TOOLS and module_available(TOOLS[argv[0]][0]):
         import importlib
         return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
     args = parser.parse_args(argv)

@@ -176,7 +176,8 @@ def _tracking(cfg: PipelineConfig, name: str) -> TrackingConfig:
 
 
 def _stage_done(d: Path) -> bool:
-    return (d / "summary.json").exists() and "stopped_at" not in json.loads((d / "summary.json").read_text())
+    summary = RunDir(d).summary()
+    return summary is not None and "stopped_at" not in summary
 
 
 def _backbone(cfg: PipelineConfig, out: Path) -> Path:
@@ -331,7 +332,7 @@ def run(cfg: PipelineConfig) -> dict:
 def _fresh_or_resume(stage_cfg) -> None:
     """A stage dir left by a killed run resumes; a complete one is skipped by the caller."""
     d = Path(stage_cfg.output_dir)
-    stage_cfg.resume = d.exists() and (d / "config.yaml").exists()
+    stage_cfg.resume = d.exists() and RunDir(d).config.exists()
 
 
 def distinct_samples(prompts: list[str], responses: list[list[str]], ended: list[list[bool]]):

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 
+def module_available(module: str) -> bool:
+    """Whether ``module`` can be imported here (optional parts may be missing)."""
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str          # the command: ``align NAME``
@@ -18,9 +24,7 @@ class Stage:
     policy: bool = False  # a policy-optimisation stage the pipeline can end with
 
     def available(self) -> bool:
-        """Whether the module can be imported here (optional parts may be missing)."""
-        import importlib.util
-        return importlib.util.find_spec(self.module) is not None
+        return module_available(self.module)
 
     @property
     def config(self) -> type:

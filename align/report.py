@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from align.rundir import RunDir
+
 
 def _metrics(run_dir: Path) -> list[dict]:
-    f = Path(run_dir) / "metrics.jsonl"
+    f = RunDir(run_dir).metrics
     return [json.loads(ln) for ln in f.read_text().splitlines() if ln] if f.exists() else []
 
 
@@ -61,8 +63,7 @@ def kl_label(controller: str, kl_coef: float, kl_target: float, stage: str = "pp
 
 def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, runs: dict) -> dict:
     out = Path(out)
-    summaries = {k: json.loads((Path(v) / "summary.json").read_text())
-                 for k, v in runs.items() if (Path(v) / "summary.json").exists()}
+    summaries = {k: RunDir(v).summary() for k, v in runs.items() if RunDir(v).summary_file.exists()}
     stage = getattr(cfg, "policy_stage", "ppo")
     name = stage.upper()
     ppo_metrics = _metrics(Path(runs["policy"])) if stage != "dpo" else []

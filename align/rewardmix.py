@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from align.guard import NonFiniteError, check_rewards
-from align.rules import Spec
+from align.rules import Spec, keyword_parameters
 from align.scoring import call_scorer, load_callable
 
 ROLE = "reward"   # the one learned role a mix can name
@@ -80,13 +80,8 @@ def entry_problems(entries, reward_run: str, reward_fn: str, at: str) -> list[st
 def required_columns(fn: Callable) -> list[str]:
     """The columns a scorer cannot do without: its parameters after the first three that have no
     default (align.scoring.call_scorer passes them by name)."""
-    import inspect
-    try:
-        params = list(inspect.signature(fn).parameters.values())[3:]
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in params if p.default is p.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    params = keyword_parameters(fn, 3)
+    return [] if params is None else params[1]
 
 
 def column_problems(cfg, files: list[tuple[str, str]]) -> list[str]:
@@ -136,8 +131,7 @@ class RewardMix:
                 continue
             out = list(call_scorer(s.fn, prompts, texts, ended))
             opinion = [v is not None for v in out]
-            vals = check_rewards([0.0 if v is None else v for v in out], n, s.label, step) \
-                if len(out) == n else check_rewards(out, n, s.label, step)
+            vals = check_rewards([0.0 if v is None else v for v in out], n, s.label, step)
             vals = vals.to(device).masked_fill(~torch.tensor(opinion, device=device), float("nan"))
             cols.append(vals)
         return torch.stack(cols, 1)

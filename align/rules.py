@@ -39,6 +39,20 @@ def field_help(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "")
 
 
+def keyword_parameters(fn, after: int) -> tuple[list[str], list[str], bool] | None:
+    """The parameters of ``fn`` after its first ``after`` (a scorer's data columns): the names it
+    accepts by keyword, those among them without a default, and whether it takes ``**kwargs``;
+    None for a builtin without a signature."""
+    import inspect
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = [p for p in params[after:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return ([p.name for p in named], [p.name for p in named if p.default is p.empty],
+            any(p.kind is p.VAR_KEYWORD for p in params))
+
+
 class Rule:
     def problem(self, value) -> str | None:
         raise NotImplementedError
@@ -145,11 +159,8 @@ class Spec(Rule):
             return f"{mod!r} has no function {name!r}"
         if self.args:
             try:
-                sig = inspect.signature(fn)
-                named = {p.name: None for p in list(sig.parameters.values())[self.args:]
-                         if self.columns and p.default is p.empty
-                         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-                sig.bind(*range(self.args), **named)
+                required = (keyword_parameters(fn, self.args) or ([], [], False))[1] if self.columns else []
+                inspect.signature(fn).bind(*range(self.args), **dict.fromkeys(required))
             except TypeError as e:
                 return f"cannot be called as {self.call or f'{self.args} positional arguments'} ({e})"
             except ValueError:

@@ -91,12 +91,6 @@ class RunDir:
     def role(self, name: str) -> dict | None:
         return self.roles().get(name)
 
-    def has_role(self, name: str) -> bool:
-        try:
-            return self.role(name) is not None
-        except (OSError, ValueError):
-            return True  # there, but unreadable: the reader names the problem
-
     def roles_file(self) -> Path:
         """The file that holds the roles (roles.json, or a legacy record), for messages."""
         if self.roles_record.exists():

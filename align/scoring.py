@@ -131,6 +131,11 @@ def load_callable(spec: str) -> Callable | None:
     return getattr(importlib.import_module(mod), fn)
 
 
+def reward_set_name(entry_name: str, prefix: str = "reward") -> str:
+    """The adapter-set name a reward run's stack entry gets in a model (``load_reward_role``)."""
+    return prefix if entry_name == "reward" else f"{prefix}_{entry_name}"
+
+
 def load_reward_role(model, reward_run: str | Path, *, sft_dir: Path | None = None, role: str = "reward",
                      prefix: str = "reward") -> tuple[list[str], dict]:
     """Load the reward stage's role (its adapter stack and head) into ``model`` as ``role``.
@@ -148,7 +153,7 @@ def load_reward_role(model, reward_run: str | Path, *, sft_dir: Path | None = No
                 and d.resolve() == Path(sft_dir).resolve():
             stack.append("sft")
             continue
-        name = prefix if entry["name"] == "reward" else f"{prefix}_{entry['name']}"
+        name = reward_set_name(entry["name"], prefix)
         load_adapter(model, name, d)
         stack.append(name)
     head_rec = load_head(model, role, run.resolve(rr["head"]))
@@ -165,18 +170,14 @@ def call_scorer(fn: Callable, prompts: list[dict], responses: list[str], ended: 
     entry per response (None where a record lacks the field). A scorer receives the columns it
     names as parameters, or all of them when it takes ``**kwargs``; one with three parameters
     receives none, so ``fn(prompts, responses, ended)`` keeps working."""
-    import inspect
+    from align.rules import keyword_parameters
     names = sorted({k for p in prompts for k in p.get("columns", {})} - set(SCORER_ARGS))
     kwargs = {k: [p.get("columns", {}).get(k) for p in prompts] for k in names}
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        params = None   # a builtin without a signature: positional arguments only
-    if params is None:
+    params = keyword_parameters(fn, 3)
+    if params is None:   # a builtin without a signature: positional arguments only
         kwargs = {}
-    elif not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        named = {p.name for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        kwargs = {k: v for k, v in kwargs.items() if k in named}
+    elif not params[2]:
+        kwargs = {k: v for k, v in kwargs.items() if k in params[0]}
     return fn([p["text"] for p in prompts], responses, ended, **kwargs)
 
 

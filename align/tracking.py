@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 from align.config import TrackingConfig
+from align.rundir import RunDir
 
 
 def _jsonable(v):
@@ -40,8 +41,8 @@ class Tracker:
                  is_main: bool = True, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.is_main = is_main
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.samples_path = self.run_dir / "samples.jsonl"
+        self.metrics_path = RunDir(self.run_dir).metrics
+        self.samples_path = RunDir(self.run_dir).samples
         self.wandb = None
         if not is_main:
             return

@@ -39,7 +39,7 @@ from align.rewardmix import REWARD_FN_SPEC, RewardMix, column_problems, entry_pr
 from align.rundir import RunDir
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range, setting
 from align.scoring import (call_scorer, decode, evaluate_role, generate, load_callable, load_reward_role,
-                           response_stats, score)
+                           response_stats, reward_set_name, score)
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.trainer import make_optimizer, make_scheduler
 
@@ -296,8 +296,7 @@ def roles_record(model, run: RunDir, sft_run: str, reward_run: str, trained: tup
     run records them) and its head."""
     reward = RunDir(reward_run).role("reward") if reward_run else None
     reward_dirs = {} if reward is None else {
-        ("reward" if e["name"] == "reward" else f"reward_{e['name']}"): str(RunDir(reward_run).resolve(e["dir"]))
-        for e in reward["adapters"]}
+        reward_set_name(e["name"]): str(RunDir(reward_run).resolve(e["dir"])) for e in reward["adapters"]}
 
     def where(name: str) -> str:
         if name in trained:
@@ -646,7 +645,6 @@ def run_online(cfg: OnlineStageConfig, loop_cls: type[OnlineLoop]) -> dict:
     problems = column_problems(cfg, [("data.prompts", cfg.data.prompts), ("data.eval_prompts", cfg.data.eval_prompts)])
     if problems:
         raise ConfigError("; ".join(problems))
-    recompute_logprobs(cfg.algo.rollout_logprobs, cfg.model.dtype, cfg.SECTION)
     backbone = cfg.model.path or backbone_from_run(cfg.sft_run)["path"]
     split = minibatch_split(cfg.algo, world_size(), cfg.SECTION)
     return run_loop(loop_cls, cfg, backbone, split)
