@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,23 @@ class PipelineConfig:
         "ppo",
         "ppo | grpo | rloo | dpo: the policy-optimisation stage",
         OneOf(*POLICY_STAGES))
+    policy_name: str = setting(
+        "",
+        "the policy stage's run dir under output_dir (default: policy_stage), so several policy stages can share "
+        "one SFT, annotation and reward model; a name other than the default writes its report to "
+        "reports/<name>/")
+    policy_seed: int = setting(-1, "the policy stage's seed (-1: seed), to repeat it over the same SFT and reward",
+                               Range(-1, integer=True))
+    policy_settings: dict = setting(
+        help="further settings of the policy stage's algorithm section, by name (e.g. {loss_type: dapo, "
+             "cliprange_high: 0.28} for GRPO; `align config grpo` lists them); they override the ppo_* keys",
+        factory=dict)
+    rewards: list = setting(
+        help="what PPO/GRPO/RLOO optimise (the stage's rewards list): empty = the learned reward alone; else "
+             "entries {role: reward} (the learned reward) and {fn: module:function or a built-in verifier, args?}, "
+             "each with an optional weight and name; functions get the prompts file's columns (the task's "
+             "prompt_records) as keyword arguments",
+        factory=list)
     method: str = setting("lora", "adapter method for every role")
     quantization: str = setting(
         "none",
@@ -107,6 +125,12 @@ class PipelineConfig:
     response_length: int = setting(32, "max new tokens everywhere", AT_LEAST_ONE)
     temperature: float = setting(1.0, "sampling temperature for PPO and evaluation", POSITIVE)
     eval_prompts: int = setting(256, "held-out prompts in the final SFT-vs-PPO comparison", AT_LEAST_ONE)
+    eval_greedy: bool = setting(False, "also report the task's verifiers on greedy decoding (align eval's greedy)")
+    eval_samples: int = setting(0, "k >= 2: also report mean@k and pass@k of the task's verifiers", NON_NEGATIVE)
+    eval_shots: list = setting(
+        help="in-context baselines in the report: the bare backbone prompted with k SFT demonstrations, per k listed "
+             "(e.g. [0, 4])",
+        factory=list)
     resume: bool = setting(False, "continue a killed pipeline (finished stages are skipped anyway)")
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -132,6 +156,22 @@ class PipelineConfig:
                 and isinstance(batch, int) and batch % self.group_size:
             yield (f"{at}ppo_rollout_batch_size={batch}: not a multiple of group_size={self.group_size} "
                    f"({self.policy_stage} samples group_size responses per prompt)")
+        if self.rewards:
+            from align.rewardmix import entry_problems
+            if self.policy_stage == "dpo":
+                yield f"{at}rewards: DPO learns from the rankings, not from a reward; leave it empty"
+            learned = any(isinstance(e, dict) and "role" in e for e in self.rewards)
+            yield from entry_problems(self.rewards, "reward_run" if learned else "", "", at)
+        if isinstance(self.policy_settings, dict) and self.policy_settings and self.policy_stage in STAGES:
+            section = getattr(STAGES[self.policy_stage].config, "SECTION", "") or "train"
+            algo = getattr(STAGES[self.policy_stage].config(), section)
+            for k in self.policy_settings:
+                if not hasattr(algo, k):
+                    yield (f"{at}policy_settings.{k}: {self.policy_stage} has no setting {section}.{k} "
+                           f"(`align config {self.policy_stage}` lists them)")
+        if self.policy_name and (self.policy_name in RESERVED_DIRS or not _SAFE_NAME.match(self.policy_name)):
+            yield (f"{at}policy_name={self.policy_name!r}: a plain directory name (letters, digits, - _ .) other "
+                   f"than {', '.join(RESERVED_DIRS)}")
         try:
             t = importlib.import_module(self.task) if isinstance(self.task, str) and self.task else None
         except ImportError as e:
@@ -143,6 +183,10 @@ class PipelineConfig:
 
 
 TASK_FUNCTIONS = ("prompts", "sft_demonstrations", "gold_score", "gold_scores")
+# optional: prompt_records(split, n, seed) (records with reference columns), VERIFIERS (entries
+# {fn, name?, args?} the report gives pass rates of) and GROUP_BY (a column to break them down by)
+RESERVED_DIRS = ("data", "sft", "reward", "backbone", "reports")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def task_module(cfg: PipelineConfig):
@@ -248,8 +292,14 @@ def _prompt_files(cfg: PipelineConfig, out: Path) -> tuple[Path, Path]:
     """The task's policy-training prompts and its held-out evaluation prompts, as records files."""
     task = task_module(cfg)
     data = out / "data"
-    prompts = _write_jsonl(data / "ppo_prompts.jsonl", [{"prompt": p} for p in task.prompts("ppo", cfg.ppo_prompts, cfg.seed)])
-    held = _write_jsonl(data / "eval_prompts.jsonl", [{"prompt": p} for p in task.prompts("eval", cfg.eval_prompts, cfg.seed)])
+
+    def records(split: str, n: int) -> list[dict]:
+        # a task's prompt_records carry reference columns (an answer) for verifiers
+        if callable(getattr(task, "prompt_records", None)):
+            return task.prompt_records(split, n, cfg.seed)
+        return [{"prompt": p} for p in task.prompts(split, n, cfg.seed)]
+    prompts = _write_jsonl(data / "ppo_prompts.jsonl", records("ppo", cfg.ppo_prompts))
+    held = _write_jsonl(data / "eval_prompts.jsonl", records("eval", cfg.eval_prompts))
     return prompts, held
 
 
@@ -257,12 +307,14 @@ def _online_config(cfg: PipelineConfig, config_cls, sft_dir: Path, rm_dir: Path,
                    held: Path):
     """PPO, GRPO or RLOO against the learned reward: the settings they share; returns the stage
     config and its algorithm section (``ppo``, ``grpo`` or ``rloo``: the stage's name)."""
-    p = config_cls(output_dir=str(run_dir), sft_run=str(sft_dir), reward_run=str(rm_dir))
+    learned = not cfg.rewards or any("role" in e for e in cfg.rewards)
+    p = config_cls(output_dir=str(run_dir), sft_run=str(sft_dir), reward_run=str(rm_dir) if learned else "",
+                   rewards=[dict(e) for e in cfg.rewards])
     p.model.quantization = cfg.quantization
     p.data.prompts, p.data.eval_prompts, p.data.chat = str(prompts), str(held), cfg.chat
     p.data.max_prompt_length = cfg.max_length
     a = getattr(p, cfg.policy_stage)
-    a.seed, a.iterations, a.rollout_batch_size = cfg.seed, cfg.ppo_iterations, cfg.ppo_rollout_batch_size
+    a.seed, a.iterations, a.rollout_batch_size = policy_seed(cfg), cfg.ppo_iterations, cfg.ppo_rollout_batch_size
     a.micro_batch_size, a.num_minibatches = cfg.ppo_micro_batch_size, 2
     a.response_length, a.temperature, a.lr, a.kl_coef = cfg.response_length, cfg.temperature, cfg.ppo_lr, cfg.ppo_kl_coef
     p.eval.every, p.eval.num_prompts, p.eval.temperature = cfg.ppo_eval_every, 64, cfg.temperature
@@ -274,7 +326,7 @@ def _policy(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, rankings: Path, ou
     """4. The policy-optimisation stage (``cfg.policy_stage``); returns its run dir and the
     held-out prompts file."""
     prompts, held = _prompt_files(cfg, out)
-    run_dir = out / cfg.policy_stage
+    run_dir = out / (cfg.policy_name or cfg.policy_stage)
     if _stage_done(run_dir):
         return run_dir, held
     stage = STAGES[cfg.policy_stage]
@@ -288,8 +340,11 @@ def _policy(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, rankings: Path, ou
         p = stage.config(output_dir=str(run_dir), sft_run=str(sft_dir))
         p.model.quantization = cfg.quantization
         p.data.train, p.data.eval_fraction, p.data.max_length, p.data.chat = str(rankings), 0.1, cfg.max_length, cfg.chat
-        p.train.seed, p.train.batch_size = cfg.seed, cfg.reward_batch_size
+        p.train.seed, p.train.batch_size = policy_seed(cfg), cfg.reward_batch_size
         p.eval.max_new_tokens, p.eval.temperature = cfg.response_length, cfg.temperature
+    section = getattr(p, p.SECTION) if getattr(p, "SECTION", "") else p.train
+    for k, v in cfg.policy_settings.items():
+        setattr(section, k, v)
     p.tracking = _tracking(cfg, cfg.policy_stage)
     _fresh_or_resume(p)
     stage.run(p)
@@ -322,11 +377,21 @@ def run(cfg: PipelineConfig) -> dict:
     rm_dir = timed("reward", _reward, cfg, sft_dir, rankings, out)
     policy_dir, eval_prompts = timed(cfg.policy_stage, _policy, cfg, sft_dir, rm_dir, rankings, out)
     runs.update(sft=str(sft_dir), reward=str(rm_dir), policy=str(policy_dir))
+    task = task_module(cfg)
     ev = EvalConfig(sft_run=str(sft_dir), reward_run=str(rm_dir), policy_a="sft", policy_b=str(policy_dir),
                     prompts=str(eval_prompts), num_prompts=cfg.eval_prompts, temperature=cfg.temperature,
-                    response_length=cfg.response_length, gold=gold_spec(cfg), seed=cfg.seed, chat=cfg.chat)
+                    response_length=cfg.response_length, gold=gold_spec(cfg), seed=cfg.seed, chat=cfg.chat,
+                    verifiers=[dict(v) for v in getattr(task, "VERIFIERS", ())], by=getattr(task, "GROUP_BY", ""),
+                    greedy=cfg.eval_greedy, samples=cfg.eval_samples, shots=list(cfg.eval_shots),
+                    demonstrations=str(out / "data" / "sft.jsonl") if cfg.eval_shots else "")
     comparison, acc = timed("eval", lambda: (compare(ev), rm_accuracy_vs_gold(ev, k=cfg.annotate_k)))
-    return write_report(out, cfg, comparison, acc, seconds, runs)
+    report_dir = out / "reports" / cfg.policy_name if cfg.policy_name else out
+    report_dir.mkdir(parents=True, exist_ok=True)
+    return write_report(report_dir, cfg, comparison, acc, seconds, runs)
+
+
+def policy_seed(cfg: PipelineConfig) -> int:
+    return cfg.seed if cfg.policy_seed < 0 else cfg.policy_seed
 
 
 def _fresh_or_resume(stage_cfg) -> None:

@@ -61,6 +61,42 @@ def kl_label(controller: str, kl_coef: float, kl_target: float, stage: str = "pp
     return f"{what} (fixed KL coefficient β {kl_coef:g})"
 
 
+def _pm(r: dict | None) -> str:
+    return "—" if not r or r.get("n", 0) == 0 else f"{r['mean']:.3f} ± {r['sem']:.3f}"
+
+
+def verifier_lines(report: dict, name: str) -> list[str]:
+    """The verifiers' table: pass rate (± SEM) per verifier and, where the evaluation broke them
+    down (``by``), per group; sampled, greedy and over k samples; the in-context baselines beside."""
+    va, vb = report.get("verifiers_sft") or {}, report.get("verifiers_policy") or {}
+    if not vb:
+        return []
+    icl = report.get("in_context") or {}
+    cols = [f"in-context {k}-shot" for k in icl] + ["SFT", name, f"{name} − SFT (paired)"]
+    lines = ["## Verifiers (pass rate ± SEM on the held-out prompts)", "",
+             "| verifier | decoding | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    diff = report.get("verifier_diff") or {}
+    for vname in (vb.get("sampled") or vb.get("greedy") or {}):
+        for view in [v for v in vb if v in ("sampled", "greedy")] + [v for v in vb if v.startswith("at_")]:
+            measures = [("", lambda d: d)] if not view.startswith("at_") else \
+                [("mean@", lambda d: d["mean_at_k"]), ("pass@", lambda d: d["pass_at_k"])]
+            for prefix, pick in measures:
+                label = view if not prefix else f"{prefix}{view[3:]}"
+                groups = [None] + sorted(((vb[view][vname].get("by") or {}) if not prefix else {}))
+                for g in groups:
+                    def cell(v, view=view, g=g, pick=pick):
+                        r = ((v or {}).get(view) or {}).get(vname)
+                        if r is None:
+                            return "—"
+                        r = pick(r)
+                        return _pm(r if g is None else (r.get("by") or {}).get(g))
+                    row = [cell(icl[k].get("verifiers")) for k in icl] + [cell(va), cell(vb)]
+                    row.append(_pm(diff.get(vname)) if view == "sampled" and g is None else "")
+                    lines.append(f"| {vname}{'' if g is None else f' ({g})'} | {label} | " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
+
+
 def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, runs: dict) -> dict:
     out = Path(out)
     summaries = {k: RunDir(v).summary() for k, v in runs.items() if RunDir(v).summary_file.exists()}
@@ -95,6 +131,8 @@ def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, 
         "runs": runs,
         "gold_terms_sft": a.get("gold_terms"), "gold_terms_policy": b.get("gold_terms"),
         "samples": comparison["samples"],
+        "verifiers_sft": a.get("verifiers"), "verifiers_policy": b.get("verifiers"),
+        "verifier_diff": comparison.get("verifier_diff"), "in_context": comparison.get("in_context"),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plots = _plot(out, ppo_metrics)
@@ -119,6 +157,7 @@ def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, 
              *_terms_rows(report["gold_terms_sft"], report["gold_terms_policy"], name), "",
              "Trainable parameters per role: " + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v), "",
              "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds_per_stage"].items()), ""]
+    lines += verifier_lines(report, name)
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     lines += [f"## Samples (same prompt, SFT vs {name})", "", f"| prompt | SFT | {name} |", "|---|---|---|"]

@@ -18,12 +18,16 @@ from typing import Callable
 
 import torch
 
+import functools
+
 from align.guard import NonFiniteError, check_rewards
 from align.rules import Spec, keyword_parameters
 from align.scoring import call_scorer, load_callable
+from align.verifiers import resolve
 
 ROLE = "reward"   # the one learned role a mix can name
-REWARD_FN_SPEC = Spec(args=3, call="fn(prompts, responses, ended, **columns)", columns=True)
+ENTRY_KEYS = {"fn", "role", "weight", "name", "args"}
+REWARD_FN_SPEC = Spec(args=3, call="fn(prompts, responses, ended, **columns)", columns=True, names=resolve)
 
 
 @dataclass
@@ -48,8 +52,14 @@ def sources_from_config(cfg) -> list[RewardSource]:
         seen.add(name)
         label = (f"rewards[{i}] {spec}" if listed else f"reward_fn {spec}") if spec else \
             f"the reward role ({cfg.reward_run})"
-        out.append(RewardSource(name, float(e.get("weight", 1.0)), load_callable(spec) if spec else None, label))
+        out.append(RewardSource(name, float(e.get("weight", 1.0)), entry_function(e) if spec else None, label))
     return out
+
+
+def entry_function(entry: dict):
+    """An entry's function with its ``args`` bound by keyword (``functools.partial``)."""
+    fn = load_callable(entry["fn"])
+    return functools.partial(fn, **entry["args"]) if entry.get("args") else fn
 
 
 def entry_problems(entries, reward_run: str, reward_fn: str, at: str) -> list[str]:
@@ -59,8 +69,9 @@ def entry_problems(entries, reward_run: str, reward_fn: str, at: str) -> list[st
         out.append(f"{at}reward_fn={reward_fn!r}: give it as an entry of {at}rewards instead (not both)")
     for i, e in enumerate(entries):
         key = f"{at}rewards[{i}]"
-        if not isinstance(e, dict) or set(e) - {"fn", "role", "weight", "name"} or ("fn" in e) == ("role" in e):
-            out.append(f"{key}={e!r}: give {{fn: module:function}} or {{role: reward}}, optionally weight and name")
+        if not isinstance(e, dict) or set(e) - ENTRY_KEYS or ("fn" in e) == ("role" in e):
+            out.append(f"{key}={e!r}: give {{fn: module:function}} (or a built-in verifier's name) or "
+                       f"{{role: reward}}, optionally weight and name (and args for a function)")
             continue
         if "role" in e and e["role"] != ROLE:
             out.append(f"{key}.role={e['role']!r}: the only learned role is 'reward' (reward_run)")
@@ -68,6 +79,10 @@ def entry_problems(entries, reward_run: str, reward_fn: str, at: str) -> list[st
             out.append(f"{key}: role 'reward' needs reward_run (a finished reward run)")
         if "fn" in e and (problem := REWARD_FN_SPEC.problem(e["fn"])) is not None:
             out.append(f"{key}.fn={e['fn']!r}: {problem}")
+        elif "args" in e:
+            out.extend(f"{key}.args: {p}" for p in args_problems(e))
+        if "role" in e and "args" in e:
+            out.append(f"{key}.args: only a function takes args")
         w = e.get("weight", 1.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf"):
             out.append(f"{key}.weight={w!r}: give a finite number")
@@ -75,6 +90,21 @@ def entry_problems(entries, reward_run: str, reward_fn: str, at: str) -> list[st
         out.append(f"{at}reward_run={reward_run!r} is given but {at}rewards has no {{role: reward}} entry; "
                    f"add one or leave reward_run out")
     return out
+
+
+def args_problems(entry: dict) -> list[str]:
+    """What is wrong with a function entry's ``args``: a mapping of keyword parameters the function
+    has (after its first three), and nothing it cannot take."""
+    args = entry["args"]
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        return [f"{args!r}: give a mapping of the function's parameters to values"]
+    params = keyword_parameters(load_callable(entry["fn"]), 3)
+    if params is None or params[2]:
+        return []
+    unknown = sorted(set(args) - set(params[0]))
+    if unknown:
+        return [f"{entry['fn']} has no parameter {unknown[0]!r} (it takes {', '.join(params[0]) or 'none'})"]
+    return []
 
 
 def required_columns(fn: Callable) -> list[str]:

@@ -133,12 +133,16 @@ class Spec(Rule):
 
     FORM = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
-    def __init__(self, required: bool = False, args: int = 0, call: str = "", columns: bool = False):
+    def __init__(self, required: bool = False, args: int = 0, call: str = "", columns: bool = False,
+                 names=None):
         self.required, self.args, self.call, self.columns = required, args, call, columns
+        self.names = names   # a bare name -> 'module:function' (built-in verifiers), or None
 
     def problem(self, value) -> str | None:
         if value in ("", None):
             return "required" if self.required else None
+        if self.names is not None:
+            value = self.names(value)
         if not isinstance(value, str) or not self.FORM.match(value):
             return "give 'module:function'"
         import importlib

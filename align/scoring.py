@@ -122,9 +122,12 @@ def score(engine, resp: Responses, roles, temperature: float, micro_batch_size: 
 
 
 def load_callable(spec: str) -> Callable | None:
-    """``"module:function"`` (a gold scorer or programmatic reward) → the function; "" → None."""
+    """``"module:function"`` (a gold scorer or programmatic reward) or a built-in verifier's bare
+    name (align/verifiers.py) → the function; "" → None."""
     if not spec:
         return None
+    from align.verifiers import resolve
+    spec = resolve(spec)
     mod, sep, fn = spec.partition(":")
     if not sep or not mod or not fn:
         raise ValueError(f"{spec!r} is not of the form module:function")

@@ -116,3 +116,9 @@ def answer_gold(prompts, responses, ended, **columns):
 def picky(prompts, responses, ended):
     """A verifier with an opinion only on prompts about dogs: 1 when the response has an 'e'."""
     return [(1.0 if "e" in r else 0.0) if "dog" in p else None for p, r in zip(prompts, responses)]
+
+
+def count_target_except_happy(prompts, responses, ended):
+    """count_target, but the same score (0) for every response to a prompt about a happy dog: those
+    groups carry no advantage (dynamic sampling drops them)."""
+    return [0.0 if "happy" in p else min(r.count(TARGET), 10) / 2.0 for p, r in zip(prompts, responses)]

@@ -47,7 +47,7 @@ def test_grpo_loss_gradient_at_ratio_one_is_minus_advantage_over_length():
     torch.testing.assert_close(lp.grad, torch.tensor([[-2 / 3 / 2] * 3 + [0.0], [1 / 2 / 2] * 2 + [0.0, 0.0]]))
     assert float(st["kl"]) == 0 and float(st["clipfrac"]) == 0
     lp.grad = None
-    loss, _ = grpo_loss(lp, lp.detach(), lp.detach(), adv, mask, variant="dr_grpo", max_length=8)
+    loss, _ = grpo_loss(lp, lp.detach(), lp.detach(), adv, mask, loss_type="dr_grpo", max_length=8)
     loss.backward()  # Dr. GRPO: token sum over a constant 8, no per-response length
     torch.testing.assert_close(lp.grad, torch.tensor([[-2 / 8 / 2] * 3 + [0.0], [1 / 8 / 2] * 2 + [0.0, 0.0]]))
 
@@ -99,7 +99,7 @@ def test_group_prompt_order_gives_each_prompt_group_size_consecutive_rows(tiny_l
 # score still rises by ~1.0-1.3. So the bound below fails if the KL term is lost.
 @pytest.mark.parametrize("stage,cls,section,extra,rise,kl_max", [
     ("grpo", grpo.GRPOConfig, "grpo", ("grpo.kl_coef=0.5",), 0.5, 6.0),
-    ("dr_grpo", grpo.GRPOConfig, "grpo", ("grpo.variant=dr_grpo", "grpo.kl_coef=0.0"), 3.0, 80.0),
+    ("dr_grpo", grpo.GRPOConfig, "grpo", ("grpo.loss_type=dr_grpo", "grpo.kl_coef=0.0"), 3.0, 80.0),
     ("rloo", rloo.RLOOConfig, "rloo", ("rloo.kl_coef=0.5",), 0.5, 6.0),
 ])
 def test_toy_reward_rises_while_kl_stays_bounded(tiny_llama, tmp_path, stage, cls, section, extra, rise, kl_max):
@@ -144,7 +144,7 @@ def test_grpo_kill_and_resume_gives_the_same_final_adapters(tiny_llama, tmp_path
 
 
 @pytest.mark.parametrize("override,match", [
-    ("grpo.variant=drgrpo", "grpo.variant='drgrpo': choose one of grpo, dr_grpo"),
+    ("grpo.loss_type=drgrpo", "grpo.loss_type='drgrpo': choose one of grpo, dr_grpo"),
     ("grpo.group_size=1", "grpo.group_size"),
     ("grpo.group_size=5", "not a multiple of grpo.group_size=5"),
     ("grpo.kl_estimator=k9", "grpo.kl_estimator"),

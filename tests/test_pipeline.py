@@ -84,3 +84,50 @@ def test_the_pipeline_refuses_full_finetuning_on_a_quantized_backbone_before_wri
     with pytest.raises(ConfigError, match=r"quantization='nf3'"):
         run(load_config(PipelineConfig, None, [f"output_dir={out}", "quantization=nf3"]))
     assert not out.exists()
+
+
+def test_the_pipeline_trains_on_a_verifier_and_reports_pass_rates_per_kind(tmp_path):
+    """The task's reference columns reach a verifier reward (``rewards``); the report gives the
+    task's verifier per question kind, greedy and over k samples, beside the in-context baselines;
+    a second policy stage (``policy_name``) reuses the first one's SFT, annotation and reward model.
+    A short budget on the quickstart backbone: the mechanics, not the gains."""
+    from align.config import load_config
+    from align.pipeline import PipelineConfig, run
+    out = tmp_path / "sa"
+    base = [f"output_dir={out}", "tracking.wandb=false", "task=align.tasks.short_answers", "sft_steps=10",
+            "sft_examples=64", "annotate_prompts=24", "reward_epochs=1", "ppo_iterations=1", "ppo_prompts=32",
+            "ppo_rollout_batch_size=8", "ppo_micro_batch_size=8", "eval_prompts=12", "response_length=8",
+            "policy_stage=grpo", "group_size=4"]
+    cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), base + [
+        "policy_name=verifier", "rewards=[{fn: align.tasks.short_answers:correct}]",
+        "eval_greedy=true", "eval_samples=2", "eval_shots=[0, 2]"])
+    report = run(cfg)
+    rec = json.loads((out / "data" / "ppo_prompts.jsonl").read_text().splitlines()[0])
+    assert {"prompt", "answer", "distractor", "kind"} <= set(rec)
+    policy = out / "verifier"
+    assert report["runs"]["policy"] == str(policy) and (policy / "adapters" / "policy").is_dir()
+    assert not (policy / "roles.json").read_text().count("reward_")   # no learned reward role was loaded
+    metrics = [json.loads(x) for x in (policy / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward/correct/mean" in m for m in metrics)
+    vb = report["verifiers_policy"]
+    assert set(vb) == {"sampled", "greedy", "at_2"}
+    kinds = set(vb["sampled"]["correct"]["by"])
+    assert kinds <= {"where", "colour", "compare", "add"} and len(kinds) >= 2
+    assert sum(g["n"] for g in vb["sampled"]["correct"]["by"].values()) == 12
+    assert 0.0 <= vb["at_2"]["correct"]["mean_at_k"]["mean"] <= vb["at_2"]["correct"]["pass_at_k"]["mean"] <= 1.0
+    assert set(report["in_context"]) == {"0", "2"}
+    md = (out / "reports" / "verifier" / "report.md").read_text()
+    assert "| correct | sampled |" in md and "| correct (add) | sampled |" in md and "in-context 2-shot" in md
+    assert "| correct | pass@2 |" in md
+    assert not (out / "report.md").exists()
+    sft_time = (out / "sft" / "summary.json").stat().st_mtime
+    # a second policy over the same SFT and reward model: learned reward + verifier, another seed
+    cfg2 = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), base + [
+        "policy_name=mixed", "policy_seed=1",
+        "rewards=[{role: reward}, {fn: align.tasks.short_answers:correct, weight: 2.0}]"])
+    report2 = run(cfg2)
+    assert (out / "sft" / "summary.json").stat().st_mtime == sft_time
+    assert report2["runs"]["policy"] == str(out / "mixed")
+    import yaml
+    assert yaml.safe_load((out / "mixed" / "config.yaml").read_text())["grpo"]["seed"] == 1
+    assert "reward/reward_model/mean" in (out / "mixed" / "metrics.jsonl").read_text()

@@ -399,12 +399,12 @@ def test_truncated_responses_add_nothing_to_the_loss_and_stay_in_the_count():
     lp, old, mask, adv = _grpo_case()
     truncated = torch.tensor([False, True, False, True])
     for variant in ("grpo", "dapo"):
-        loss, _ = grpo_loss(lp, old, old, adv, mask, 0.2, 0.0, variant=variant, truncated=truncated)
+        loss, _ = grpo_loss(lp, old, old, adv, mask, 0.2, 0.0, loss_type=variant, truncated=truncated)
         g = grad(loss, lp)
         assert float(g[truncated].abs().sum()) == 0.0 and float(g[~truncated].abs().sum()) > 0
     kept = ~truncated
-    whole, _ = grpo_loss(lp, old, old, adv, mask, 0.2, 0.0, variant="grpo", truncated=truncated)
-    part, _ = grpo_loss(lp[kept], old[kept], old[kept], adv[kept], mask[kept], 0.2, 0.0, variant="grpo")
+    whole, _ = grpo_loss(lp, old, old, adv, mask, 0.2, 0.0, loss_type="grpo", truncated=truncated)
+    part, _ = grpo_loss(lp[kept], old[kept], old[kept], adv[kept], mask[kept], 0.2, 0.0, loss_type="grpo")
     torch.testing.assert_close(whole, part * kept.sum() / 4)   # a truncated response counts as a 0
 
 
@@ -412,7 +412,7 @@ def test_a_dapo_gspo_run_with_truncation_masked_trains_and_logs(tiny_llama, tmp_
     sft = H.fake_sft_run(tiny_llama, tmp_path / "sft", LORA_HEAD)
     prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 4)
     grpo.run(group_cfg(grpo.GRPOConfig, "grpo", tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target",
-                       "grpo.variant=dapo", "grpo.cliprange_high=0.28", "grpo.ratio_level=sequence",
+                       "grpo.loss_type=dapo", "grpo.cliprange_high=0.28", "grpo.ratio_level=sequence",
                        "grpo.mask_truncated=true", "grpo.iterations=2", "grpo.rollout_batch_size=8",
                        "grpo.response_length=4", "grpo.num_epochs=2"))
     m = [x for x in (json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())

@@ -17,6 +17,8 @@ so no value model is needed:
   same, so a long response is not averaged down -- with "clip-higher" (an upper ratio bound
   ``1 + clip_high`` above the lower ``1 - clip``) and, optionally, truncated responses left out of
   the loss; these are options of GRPO's loss (``grpo_loss``), as in TRL's GRPOTrainer.
+* BNPO (TRL's ``bnpo``): token-level normalisation within each micro-batch (chunk) instead of the
+  whole minibatch; the minibatch's loss is the mean of its chunks' token means.
 * GSPO (Zheng et al. 2025): one importance ratio per response, ``exp(mean_t log pi/pi_old)``,
   clipped per response (``ratio_level="sequence"``), in place of the per-token ratios.
 * RLOO (Ahmadian et al. 2024): the KL penalty goes into the reward, ``R_i = r_i - beta * sum_t
@@ -110,17 +112,20 @@ def grpo_kl(logprobs, old_logprobs, ref_logprobs, mask, estimator: str = "k3", i
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range: float = 0.2,
-              beta: float = 0.04, kl_estimator: str = "k3", variant: str = "grpo", max_length: int | None = None,
+              beta: float = 0.04, kl_estimator: str = "k3", loss_type: str = "grpo", max_length: int | None = None,
               kl_importance_weight: bool = False, denominator=None, clip_high: float | None = None,
               ratio_level: str = "token", truncated=None):
-    """GRPO's (``variant="grpo"``), Dr. GRPO's (``"dr_grpo"``) or DAPO's (``"dapo"``) loss of a chunk
+    """GRPO's (``loss_type="grpo"``), Dr. GRPO's (``"dr_grpo"``), DAPO's (``"dapo"``) or BNPO's
+    (``"bnpo"``) loss of a chunk
     of responses. ``logprobs`` carry the gradient; ``old_logprobs`` (rollout), ``ref_logprobs``
     (reference) and ``advantages`` [B] are constants. GRPO: each response's token losses averaged
     over its own length; Dr. GRPO: summed and divided by ``max_length``; then the sum over
     responses divided by ``denominator`` (the loop passes the global minibatch's response count over
     its chunks, so the loss does not depend on how a minibatch is split) or, without one, by this
     chunk's count. DAPO: the sum over every real token divided by ``denominator`` (the loop: the
-    minibatch's counted tokens over its chunks) or this chunk's counted token count. ``clip_high``: the upper
+    minibatch's counted tokens over its chunks) or this chunk's counted token count. BNPO (TRL's
+    ``bnpo``): the token mean of this chunk alone (the loop passes no denominator), so the minibatch's
+    loss is the mean of its chunks' token means. ``clip_high``: the upper
     ratio bound's clip (clip-higher; None: ``clip_range``); ``ratio_level="sequence"``: GSPO's
     per-response ratio; ``truncated`` [B] bool: responses whose token losses count as 0 (DAPO's
     overlong filtering; they stay in the response count, as in TRL). The KL term: ``grpo_kl``.
@@ -131,19 +136,30 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range
         torch.zeros_like(tok)
     counted = m if truncated is None else m & ~truncated.bool()[:, None]
     per_token = torch.where(counted, tok + beta * kl, torch.zeros_like(tok))
-    if variant == "dapo":
-        loss = _over(per_token.sum(), counted.sum(), denominator)
+    if loss_type in ("dapo", "bnpo"):
+        loss = _over(per_token.sum(), counted.sum(), denominator if loss_type == "dapo" else None)
         stats["kl"] = masked_mean(kl.detach(), m)
         return loss, stats
-    if variant == "grpo":
+    if loss_type == "grpo":
         per_response = per_token.sum(1) / m.sum(1).clamp(min=1)
-    elif variant == "dr_grpo":
+    elif loss_type == "dr_grpo":
         per_response = per_token.sum(1) / float(max_length or m.shape[1])
     else:
-        raise ValueError(f"variant={variant!r}: choose grpo, dr_grpo or dapo")
+        raise ValueError(f"loss_type={loss_type!r}: choose grpo, dr_grpo, dapo or bnpo")
     loss = _over(per_response.sum(), torch.tensor(m.shape[0]), denominator)
     stats["kl"] = masked_mean(kl.detach(), m)
     return loss, stats
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of responses of ``lengths`` tokens
+    [B] with at most ``max_length`` tokens: 0 up to ``max_length - buffer`` tokens, then falling
+    linearly to ``-factor`` at ``max_length`` (``(max_length - buffer - length) / buffer * factor``),
+    and ``-factor`` beyond. Added to the score before the group advantages."""
+    if buffer < 1 or buffer > max_length:
+        raise ValueError(f"overlong buffer {buffer}: give 1 .. max_length ({max_length})")
+    excess = (lengths.float() - (max_length - buffer)).clamp(min=0.0)
+    return -factor * (excess / buffer).clamp(max=1.0)
 
 
 def rloo_loss(logprobs, old_logprobs, advantages, mask, clip_range: float = 0.2, level: str = "sequence",

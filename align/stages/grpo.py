@@ -1,5 +1,6 @@
-"""``align grpo``: GRPO (Shao et al. 2024) and Dr. GRPO (Liu et al. 2025) on the online roles
-without a critic.
+"""``align grpo``: GRPO (Shao et al. 2024), Dr. GRPO (Liu et al. 2025), DAPO (Yu et al. 2025) with
+dynamic sampling and the soft overlong penalty, and GSPO's sequence-level ratio (Zheng et al. 2025)
+on the online roles without a critic.
 
 ``grpo.group_size`` responses per prompt from the policy (a trainable copy of the SFT adapters),
 scored by the reward role (or a programmatic ``reward_fn``); advantages against the other
@@ -24,11 +25,12 @@ from align.stages.online import GroupAlgoConfig, GroupLoop, OnlineStageConfig, R
 
 @dataclass
 class GRPOAlgoConfig(GroupAlgoConfig):
-    variant: str = setting(
+    loss_type: str = setting(
         "grpo",
         "grpo (group std, per-response length mean) | dr_grpo (neither: sum / response_length) | dapo (group std, "
-        "every token of the minibatch weighs the same)",
-        OneOf("grpo", "dr_grpo", "dapo"))
+        "every token of the minibatch weighs the same) | bnpo (group std, token mean of each micro-batch) -- TRL's "
+        "loss_type",
+        OneOf("grpo", "dr_grpo", "dapo", "bnpo"))
     cliprange_high: float = setting(
         0.0, "upper ratio clip (clip-higher; DAPO: 0.28); 0: cliprange, symmetric", NON_NEGATIVE)
     ratio_level: str = setting(
@@ -49,6 +51,7 @@ class GRPOAlgoConfig(GroupAlgoConfig):
         "and minibatches, and k1 / k3 then give the gradient of the reverse KL(pi || ref)")
 
     def checks(self, at: str) -> Iterator[str]:
+        yield from super().checks(at)
         if self.kl_estimator == "k1" and self.kl_coef > 0 and not self.kl_importance_weight:
             yield (f"{at}kl_estimator='k1': in the loss k1's expected gradient is zero (E_pi[grad log pi] = 0), so "
                    f"it would not pull toward the reference; use k3 (forward KL, the default), k2 (reverse KL), "
@@ -69,21 +72,21 @@ class GRPOLoop(GroupLoop):
     def advantages(self, ro: Rollout) -> dict[str, torch.Tensor]:
         # logged as objective/kl: the sampled sequence KL(pi || pi_ref) (k1 summed), whatever the loss's estimator
         kl = masked_kl(ro.logprobs, ro.ref_logprobs, ro.response_mask)
-        scale = self.a.variant in ("grpo", "dapo")
+        scale = self.a.loss_type != "dr_grpo"
         return {"kl": kl, "advantages": group_advantages(ro.scores, self.a.group_size, scale=scale)}
 
     def loss(self, logprobs, ro: Rollout, adv: dict, idx, minibatch):
         a = self.a
         return grpo_loss(logprobs, ro.logprobs[idx], ro.ref_logprobs[idx], adv["advantages"][idx],
-                         ro.response_mask[idx], a.cliprange, self.kl_ctl.value, a.kl_estimator, a.variant,
+                         ro.response_mask[idx], a.cliprange, self.kl_ctl.value, a.kl_estimator, a.loss_type,
                          a.response_length, a.kl_importance_weight,
-                         self.denominator(ro, minibatch, tokens=a.variant == "dapo",
-                                          ended_only=a.variant == "dapo" and a.mask_truncated),
+                         self.denominator(ro, minibatch, tokens=a.loss_type == "dapo",
+                                          ended_only=a.loss_type == "dapo" and a.mask_truncated),
                          clip_high=a.cliprange_high or None, ratio_level=a.ratio_level,
                          truncated=~ro.has_stop[idx] if a.mask_truncated else None)
 
 
 @stage_entry
 def run(cfg: GRPOConfig) -> dict:
-    """``align grpo``: GRPO or Dr. GRPO (``grpo.variant``)."""
+    """``align grpo``: GRPO, Dr. GRPO, DAPO or BNPO (``grpo.loss_type``)."""
     return run_online(cfg, GRPOLoop)

@@ -32,6 +32,7 @@ from align.data.common import check_eval_split, read_records, require_records, s
 from align.data.sft import encode_prompts
 from align.guard import NonFiniteError, agree, check_loss, mark_started
 from align.resume import prepare_resumable, save_resumable
+from align.rl.group import overlong_penalty
 from align.rl.functional import masked_mean
 from align.rl.kl import make_kl_controller
 from align.rl.rollout import apply_missing_stop_penalty
@@ -365,6 +366,15 @@ class PromptOrder:
         seeds = [self.a.seed * 7_919_000 + it * self.batch + r for r in self.rows]
         return [self.prompts[perm[r // self.group]] for r in self.rows], seeds, width
 
+    def extra(self, it: int, round_: int) -> tuple[list, list[int], int]:
+        """A further batch of prompts for iteration ``it`` (dynamic sampling's refill ``round_`` >= 1):
+        drawn from all training prompts with a seed of its own, so a resumed run draws the same."""
+        g = torch.Generator().manual_seed(self.a.seed * 1_000_003 + 7_777_777 + it * 1_009 + round_)
+        perm = torch.randperm(len(self.prompts), generator=g)[:self.n_prompts]
+        width = max(len(self.prompts[i]["ids"]) for i in perm.tolist())
+        seeds = [self.a.seed * 7_919_000 + 2**40 + (it * 1_009 + round_) * self.batch + r for r in self.rows]
+        return [self.prompts[perm[r // self.group]] for r in self.rows], seeds, width
+
 
 # ------------------------------------------------------------------------------------ rollout
 @dataclass
@@ -513,12 +523,17 @@ class OnlineLoop:
         """The global rollout batch of iteration ``it`` (every rank holds all of it, so whitening,
         groups and minibatches are global), with generation and rollout seconds."""
         t0 = time.time()
-        prompts, seeds, width = self.order(it)
+        ro, t_generate = self.sample(*self.order(it), it)
+        return ro, t_generate, time.time() - t0
+
+    def sample(self, prompts: list, seeds: list[int], width: int, it: int) -> tuple[Rollout, float]:
+        """One global rollout batch of this rank's ``prompts`` (gathered over processes) and its
+        generation seconds."""
         ro, t_generate = rollout(self.model, self.engine, prompts, self.cfg, self.tok, self.rt, self.mix, seeds,
                                  width, step=it + 1, with_reference=self.kl_measured)
         if self.rt.world_size > 1:
             ro = gather_rollout(ro, self.rt)
-        return ro, t_generate, time.time() - t0
+        return ro, t_generate
 
     def update(self, ro: Rollout, adv: dict, it: int) -> dict[str, list]:
         """Epochs over minibatches. Each global minibatch is cut into world x accum_steps near-equal
@@ -726,6 +741,24 @@ class GroupAlgoConfig(OnlineAlgoConfig):
     group_size: int = setting(
         4, "responses sampled per prompt (GRPO's G, RLOO's k), >= 2", Range(2, integer=True))
     num_epochs: int = setting(1, "passes over each rollout batch (1: strictly on-policy)", AT_LEAST_ONE)
+    dynamic_sampling: bool = setting(
+        False,
+        "DAPO's dynamic sampling: groups whose responses all score the same (no advantage, no gradient) are "
+        "replaced by groups sampled from further prompts, up to dynamic_sampling_rounds extra rollouts per "
+        "iteration; if still short, dropped groups fill the batch (counts logged as dynamic_sampling/*)")
+    dynamic_sampling_rounds: int = setting(3, "the most extra rollouts per iteration for dynamic_sampling",
+                                           NON_NEGATIVE)
+    overlong_buffer: int = setting(
+        0,
+        "DAPO's soft overlong penalty: 0 off; else a response longer than response_length - overlong_buffer "
+        "tokens loses up to overlong_penalty, linearly, reached at response_length", NON_NEGATIVE)
+    overlong_penalty: float = setting(1.0, "the soft overlong penalty's largest value", NON_NEGATIVE)
+
+    def checks(self, at: str) -> Iterator[str]:
+        if isinstance(self.overlong_buffer, int) and isinstance(self.response_length, int) \
+                and self.overlong_buffer > self.response_length >= 1:
+            yield (f"{at}overlong_buffer={self.overlong_buffer}: at most response_length={self.response_length} "
+                   f"(the penalty starts overlong_buffer tokens before the limit)")
 
     @property
     def group(self) -> int:
@@ -754,11 +787,91 @@ class GroupLoop(OnlineLoop):
         count = float(mask[minibatch].sum()) if tokens else float(len(minibatch))
         return count / (self.split.accum_steps * self.split.world)
 
+    def rollout(self, it: int) -> tuple[Rollout, float, float]:
+        """The group rollout: the soft overlong penalty on the scores and, with dynamic sampling,
+        groups without an advantage replaced by further ones (DAPO)."""
+        t0 = time.time()
+        ro, t_generate = self.sample(*self.order(it), it)
+        ro = self.penalise_overlong(ro)
+        if self.a.dynamic_sampling:
+            ro, t_more = self.refill(ro, it)
+            t_generate += t_more
+        return ro, t_generate, time.time() - t0
+
+    def penalise_overlong(self, ro: Rollout) -> Rollout:
+        a = self.a
+        if not a.overlong_buffer:
+            return ro
+        pen = overlong_penalty(ro.response_mask.sum(1), a.response_length, a.overlong_buffer, a.overlong_penalty)
+        self._overlong = float(pen.mean())
+        return dataclasses.replace(ro, scores=ro.scores + pen.to(ro.scores.dtype),
+                                   raw_scores=ro.raw_scores + pen.to(ro.raw_scores.dtype))
+
+    def informative(self, ro: Rollout) -> torch.Tensor:
+        """[groups] bool: the groups whose responses do not all score the same."""
+        g = ro.scores.view(-1, self.a.group_size)
+        return (g.max(1).values - g.min(1).values) > 1e-6
+
+    def refill(self, ro: Rollout, it: int) -> tuple[Rollout, float]:
+        """DAPO's dynamic sampling: keep the informative groups, sample further prompts (up to
+        ``dynamic_sampling_rounds`` rollouts) until the batch is full of them, and fill what is still
+        missing with the first rollout's uninformative groups. Every rank makes the same choice
+        (the batch is global)."""
+        a, n = self.a, ro.scores.numel() // self.a.group_size
+        keep = self.informative(ro)
+        pieces, have, rounds, seconds = [(ro, keep.nonzero().flatten())], int(keep.sum()), 0, 0.0
+        first_dropped = int(n - have)
+        while have < n and rounds < a.dynamic_sampling_rounds:
+            rounds += 1
+            more, t = self.sample(*self.order.extra(it, rounds), it)
+            more = self.penalise_overlong(more)
+            seconds += t
+            k = self.informative(more).nonzero().flatten()
+            pieces.append((more, k))
+            have += len(k)
+        chosen, left = [], n
+        for r, groups in pieces:
+            take = groups[:left]
+            chosen.append((r, take))
+            left -= len(take)
+        if left:   # still short: the uninformative groups of the first rollout
+            chosen.append((ro, (~keep).nonzero().flatten()[:left]))
+        self._dynamic = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/dropped_groups": first_dropped,
+                         "dynamic_sampling/filled_uninformative": left}
+        return concat_groups(chosen, a.group_size, self.tok.pad_token_id), seconds
+
+    def extra_metrics(self, ro: Rollout, adv: dict, times: dict) -> dict:
+        out = {"objective/advantage_abs": float(adv["advantages"].abs().mean())}
+        if self.a.overlong_buffer:
+            out["objective/overlong_penalty"] = getattr(self, "_overlong", 0.0)
+        if self.a.dynamic_sampling:
+            out.update(getattr(self, "_dynamic", {}))
+        return out
+
     def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor):
         out = response_stats(self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
                              ro.response_mask[idx], ("policy",), self.a.temperature)["policy"]
         loss, stats = self.loss(out["logprobs"], ro, adv, idx, minibatch)
         return loss, {"policy/loss": loss, **{f"policy/{k}": v for k, v in stats.items()}}, None
 
-    def extra_metrics(self, ro: Rollout, adv: dict, times: dict) -> dict:
-        return {"objective/advantage_abs": float(adv["advantages"].abs().mean())}
+
+def concat_groups(chosen: list[tuple[Rollout, torch.Tensor]], group_size: int, pad_id: int) -> Rollout:
+    """One rollout of the given groups (``(rollout, group indices)`` pairs, in order): prompts
+    left-padded and responses right-padded to the widest, the pads masked out and zero."""
+    rows = [(r, (g[:, None] * group_size + torch.arange(group_size, device=g.device)).flatten())
+            for r, g in chosen if len(g)]
+    q_width = max(r.query.shape[1] for r, _ in rows)
+    r_width = max(r.response.shape[1] for r, _ in rows)
+    out: dict[str, list] = {}
+    for r, idx in rows:
+        idx = idx.to(r.scores.device)
+        for f in dataclasses.fields(Rollout):
+            t = getattr(r, f.name)[idx]
+            if f.name in ("query", "query_mask"):
+                fill = pad_id if f.name == "query" else 0
+                t = torch.nn.functional.pad(t, (q_width - t.shape[1], 0), value=fill)
+            elif t.dim() == 2 and f.name != "reward_parts":
+                fill = pad_id if f.name == "response" else 0
+                t = torch.nn.functional.pad(t, (0, r_width - t.shape[1]), value=fill)
+            out.setdefault(f.name, []).append(t)
+    return Rollout(**{k: torch.cat(v) for k, v in out.items()})

@@ -58,6 +58,9 @@ STOPWORDS = frozenset("the a an in and is was of to it her his their she he they
                       "than now more".split())
 
 SPLITS = ("sft", "rm", "ppo", "eval")
+# what the pipeline's report gives pass rates of, per question kind (align/pipeline.py)
+VERIFIERS = ({"fn": "align.tasks.short_answers:correct", "name": "correct"},)
+GROUP_BY = "kind"
 KINDS = ("where", "colour", "compare", "add")
 MAX_WORDS = 12
 
@@ -115,6 +118,14 @@ def prompts(split: str, n: int, seed: int = 0) -> list[str]:
     """``n`` questions of a split ("sft", "rm", "ppo", "eval"); eval questions use held-out names
     and things only (module docstring), so none is a training prompt."""
     return [q["question"] for q in _questions(split, n, seed)]
+
+
+def prompt_records(split: str, n: int, seed: int = 0) -> list[dict]:
+    """The questions of :func:`prompts` as prompts-file records that carry their reference:
+    ``{"prompt", "answer", "distractor", "kind"}`` (``distractor`` is "" for sums). The extra fields
+    reach a verifier (:func:`correct`) as keyword arguments; the learned reward never sees them."""
+    return [{"prompt": q["question"], "answer": q["answer"], "distractor": q["distractor"], "kind": q["kind"]}
+            for q in _questions(split, n, seed)]
 
 
 # ---------------------------------------------------------------------------- demonstrations
@@ -223,13 +234,34 @@ def gold_terms(prompt: str, response: str, ended: bool) -> dict:
     for w in words:
         if w not in STOPWORDS:
             counts[w] = counts.get(w, 0) + 1
-    if q["kind"] == "add":
-        named = _numbers(response)
-        correct = q["answer"] in named and named <= q["addends"] | {q["answer"]}
-    else:
-        correct = _first_named(response, q["answer"], q["distractor"])
-    return {"kind": q["kind"], "correct": bool(correct), "ended": bool(ended), "words": len(words),
+    right = is_correct(q["kind"], q["answer"], q["distractor"], response, q.get("addends", set()))
+    return {"kind": q["kind"], "correct": bool(right), "ended": bool(ended), "words": len(words),
             "repeats": any(c >= 3 for c in counts.values())}
+
+
+def is_correct(kind: str, answer: str, distractor: str, response: str, addends: set[str] = frozenset()) -> bool:
+    """The correctness rule of the gold (module docstring) for a question whose reference is given:
+    the answer named before the distractor (or alone); for a sum, the sum named and no number
+    but it and the ``addends``."""
+    if kind == "add":
+        named = _numbers(response)
+        return answer in named and named <= set(addends) | {answer}
+    return _first_named(response, answer, distractor)
+
+
+def correct(prompts: list[str], completions: list[str], ended: list[bool], answer: list, distractor: list,
+            kind: list) -> list[float | None]:
+    """Verifier: 1.0 when a completion answers its question correctly, judged against the record's
+    ``answer``, ``distractor`` and ``kind`` columns (:func:`prompt_records`), else 0.0; None for a
+    record without an answer. Use as a reward (``rewards: [{fn: align.tasks.short_answers:correct}]``)
+    or in evaluation (``eval.verifiers``). Correctness only: length and the stop token are not its
+    business (the gold's other terms)."""
+    out: list[float | None] = []
+    for p, c, a, d, k in zip(prompts, completions, answer, distractor, kind, strict=True):
+        q = parse_question(p) if k == "add" else None
+        addends = q["addends"] if q is not None and q["kind"] == "add" else set()
+        out.append(None if a is None else float(is_correct(k, str(a), str(d or ""), c, addends)))
+    return out
 
 
 def gold_score(prompt: str, response: str, ended: bool) -> float:
