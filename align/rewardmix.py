@@ -79,7 +79,7 @@ def entry_problems(entries, reward_run: str, reward_fn: str, at: str) -> list[st
             out.append(f"{key}: role 'reward' needs reward_run (a finished reward run)")
         if "fn" in e and (problem := REWARD_FN_SPEC.problem(e["fn"])) is not None:
             out.append(f"{key}.fn={e['fn']!r}: {problem}")
-        elif "args" in e:
+        elif "args" in e and "fn" in e:
             out.extend(f"{key}.args: {p}" for p in args_problems(e))
         if "role" in e and "args" in e:
             out.append(f"{key}.args: only a function takes args")

@@ -1,8 +1,10 @@
 """SFT examples: the dataset formats users know from TRL, tokenized with completion-only labels.
 
 Accepted records (canonical format, data_tools/README.md): ``{"prompt", "completion"}`` with
-strings (standard) or message lists (conversational), or ``{"messages": [...]}`` (the last
-assistant turn is the completion; earlier turns are the prompt). Conversations are rendered with
+strings (standard) or message lists (conversational), or ``{"messages": [...]}``: with
+``assistant_turns="all"`` (default, as TRL's ``assistant_only_loss``) every assistant turn is a
+completion the loss is taken on, the user/system turns and the template's markup between them
+context; with ``"last"`` only the last assistant turn (earlier ones are prompt). Conversations are rendered with
 the tokenizer's chat template, or ``data.chat_template`` for tokenizers without one.
 
 Prompt and completion are tokenized separately (as the policy will later see them: prompt
@@ -32,6 +34,8 @@ class TruncationReport:
     prompt_truncated: int = 0
     completion_truncated: int = 0   # completion cut (its EOS lost)
     dropped: int = 0                # no completion token fits at all (counted, never silent)
+    turns_dropped: int = 0          # later assistant turns of a conversation beyond max_length
+    conversations_split: int = 0    # conversations whose template re-renders earlier turns: one example per turn
 
     def as_dict(self):
         return dict(self.__dict__)
@@ -59,9 +63,65 @@ def render(record: dict, tokenizer, chat_template: str | None = None) -> tuple[s
         if isinstance(prompt, str) or isinstance(completion, str):
             raise ValueError("prompt and completion must both be strings or both be message lists")
         prompt_msgs, completion_msgs = prompt, completion
+    return _apply(prompt_msgs, completion_msgs, tokenizer, chat_template)
+
+
+def _apply(prompt_msgs, completion_msgs, tokenizer, chat_template) -> tuple[str, str]:
+    from trl.data_utils import apply_chat_template
     kwargs = {"chat_template": chat_template} if chat_template else {}
     out = apply_chat_template({"prompt": prompt_msgs, "completion": completion_msgs}, tokenizer, **kwargs)
     return out["prompt"], out["completion"]
+
+
+def assistant_turns(record: dict, tokenizer, chat_template: str | None = None) -> list[tuple[str, str]]:
+    """(prompt text, completion text) of every assistant turn of a ``messages`` record, each
+    rendered with the conversation before it as its prompt."""
+    msgs = record["messages"]
+    idx = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if not idx:
+        raise ValueError("a 'messages' record needs at least one assistant turn")
+    return [_apply(msgs[:i], msgs[i:i + 1], tokenizer, chat_template) for i in idx]
+
+
+def tokenize_conversation(turns: list[tuple[str, str]], tokenizer, max_length: int,
+                          report: TruncationReport | None = None) -> tuple[list[int], list[int]] | None:
+    """One sequence training every assistant turn: the first turn's prompt (BOS first), then per
+    turn its completion (up to its stop token, else + EOS: labelled) and what the template writes
+    until the next assistant turn starts (not labelled). Each piece is tokenized on its own, as the
+    policy sees a conversation (its own tokens, then the template's). Turns that would pass
+    ``max_length`` are dropped whole (counted); the first is truncated as a single pair is. None when
+    the template does not render the conversation as a growing prefix (it re-renders earlier turns,
+    e.g. dropping their reasoning): the caller then makes one example per turn."""
+    for (p, c), (p_next, _) in zip(turns, turns[1:]):
+        if not p_next.startswith(p + c):
+            return None
+    rep = report or TruncationReport()
+    sp = specials(tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    for j, (p, c) in enumerate(turns):
+        if j == 0:
+            p_ids, c_ids = tokenize_pair(p, c, tokenizer, max_length, rep)
+            ids, labels = list(p_ids), [IGNORE] * len(p_ids)
+        else:
+            c_ids, ended = sp.cut_at_stop(encode(tokenizer, c, bos=False))
+            c_ids = c_ids if ended else c_ids + [sp.end_id]
+            if len(ids) + len(c_ids) > max_length:
+                rep.turns_dropped += len(turns) - j
+                break
+        ids += c_ids
+        labels += c_ids
+        if j + 1 < len(turns):   # the template's tokens up to the next assistant turn: context
+            whole = encode(tokenizer, c, bos=False)
+            tail = whole[len(sp.cut_at_stop(whole)[0]):]
+            gap = turns[j + 1][0][len(p) + len(c):]
+            between = tail + (encode(tokenizer, gap, bos=False) if gap else [])
+            if len(ids) + len(between) >= max_length:
+                rep.turns_dropped += len(turns) - j - 1
+                break
+            ids += between
+            labels += [IGNORE] * len(between)
+    return ids, labels
 
 
 def prompt_text(prompt, tokenizer, chat_template: str | None = None) -> str:
@@ -126,19 +186,38 @@ class SFTExample:
 
 
 def build_examples(records, tokenizer, max_length: int, completion_only: bool = True,
-                   chat_template: str | None = None, where: str = "data") -> tuple[list, TruncationReport]:
+                   chat_template: str | None = None, where: str = "data",
+                   turns: str = "all") -> tuple[list, TruncationReport]:
+    """SFT examples of records; ``turns``: "all" trains every assistant turn of a ``messages``
+    record (one sequence, or one example per turn when the template re-renders earlier turns),
+    "last" only its last one."""
     report = TruncationReport()
     out = []
     for i, rec in enumerate(records, 1):
         try:
-            prompt, completion = render(rec, tokenizer, chat_template)
+            if turns == "all" and "messages" in rec:
+                conv = assistant_turns(rec, tokenizer, chat_template)
+                if len(conv) > 1:
+                    seq = tokenize_conversation(conv, tokenizer, max_length, report)
+                    if seq is not None:
+                        ids, labels = seq
+                        if not completion_only:
+                            labels = list(ids)
+                        if any(x != IGNORE for x in labels):
+                            out.append(SFTExample(ids, labels))
+                        continue
+                    report.conversations_split += 1
+                pairs = conv
+            else:
+                pairs = [render(rec, tokenizer, chat_template)]
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{where_of(rec, f'{where}: record {i}')}: {e}") from None
-        p, c = tokenize_pair(prompt, completion, tokenizer, max_length, report)
-        if not c:
-            continue
-        labels = ([IGNORE] * len(p) if completion_only else list(p)) + c
-        out.append(SFTExample(p + c, labels))
+        for prompt, completion in pairs:
+            p, c = tokenize_pair(prompt, completion, tokenizer, max_length, report)
+            if not c:
+                continue
+            labels = ([IGNORE] * len(p) if completion_only else list(p)) + c
+            out.append(SFTExample(p + c, labels))
     return out, report
 
 

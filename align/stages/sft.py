@@ -21,7 +21,7 @@ from align.config import ModelConfig, TrackingConfig, TrainConfig, require_file,
 from align.data.common import check_eval_split, read_records, require_records, split_by_prompt
 from align.data.sft import Collator, build_examples, pack, render
 from align.rl.losses import label_positions, lm_loss_at
-from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Exists, setting
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Exists, OneOf, setting
 from align.rundir import RunDir
 from align.scoring import decode, generate
 from align.stages.common import finish_stage, start_stage
@@ -40,6 +40,11 @@ class SFTDataConfig:
     eval_fraction: float = setting(0.05, "held-out share of prompts when data.eval is empty", FRACTION)
     max_length: int = setting(512, "tokens per example (the prompt is cut first, counted)", AT_LEAST_ONE)
     completion_only_loss: bool = setting(True, "false: loss on the prompt tokens too")
+    assistant_turns: str = setting(
+        "all",
+        "messages records: all (every assistant turn is trained, as TRL's assistant_only_loss) | last (only the "
+        "last one; earlier turns are prompt)",
+        OneOf("all", "last"))
     packing: bool = setting(False, "pack examples into max_length rows (attention kept within each example)")
     chat_template: Optional[str] = setting(None, "Jinja template for tokenizers without one")
     chat: bool = setting(False, "plain-text prompts/completions as a user and an assistant turn (chat template)")
@@ -92,12 +97,12 @@ def run(cfg: SFTConfig) -> dict:
     model.activate("sft")
 
     examples, report = build_examples(records, tok, cfg.data.max_length, cfg.data.completion_only_loss,
-                                      cfg.data.chat_template, where=str(train_path))
-    eval_examples, _ = build_examples(eval_records, tok, cfg.data.max_length,
-                                      cfg.data.completion_only_loss, cfg.data.chat_template, where="eval")
+                                      cfg.data.chat_template, where=str(train_path), turns=cfg.data.assistant_turns)
+    eval_examples, _ = build_examples(eval_records, tok, cfg.data.max_length, cfg.data.completion_only_loss,
+                                      cfg.data.chat_template, where="eval", turns=cfg.data.assistant_turns)
     if has_eval:
         check_eval_split(len(eval_examples), what="examples with a non-empty completion", **eval_check)
-    if report.prompt_truncated or report.completion_truncated:
+    if report.prompt_truncated or report.completion_truncated or report.turns_dropped:
         rt.print(f"[sft] truncation (max_length={cfg.data.max_length}): {report.as_dict()}")
     train_set = pack(examples, cfg.data.max_length) if cfg.data.packing else examples
     collate = Collator(tok.pad_token_id, packed=cfg.data.packing)
