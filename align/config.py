@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from align.adapters.base import AdapterConfig, methods_where
@@ -111,8 +111,17 @@ def load_config(cls, path: str | None = None, overrides: list[str] | tuple = ())
         for o in overrides:
             if "=" not in o:
                 raise ConfigError(f"override {o!r} is not of the form key=value")
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        for o in overrides:
+            key = o.split("=", 1)[0].strip()
+            value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
+            current = OmegaConf.select(merged, key, throw_on_missing=False)
+            if isinstance(value, DictConfig) and isinstance(current, DictConfig) \
+                    and OmegaConf.get_type(current) is dict:
+                # a mapping setting given on the command line replaces the file's (as a list does):
+                # `policy_settings={}` clears it; a dotted key (a.b=1) still sets one entry
+                OmegaConf.update(merged, key, value, merge=False)
+            else:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([o]))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)

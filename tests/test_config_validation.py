@@ -376,3 +376,18 @@ def test_every_field_declares_its_help_and_the_reference_shows_all_of_it():
             if isinstance(node, ast.AnnAssign):
                 for line in src.splitlines()[node.lineno - 1:node.end_lineno]:
                     assert "  # " not in line, f"{cls.__name__}: a comment on a field line: {line.strip()}"
+
+
+def test_a_mapping_given_on_the_command_line_replaces_the_files_and_a_section_still_merges(tmp_path):
+    """`policy_settings={}` must clear the file's mapping (a merge would keep its keys and run
+    something else than asked); a dotted key sets one entry; a config section still merges."""
+    from align.pipeline import PipelineConfig
+    f = tmp_path / "p.yaml"
+    f.write_text("policy_stage: grpo\npolicy_settings: {loss_type: dapo, cliprange_high: 0.28}\n"
+                 "tracking: {project: p}\n")
+    assert load_config(PipelineConfig, str(f), ["policy_settings={}"]).policy_settings == {}
+    assert load_config(PipelineConfig, str(f), ["policy_settings={num_epochs: 1}"]).policy_settings == {"num_epochs": 1}
+    assert load_config(PipelineConfig, str(f), ["policy_settings.loss_type=bnpo"]).policy_settings == \
+        {"loss_type": "bnpo", "cliprange_high": 0.28}
+    t = load_config(PipelineConfig, str(f), ["tracking={wandb: false}"]).tracking
+    assert t.project == "p" and t.wandb is False

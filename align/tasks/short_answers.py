@@ -150,6 +150,24 @@ def _answer_styles(q: dict) -> tuple[str, str]:
     return f"{ans}.", f"{q['subject']} {ans} {q['item']} now."
 
 
+def correctness_pairs(split: str, n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs that differ only in correctness: for each of ``n`` questions, its right
+    answer and the same answer with the distractor (for a sum, the sum plus or minus one), in the
+    short and the one-sentence style: same length in words, both ended. ``{"prompt", "chosen",
+    "rejected", "kind", "style"}``. A reward model that orders these sees correctness, not shape."""
+    rng = random.Random(f"short-answers-pairs-{split}-{seed}")
+    out = []
+    for q in _questions(split, n, seed):
+        wrong_answer = q["distractor"] or str(int(q["answer"]) + rng.choice((-1, 1)))
+        wrong = dict(q, answer=wrong_answer)
+        if q["kind"] == "compare":   # "Tom is younger." -> "Lena is younger."
+            wrong["adjective"] = q["adjective"]
+        for style, right_text, wrong_text in zip(("short", "sentence"), _answer_styles(q), _answer_styles(wrong)):
+            out.append({"prompt": q["question"], "chosen": right_text, "rejected": wrong_text, "kind": q["kind"],
+                        "style": style})
+    return out
+
+
 def sft_demonstrations(n: int, seed: int = 0) -> list[dict]:
     """``{"prompt", "completion"}`` on "sft" questions, always correct but of mixed length, as
     demonstrations written by several people are: 30% a few words, 25% one sentence, 45% a
