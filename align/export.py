@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from align.outputs import check_output_dir
 from align.rundir import RunDir
 
 FORMATS = ("hf", "peft", "gguf")
@@ -213,33 +214,10 @@ def load_roles(info: RunInfo, roles: list[str], device: str = "cpu", dtype: str 
 
 
 # ------------------------------------------------------------------------------------------------
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.relative_to(parent)
-        return True
-    except ValueError:
-        return False
-
-
 def check_output(out: str | os.PathLike, overwrite: bool, protected: list[Path]) -> None:
     """Refuse ``--out`` when writing it could lose something: a run, the backbone, files an export
-    did not write, or an earlier export without ``--overwrite``."""
-    p = Path(out).resolve()
-    for q in protected:
-        q = Path(q).resolve()
-        if p == q or _inside(q, p):
-            raise ExportError(f"--out {out}: that would overwrite {q}; write the export somewhere else")
-    if not os.path.lexists(p):
-        return
-    if not p.is_dir():
-        raise ExportError(f"--out {out} is a file; give a new or empty directory")
-    if not any(p.iterdir()):
-        return
-    if not (p / MARKER).is_file():
-        raise ExportError(f"--out {out} holds files align export did not write; nothing was changed: "
-                          f"give a new or empty directory")
-    if not overwrite:
-        raise ExportError(f"--out {out} holds an earlier export; pass --overwrite to replace it")
+    did not write, or an earlier export without ``--overwrite`` (align/outputs.py)."""
+    check_output_dir(out, protected, overwrite, MARKER, "align export", "an earlier export", ExportError)
 
 
 def check_request(info: RunInfo, role: str, fmt: str, dtype: str | None) -> list[str]:

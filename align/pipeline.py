@@ -36,6 +36,7 @@ from align.arch import QUANTIZATIONS, quantized_refusal
 from align.config import ModelConfig, TrackingConfig, validate
 from align.registry import POLICY_STAGES, STAGES
 from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range, setting
+from align.guard import finished_summary
 from align.rundir import RunDir
 
 
@@ -220,8 +221,7 @@ def _tracking(cfg: PipelineConfig, name: str) -> TrackingConfig:
 
 
 def _stage_done(d: Path) -> bool:
-    summary = RunDir(d).summary()
-    return summary is not None and "stopped_at" not in summary
+    return finished_summary(d) is not None
 
 
 def _backbone(cfg: PipelineConfig, out: Path) -> Path:

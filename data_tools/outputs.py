@@ -15,25 +15,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from align.outputs import check_output_dir, inside
 from data_tools.base import UsageError
 from data_tools.canonical import MARKER
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.relative_to(parent)
-        return True
-    except ValueError:
-        return False
 
 
 def check_output(path: str | Path, kind: str, inputs: list[str], overwrite: bool) -> None:
     """Refuse ``path`` (a ``kind`` = ``"file"`` or ``"directory"`` output) with a one-line reason,
     or return when writing it loses nothing a user had."""
     p = Path(path).resolve()
-    for inp in inputs:
+    for inp in inputs:   # a file output may sit beside its input; a directory may not hold one
         q = Path(inp).resolve()
-        if q == p or (kind == "directory" and _inside(q, p)):
+        if q == p or (kind == "directory" and inside(q, p)):
             raise UsageError(f"--out {path}: that would overwrite the input {inp}; write somewhere else")
     if not os.path.lexists(p):
         return
@@ -43,12 +36,4 @@ def check_output(path: str | Path, kind: str, inputs: list[str], overwrite: bool
         if not overwrite:
             raise UsageError(f"--out {path} exists; pass --overwrite to replace it")
         return
-    if not p.is_dir():
-        raise UsageError(f"--out {path} is a file, but this output is a directory; give a new path")
-    if not any(p.iterdir()):
-        return
-    if not (p / MARKER).is_file():
-        raise UsageError(f"--out {path} is a directory that holds files align import did not write; "
-                         f"nothing was changed: give a new or empty directory")
-    if not overwrite:
-        raise UsageError(f"--out {path} holds an earlier import; pass --overwrite to replace it")
+    check_output_dir(path, [], overwrite, MARKER, "align import", "an earlier import", UsageError)

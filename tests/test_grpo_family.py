@@ -3,7 +3,6 @@ overlong penalty and dynamic sampling, each against a hand computation, on the t
 through kill-and-resume."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

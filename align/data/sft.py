@@ -48,7 +48,6 @@ def render(record: dict, tokenizer, chat_template: str | None = None) -> tuple[s
     prompt, the completion as the rest of the rendered conversation, with TRL's handling of templates
     that render the prompt differently alone); a ``messages`` record is split before its last
     assistant turn, which is what the loss is taken on."""
-    from trl.data_utils import apply_chat_template
 
     if "messages" in record:
         msgs = record["messages"]
