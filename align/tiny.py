@@ -89,17 +89,16 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
     if family == "phi3":
         # without a tokenizer, no special ids (Phi3Config's defaults are Phi-3's 32000-token vocabulary's)
-        kw = dict(partial_rotary_factor=0.75, tie_word_embeddings=True, bos_token_id=None,
-                  eos_token_id=None, pad_token_id=None)
+        kw = {"partial_rotary_factor": 0.75, "tie_word_embeddings": True, "bos_token_id": None,
+              "eos_token_id": None, "pad_token_id": None, "original_max_position_embeddings": max_positions}
         kw.update(ids, **extra)
         return Phi3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                          max_position_embeddings=max_positions, original_max_position_embeddings=max_positions,
-                          **kw)
+                          max_position_embeddings=max_positions, **kw)
     if family == "gpt_neox":
         if kv_heads != heads:
             raise ValueError("gpt_neox has no grouped-query attention")
-        kw = dict(rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+        kw = {"rotary_pct": 0.25, "use_parallel_residual": True, "tie_word_embeddings": False}
         kw.update(ids, **extra)
         return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                              num_hidden_layers=layers, num_attention_heads=heads,

@@ -14,13 +14,17 @@ import warnings
 import pytest
 import torch
 
-import align.attention as attention
+from align import attention
 from align.adapters import AdapterConfig
 from align.adapters.base import METHODS as REGISTERED
 from align.model import AlignModel
 from align.tiny import build_tiny_model, make_tiny, tiny_config
 from tests.conftest import load
-from tests.test_adapters import assert_cached_generation_equals_uncached, backbone_hash, batch
+from tests.test_adapters import (
+    assert_cached_generation_equals_uncached,
+    backbone_hash,
+    batch,
+)
 
 FAMILIES = ["phi3", "gpt_neox"]
 FUSED_KW = {"phi3": {"kv_heads": 2}, "gpt_neox": {}}   # phi3 with grouped-query k/v (4 heads, 2 kv)
@@ -60,9 +64,17 @@ def perturb(aset, seed=0, scale=0.1):
 
 
 # --------------------------------------------------------------------- the forward is transformers'
+def longrope(switch_at: int) -> dict:
+    """Phi-4-mini's LongRoPE (short / long factors per rotary frequency), switching at a tiny length."""
+    return {"kv_heads": 2, "original_max_position_embeddings": switch_at, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+        "short_factor": [1.0 + 0.1 * i for i in range(6)], "long_factor": [2.0 + 0.5 * i for i in range(6)]}}
+
+
 VARIANTS = {
     "phi4mini_like": ("phi3", {"kv_heads": 2}),   # GQA, partial rotary 0.75, tied head
     "phi3mini_like": ("phi3", {"partial_rotary_factor": 1.0, "tie_word_embeddings": False, "sliding_window": 5}),
+    "phi_longrope": ("phi3", longrope(8)),        # the batch passes 8 positions: long factors
     "pythia_like": ("gpt_neox", {}),              # parallel residual, rotary on a quarter of each head
     "neox_sequential": ("gpt_neox", {"use_parallel_residual": False, "rotary_pct": 1.0}),
 }
@@ -87,12 +99,26 @@ def test_logits_without_adapters_equal_transformers(variant):
             theirs = backbone(input_ids=ids, attention_mask=mask, position_ids=pos).logits
             real = mask.bool()
             worst = max(worst, float((ours[real] - theirs[real]).abs().max()))
-            # ... and every row alone, unpadded, with nothing passed but the ids
-            for b in range(3):
+            # ... and every row alone, unpadded, with nothing passed but the ids (not under LongRoPE,
+            # where transformers picks the factors from a forward's longest row)
+            for b in range(3 if variant != "phi_longrope" else 0):
                 alone = backbone(input_ids=ids[b][real[b]][None]).logits[0]
                 worst = max(worst, float((ours[b][real[b]] - alone).abs().max()))
     print(f"{variant}: max |dlogit| vs transformers = {worst:.3g}")
     assert worst <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_fused_layer_without_the_configs_shape_is_refused(family):
+    """A checkpoint whose fused rows are not what its config gives would be sliced wrongly."""
+    from align.arch import UnsupportedArchitecture
+    backbone = build_tiny_model(tiny_config(family, 128, **FUSED_KW[family]))
+    attn = backbone.get_submodule("model.layers.1.self_attn" if family == "phi3" else "gpt_neox.layers.1.attention")
+    setattr(attn, QKV[family], torch.nn.Linear(64, 3 * 64))   # phi3's GQA has 64 + 2 * 32 rows; neox 3 * 64
+    if family == "gpt_neox":
+        backbone.get_submodule("gpt_neox.layers.1.mlp").dense_4h_to_h = torch.nn.Linear(128, 64)
+    with pytest.raises(UnsupportedArchitecture, match=r"layers\.1\..* maps .* but the config gives"):
+        AlignModel(backbone)
 
 
 # --------------------------------------------------------------------- every method trains
@@ -266,6 +292,26 @@ def test_cached_greedy_decoding_equals_uncached(fused_paths, family, method):
     assert_cached_generation_equals_uncached(model, tok, ids, mask, "a", max_new_tokens=6)
 
 
+@pytest.mark.parametrize("method", ["base", "prefix", "prompt"])
+def test_cached_decoding_rebuilds_the_cache_where_longrope_switches_factors(tmp_path, method):
+    """Phi-4-mini's LongRoPE rotates every position with other factors once a forward's longest
+    row passes original_max_position_embeddings: keys cached under the short factors are stale
+    then, and sampling rebuilds the cache at that step (without it the log-probs differ by ~1e-3
+    here). The switch falls inside the decoding: prompts of 11 tokens, at 14 (with the 3 prefix
+    positions or virtual tokens, earlier)."""
+    from align.generation import longrope_switch
+    path = make_tiny(tmp_path / "phi", "phi3", **longrope(14))
+    model, tok = load(path)
+    assert longrope_switch(model.backbone) == 14
+    role = "base"
+    if method != "base":
+        perturb(model.add_adapter("a", METHODS[method]))
+        role = model.add_role("a", ["a"]).name
+    ids, mask = batch(tok, side="left")
+    assert ids.shape[1] == 11
+    assert_cached_generation_equals_uncached(model, tok, ids, mask, role, max_new_tokens=8)
+
+
 # --------------------------------------------------------------------- HF peft both ways
 peft = pytest.importorskip("peft")
 
@@ -294,7 +340,10 @@ PEFT_PARAMS = [(m, f) for m in PEFT_CASES for f in FAMILIES if not (m == "lora_p
 
 @pytest.mark.parametrize("method,family", PEFT_PARAMS)
 def test_peft_round_trips_give_identical_logits(fused_paths, tmp_path, method, family):
-    from tests.test_peft_interop import check_export_loads_in_peft, check_peft_adapter_imports
+    from tests.test_peft_interop import (
+        check_export_loads_in_peft,
+        check_peft_adapter_imports,
+    )
     ours, theirs = PEFT_CASES[method]
     check_export_loads_in_peft(fused_paths[family], tmp_path / "out", ours(family))
     aset = check_peft_adapter_imports(fused_paths[family], tmp_path / "in", theirs(family))
@@ -352,9 +401,9 @@ def test_merged_hf_export_and_reward_export_match_align(fused_paths, tmp_path, f
 # --------------------------------------------------------------------- fingerprint, one backbone
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fingerprint_is_stable_and_all_ppo_roles_share_one_backbone(fused_paths, tmp_path, family):
-    import align.stages.ppo as ppo
     import tests.ppo_helpers as H
     from align.backbone import checkpoint_fingerprint, fingerprint
+    from align.stages import ppo
     from tests.test_ppo import ppo_cfg
     path = fused_paths[family]
     # the checkpoint's hash, the same at every load; an in-memory build hashes its weights

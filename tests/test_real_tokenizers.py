@@ -10,7 +10,13 @@ import sys
 import pytest
 import torch
 from tokenizers import processors
-from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, MistralConfig, MptConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BloomConfig,
+    MistralConfig,
+    MptConfig,
+)
 
 from align.backbone import load_backbone, load_tokenizer
 from align.data.preferences import Group, tokenize_group
