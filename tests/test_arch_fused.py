@@ -382,6 +382,12 @@ def test_merged_hf_export_and_reward_export_match_align(fused_paths, tmp_path, f
     diff = float((theirs - align_logits(model, "policy", ids)).abs().max())
     print(f"{family} merged hf export: max |dlogit| = {diff:.3g}")
     assert diff <= 1e-4
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:   # the checkpoint's own names, as Pythia's
+        names = set(f.keys())
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert names == set(f.keys())
+    assert ("embed_out.weight" in names) == (family == "gpt_neox")
     with pytest.raises(ExportError, match=f"architecture is {family} .*Llama family"):
         export(run, tmp_path / "gguf", fmt="gguf")
     assert not (tmp_path / "gguf").exists()
