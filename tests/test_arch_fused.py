@@ -230,6 +230,8 @@ def test_ia3_scales_exactly_the_key_and_value_rows(fused_paths, family, attentio
     # what reaches attention (rotated keys; grouped-query heads not repeated yet)
     (qa, ka, va), (qb, kb, vb) = seen["base"], seen["ia3"]
     assert torch.equal(qb, qa)
+    print(f"{family} ia3: max |d| keys {float((kb - ka * k_scale[None, :, None, None]).abs().max()):.3g}, "
+          f"values {float((vb - va * v_scale[None, :, None, None]).abs().max()):.3g}")
     torch.testing.assert_close(kb, ka * k_scale[None, :, None, None], atol=1e-5, rtol=0)
     torch.testing.assert_close(vb, va * v_scale[None, :, None, None], atol=1e-6, rtol=0)
     # the MLP's down projection receives l_ff times its intermediate activation
@@ -278,6 +280,7 @@ def test_llama_adapter_adds_the_gated_prompt_attention_computed_by_hand(fused_pa
         out_proj = attn.o_proj if family == "phi3" else attn.dense
         want = outs["base"] + added.transpose(1, 2).flatten(2) @ out_proj.weight.T
     assert float((outs["la"] - outs["base"]).abs().max()) > 1e-3
+    print(f"{family} llama_adapter vs the formula: max |d| = {float((outs['la'] - want).abs().max()):.3g}")
     torch.testing.assert_close(outs["la"], want, atol=1e-5, rtol=0)
 
 
