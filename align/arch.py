@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 
 @dataclass(frozen=True)
 class Arch:
-    family: str              # llama-like ("llama", "qwen2", "mistral") or "gpt2"
+    family: str              # llama-like ("llama", "qwen2", "mistral"), "gpt2", "phi3" or "gpt_neox"
     model_type: str
     layers_path: str         # e.g. "model.layers" / "transformer.h"
     attn_name: str           # attribute of a block: "self_attn" / "attn"
@@ -23,10 +24,13 @@ class Arch:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
-    k_proj: str              # module name (inside attn) producing keys; gpt2 fuses q,k,v
-    v_proj: str
+    k_proj: str              # module name (inside attn) producing keys; gpt2/phi3/gpt_neox fuse q,k,v
+    v_proj: str              # (k_proj == v_proj: one fused layer, laid out as ``qkv_layout`` says)
     mlp_down: str            # module name (inside mlp) whose input is the intermediate activation
     conv1d: bool             # gpt2's Conv1D stores weights as [in, out]
+    # rows of a fused q|k|v layer's output: "stacked" [q; k; v] (gpt2's thirds, phi3's
+    # [H*D; H_kv*D; H_kv*D]) or "interleaved" per head [q_h; k_h; v_h] (GPT-NeoX's [H, 3, D])
+    qkv_layout: str = "stacked"
 
     def block_path(self, i: int) -> str:
         return f"{self.layers_path}.{i}"
@@ -37,12 +41,44 @@ class Arch:
     def mlp_path(self, i: int) -> str:
         return f"{self.block_path(i)}.{self.mlp_name}"
 
+    @property
+    def fused_qkv(self) -> bool:
+        """One layer produces queries, keys and values (gpt2's c_attn, phi3's qkv_proj, GPT-NeoX's
+        query_key_value)."""
+        return self.k_proj == self.v_proj
+
+    def qkv_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices of the q, k and v rows in a fused q|k|v layer's output, each head-major (the
+        order the model's own ``view(..., heads, head_dim)`` reads them in)."""
+        q_n, kv_n, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
+        if self.qkv_layout == "stacked":
+            return (torch.arange(q_n), torch.arange(q_n, q_n + kv_n), torch.arange(q_n + kv_n, q_n + 2 * kv_n))
+        if self.qkv_layout == "interleaved":  # [H, 3, D]: needs H == H_kv (GPT-NeoX has no GQA)
+            rows = torch.arange(3 * q_n).view(self.num_heads, 3, d)
+            return rows[:, 0].flatten(), rows[:, 1].flatten(), rows[:, 2].flatten()
+        raise ValueError(f"unknown qkv_layout {self.qkv_layout!r}")
+
+    def split_qkv(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A fused q|k|v output ``t`` [..., rows] -> (q [..., H*D], k [..., H_kv*D], v [..., H_kv*D]),
+        each head-major."""
+        q_n, kv_n = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.qkv_layout == "stacked":
+            return t.split([q_n, kv_n, kv_n], dim=-1)
+        x = t.unflatten(-1, (self.num_heads, 3, self.head_dim))
+        return x[..., 0, :].flatten(-2), x[..., 1, :].flatten(-2), x[..., 2, :].flatten(-2)
+
 
 LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "olmo", "olmo2"}
+# Families whose attention fuses q, k and v into one layer, mapped by ``fused_arch``
+FUSED = {"phi3", "gpt_neox"}
 # Families align cannot serve yet, with the reason given at load (never a silent mis-mapping).
 REFUSED = {
-    "phi3": "Phi-3 fuses q/k/v into one qkv_proj and gate/up into gate_up_proj; align's IA3, "
-            "LLaMA-Adapter and prefix methods address k_proj/v_proj/down_proj of Llama-style blocks",
+    "bloom": "BLOOM fuses q/k/v into query_key_value and adds ALiBi position biases in its own attention "
+             "code, which does not go through transformers' attention interface that align's prefix "
+             "tuning and LLaMA-Adapter act in",
+    "mpt": "MPT fuses q/k/v into Wqkv and adds ALiBi position biases in its own attention code, which "
+           "does not go through transformers' attention interface that align's prefix tuning and "
+           "LLaMA-Adapter act in",
     "gemma2": "Gemma-2 soft-caps attention logits and alternates sliding/global layers with its own "
               "mask rules, which align's attention function does not reproduce",
     "gemma3": "Gemma-3 soft-caps attention logits and alternates sliding/global layers with its own "
@@ -59,7 +95,7 @@ def detect_arch(model: nn.Module) -> Arch:
     mt = cfg.model_type
     if mt in REFUSED:
         raise UnsupportedArchitecture(f"model_type {mt!r} is refused: {REFUSED[mt]}. "
-                                      f"Supported: {sorted(LLAMA_LIKE | {'gpt2'})}")
+                                      f"Supported: {sorted(LLAMA_LIKE | {'gpt2'} | FUSED)}")
     if mt in LLAMA_LIKE:
         for name in ("qkv_proj", "gate_up_proj"):
             if any(n.endswith("." + name) for n, _ in model.named_modules()):
@@ -75,9 +111,48 @@ def detect_arch(model: nn.Module) -> Arch:
         return Arch("gpt2", mt, "transformer.h", "attn", "mlp", cfg.n_layer, cfg.n_embd,
                     cfg.n_head, cfg.n_head, cfg.n_embd // cfg.n_head,
                     cfg.n_inner or 4 * cfg.n_embd, "c_attn", "c_attn", "c_proj", True)
+    if mt in FUSED:
+        return fused_arch(model)
     raise UnsupportedArchitecture(
-        f"model_type {mt!r} is not supported yet; supported: {sorted(LLAMA_LIKE | {'gpt2'})} "
+        f"model_type {mt!r} is not supported yet; supported: {sorted(LLAMA_LIKE | {'gpt2'} | FUSED)} "
         f"(see docs/checkpoints.md, 'Supported architectures')")
+
+
+def fused_arch(model: nn.Module) -> Arch:
+    """Phi-3 / Phi-4-mini (``qkv_proj`` stacked [q; k; v] with grouped-query k/v, ``gate_up_proj``
+    then ``down_proj``) and GPT-NeoX / Pythia (``query_key_value`` interleaved per head,
+    ``dense_h_to_4h`` then ``dense_4h_to_h``, parallel residual and partial rotary handled by the
+    model's own code). Every fused layer's shape is checked against the config, so a variant laid
+    out otherwise is refused here rather than sliced wrongly."""
+    cfg, mt = model.config, model.config.model_type
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    if mt == "phi3":
+        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+        arch = Arch("phi3", mt, "model.layers", "self_attn", "mlp", cfg.num_hidden_layers, hidden, heads,
+                    getattr(cfg, "num_key_value_heads", None) or heads, head_dim, cfg.intermediate_size,
+                    "qkv_proj", "qkv_proj", "down_proj", False, "stacked")
+        up = "gate_up_proj"
+        up_rows = 2 * arch.intermediate_size
+    else:  # gpt_neox: [H, 3, D] rows, no grouped-query attention
+        arch = Arch("gpt_neox", mt, "gpt_neox.layers", "attention", "mlp", cfg.num_hidden_layers, hidden,
+                    heads, heads, hidden // heads, cfg.intermediate_size, "query_key_value",
+                    "query_key_value", "dense_4h_to_h", False, "interleaved")
+        up, up_rows = "dense_h_to_4h", arch.intermediate_size
+    qkv_rows = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
+    for i in range(arch.num_layers):
+        for path, want in ((f"{arch.attn_path(i)}.{arch.k_proj}", (hidden, qkv_rows)),
+                           (f"{arch.mlp_path(i)}.{up}", (hidden, up_rows)),
+                           (f"{arch.mlp_path(i)}.{arch.mlp_down}", (arch.intermediate_size, hidden))):
+            try:
+                got = linear_shape(model.get_submodule(path))
+            except (AttributeError, TypeError) as e:
+                raise UnsupportedArchitecture(f"model_type {mt!r}: {path} is not the Linear layer align maps "
+                                              f"({e})") from None
+            if got != want:
+                raise UnsupportedArchitecture(
+                    f"model_type {mt!r}: {path} maps {got[0]} -> {got[1]} features, but the config gives "
+                    f"{want[0]} -> {want[1]}; align would slice its fused q/k/v or MLP rows wrongly")
+    return arch
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

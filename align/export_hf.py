@@ -147,7 +147,16 @@ def causal_lm_weights(model, role: str, info, dtype: str = "f32"):
     config.get_text_config().vocab_size = n_vocab
     _untie_if_changed(model.backbone, sd, config)
     config.architectures = [type(model.backbone).__name__]
-    return sd, config, src
+    return checkpoint_names(model.backbone, sd), config, src
+
+
+def checkpoint_names(backbone, sd: dict) -> dict:
+    """``sd`` under the names the checkpoint uses, as transformers' ``save_pretrained`` writes
+    them: transformers renames some weights at load (GPT-NeoX's ``embed_out`` is its ``lm_head``)
+    and reverses that on save, so other readers of the export (older transformers, converters)
+    find the layout they know."""
+    from transformers.core_model_loading import revert_weight_conversion
+    return revert_weight_conversion(backbone, sd)
 
 
 def write_causal_lm(model, tok, role: str, info, out: Path, dtype: str = "f32") -> list[str]:

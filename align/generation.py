@@ -53,7 +53,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     cache = DynamicCache() if use_cache else None
     past_mask = None
     step_ids, step_mask = seq, mask
+    long_after = longrope_switch(model.backbone) if use_cache else None
+    cache_long = False   # the cache holds keys rotated with longrope's long factors
     with model.use(role):
+        shift = sum(s.num_prefix_positions() for s in model.live_sets())
         for _ in range(max_new_tokens):
             out = model(step_ids, step_mask, cache=cache, past_mask=past_mask, logits=True,
                         logits_at=slice(-1, None))
@@ -74,6 +77,15 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
             if use_cache:
                 cache, past_mask = out.cache, out.mask
                 step_ids, step_mask = nxt[:, None], new_mask
+                if long_after is not None and not cache_long:
+                    seq = torch.cat([seq, nxt[:, None]], dim=1)
+                    mask = torch.cat([mask, new_mask], dim=1)
+                    # the largest position + 1 of the next forward (positions count real tokens)
+                    if int(torch.cat([past_mask, new_mask], 1).sum(1).max()) + shift > long_after:
+                        cache_long = True
+                        if int(past_mask.sum(1).max()) + shift <= long_after:
+                            # it switches to the long factors: rebuild the cache under them
+                            cache, past_mask, step_ids, step_mask = DynamicCache(), None, seq, mask
             else:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 mask = torch.cat([mask, new_mask], dim=1)
@@ -95,6 +107,21 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     else:
         lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
     return Samples(toks, lps, lengths)
+
+
+def longrope_switch(backbone) -> int | None:
+    """For a LongRoPE backbone (Phi-3-*-128k, Phi-3.5, Phi-4-mini): the length
+    (``original_max_position_embeddings``) past which transformers rotates every position with the
+    long factors instead of the short ones, deciding per forward on its largest position; None
+    for any other backbone. A cache built under the short factors is not what a forward over the
+    whole sequence computes once the sequence passes that length, so ``sample`` rebuilds the cache
+    at that step, as transformers' own Phi-3 generation does."""
+    cfg = getattr(backbone, "config", None)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if not isinstance(rope, dict) or rope.get("rope_type") != "longrope":
+        return None
+    n = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+    return int(n) if n else None
 
 
 def nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:

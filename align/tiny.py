@@ -13,7 +13,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
@@ -49,13 +51,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     return hf
 
 
-FAMILIES = ("llama", "gpt2", "qwen2")
+FAMILIES = ("llama", "gpt2", "qwen2", "phi3", "gpt_neox")
 
 
 def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
                 kv_heads: int | None = None, intermediate: int | None = None,
-                max_positions: int = 512, tokenizer: PreTrainedTokenizerFast | None = None):
-    """A small config of the given family. ``kv_heads < heads`` gives grouped-query attention."""
+                max_positions: int = 512, tokenizer: PreTrainedTokenizerFast | None = None, **extra):
+    """A small config of the given family. ``kv_heads < heads`` gives grouped-query attention.
+    ``extra`` goes to the config class (phi3 / gpt_neox only), e.g. ``use_parallel_residual`` or
+    ``sliding_window``.
+
+    phi3 is laid out as Phi-4-mini (partial rotary 0.75, tied embedding and LM head); gpt_neox as
+    Pythia (rotary on a quarter of each head, parallel residual, biases)."""
+    if extra and family not in ("phi3", "gpt_neox"):
+        raise ValueError(f"extra config settings {sorted(extra)} are for phi3 / gpt_neox only")
     kv_heads = kv_heads or heads
     intermediate = intermediate or 4 * hidden
     ids = {}
@@ -78,6 +87,22 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
         return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
                           n_inner=intermediate, n_positions=max_positions,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    if family == "phi3":
+        # without a tokenizer, no special ids (Phi3Config's defaults are Phi-3's 32000-token vocabulary's)
+        kw = {"partial_rotary_factor": 0.75, "tie_word_embeddings": True, "bos_token_id": None,
+              "eos_token_id": None, "pad_token_id": None, "original_max_position_embeddings": max_positions}
+        kw.update(ids, **extra)
+        return Phi3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          max_position_embeddings=max_positions, **kw)
+    if family == "gpt_neox":
+        if kv_heads != heads:
+            raise ValueError("gpt_neox has no grouped-query attention")
+        kw = {"rotary_pct": 0.25, "use_parallel_residual": True, "tie_word_embeddings": False}
+        kw.update(ids, **extra)
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                             num_hidden_layers=layers, num_attention_heads=heads,
+                             max_position_embeddings=max_positions, **kw)
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
 

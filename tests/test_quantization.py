@@ -428,3 +428,29 @@ def test_smollm2_nf4_logits_and_cached_decoding(smollm2):
             p.mul_(0.1)
     q_model.add_role("a", ["a"])
     assert_cached_generation_equals_uncached(q_model, tok, ids, mask, "a", max_new_tokens=4, atol=3e-4)
+
+
+@pytest.fixture(scope="module")
+def fused_paths(tmp_path_factory):
+    from align.tiny import make_tiny
+    root = tmp_path_factory.mktemp("fused_nf4")
+    return {"phi3": make_tiny(root / "phi3", "phi3", kv_heads=2), "gpt_neox": make_tiny(root / "gpt_neox", "gpt_neox")}
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "llama_adapter"])
+def test_fused_qkv_families_on_nf4(fused_paths, family, method):
+    """phi3's qkv_proj / gate_up_proj and GPT-NeoX's query_key_value become Linear4bit: the fused
+    layers' logical shapes are still what align maps, and the hooks (the key/value rows of the
+    fused output for IA3 and LLaMA-Adapter) fit."""
+    model, tok = qload(fused_paths[family])
+    fused = model.backbone.get_submodule(f"{model.arch.attn_path(0)}.{model.arch.k_proj}")
+    assert any(m is fused for m in quantized_linears(model))
+    ids, mask = batch(tok)
+    model.add_adapter("a", PEFT_METHODS[method])
+    perturb(model.add_adapter("b", PEFT_METHODS[method]), seed=1)
+    model.add_role("a", ["a"])
+    model.add_role("b", ["b"])
+    assert_training_changes_only_set_a(model, ids, mask)
+    ids, mask = batch(tok, side="left")
+    assert_cached_generation_equals_uncached(model, tok, ids, mask, "a", max_new_tokens=6, atol=1e-4)

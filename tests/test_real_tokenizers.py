@@ -10,7 +10,13 @@ import sys
 import pytest
 import torch
 from tokenizers import processors
-from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Phi3Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BloomConfig,
+    MistralConfig,
+    MptConfig,
+)
 
 from align.backbone import load_backbone, load_tokenizer
 from align.data.preferences import Group, tokenize_group
@@ -195,11 +201,17 @@ def test_sliding_window_attention_matches_transformers(tmp_path):
     assert torch.equal(s1.tokens, s2.tokens)
 
 
-def test_fused_projection_architectures_are_refused_at_load(tmp_path):
+@pytest.mark.parametrize("name", ["bloom", "mpt"])
+def test_fused_projection_architectures_are_refused_at_load(name):
+    """Fused q/k/v with ALiBi in the model's own attention code: refused with the reason (phi3 and
+    gpt_neox, fused but served, are tests/test_arch_fused.py's)."""
     from align.arch import UnsupportedArchitecture
-    cfg = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
-    with pytest.raises(UnsupportedArchitecture, match="qkv_proj"):
+    if name == "bloom":
+        cfg = BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)
+    else:
+        cfg = MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4)
+    with pytest.raises(UnsupportedArchitecture, match=rf"{name!r} is refused: .*fuses q/k/v.*ALiBi.*"
+                                                      r"Supported: .*'gpt_neox'.*'phi3'"):
         AlignModel(build_tiny_model(cfg))
 
 

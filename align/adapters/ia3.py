@@ -12,10 +12,15 @@ llama-like ``[k_proj, v_proj, down_proj]`` with ``[down_proj]`` feed-forward (pe
 llama/mistral; peft's own qwen2 default scales q_proj instead of k_proj, pass ``target_modules``
 to get that); gpt2 ``[c_attn, mlp.c_proj]`` with ``[mlp.c_proj]``.
 
-gpt2's ``c_attn`` fuses q, k and v. Only its k and v thirds are trainable here (the paper's
-``l_k``, ``l_v``); the q third is a buffer of ones. peft scales the whole fused output with one
-``[3d, 1]`` vector, so export writes ``[ones; l_k; l_v]`` and import puts the q third of a peft
-vector into the buffer, which keeps round trips exact.
+Fused q|k|v layers (gpt2's ``c_attn``, phi3's ``qkv_proj``, GPT-NeoX's ``query_key_value``):
+only the rows producing keys and values are trainable here (the paper's ``l_k``, ``l_v``, one
+vector ``[l_k; l_v]``); the query rows' scale is a buffer of ones. Which rows those are comes from
+``Arch.qkv_rows``: gpt2's thirds, phi3's ``[H*D | H_kv*D | H_kv*D]`` (grouped-query k/v), GPT-NeoX's
+per-head interleaving ``[H, 3, D]``. peft scales the whole fused output with one ``[rows, 1]``
+vector, so export writes the full vector (ones on the query rows) and import puts a peft vector's
+query rows into the buffer, which keeps round trips exact. Defaults: phi3 ``[qkv_proj,
+down_proj]`` with ``[down_proj]`` (peft has none for phi3); gpt_neox peft's ``[query_key_value,
+dense_4h_to_h]`` with ``[dense_4h_to_h]``.
 
 peft layout: ``base_model.model.<path>.ia3_l``, shape ``[out, 1]`` (output scaling) or
 ``[1, in]`` (feed-forward, input scaling).
@@ -32,8 +37,10 @@ from align.adapters.base import AdapterConfig, AdapterSet, match_target, registe
 from align.adapters.lora import key
 from align.arch import Arch, is_linear, linear_shape
 
-DEFAULT_TARGETS = {"llama": ["k_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"]}
-DEFAULT_FEEDFORWARD = {"llama": ["down_proj"], "gpt2": ["mlp.c_proj"]}
+DEFAULT_TARGETS = {"llama": ["k_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"],
+                   "phi3": ["qkv_proj", "down_proj"], "gpt_neox": ["query_key_value", "dense_4h_to_h"]}
+DEFAULT_FEEDFORWARD = {"llama": ["down_proj"], "gpt2": ["mlp.c_proj"], "phi3": ["down_proj"],
+                       "gpt_neox": ["dense_4h_to_h"]}
 
 
 def is_feedforward(name: str, ff) -> bool:
@@ -58,8 +65,17 @@ class IA3(AdapterSet):
         if self.feedforward is None:
             self.feedforward = DEFAULT_FEEDFORWARD[arch.family]
         fused = set()
-        if arch.k_proj == arch.v_proj:  # gpt2: q, k, v from one layer
+        if arch.fused_qkv:  # gpt2, phi3, gpt_neox: q, k, v from one layer
             fused = {f"{arch.attn_path(i)}.{arch.k_proj}" for i in range(arch.num_layers)}
+            q_rows, k_rows, v_rows = arch.qkv_rows()
+            # the layer's rows of the q buffer and of the trainable [l_k; l_v]; ``qkv_order`` puts
+            # [q buffer; l_k; l_v] into the layer's row order (the identity for stacked layouts)
+            rows = torch.cat([q_rows, k_rows, v_rows])
+            order = torch.empty_like(rows)
+            order[rows] = torch.arange(rows.numel())
+            self.register_buffer("q_rows", q_rows, persistent=False)
+            self.register_buffer("kv_rows", torch.cat([k_rows, v_rows]), persistent=False)
+            self.register_buffer("qkv_order", order, persistent=False)
         self.paths: list[str] = []
         self.kind: dict[str, str] = {}   # path -> "ff" | "out" | "kv" (fused q|k|v, scale k, v)
         self.shapes: dict[str, tuple[int, int]] = {}
@@ -71,10 +87,11 @@ class IA3(AdapterSet):
             if is_feedforward(path, self.feedforward):
                 kind, n = "ff", fin
             elif path in fused:
-                if fout % 3:
-                    raise ValueError(f"{path}: fused qkv output {fout} is not divisible by 3")
-                kind, n = "kv", 2 * fout // 3
-                self.register_buffer(f"q_scale__{key(path)}", torch.ones(fout // 3))
+                if fout != self.q_rows.numel() + self.kv_rows.numel():
+                    raise ValueError(f"{path}: fused qkv output {fout} is not {self.q_rows.numel()} query "
+                                     f"+ {self.kv_rows.numel()} key/value rows")
+                kind, n = "kv", self.kv_rows.numel()
+                self.register_buffer(f"q_scale__{key(path)}", torch.ones(self.q_rows.numel()))
             else:
                 kind, n = "out", fout
             self.vectors[key(path)] = nn.Parameter(torch.ones(n))
@@ -85,10 +102,13 @@ class IA3(AdapterSet):
             raise ValueError(f"IA3 target_modules={self.targets!r} matched no Linear layer of the backbone")
 
     def scale(self, path: str) -> torch.Tensor:
-        """The full vector applied at ``path`` (for fused qkv: ``[q ones; l_k; l_v]``)."""
+        """The full vector applied at ``path`` (for fused qkv: the q buffer on the query rows,
+        ``[l_k; l_v]`` on the key and value rows, in the layer's own row order)."""
         v = self.vectors[key(path)]
         if self.kind[path] == "kv":
             v = torch.cat([getattr(self, f"q_scale__{key(path)}").to(v.dtype), v])
+            if self.arch.qkv_layout != "stacked":
+                v = v.index_select(0, self.qkv_order)
         return v
 
     def hook_points(self):
@@ -103,7 +123,7 @@ class IA3(AdapterSet):
         total = 0
         for p in self.paths:
             fin, fout = self.shapes[p]
-            total += {"ff": fin, "out": fout, "kv": 2 * fout // 3}[self.kind[p]]
+            total += {"ff": fin, "out": fout, "kv": 2 * self.arch.num_kv_heads * self.arch.head_dim}[self.kind[p]]
         return total
 
     # --- HF peft layout: base_model.model.<path>.ia3_l -----------------------------------------
@@ -133,9 +153,8 @@ class IA3(AdapterSet):
             for p in self.paths:
                 v = sd[f"base_model.model.{p}.ia3_l"].flatten()
                 if self.kind[p] == "kv":
-                    third = v.numel() // 3
-                    getattr(self, f"q_scale__{key(p)}").copy_(v[:third])
-                    v = v[third:]
+                    getattr(self, f"q_scale__{key(p)}").copy_(v[self.q_rows.to(v.device)])
+                    v = v[self.kv_rows.to(v.device)]
                 self.vectors[key(p)].copy_(v)
 
     @classmethod

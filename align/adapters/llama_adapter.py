@@ -18,6 +18,12 @@ the paper's code has per-head gates):
   are repeated like the layer's own.
 * gpt2: peft adds the gated output *after* ``c_proj`` without projecting it, so here it is an
   "out" hook on the attention module that recomputes the queries from ``c_attn``.
+* phi3 and gpt_neox (peft has no adaption prompt for them): the llama-like way, inside attention
+  before the output projection (``o_proj`` / ``dense``, whose bias is then added once). The prompt's
+  keys and values are the key and value rows of the layer's fused projection (``qkv_proj`` /
+  ``query_key_value``, bias included) applied to the prompt, sliced as ``Arch.split_qkv`` says:
+  phi3's stacked grouped-query ``[q | k | v]``, GPT-NeoX's per-head interleaved ``[H, 3, D]``.
+  The queries are the layer's own, partially rotated as the model rotates them.
 
 peft layout: ``base_model.model.<attn path>.adaption_prompt`` [1, K, hidden] and
 ``….adaption_gate`` [1] for the top L layers.
@@ -34,7 +40,7 @@ from align.adapters.base import AdapterConfig, AdapterSet, register
 from align.arch import Arch, compute_dtype
 from align.rules import AT_LEAST_ONE
 
-SUPPORTED = {"llama", "mistral", "qwen2", "gpt2"}  # peft: llama, mistral, gpt2
+SUPPORTED = {"llama", "mistral", "qwen2", "gpt2", "phi3", "gpt_neox"}  # peft: llama, mistral, gpt2
 
 
 @register
@@ -84,6 +90,9 @@ class LlamaAdapter(AdapterSet):
         p = self.prompts[str(layer_idx)]
         k_proj, v_proj = getattr(module, self.arch.k_proj), getattr(module, self.arch.v_proj)
         p = p.to(compute_dtype(k_proj, query.dtype))  # not the uint8 of a 4-bit layer
+        if self.arch.fused_qkv:  # phi3, gpt_neox: the key and value rows of the fused layer
+            _, k, v = self.arch.split_qkv(k_proj(p))
+            return self.gated_attention(layer_idx, query, k, v)
         return self.gated_attention(layer_idx, query, k_proj(p), v_proj(p))
 
     # gpt2: after the attention block (after c_proj), as peft does

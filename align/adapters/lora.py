@@ -20,7 +20,10 @@ from align.adapters.base import AdapterConfig, AdapterSet, match_target, registe
 from align.arch import Arch, is_linear, linear_shape
 from align.rules import AT_LEAST_ONE, POSITIVE, Range
 
-DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+# phi3 / gpt_neox: one LoRA on the fused q|k|v layer, as peft puts it (peft's gpt_neox default;
+# peft has no phi3 default and asks for target_modules)
+DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "phi3": ["qkv_proj"],
+                   "gpt_neox": ["query_key_value"]}
 
 
 def key(path: str) -> str:
