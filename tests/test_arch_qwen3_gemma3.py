@@ -140,8 +140,8 @@ def test_align_attention_gets_and_applies_gemma3s_keywords(paths):
     for layer, scaling, softcap, t, m in seen:
         assert scaling == cfg.query_pre_attn_scalar ** -0.5 and softcap is None
         band = (torch.arange(t)[:, None] - torch.arange(t)[None, :]) < WINDOW
-        windowed = bool(((~band) & m[0, 0]).any()) is False
-        assert windowed == (cfg.layer_types[layer] == "sliding_attention"), layer
+        sees_past_window = bool(((~band) & m[0, 0]).any())  # the long row, no padding
+        assert sees_past_window == (cfg.layer_types[layer] == "full_attention"), layer
     # softcap: the eager core applies it exactly; sdpa refuses it
     attn = model.backbone.get_submodule(model.arch.attn_path(0))
     g = torch.Generator().manual_seed(0)
