@@ -68,7 +68,7 @@ class Arch:
         return x[..., 0, :].flatten(-2), x[..., 1, :].flatten(-2), x[..., 2, :].flatten(-2)
 
 
-LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "olmo", "olmo2"}
+LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma3_text", "olmo", "olmo2"}
 # Families whose attention fuses q, k and v into one layer, mapped by ``fused_arch``
 FUSED = {"phi3", "gpt_neox"}
 # Families align cannot serve yet, with the reason given at load (never a silent mis-mapping).
@@ -79,11 +79,61 @@ REFUSED = {
     "mpt": "MPT fuses q/k/v into Wqkv and adds ALiBi position biases in its own attention code, which "
            "does not go through transformers' attention interface that align's prefix tuning and "
            "LLaMA-Adapter act in",
-    "gemma2": "Gemma-2 soft-caps attention logits and alternates sliding/global layers with its own "
-              "mask rules, which align's attention function does not reproduce",
-    "gemma3": "Gemma-3 soft-caps attention logits and alternates sliding/global layers with its own "
-              "mask rules, which align's attention function does not reproduce",
+    "gemma2": "Gemma-2 soft-caps attention logits in every layer (sdpa, align's default attention, cannot "
+              "apply that) and align does not test it",
+    "gemma3": "this is the multimodal Gemma-3 model (Gemma3ForConditionalGeneration); align serves its "
+              "language model alone: load the checkpoint with align.backbone.load_backbone (every stage "
+              "does), which loads the text part as transformers' Gemma3ForCausalLM (images are not supported)",
 }
+# Multimodal checkpoints whose language model align loads alone, with transformers' own text class:
+# model_type -> (class name, key renames for ``from_pretrained(key_mapping=...)``, prefixes of the
+# checkpoint keys left out). Both layouts a Gemma-3 checkpoint may have are renamed: the original
+# ``language_model.model.*`` and transformers 4.5x's ``model.language_model.*``.
+TEXT_PARTS = {
+    "gemma3": ("Gemma3ForCausalLM",
+               {r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model.",
+                r"^language_model\.lm_head\.": "lm_head."},
+               ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")),
+}
+
+
+def config_refusal(cfg) -> str | None:
+    """Why align refuses a config of a supported family (None when it does not): a setting that
+    transformers' model code or align's attention would silently not apply."""
+    if cfg.model_type == "gemma3_text":
+        cap = getattr(cfg, "attn_logit_softcapping", None)
+        if cap is not None:
+            return (f"the config sets attn_logit_softcapping={cap}, but transformers' Gemma-3 attention does not "
+                    f"apply it (Gemma-3 replaced Gemma-2's soft-capping with QK-norm), so the checkpoint would "
+                    f"run without it; set it to null if the checkpoint was trained without soft-capping")
+        if getattr(cfg, "use_bidirectional_attention", False):
+            return ("the config sets use_bidirectional_attention=true (an encoder such as EmbeddingGemma), "
+                    "not a causal LM; align's attention masks are causal")
+    return None
+
+
+# model.attn_implementation: the transformers attention function align's own (align.attention)
+# delegates the core attention to, after adding prefix key/values and before LLaMA-Adapter's output
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+
+def attn_implementation_problem(name) -> str | None:
+    """What is wrong with ``model.attn_implementation=name`` (None: nothing)."""
+    if name in ("sdpa", "eager"):
+        return None
+    if name == "flex_attention":
+        import importlib.util
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            return "needs torch.nn.attention.flex_attention (torch >= 2.5), which this torch lacks; use sdpa or eager"
+        return None
+    if isinstance(name, str) and name.startswith("flash_attention"):
+        import importlib.util
+        missing = "" if importlib.util.find_spec("flash_attn") is not None else \
+            " (and the flash_attn package is not installed)"
+        return (f"not supported{missing}: align hands attention a 4-D mask (left padding, packed segments, "
+                f"virtual tokens, prefix key/values, sliding windows), and flash-attention kernels take only "
+                f"a 2-D padding mask and a causal flag; use sdpa (its own kernels), eager or flex_attention")
+    return "choose one of " + ", ".join(ATTN_IMPLEMENTATIONS)
 
 
 class UnsupportedArchitecture(ValueError):
@@ -97,6 +147,8 @@ def detect_arch(model: nn.Module) -> Arch:
         raise UnsupportedArchitecture(f"model_type {mt!r} is refused: {REFUSED[mt]}. "
                                       f"Supported: {sorted(LLAMA_LIKE | {'gpt2'} | FUSED)}")
     if mt in LLAMA_LIKE:
+        if (why := config_refusal(cfg)) is not None:
+            raise UnsupportedArchitecture(f"model_type {mt!r}: {why}")
         for name in ("qkv_proj", "gate_up_proj"):
             if any(n.endswith("." + name) for n, _ in model.named_modules()):
                 raise UnsupportedArchitecture(

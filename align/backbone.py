@@ -209,8 +209,7 @@ def load_backbone(path: str | Path, dtype: str = "float32", device: str | torch.
     kwargs = {}
     if qcfg is not None:  # bitsandbytes modules cannot be moved after load: place them now
         kwargs = {"quantization_config": qcfg, "device_map": {"": str(torch.device(device))}}
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                 **kwargs)
+    model = _from_pretrained(src, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs)
     model._align_quantization = quantization
     fp = checkpoint_fingerprint(src)
     if fp is not None:
@@ -240,6 +239,39 @@ def load_backbone(path: str | Path, dtype: str = "float32", device: str | torch.
         keep_quantized_weights_as_loaded(model)
         release_checkpoint_mapping(model)
     freeze(model)
+    return model
+
+
+def _from_pretrained(src: Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained``, except for a multimodal checkpoint whose language
+    model align serves alone (``align.arch.TEXT_PARTS``: Gemma-3): its text part, loaded with
+    transformers' own text class and its ``text_config``; every text weight must come from the
+    checkpoint, and only the parts named there (vision tower, projector) may be left out."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    from align.arch import TEXT_PARTS, UnsupportedArchitecture
+    config = AutoConfig.from_pretrained(str(src), trust_remote_code=kwargs.get("trust_remote_code", False))
+    part = TEXT_PARTS.get(config.model_type)
+    if part is None:
+        return AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
+    class_name, renames, left_out = part
+    cls = getattr(transformers, class_name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report lists every vision weight as unexpected
+    try:
+        model, info = cls.from_pretrained(str(src), config=config.get_text_config(), key_mapping=renames,
+                                          output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys", ()))
+    stray = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(left_out))
+    if missing or stray or info.get("mismatched_keys"):
+        raise UnsupportedArchitecture(
+            f"{src}: a {config.model_type!r} checkpoint whose language model did not load whole as {class_name} "
+            f"(missing {missing[:4]}, unexpected {stray[:4]}, mismatched {list(info.get('mismatched_keys', ()))[:4]}); "
+            f"its weight names are not in a layout align knows")
     return model
 
 

@@ -18,11 +18,22 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from align.adapters.base import AdapterConfig, methods_where
-from align.arch import QUANTIZATIONS, quantized_refusal
+from align.arch import ATTN_IMPLEMENTATIONS, QUANTIZATIONS, attn_implementation_problem, quantized_refusal
 from align.rules import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, Exists, OneOf, Range, field_help,
                          field_rule, setting)
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+class AttnImplementation(OneOf):
+    """``model.attn_implementation``: one of ``ATTN_IMPLEMENTATIONS`` that this install can run; a
+    flash-attention name is refused with the reason (align.arch.attn_implementation_problem)."""
+
+    def __init__(self):
+        super().__init__(*ATTN_IMPLEMENTATIONS)
+
+    def problem(self, value) -> str | None:
+        return attn_implementation_problem(value)
 
 
 @dataclass
@@ -31,6 +42,12 @@ class ModelConfig:
     dtype: str = setting("float32", "float32 | bfloat16 | float16", OneOf(*DTYPE_CHOICES))
     trust_remote_code: bool = setting(False, "never on unless asked")
     gradient_checkpointing: bool = setting(False, "recompute backbone activations in backward (memory for time)")
+    attn_implementation: str = setting(
+        "sdpa",
+        "sdpa | eager | flex_attention: transformers' attention function that align's attention delegates to "
+        "(prefix key/values and LLaMA-Adapter are added around it); flash_attention_2/3 are refused (they take no "
+        "4-D mask)",
+        AttnImplementation())
     quantization: str = setting(
         "none",
         "none | int8 | nf4: frozen backbone Linear weights via bitsandbytes (nf4: 4-bit NormalFloat, double "

@@ -200,10 +200,14 @@ def save_generation_config(src: Path, config, tok, out: Path) -> str:
     return "generation_config.json"
 
 
-def sequence_classification_class(causal_name: str) -> str:
+def sequence_classification_class(causal_name: str, model_type: str | None = None) -> str:
+    """The ``ForSequenceClassification`` class of the backbone: transformers' own for its
+    ``model_type`` (Gemma-3's text model: ``Gemma3TextForSequenceClassification``, not the
+    multimodal ``Gemma3ForSequenceClassification``), else named after the causal-LM class."""
     from transformers import models  # noqa: F401 - the classes are looked up by name below
     import transformers
-    name = {"GPT2LMHeadModel": "GPT2ForSequenceClassification"}.get(
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as BY_TYPE
+    name = BY_TYPE.get(model_type) or {"GPT2LMHeadModel": "GPT2ForSequenceClassification"}.get(
         causal_name, causal_name.replace("ForCausalLM", "ForSequenceClassification"))
     if not hasattr(transformers, name):
         raise ValueError(f"transformers has no {name} for a reward export of {causal_name}")
@@ -216,7 +220,7 @@ def write_reward(model, tok, role: str, info, out: Path, dtype: str = "f32") -> 
     that layer: a non-zero head bias is recorded as ``align_score_offset`` in config.json (add it to
     match align's raw score). The tokenizer is align's, whose PAD differs from every stop token, so
     transformers reads the score at the last real token (the stop token) as align does."""
-    name = sequence_classification_class(type(model.backbone).__name__)
+    name = sequence_classification_class(type(model.backbone).__name__, model.backbone.config.model_type)
     sd = merged_state_dict(model, role)
     head = _param_name(model.backbone, model.backbone.get_output_embeddings())
     sd.pop(head, None)

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from align import attention
 from align.adapters.base import AdapterConfig, AdapterSet, create_adapter_set
-from align.arch import detect_arch
+from align.arch import attn_implementation_problem, detect_arch
 from align.backbone import fingerprint, freeze
 from align.heads import ScalarHead
 
@@ -65,8 +65,14 @@ class ModelOutput(NamedTuple):
 
 
 class AlignModel(nn.Module):
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, attn_implementation: str = "sdpa"):
+        """``attn_implementation`` (``model.attn_implementation``): the transformers attention
+        function (sdpa | eager | flex_attention) that align's attention function delegates the
+        core attention to (align/attention.py)."""
         super().__init__()
+        if (problem := attn_implementation_problem(attn_implementation)) is not None:
+            raise ValueError(f"model.attn_implementation={attn_implementation!r}: {problem}")
+        self.attn_implementation = attn_implementation
         freeze(backbone)
         self.backbone = backbone
         self.arch = detect_arch(backbone)
@@ -74,6 +80,7 @@ class AlignModel(nn.Module):
         # token ids align added to the vocabulary (a PAD of its own): masked out of every
         # distribution, so their (zero) embedding rows never reach a sampled token or a log-prob
         self.masked_token_ids = tuple(getattr(backbone, "_align_masked_ids", ()))
+        self.final_logit_softcapping = getattr(backbone.config.get_text_config(), "final_logit_softcapping", None)
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         self.roles: dict[str, Role] = {"base": Role("base")}
@@ -356,6 +363,9 @@ class AlignModel(nn.Module):
         """The LM head on ``hidden`` [..., H], with align's added tokens (PAD) masked to a large
         negative logit (finite, so softmax gives them exactly 0 and entropies stay finite)."""
         logits = self.backbone.get_output_embeddings()(hidden)
+        if self.final_logit_softcapping is not None:  # Gemma's cap * tanh(logits / cap), as its forward
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
         if self.masked_token_ids:
             idx = torch.tensor(self.masked_token_ids, device=logits.device)
             logits = logits.index_fill(-1, idx, -1e4)

@@ -12,12 +12,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3Config,
+    Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
+    SiglipVisionConfig,
 )
 
 # Special tokens. PAD is distinct from EOS (docs/invariants.md #9): a policy can only learn to stop
@@ -51,20 +55,32 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     return hf
 
 
-FAMILIES = ("llama", "gpt2", "qwen2", "phi3", "gpt_neox")
+FAMILIES = ("llama", "gpt2", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3", "gpt_neox")
 
 
 def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
                 kv_heads: int | None = None, intermediate: int | None = None,
-                max_positions: int = 512, tokenizer: PreTrainedTokenizerFast | None = None, **extra):
-    """A small config of the given family. ``kv_heads < heads`` gives grouped-query attention.
-    ``extra`` goes to the config class (phi3 / gpt_neox only), e.g. ``use_parallel_residual`` or
-    ``sliding_window``.
+                max_positions: int = 512, tokenizer: PreTrainedTokenizerFast | None = None,
+                sliding_window: int | None = None, **extra):
+    """A small config of the given family, the real transformers config class. ``kv_heads < heads``
+    gives grouped-query attention. ``extra``: further fields of that class (e.g. Gemma-3's
+    ``final_logit_softcapping``, GPT-NeoX's ``use_parallel_residual``).
 
-    phi3 is laid out as Phi-4-mini (partial rotary 0.75, tied embedding and LM head); gpt_neox as
-    Pythia (rotary on a quarter of each head, parallel residual, biases)."""
-    if extra and family not in ("phi3", "gpt_neox"):
-        raise ValueError(f"extra config settings {sorted(extra)} are for phi3 / gpt_neox only")
+    * ``qwen3``: Qwen3's QK-norm blocks (``q_norm``/``k_norm`` over each head), untied head.
+    * ``gemma3_text``: Gemma-3's language model: QK-norm, local (``sliding_window``, default 4, RoPE
+      base 10k) and global (RoPE base 1M) layers alternating (``layer_types``; with 2 layers one of
+      each), ``query_pre_attn_scalar`` = 1.5 x head_dim so its softmax scale is not the usual
+      head_dim^-1/2, sqrt(hidden)-scaled embeddings, tied LM head.
+    * ``gemma3``: the multimodal Gemma-3 (``Gemma3ForConditionalGeneration``) with that text model
+      and a one-layer SigLIP vision tower, to check that align loads its language model alone.
+    * ``phi3``: laid out as Phi-4-mini (partial rotary 0.75, tied embedding and LM head; a
+      ``sliding_window`` when given); ``gpt_neox`` as Pythia (rotary on a quarter of each head,
+      parallel residual, biases).
+    """
+    if extra and family not in ("phi3", "gpt_neox", "qwen3", "gemma3_text", "gemma3"):
+        raise ValueError(f"extra config settings {sorted(extra)} are not for {family}")
+    if sliding_window is not None and family not in ("gemma3_text", "gemma3", "phi3"):
+        raise ValueError(f"sliding_window is a setting of gemma3_text / gemma3 / phi3, not {family}")
     kv_heads = kv_heads or heads
     intermediate = intermediate or 4 * hidden
     ids = {}
@@ -81,6 +97,28 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
                            num_hidden_layers=layers, num_attention_heads=heads,
                            num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
                            tie_word_embeddings=False, **ids)
+    if family == "qwen3":
+        return Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                           head_dim=hidden // heads, max_position_embeddings=max_positions,
+                           tie_word_embeddings=False, **ids, **extra)
+    if family == "gemma3_text":
+        head_dim = hidden // heads
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                head_dim=head_dim, query_pre_attn_scalar=head_dim * 3 // 2,
+                                sliding_window=sliding_window or 4, layer_types=types,
+                                max_position_embeddings=max_positions, tie_word_embeddings=True, **ids, **extra)
+    if family == "gemma3":
+        text = tiny_config("gemma3_text", vocab_size, hidden, layers, heads, kv_heads, intermediate,
+                           max_positions, tokenizer, sliding_window, **extra)
+        vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14)
+        # the image placeholder ids are the vocabulary's last three (text-only inputs avoid them)
+        return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                            image_token_index=vocab_size - 1, boi_token_index=vocab_size - 3,
+                            eoi_token_index=vocab_size - 2, **ids)
     if family == "gpt2":
         if kv_heads != heads:
             raise ValueError("gpt2 has no grouped-query attention")
@@ -91,6 +129,8 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
         # without a tokenizer, no special ids (Phi3Config's defaults are Phi-3's 32000-token vocabulary's)
         kw = {"partial_rotary_factor": 0.75, "tie_word_embeddings": True, "bos_token_id": None,
               "eos_token_id": None, "pad_token_id": None, "original_max_position_embeddings": max_positions}
+        if sliding_window is not None:
+            kw["sliding_window"] = sliding_window
         kw.update(ids, **extra)
         return Phi3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -112,6 +112,7 @@ ADAPTER_CHOICES = [  # (overrides making the field a setting of the method, key,
 ENUMS = [  # (stage, overrides, key, allowed values)
     *[("sft", pre, key, allowed) for pre, key, allowed in ADAPTER_CHOICES],
     ("sft", [], "model.dtype", DTYPES),
+    ("sft", [], "model.attn_implementation", "sdpa, eager, flex_attention"),
     ("sft", [], "train.scheduler", "cosine, linear, constant"),
     ("sft", [], "tracking.mode", "online, offline, disabled"),
     ("reward", [], "init", "sft_copy, sft_stack, base"),
@@ -149,6 +150,14 @@ def test_a_bad_choice_names_key_value_and_choices_and_writes_nothing(world, stag
 
 
 # --- the four cases reported in issue 16 (and lr_schedule=cosin, once silently constant) ------
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_flash_attention_is_refused_with_the_reason_before_anything_is_written(world, stage):
+    """align's attention hands the core a 4-D mask, which flash-attention kernels cannot take."""
+    msg = refused(world, stage, "model.attn_implementation=flash_attention_2",
+                  match=re.escape("model.attn_implementation='flash_attention_2': not supported"))
+    assert "4-D mask" in msg and "use sdpa" in msg
+
+
 def test_reported_adapter_method_lorra_then_the_corrected_rerun_starts(world):
     refused(world, "sft", "adapter.method=lorra", match=r"adapter.method='lorra': choose one of lora, bottleneck")
     with pytest.raises(Tripwire):  # not "output_dir ... already holds a run"

@@ -116,7 +116,7 @@ def test_hf_export_matches_align_logits_and_greedy_tokens(tiny_llama, tmp_path, 
     assert model.fingerprint in card and "/data/train.jsonl" in card and "eval/loss" in card
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "qwen3", "gemma3_text"])
 def test_hf_export_of_a_stack_on_other_families(tiny_paths, tmp_path, family):
     """gpt2's Conv1D layout ([in, out]) and fused q|k|v (IA3 scales its k and v thirds), qwen2's biases."""
     sets = {"sft": AdapterConfig(method="lora", r=2, alpha=4), "policy": AdapterConfig(method="ia3")}
@@ -192,12 +192,12 @@ def test_peft_export_loads_on_the_original_checkpoint_with_identical_logits(tiny
     torch.testing.assert_close(theirs, align_logits(model, "policy", ids), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma3_text"])
 def test_reward_export_scores_as_align_reward_role(tiny_paths, tmp_path, family):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from align.scoring import sequence_rewards
-    targets = ALL_LINEAR if family == "llama" else None
+    targets = None if family == "gpt2" else ALL_LINEAR
     run, model, tok = make_run(tmp_path, tiny_paths[family], {"reward": AdapterConfig(
         method="lora", r=4, alpha=8, target_modules=targets)}, role="reward", head=True)
     out = export(run, tmp_path / "rm")
@@ -205,6 +205,7 @@ def test_reward_export_scores_as_align_reward_role(tiny_paths, tmp_path, family)
     rtok = AutoTokenizer.from_pretrained(str(out))
     batch = rtok([t + tok.eos_token for t in TEXTS], return_tensors="pt", padding=True)
     assert rtok.padding_side == "right" and rm.config.num_labels == 1
+    assert rm.config.architectures == [type(rm).__name__]  # Gemma-3: the text model's class
     with torch.no_grad():
         theirs = rm(**batch).logits[:, 0] + rm.config.align_score_offset
         values = model(batch["input_ids"], batch["attention_mask"], role="reward").values

@@ -24,6 +24,11 @@ the paper's code has per-head gates):
   ``query_key_value``, bias included) applied to the prompt, sliced as ``Arch.split_qkv`` says:
   phi3's stacked grouped-query ``[q | k | v]``, GPT-NeoX's per-head interleaved ``[H, 3, D]``.
   The queries are the layer's own, partially rotated as the model rotates them.
+* QK-norm families (qwen3, gemma3_text), which peft's adaption prompt does not serve: the prompt
+  keys get the layer's own key treatment except RoPE, ``k_norm(k_proj(P_l))`` per head, and the
+  scores the layer's own softmax scale (``module.scaling``: Gemma-3's ``query_pre_attn_scalar^-1/2``),
+  so the prompt keys live where the layer's keys live. Saved in peft's layout all the same
+  (peft itself refuses these model types for ADAPTION_PROMPT).
 
 peft layout: ``base_model.model.<attn path>.adaption_prompt`` [1, K, hidden] and
 ``….adaption_gate`` [1] for the top L layers.
@@ -40,7 +45,8 @@ from align.adapters.base import AdapterConfig, AdapterSet, register
 from align.arch import Arch, compute_dtype
 from align.rules import AT_LEAST_ONE
 
-SUPPORTED = {"llama", "mistral", "qwen2", "gpt2", "phi3", "gpt_neox"}  # peft: llama, mistral, gpt2
+SUPPORTED = {"llama", "mistral", "qwen2", "gpt2", "phi3", "gpt_neox", "qwen3", "gemma3_text"}  # peft: llama, mistral, gpt2
+QK_NORM = {"qwen3", "gemma3_text"}  # prompt keys through the layer's k_norm, scores at its own scale
 
 
 @register
@@ -54,8 +60,8 @@ class LlamaAdapter(AdapterSet):
     def __init__(self, name: str, config: AdapterConfig, arch: Arch, backbone: nn.Module):
         super().__init__(name, config, arch)
         if arch.model_type not in SUPPORTED:
-            # e.g. qwen3/olmo2 normalise q and k, gemma scales queries differently: the prompt
-            # keys would need that model's own treatment, which peft does not define either
+            # e.g. olmo2 normalises q and k over all heads at once, gemma (1) scales its embeddings:
+            # the prompt keys would need that model's own treatment, which peft does not define either
             raise NotImplementedError(f"llama_adapter supports model types {sorted(SUPPORTED)}, "
                                       f"not {arch.model_type!r}")
         n_layers, k = config.adapter_layers, config.num_virtual_tokens
@@ -71,15 +77,20 @@ class LlamaAdapter(AdapterSet):
         self._qkv = {i: backbone.get_submodule(f"{arch.attn_path(i)}.{arch.k_proj}") for i in self.layers} \
             if arch.family == "gpt2" else {}
 
-    def gated_attention(self, i: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-        """query [B, H, T, D]; key/value [1, K, H_kv * D] -> gated output [B, T, H, D]."""
+    def gated_attention(self, i: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        k_norm: nn.Module | None = None, scaling: float | None = None):
+        """query [B, H, T, D]; key/value [1, K, H_kv * D] -> gated output [B, T, H, D]. ``k_norm``
+        (per head) and ``scaling`` (else 1/sqrt(D)): a QK-norm layer's own key norm and scale."""
         a = self.arch
         kk = key.view(1, -1, a.num_kv_heads, a.head_dim).transpose(1, 2)
         vv = value.view(1, -1, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        if k_norm is not None:
+            kk = k_norm(kk)
         rep = a.num_heads // a.num_kv_heads
         if rep > 1:
             kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
-        scores = query @ kk.transpose(2, 3).to(query.dtype) / math.sqrt(a.head_dim)
+        scores = query @ kk.transpose(2, 3).to(query.dtype)
+        scores = scores / math.sqrt(a.head_dim) if scaling is None else scores * scaling
         probs = self.gates[str(i)] * F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         return (probs.to(vv.dtype) @ vv).transpose(1, 2)
 
@@ -93,6 +104,8 @@ class LlamaAdapter(AdapterSet):
         if self.arch.fused_qkv:  # phi3, gpt_neox: the key and value rows of the fused layer
             _, k, v = self.arch.split_qkv(k_proj(p))
             return self.gated_attention(layer_idx, query, k, v)
+        if self.arch.model_type in QK_NORM:
+            return self.gated_attention(layer_idx, query, k_proj(p), v_proj(p), module.k_norm, module.scaling)
         return self.gated_attention(layer_idx, query, k_proj(p), v_proj(p))
 
     # gpt2: after the attention block (after c_proj), as peft does

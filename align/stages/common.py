@@ -149,7 +149,7 @@ def load_model(backbone_path: str, model_cfg, device, chat_template: str | None 
     tok = load_tokenizer(backbone_path, trust_remote_code=model_cfg.trust_remote_code, chat_template=chat_template)
     backbone = load_backbone(backbone_path, model_cfg.dtype, device, model_cfg.trust_remote_code, tok,
                              quantization=getattr(model_cfg, "quantization", "none"))
-    model = AlignModel(backbone)
+    model = AlignModel(backbone, attn_implementation=getattr(model_cfg, "attn_implementation", "sdpa"))
     if model_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return tok, model
