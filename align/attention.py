@@ -69,11 +69,16 @@ def apply_sliding_window(mask: torch.Tensor | None, window: int | None, q_len: i
     return mask.masked_fill(~band, torch.finfo(mask.dtype).min)
 
 
-@functools.cache
 def core_function(attention_class: type, implementation: str):
-    """transformers' attention function ``implementation`` for layers of ``attention_class``."""
+    """transformers' attention function ``implementation`` for layers of ``attention_class``
+    (looked up at each call: nothing holds on to a function another module may replace)."""
     if implementation == "sdpa":
         return sdpa_attention_forward
+    return _named_function(attention_class, implementation)
+
+
+@functools.cache
+def _named_function(attention_class: type, implementation: str):
     if implementation == "eager":
         fn = getattr(sys.modules[attention_class.__module__], "eager_attention_forward", None)
         if fn is None:
