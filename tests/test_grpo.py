@@ -148,6 +148,9 @@ def test_grpo_kill_and_resume_gives_the_same_final_adapters(tiny_llama, tmp_path
     ("grpo.group_size=1", "grpo.group_size"),
     ("grpo.group_size=5", "not a multiple of grpo.group_size=5"),
     ("grpo.kl_estimator=k9", "grpo.kl_estimator"),
+    ("grpo.loss_type=dapox", "grpo.loss_type='dapox': choose one of grpo, dr_grpo, dapo, bnpo"),
+    ("grpo.overlong_buffer=99", "grpo.overlong_buffer=99: at most response_length"),
+    ("grpo.dynamic_sampling_rounds=-1", "grpo.dynamic_sampling_rounds"),
 ])
 def test_a_bad_setting_is_refused_before_anything_is_written(tiny_llama, tmp_path, override, match):
     sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
