@@ -259,7 +259,8 @@ def in_context_prompts(cfg: EvalConfig, tok, k: int) -> list[dict]:
                 raise ConfigError(f"{cfg.demonstrations}: record {i}: a demonstration needs prompt and completion")
         if len(pool) < k:
             raise ConfigError(f"{cfg.demonstrations}: {len(pool)} demonstrations, fewer than shots={k}")
-        demos = random.Random(cfg.seed + 31).sample(pool, k)
+        rng = random.Random(cfg.seed + 31)
+        demos = rng.sample(pool, k)
     shown = []
     for r in records:
         if isinstance(r["prompt"], list):

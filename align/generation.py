@@ -93,8 +93,13 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
             finished = bool(done.all())
             if all_done(finished) if all_done is not None else finished:
                 break
-    toks = torch.stack(tokens, 1)
-    lps = torch.stack(logps, 1)
+    return _finish(torch.stack(tokens, 1), torch.stack(logps, 1), stops, max_new_tokens, pad_token_id)
+
+
+def _finish(toks: torch.Tensor, lps: torch.Tensor, stops, max_new_tokens: int, pad_token_id: int) -> Samples:
+    """The sampled tokens and log-probs padded to ``max_new_tokens`` (when every row stopped early),
+    with each row's length up to and including its first stop token."""
+    b, device = toks.shape[0], toks.device
     if toks.shape[1] < max_new_tokens:  # everyone stopped early: pad to the fixed length
         extra = max_new_tokens - toks.shape[1]
         toks = torch.cat([toks, toks.new_full((b, extra), pad_token_id)], 1)

@@ -125,6 +125,15 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
         return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
                           n_inner=intermediate, n_positions=max_positions,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    if family in ("phi3", "gpt_neox"):
+        return _fused_config(family, vocab_size, hidden, layers, heads, kv_heads, intermediate, max_positions, ids,
+                             sliding_window, extra)
+    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+
+
+def _fused_config(family: str, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int,
+                  intermediate: int, max_positions: int, ids: dict, sliding_window: int | None, extra: dict):
+    """``tiny_config``'s phi3 (Phi-4-mini's layout) and gpt_neox (Pythia's) configs."""
     if family == "phi3":
         # without a tokenizer, no special ids (Phi3Config's defaults are Phi-3's 32000-token vocabulary's)
         kw = {"partial_rotary_factor": 0.75, "tie_word_embeddings": True, "bos_token_id": None,
@@ -135,15 +144,13 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
         return Phi3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                           max_position_embeddings=max_positions, **kw)
-    if family == "gpt_neox":
-        if kv_heads != heads:
-            raise ValueError("gpt_neox has no grouped-query attention")
-        kw = {"rotary_pct": 0.25, "use_parallel_residual": True, "tie_word_embeddings": False}
-        kw.update(ids, **extra)
-        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                             num_hidden_layers=layers, num_attention_heads=heads,
-                             max_position_embeddings=max_positions, **kw)
-    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    if kv_heads != heads:   # gpt_neox
+        raise ValueError("gpt_neox has no grouped-query attention")
+    kw = {"rotary_pct": 0.25, "use_parallel_residual": True, "tie_word_embeddings": False}
+    kw.update(ids, **extra)
+    return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         max_position_embeddings=max_positions, **kw)
 
 
 def build_tiny_model(config, seed: int = 0):

@@ -82,7 +82,7 @@ def test_dynamic_sampling_fills_with_dropped_groups_when_the_rounds_run_out(tiny
     grpo.run(cfg(grpo.GRPOConfig, "grpo", tmp_path, sft, prompts,
                  "reward_fn=tests.ppo_helpers:count_target_except_happy", "grpo.iterations=1",
                  "grpo.rollout_batch_size=16", "grpo.response_length=4", "grpo.dynamic_sampling=true",
-                 "grpo.dynamic_sampling_rounds=2"))
+                 "grpo.dynamic_sampling_rounds=2", "grpo.missing_stop_mode=none"))
     m = [x for x in metrics(tmp_path / "run") if "objective/scores" in x][0]
     assert m["dynamic_sampling/rounds"] == 2 and m["dynamic_sampling/filled_uninformative"] == 4
     assert m["objective/advantage_abs"] == 0.0
@@ -109,7 +109,9 @@ def test_dapo_options_resume_exactly(tiny_llama, tmp_path):
 ])
 def test_toy_reward_rises_under_each_loss(tiny_llama, tmp_path, extra):
     """The bandit of tests/test_grpo.py (count the letter 'e', beta 0.5) under DAPO's options and
-    under BNPO with GSPO's sequence ratio: the score rises, the KL stays bounded."""
+    under BNPO with GSPO's sequence ratio: the score rises, the KL stays bounded. Measured: KL at
+    most 7.2 (dapo, clip-higher) and 6.0 (bnpo); without the KL term it reaches 25-39, so the bound
+    of 12 fails if the term is lost."""
     sft = H.fake_sft_run(tiny_llama, tmp_path / "sft", LORA_HEAD)
     prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 4)
     grpo.run(cfg(grpo.GRPOConfig, "grpo", tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target",
@@ -120,4 +122,4 @@ def test_toy_reward_rises_under_each_loss(tiny_llama, tmp_path, extra):
     early = sum(x["objective/scores"] for x in m[:3]) / 3
     late = sum(x["objective/scores"] for x in m[-3:]) / 3
     assert late > early + 0.5, (extra, early, late)
-    assert max(x["objective/kl"] for x in m) < 6.0
+    assert max(x["objective/kl"] for x in m) < 12.0

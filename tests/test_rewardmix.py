@@ -29,7 +29,7 @@ def test_the_score_is_the_weighted_sum_over_the_sources_with_an_opinion():
 @pytest.mark.parametrize("overrides,match", [
     (["reward_fn=tests.ppo_helpers:count_target", "rewards=[{fn: tests.ppo_helpers:picky}]"], "not both"),
     (["rewards=[{role: reward}]"], "needs reward_run"),
-    (["rewards=[{fn: tests.ppo_helpers:picky, role: reward}]"], "give {fn: module:function} or {role: reward}"),
+    (["rewards=[{fn: tests.ppo_helpers:picky, role: reward}]"], "give {fn: module:function} \\(or a built-in verifier's name\\) or {role: reward}"),
     (["rewards=[{fn: tests.ppo_helpers:picky, weight: many}]"], "weight='many': give a finite number"),
     (["rewards=[{fn: tests.ppo_helpers:two_args}]"], r"rewards\[0\].fn=.*cannot be called"),
     (["rewards=[{fn: tests.ppo_helpers:picky}]", "reward_run=RM"], "has no {role: reward} entry"),

@@ -523,10 +523,10 @@ class OnlineLoop:
         """The global rollout batch of iteration ``it`` (every rank holds all of it, so whitening,
         groups and minibatches are global), with generation and rollout seconds."""
         t0 = time.time()
-        ro, t_generate = self.sample(*self.order(it), it)
+        ro, t_generate = self.sample_batch(*self.order(it), it)
         return ro, t_generate, time.time() - t0
 
-    def sample(self, prompts: list, seeds: list[int], width: int, it: int) -> tuple[Rollout, float]:
+    def sample_batch(self, prompts: list, seeds: list[int], width: int, it: int) -> tuple[Rollout, float]:
         """One global rollout batch of this rank's ``prompts`` (gathered over processes) and its
         generation seconds."""
         ro, t_generate = rollout(self.model, self.engine, prompts, self.cfg, self.tok, self.rt, self.mix, seeds,
@@ -791,7 +791,7 @@ class GroupLoop(OnlineLoop):
         """The group rollout: the soft overlong penalty on the scores and, with dynamic sampling,
         groups without an advantage replaced by further ones (DAPO)."""
         t0 = time.time()
-        ro, t_generate = self.sample(*self.order(it), it)
+        ro, t_generate = self.sample_batch(*self.order(it), it)
         ro = self.penalise_overlong(ro)
         if self.a.dynamic_sampling:
             ro, t_more = self.refill(ro, it)
@@ -823,7 +823,7 @@ class GroupLoop(OnlineLoop):
         first_dropped = int(n - have)
         while have < n and rounds < a.dynamic_sampling_rounds:
             rounds += 1
-            more, t = self.sample(*self.order.extra(it, rounds), it)
+            more, t = self.sample_batch(*self.order.extra(it, rounds), it)
             more = self.penalise_overlong(more)
             seconds += t
             k = self.informative(more).nonzero().flatten()
