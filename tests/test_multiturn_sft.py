@@ -1,4 +1,4 @@
-"""Every assistant turn of a conversation is trained (``data.assistant_turns=all``, as TRL's
+"""Every assistant turn of a conversation is trained (``data.train_turns=all``, as TRL's
 ``assistant_only_loss``): one sequence whose labels are exactly the assistant turns' tokens (each up
 to its end-of-turn token), the user turns and the template's markup context; ``last`` keeps the
 old behaviour; a template that re-renders earlier turns gets one example per turn; turns beyond
@@ -83,8 +83,8 @@ def test_completion_only_false_labels_the_whole_conversation(chat_tok):  # noqa:
 def test_sft_stage_trains_all_turns_by_default_and_refuses_a_bad_choice(tiny_llama, tmp_path):
     from align.config import ConfigError, load_config
     from align.stages.sft import SFTConfig
-    with pytest.raises(ConfigError, match="data.assistant_turns='first': choose one of all, last"):
+    with pytest.raises(ConfigError, match="data.train_turns='first': choose one of all, last"):
         from align.config import validate
         validate(load_config(SFTConfig, None, [f"model.path={tiny_llama}", "data.train=x.jsonl",
-                                               "data.assistant_turns=first"]))
-    assert SFTConfig().data.assistant_turns == "all"
+                                               "data.train_turns=first"]))
+    assert SFTConfig().data.train_turns == "all"

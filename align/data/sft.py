@@ -2,7 +2,7 @@
 
 Accepted records (canonical format, data_tools/README.md): ``{"prompt", "completion"}`` with
 strings (standard) or message lists (conversational), or ``{"messages": [...]}``: with
-``assistant_turns="all"`` (default, as TRL's ``assistant_only_loss``) every assistant turn is a
+``turns="all"`` (``data.train_turns``) (default, as TRL's ``assistant_only_loss``) every assistant turn is a
 completion the loss is taken on, the user/system turns and the template's markup between them
 context; with ``"last"`` only the last assistant turn (earlier ones are prompt). Conversations are rendered with
 the tokenizer's chat template, or ``data.chat_template`` for tokenizers without one.

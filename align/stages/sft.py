@@ -40,7 +40,7 @@ class SFTDataConfig:
     eval_fraction: float = setting(0.05, "held-out share of prompts when data.eval is empty", FRACTION)
     max_length: int = setting(512, "tokens per example (the prompt is cut first, counted)", AT_LEAST_ONE)
     completion_only_loss: bool = setting(True, "false: loss on the prompt tokens too")
-    assistant_turns: str = setting(
+    train_turns: str = setting(
         "all",
         "messages records: all (every assistant turn is trained, as TRL's assistant_only_loss) | last (only the "
         "last one; earlier turns are prompt)",
@@ -97,9 +97,9 @@ def run(cfg: SFTConfig) -> dict:
     model.activate("sft")
 
     examples, report = build_examples(records, tok, cfg.data.max_length, cfg.data.completion_only_loss,
-                                      cfg.data.chat_template, where=str(train_path), turns=cfg.data.assistant_turns)
+                                      cfg.data.chat_template, where=str(train_path), turns=cfg.data.train_turns)
     eval_examples, _ = build_examples(eval_records, tok, cfg.data.max_length, cfg.data.completion_only_loss,
-                                      cfg.data.chat_template, where="eval", turns=cfg.data.assistant_turns)
+                                      cfg.data.chat_template, where="eval", turns=cfg.data.train_turns)
     if has_eval:
         check_eval_split(len(eval_examples), what="examples with a non-empty completion", **eval_check)
     if report.prompt_truncated or report.completion_truncated or report.turns_dropped:
