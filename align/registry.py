@@ -54,4 +54,6 @@ POLICY_STAGES = tuple(n for n, s in STAGES.items() if s.policy)
 
 # commands with their own argument parsers (``module.main(argv)``), not stages
 TOOLS = {"export": ("align.export", "Export a run's policy, SFT or reward role (hf merged, peft, gguf)"),
-         "generate": ("align.generate", "Sample answers from a run's policy (or an exported model)")}
+         "generate": ("align.generate", "Sample answers from a run's policy (or an exported model)"),
+         "preview": ("align.preview", "Show what an SFT config trains: its first examples with the loss-bearing "
+                                      "tokens marked")}

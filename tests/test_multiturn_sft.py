@@ -88,3 +88,23 @@ def test_sft_stage_trains_all_turns_by_default_and_refuses_a_bad_choice(tiny_lla
         validate(load_config(SFTConfig, None, [f"model.path={tiny_llama}", "data.train=x.jsonl",
                                                "data.train_turns=first"]))
     assert SFTConfig().data.train_turns == "all"
+
+
+def test_align_preview_marks_exactly_the_trained_tokens(chat_tok, tmp_path, capsys):  # noqa: F811
+    """``align preview`` prints what SFT trains: each assistant turn (with its end-of-turn token)
+    between the marks, and nothing else."""
+    import json
+
+    from align.cli import main
+    tok_dir = tmp_path / "tok"
+    chat_tok.save_pretrained(tok_dir)
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps(CONV) + "\n")
+    assert main(["preview", f"model.path={tok_dir}", f"data.train={data}", "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "⟦Blue.<|im_end|>⟧" in out and "⟦Green, and also red.<|im_end|>⟧" in out
+    assert "⟦You are welcome.<|im_end|>⟧" in out and out.count("⟦") == 3
+    assert "Thanks." in out and "data.train_turns=all" in out
+    assert main(["preview", f"model.path={tok_dir}", f"data.train={data}", "data.train_turns=last"]) == 0
+    assert capsys.readouterr().out.count("⟦") == 1
+    assert main(["preview", f"data.train={data}"]) == 2
