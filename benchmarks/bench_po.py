@@ -34,7 +34,7 @@ Same on both sides, per method:
   0.2, beta = kl_coef (``--grpo-beta`` 0.04: align's GRPO default, k3 in the loss; ``--rloo-beta``
   0.05: both sides' RLOO default, k1 summed over the response, in the reward). GRPO: TRL
   ``loss_type="grpo"`` (per-response mean over its tokens, then mean over responses: align's
-  ``variant=grpo``) and ``scale_rewards="group"``. RLOO: leave-one-out baseline, no advantage
+  ``loss_type=grpo``) and ``scale_rewards="group"``. RLOO: leave-one-out baseline, no advantage
   normalisation. The reward is the Python callable ``length_reward`` below (characters of the
   completion / 100) on both sides: align's ``reward_fn=benchmarks.bench_po:length_reward`` (no
   normalisation: with a programmatic reward align's statistics are mean 0, std 1; its missing-stop
@@ -135,7 +135,7 @@ def align_worker(a) -> dict:
     s = a.method
     stage = importlib.import_module(f"align.stages.{s}")
     cfg_cls, run = (stage.GRPOConfig if s == "grpo" else stage.RLOOConfig), stage.run
-    extra = ["grpo.variant=grpo", "grpo.kl_estimator=k3", f"grpo.kl_coef={a.grpo_beta}"] if s == "grpo" else \
+    extra = ["grpo.loss_type=grpo", "grpo.kl_estimator=k3", f"grpo.kl_coef={a.grpo_beta}"] if s == "grpo" else \
         [f"rloo.kl_coef={a.rloo_beta}"]
     cfg = load_config(cfg_cls, None, [
         *common, f"reward_fn={REWARD_SPEC}", f"data.prompts={prompts}", f"data.eval_prompts={prompts}",

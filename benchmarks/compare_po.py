@@ -43,7 +43,7 @@ def stage_args(method: str, q: Path, out: Path, iterations: int) -> tuple[str, l
                                          "ppo.kl_coef=0.05", "value.init=reward"]
     if method in ("grpo", "dr_grpo", "rloo"):
         s = "rloo" if method == "rloo" else "grpo"
-        extra = [f"{s}.variant=dr_grpo"] if method == "dr_grpo" else []
+        extra = [f"{s}.loss_type=dr_grpo"] if method == "dr_grpo" else []
         return s, common + online + extra + [
             f"{s}.iterations={iterations}", f"{s}.rollout_batch_size=64", f"{s}.group_size=4",
             f"{s}.micro_batch_size=32", f"{s}.num_minibatches=2", f"{s}.num_epochs=2", f"{s}.response_length=32",
