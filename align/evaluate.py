@@ -163,15 +163,9 @@ def _sem(x: torch.Tensor) -> float:
 
 def verifier_functions(entries: list) -> dict:
     """``{name: function}`` of ``verifiers`` entries (a function's ``args`` bound)."""
-    from align.rewardmix import entry_function
-    from align.verifiers import resolve
-    out = {}
-    for e in entries:
-        name = e.get("name") or resolve(e["fn"]).rpartition(":")[2]
-        while name in out:
-            name += "_"
-        out[name] = entry_function(e)
-    return out
+    from align.rewardmix import entry_function, entry_name
+    taken: set = set()
+    return {entry_name(e, taken): entry_function(e) for e in entries}
 
 
 def verify(fns: dict, prompts: list[dict], responses: list[str], ended: list[bool]) -> dict[str, torch.Tensor]:
@@ -242,7 +236,7 @@ def _verifier_views(cfg: EvalConfig, model, tok, rt, prompts: list[dict], role: 
     return out
 
 
-def in_context_prompts(cfg: EvalConfig, tok, k: int) -> list[dict]:
+def in_context_prompts(cfg: EvalConfig, tok, k: int, plain: list[dict]) -> list[dict]:
     """The held-out prompts, each preceded by the same ``k`` demonstrations (drawn with
     ``cfg.seed`` from ``cfg.demonstrations``): earlier user/assistant turns in chat, else
     "prompt completion" paragraphs."""
@@ -272,8 +266,7 @@ def in_context_prompts(cfg: EvalConfig, tok, k: int) -> list[dict]:
             head = "".join(f"{d['prompt']} {d['completion']}\n\n" for d in demos)
             shown.append({**r, "prompt": head + r["prompt"]})
     out = encode_prompts(shown, cfg.prompts, tok, cfg.chat_template)
-    # scorers see the held-out prompt itself, not the demonstrations
-    plain = held_out_prompts(cfg, tok)
+    # scorers see the held-out prompt itself (``plain``: held_out_prompts), not the demonstrations
     for o, p in zip(out, plain):
         o["plain_text"] = p["text"]
     return out
@@ -322,7 +315,7 @@ def compare(cfg: EvalConfig) -> dict:
     if fns:   # paired over prompts where the verifier has an opinion on both responses
         summary["verifier_diff"] = {n: rate(res["b"]["_verify"][n] - res["a"]["_verify"][n]) for n in fns}
     for k in cfg.shots:
-        icl = in_context_prompts(cfg, tok, k)
+        icl = in_context_prompts(cfg, tok, k, prompts)
         gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 4242)
         resp = generate(model, [p["ids"] for p in icl], tok, rt.device, role="base",
                         max_new_tokens=cfg.response_length, temperature=cfg.temperature, generator=gen)

@@ -46,14 +46,22 @@ def sources_from_config(cfg) -> list[RewardSource]:
     out, seen = [], set()
     for i, e in enumerate(entries):
         spec = e.get("fn") or ""
-        name = e.get("name") or (spec.rpartition(":")[2] if spec else "reward_model")
-        while name in seen:
-            name += "_"
-        seen.add(name)
+        name = entry_name(e, seen)
         label = (f"rewards[{i}] {spec}" if listed else f"reward_fn {spec}") if spec else \
             f"the reward role ({cfg.reward_run})"
         out.append(RewardSource(name, float(e.get("weight", 1.0)), entry_function(e) if spec else None, label))
     return out
+
+
+def entry_name(entry: dict, taken: set) -> str:
+    """An entry's name in logs and reports: its ``name``, else the function's, else
+    ``reward_model``; ``_`` appended until it is not in ``taken`` (which it joins)."""
+    spec = resolve(entry.get("fn") or "")
+    name = entry.get("name") or (spec.rpartition(":")[2] if spec else "reward_model")
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
 
 
 def entry_function(entry: dict):

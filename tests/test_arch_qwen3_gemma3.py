@@ -30,23 +30,16 @@ from align.model import AlignModel
 from align.tiny import build_tiny_model, make_tiny, tiny_config
 from tests.conftest import load
 from tests.test_adapters import assert_cached_generation_equals_uncached, backbone_hash
+from tests.test_arch_fused import IDENTITY_AT_INIT
+from tests.test_arch_fused import METHODS as FUSED_METHODS
 
 FAMILIES = ["qwen3", "gemma3_text"]
 WINDOW = 4  # Gemma-3's local layers (tiny_config's default sliding_window)
 LONG = "the quick brown fox jumps over a lazy dog while happy people sing good songs"
 TEXTS = (LONG, "bad rain")
-METHODS = {
-    "lora": AdapterConfig(method="lora", r=4, alpha=8),
-    "bottleneck": AdapterConfig(method="bottleneck", bottleneck_size=8),
-    "prefix": AdapterConfig(method="prefix", num_virtual_tokens=3),
-    "ia3": AdapterConfig(method="ia3"),
-    "prompt": AdapterConfig(method="prompt", num_virtual_tokens=3),
-    "ptuning": AdapterConfig(method="ptuning", num_virtual_tokens=3, encoder_hidden_size=16),
-    "llama_adapter": AdapterConfig(method="llama_adapter", num_virtual_tokens=3, adapter_layers=2),
-    "full": AdapterConfig(method="full"),
-    "top_k": AdapterConfig(method="top_k", top_k=1),
-}
-IDENTITY_AT_INIT = {"lora", "bottleneck", "ia3", "llama_adapter", "full", "top_k"}
+# every registered method, small (tests/test_arch_fused.py's), LLaMA-Adapter on both layers
+METHODS = {**FUSED_METHODS, "llama_adapter": AdapterConfig(method="llama_adapter", num_virtual_tokens=3,
+                                                            adapter_layers=2)}
 
 
 @pytest.fixture(scope="module")
