@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from align.generation import sample
-from align.rl.functional import logprobs_from_logits
+from align.lmhead import fused_head, token_logprobs
+from align.rl.functional import entropy_from_logits, logprobs_from_logits
 from align.rl.rollout import response_mask_from_lengths, truncate_after_stop
 from align.rundir import RunDir
 from align.tokens import specials
@@ -85,29 +86,50 @@ def sequence_rewards(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
 
 
-def response_stats(model, query, qmask, response, rmask, roles, temperature) -> dict:
-    """Log-probs (at ``temperature``), logits and values of ``response`` under ``roles``, in one
-    module call (one forward per backward for DDP/DeepSpeed). Logits are computed only at the
-    positions that predict response tokens; a role with a head also gives ``score``, its value at
-    the last real token."""
+def response_stats(model, query, qmask, response, rmask, roles, temperature, *, logits: bool = False,
+                   entropy: bool = False) -> dict:
+    """Log-probs (at ``temperature``) and values of ``response`` under ``roles``, in one module
+    call (one forward per backward for DDP/DeepSpeed); a role with a head gives ``values`` and
+    ``score`` (its value at the last real token), a role without one ``logprobs``, and with
+    ``entropy`` the entropy of each position's distribution (no gradient). ``logits=True`` also
+    returns ``logits`` [B, R, V]; otherwise they are not kept: where the LM head allows
+    (``align.lmhead.fused_head``: frozen, unsharded) the log-probs come from the hidden states a
+    chunk of positions at a time, else the logits are computed only at the positions that
+    predict response tokens and dropped after use."""
     ids = torch.cat([query, response], 1)
     mask = torch.cat([qmask, rmask.long()], 1)
     q = query.shape[1]
-    outs = model(ids, mask, roles=tuple(roles), logits_at=slice(q - 1, -1))
+    inner = bare(model)
+    fused = not logits and fused_head(inner) is not None
+    outs = model(ids, mask, roles=tuple(roles), logits=False if fused else None, logits_at=slice(q - 1, -1))
     res = {}
     for r, o in outs.items():
-        if o.logits is not None:
-            res[r] = {"logprobs": logprobs_from_logits(o.logits, response, temperature), "logits": o.logits}
         if o.values is not None:
-            res.setdefault(r, {})["values"] = o.values[:, q - 1:-1].float()
-            res[r]["score"] = sequence_rewards(o.values.float(), mask)
+            res[r] = {"values": o.values[:, q - 1:-1].float(), "score": sequence_rewards(o.values.float(), mask)}
+        elif fused:
+            lp, ent = token_logprobs(inner, o.hidden[:, q - 1:-1], response, temperature, entropy=entropy)
+            res[r] = {"logprobs": lp, **({"entropy": ent} if entropy else {})}
+        else:
+            res[r] = {"logprobs": logprobs_from_logits(o.logits, response, temperature)}
+            if entropy:
+                with torch.no_grad():
+                    res[r]["entropy"] = entropy_from_logits(o.logits, temperature)
+            if logits:
+                res[r]["logits"] = o.logits
     return res
+
+
+def bare(model):
+    """The AlignModel inside a DDP / DeepSpeed wrapper (``.module``), or ``model`` itself."""
+    while hasattr(model, "module") and not hasattr(model, "roles"):
+        model = model.module
+    return model
 
 
 def score(engine, resp: Responses, roles, temperature: float, micro_batch_size: int,
           rows: slice | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """``response_stats`` over ``resp`` in chunks of ``micro_batch_size`` rows, concatenated:
-    ``{role: {"logprobs"|"values"|"score": tensor}}`` (logits are not kept)."""
+    ``{role: {"logprobs"|"values"|"score": tensor}}``."""
     n = resp.response.shape[0]
     parts: dict[str, dict[str, list]] = {}
     for i in range(0, n, micro_batch_size):
@@ -116,8 +138,7 @@ def score(engine, resp: Responses, roles, temperature: float, micro_batch_size: 
                             resp.response_mask[sl], roles, temperature)
         for r, d in st.items():
             for k, v in d.items():
-                if k != "logits":
-                    parts.setdefault(r, {}).setdefault(k, []).append(v)
+                parts.setdefault(r, {}).setdefault(k, []).append(v)
     return {r: {k: torch.cat(v) for k, v in d.items()} for r, d in parts.items()}
 
 

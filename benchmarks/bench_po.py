@@ -95,6 +95,13 @@ def length_reward(prompts, completions, ended=None, **kwargs) -> list[float]:
 REWARD_SPEC = "benchmarks.bench_po:length_reward"
 
 
+def prompt_record(text: str, chat: bool) -> dict:
+    """A prompts-file record both sides read: plain text, or (``--chat``) a one-turn conversation that
+    each side renders with the tokenizer's chat template (align's ``prompt`` as a message list, TRL's
+    conversational ``prompt``)."""
+    return {"prompt": [{"role": "user", "content": text}] if chat else text}
+
+
 def _prompts() -> list[str]:
     from benchmarks.bench_ppo import PROMPTS
     return list(PROMPTS)
@@ -131,7 +138,7 @@ def align_worker(a) -> dict:
                 "torch_threads": torch.get_num_threads()}
     import importlib
     prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts()))
+    prompts.write_text("".join(json.dumps(prompt_record(p, a.chat)) + "\n" for p in _prompts()))
     s = a.method
     stage = importlib.import_module(f"align.stages.{s}")
     cfg_cls, run = (stage.GRPOConfig if s == "grpo" else stage.RLOOConfig), stage.run
@@ -195,7 +202,7 @@ def trl_worker(a) -> dict:
         trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora,
                              callbacks=[Stamp()])
     else:
-        ds = Dataset.from_list([{"prompt": p} for p in _prompts()])
+        ds = Dataset.from_list([prompt_record(p, a.chat) for p in _prompts()])
         group = dict(per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=a.batch // a.micro_batch,
                      generation_batch_size=a.batch, num_generations=a.group_size, num_iterations=1,
                      max_completion_length=a.response_length, temperature=1.0, top_p=1.0, top_k=0, epsilon=0.2,
@@ -246,6 +253,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     ap.add_argument("--response-length", type=int, default=32, help="GRPO/RLOO: max new tokens")
     ap.add_argument("--grpo-beta", type=float, default=0.04, help="GRPO: KL coefficient (k3, in the loss)")
     ap.add_argument("--rloo-beta", type=float, default=0.05, help="RLOO: KL coefficient (k1, in the reward)")
+    ap.add_argument("--chat", action="store_true",
+                    help="GRPO/RLOO: prompts as one-turn conversations, each side applying the tokenizer's chat "
+                         "template (SmolLM2's adds its default system prompt)")
+    ap.add_argument("--interval", type=float, default=5.0, help=argparse.SUPPRESS)  # memory_phases.py's sampler
     return ap.parse_args(argv)
 
 
@@ -268,7 +279,7 @@ def worker_arguments(a, model: Path) -> list[str]:
             "--words", str(a.words), "--max-length", str(a.max_length), "--batch", str(a.batch),
             "--group-size", str(a.group_size), "--micro-batch", str(a.micro_batch),
             "--response-length", str(a.response_length), "--grpo-beta", str(a.grpo_beta),
-            "--rloo-beta", str(a.rloo_beta)]
+            "--rloo-beta", str(a.rloo_beta)] + (["--chat"] if a.chat else [])
 
 
 def add_ratios(res: dict, n_backbone: int) -> None:

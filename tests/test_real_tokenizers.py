@@ -229,7 +229,8 @@ def test_logits_are_computed_only_at_the_positions_used(tiny_llama):
     r = torch.randint(5, 300, (2, 6))
     full = model(torch.cat([q, r], 1), role="base").logits[:, 19:-1]
     rows.clear()
-    st = response_stats(model, q, torch.ones_like(q), r, torch.ones_like(r, dtype=torch.bool), ("base", "v"), 1.0)
+    st = response_stats(model, q, torch.ones_like(q), r, torch.ones_like(r, dtype=torch.bool), ("base", "v"), 1.0,
+                        logits=True)
     assert rows == [2 * 6]  # the response positions only, not 2 x 26
     torch.testing.assert_close(st["base"]["logits"], full)
     rows.clear()

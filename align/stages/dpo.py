@@ -251,7 +251,7 @@ def policy_kl(model, resp, temperature: float, batch_size: int) -> tuple[torch.T
     for i in range(0, resp.response.shape[0], batch_size):
         sl = slice(i, i + batch_size)
         st = response_stats(model, resp.query[sl], resp.query_mask[sl], resp.response[sl], resp.response_mask[sl],
-                            ("policy", "reference"), temperature)
+                            ("policy", "reference"), temperature, logits=True)
         m = resp.response_mask[sl].float()
         lp = torch.log_softmax(st["policy"]["logits"].float() / temperature, -1)
         lr = torch.log_softmax(st["reference"]["logits"].float() / temperature, -1)

@@ -481,7 +481,7 @@ class OnlineLoop:
 
     def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor):
         """The loss of this rank's chunk ``idx`` of the global ``minibatch`` and its statistics,
-        plus the policy's logits (entropy) or None."""
+        plus the policy's per-token entropy [rows, R] (no gradient) or None."""
         raise NotImplementedError
 
     def extra_metrics(self, ro: Rollout, adv: dict, times: dict) -> dict:
@@ -563,7 +563,7 @@ class OnlineLoop:
         this rank's chunk of it); ``it``: the iteration (1-based). Returns the chunk's statistics."""
         a, rt = self.a, self.rt
         with rt.accelerator.accumulate(self.engine):
-            loss, vals, logits = self.chunk_loss(ro, adv, idx, minibatch)
+            loss, vals, entropy = self.chunk_loss(ro, adv, idx, minibatch)
             check_loss(loss, it, self.section, rt)
             rt.accelerator.backward(loss)  # accelerate divides by the accumulation steps
             if rt.accelerator.sync_gradients:
@@ -572,10 +572,8 @@ class OnlineLoop:
                 self.optimizer.step()
                 self.sched.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        if logits is not None:
-            from align.rl.functional import entropy_from_logits
-            with torch.no_grad():
-                vals["policy/entropy"] = masked_mean(entropy_from_logits(logits, a.temperature), ro.response_mask[idx])
+        if entropy is not None:   # [rows, R], no gradient
+            vals["policy/entropy"] = masked_mean(entropy, ro.response_mask[idx])
         return {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in vals.items()}
 
     @property

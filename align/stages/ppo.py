@@ -205,14 +205,14 @@ class PPOLoop(OnlineLoop):
         """Policy and value in one module call: clipped policy loss + vf_coef x clipped value loss."""
         a = self.a
         out = response_stats(self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
-                             ro.response_mask[idx], ("policy", "value"), a.temperature)
+                             ro.response_mask[idx], ("policy", "value"), a.temperature, entropy=True)
         m = ro.response_mask[idx]
         pg, pg_stats = policy_loss(out["policy"]["logprobs"], ro.logprobs[idx], adv["advantages"][idx], m,
                                    a.cliprange)
         vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], adv["returns"][idx], m, a.cliprange_value)
         vals = {"policy/loss": pg, "value/loss": vf, **{f"policy/{k}": v for k, v in pg_stats.items()},
                 **{f"value/{k}": v for k, v in vf_stats.items()}}
-        return pg + a.vf_coef * vf, vals, out["policy"]["logits"]
+        return pg + a.vf_coef * vf, vals, out["policy"]["entropy"]
 
     def extra_metrics(self, ro: Rollout, adv: dict, times: dict) -> dict:
         lrs = self.sched.get_last_lr()
