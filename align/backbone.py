@@ -4,10 +4,11 @@ The backbone is loaded once per process; every role is a set of adapters over it
 never receive gradients or optimizer state (docs/invariants.md #1), and every saved adapter records
 its :func:`fingerprint` (#8).
 
-``model.path`` is a Hugging Face model directory or a llama.cpp ``.gguf`` file. A GGUF file is
-de-quantized once by transformers (through the ``gguf`` package) into a plain directory under
-``$ALIGN_CACHE_DIR`` (default ``~/.cache/align``) ``/gguf/<sha256 of the file>/`` and loaded from
-there afterwards (:func:`resolve_checkpoint`).
+``model.path`` is a Hugging Face model directory, a llama.cpp ``.gguf`` file, or a Hugging Face
+Hub id (``org/name[@revision]``) read from the local Hugging Face cache, never the network
+(align/hub.py). A GGUF file is de-quantized once by transformers (through the ``gguf`` package)
+into a plain directory under ``$ALIGN_CACHE_DIR`` (default ``~/.cache/align``) ``/gguf/<sha256 of
+the file>/`` and loaded from there afterwards (:func:`resolve_checkpoint`).
 
 The fingerprint is a property of the checkpoint on disk (a hash of its weight files, or of the
 GGUF file it came from), computed before align touches the model: the same in every process, with
@@ -88,12 +89,15 @@ def _gguf_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The HF directory to load ``path`` from: ``path`` itself, or for a ``.gguf`` file the
-    directory it was de-quantized into (made on first use; written under a temporary name and
-    renamed, so a killed conversion never leaves a directory that looks finished)."""
+    """The HF directory to load ``path`` from: ``path`` itself, for a Hub id that is not a path on
+    disk its snapshot in the local Hugging Face cache (``align.hub.resolve_model``), or for a
+    ``.gguf`` file the directory it was de-quantized into (made on first use; written under a
+    temporary name and renamed, so a killed conversion never leaves a directory that looks
+    finished)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"model.path: {str(path)!r} does not exist")
+        from align.hub import resolve_model
+        return resolve_model(path)   # a cached Hub id, or FileNotFoundError naming model.path
     if not (p.is_file() and p.suffix.lower() == ".gguf"):
         return p
     st = p.stat()

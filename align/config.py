@@ -19,8 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from align.adapters.base import AdapterConfig, methods_where
 from align.arch import ATTN_IMPLEMENTATIONS, QUANTIZATIONS, attn_implementation_problem, quantized_refusal
-from align.rules import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, Exists, OneOf, Range, field_help,
-                         field_rule, setting)
+from align.hub import ModelPath, model_problem, records_problem
+from align.rules import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, OneOf, Range, field_help, field_rule,
+                         setting)
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -38,7 +39,11 @@ class AttnImplementation(OneOf):
 
 @dataclass
 class ModelConfig:
-    path: str = setting("", "a HF model directory (or a run dir's backbone reference)", Exists())
+    path: str = setting(
+        "",
+        "a HF model directory, a .gguf file, or a Hub id org/name[@revision] read from the local HF cache (never "
+        "the network; a path on disk wins over an id); or a run dir's backbone reference",
+        ModelPath())
     dtype: str = setting("float32", "float32 | bfloat16 | float16", OneOf(*DTYPE_CHOICES))
     trust_remote_code: bool = setting(False, "never on unless asked")
     gradient_checkpointing: bool = setting(False, "recompute backbone activations in backward (memory for time)")
@@ -254,7 +259,7 @@ def _reward_role_problems(run, path: str, key: str) -> list[str]:
 
 def backbone_problems(model_path: str, sft_run: str, key: str = "model.path") -> list[str]:
     """The backbone a stage will load: ``model.path`` when given, else the one the SFT run's
-    backbone.json records; it must exist."""
+    backbone.json records; it must exist (a Hub id: be in the local cache)."""
     import json
     if model_path:
         return []  # checked by ModelConfig's rule
@@ -266,14 +271,26 @@ def backbone_problems(model_path: str, sft_run: str, key: str = "model.path") ->
         path = json.loads(rec.read_text())["path"]
     except (ValueError, KeyError, TypeError):
         return [f"{rec}: unreadable backbone record; give {key}"]
-    return [] if Path(path).exists() else [f"{key}: the backbone {path!r} recorded in {rec} does not exist; give {key}"]
+    problem = model_problem(path)
+    if problem is None:
+        return []
+    if problem == "no such file or directory":
+        return [f"{key}: the backbone {path!r} recorded in {rec} does not exist; give {key}"]
+    return [f"{key}: the backbone {path!r} recorded in {rec}: {problem}; give {key}"]
 
 
-def require_file(path: str, key: str) -> Path:
+def require_file(path: str, key: str) -> Path | str:
+    """A records source a stage reads: the file or directory ``path``, or ``path`` itself when it is
+    a Hub dataset id in the local cache (align/hub.py); else a ConfigError naming ``key``."""
     p = Path(path)
-    if not path or not p.exists():
+    if path and p.exists():
+        return p
+    problem = records_problem(path) if path else None
+    if not path or problem == "no such file or directory":
         raise ConfigError(f"{key}: path {path!r} does not exist")
-    return p
+    if problem is not None:
+        raise ConfigError(f"{key}={path!r}: {problem}")
+    return path
 
 
 __all__ = ["AdapterConfig", "ModelConfig", "TrainConfig", "TrackingConfig", "ConfigError",

@@ -18,7 +18,8 @@ from typing import Iterator, Optional
 import torch
 
 from align.config import DTYPE_CHOICES, ConfigError, backbone_problems, run_dir_problems, validate
-from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Exists, OneOf, Spec, setting
+from align.hub import RecordsPath
+from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Spec, setting
 from align.rundir import RunDir
 
 
@@ -30,8 +31,8 @@ class EvalConfig:
     policy_b: str = setting("", "a PPO or DPO run dir (or sft)")
     prompts: str = setting(
         "",
-        "held-out prompts (records with a prompt)",
-        Exists(required=True, what="a records file with prompts"))
+        "held-out prompts (records with a prompt); or a Hub dataset id org/name[:split] in the local HF cache",
+        RecordsPath(required=True, what="a records file with prompts"))
     num_prompts: int = setting(256, "how many of them", AT_LEAST_ONE)
     temperature: float = setting(1.0, "sampling temperature", POSITIVE)
     response_length: int = setting(48, "max new tokens", AT_LEAST_ONE)
@@ -64,7 +65,7 @@ class EvalConfig:
              "demonstrations from `demonstrations`; reported with gold, verifiers and stop rate",
         factory=list)
     demonstrations: str = setting("", "records (prompt, completion) the in-context demonstrations come from",
-                                  Exists(what="a records file of demonstrations"))
+                                  RecordsPath(what="a records file of demonstrations"))
 
     def checks(self, at: str) -> Iterator[str]:
         yield from run_dir_problems(self.sft_run, f"{at}sft_run", "sft")

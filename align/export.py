@@ -16,7 +16,8 @@ Formats (``--format``):
 Every export writes a model card (README.md) and a marker ``.align-export.json``; everything is
 checked before the backbone is loaded, and written into a temporary sibling that is renamed into
 place, so a refused or failed export leaves nothing behind. An existing ``--out`` is replaced only
-with ``--overwrite``, and only when an earlier export wrote it.
+with ``--overwrite``, and only when an earlier export wrote it. ``--push-to-hub REPO`` then uploads
+the finished, verified folder with huggingface_hub (align/hub.py).
 """
 from __future__ import annotations
 
@@ -187,9 +188,11 @@ def load_roles(info: RunInfo, roles: list[str], device: str = "cpu", dtype: str 
     from align.adapters.peft_format import load_adapter, load_head
     from align.config import ModelConfig
     from align.stages.common import load_model
+    from align.hub import model_problem
     mcfg = ModelConfig(path=info.backbone["path"], dtype=dtype)
-    if not Path(mcfg.path).exists():
-        raise ExportError(f"{info.path / 'backbone.json'}: the backbone {mcfg.path} does not exist any more")
+    if (problem := model_problem(mcfg.path)) is not None:
+        raise ExportError(f"{info.path / 'backbone.json'}: the backbone {mcfg.path} does not exist any more"
+                          + ("" if problem == "no such file or directory" else f" ({problem})"))
     tok, model = load_model(mcfg.path, mcfg, device, chat_template=info.chat_template)
     if info.backbone.get("fingerprint") and info.backbone["fingerprint"] != model.fingerprint:
         raise ExportError(f"{info.path / 'backbone.json'}: the run trained on backbone {info.backbone['fingerprint']}, "
@@ -211,6 +214,15 @@ def load_roles(info: RunInfo, roles: list[str], device: str = "cpu", dtype: str 
         model.add_role(role, stack, head=head)
     model.eval()
     return tok, model
+
+
+def backbone_dir(info: RunInfo) -> Path:
+    """The run's backbone on disk: its path, or a Hub id's snapshot in the local cache."""
+    from align.hub import NotCached, local_model_path
+    try:
+        return local_model_path(info.backbone["path"])
+    except NotCached as e:
+        raise ExportError(f"{info.path / 'backbone.json'}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +282,7 @@ def export(run_dir, out, fmt: str = "hf", role: str | None = None, dtype: str | 
     info = read_run(run_dir)
     role = role or info.main_role
     methods = check_request(info, role, fmt, dtype)
-    check_output(out, overwrite, [info.path, Path(info.backbone["path"])] + [d for _, d in info.roles[role].adapters])
+    check_output(out, overwrite, [info.path, backbone_dir(info)] + [d for _, d in info.roles[role].adapters])
     tok, model = (None, None) if fmt == "peft" else load_roles(info, [role])
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -299,13 +311,14 @@ def write_peft(info: RunInfo, role: str, out: Path) -> list[str]:
     checkpoint, whose vocabulary does not have them."""
     from safetensors.torch import load_file
 
-    from align.adapters.peft_format import PEFT_CONFIG, WEIGHTS
+    from align.adapters.peft_format import PEFT_CONFIG, WEIGHTS, peft_base
     from align.backbone import resolve_checkpoint
     from align.checkpoint import save_safetensors
     from align.export_hf import original_vocab_size
     (_, src), = info.roles[role].adapters
     cfg = json.loads((src / PEFT_CONFIG).read_text())
-    cfg["base_model_name_or_path"] = info.backbone["path"]
+    cfg.pop("revision", None)
+    cfg.update(peft_base(info.backbone["path"]))
     n_vocab = original_vocab_size(resolve_checkpoint(info.backbone["path"]))
     tensors = load_file(str(src / WEIGHTS))
     tensors = {k: (v[:n_vocab] if k.endswith("lm_head.lora_B.weight") and v.shape[0] > n_vocab else v)
@@ -324,17 +337,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which role of the run (default: policy, else reward, else sft)")
     p.add_argument("--dtype", help="gguf: f32 | f16 | q8_0 (default f32); hf: f32 | f16 | bf16 (default f32)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    p.add_argument("--push-to-hub", metavar="REPO",
+                   help="then upload the export to this Hugging Face Hub model repository (org/name; created when "
+                        "missing) with huggingface_hub, its token from HF_TOKEN or `hf auth login`")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+
+
+# the files an export of each format cannot be without (besides README.md and what the marker lists)
+REQUIRED = {"hf": ("config.json", "tokenizer_config.json"),
+            "peft": ("adapter_config.json", "adapter_model.safetensors"), "gguf": ()}
+
+
+def verify_export(out: Path) -> list[str]:
+    """The files of the finished export ``out`` (its marker's list and the model card), every one
+    present and not empty, the weights among them; an ``ExportError`` naming what is missing."""
+    marker = _read_json(out / MARKER, "an export's record; is --out an export?")
+    files = sorted(set(marker.get("files") or []) | {"README.md"} | set(REQUIRED.get(marker.get("format"), ())))
+    missing = [f for f in files if not (out / f).is_file() or (out / f).stat().st_size == 0]
+    if not any(f.endswith((".safetensors", ".gguf")) for f in files):
+        missing.append("weights (*.safetensors / *.gguf)")
+    if missing:
+        raise ExportError(f"{out}: the export is incomplete (missing or empty: {', '.join(missing)}); nothing "
+                          f"was uploaded")
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="align export", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
+    if args.private and not args.push_to_hub:
+        p.error("--private goes with --push-to-hub")
     try:
+        if args.push_to_hub:
+            from align.hub import check_repo_id
+            check_repo_id(args.push_to_hub)
         out = export(args.run_dir, args.out, args.format, args.role, args.dtype, args.overwrite)
     except (OSError, ValueError) as e:
         print(f"align export: error: {e}", file=sys.stderr)
         return 1
     files = sorted(f.name for f in out.iterdir() if f.name != MARKER)
     print(f"align export: wrote {out} ({', '.join(files)})")
+    return push(out, args.push_to_hub, args.private) if args.push_to_hub else 0
+
+
+def push(out: Path, repo_id: str, private: bool) -> int:
+    """``--push-to-hub``: the verified export ``out`` uploaded to ``repo_id`` (the marker, which
+    names local paths and serves ``--overwrite``, stays here)."""
+    from align.hub import push_folder
+    try:
+        verify_export(out)
+        url = push_folder(out, repo_id, private, ignore=(MARKER,))
+    except Exception as e:  # noqa: BLE001 - network, auth or Hub refusals: one line, the export kept
+        print(f"align export: error: {out} was written, but uploading it to {repo_id} failed: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"align export: uploaded {out} to {repo_id} ({url})")
     return 0

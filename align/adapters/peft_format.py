@@ -72,13 +72,23 @@ def save_adapter(model, name: str, directory: str | os.PathLike, backbone_name: 
         save_safetensors(_contiguous(aset.export_state_dict()), tmp / WEIGHTS, metadata=meta)
         peft_cfg = aset.peft_config()
         if peft_cfg is not None:
-            peft_cfg = {**peft_cfg, "base_model_name_or_path": backbone_name or None}
+            peft_cfg = {**peft_cfg, **peft_base(backbone_name)}
             (tmp / PEFT_CONFIG).write_text(json.dumps(peft_cfg, indent=2, sort_keys=True))
         record = {"method": aset.method, "config": aset.saved_config().to_dict(),
                   "backbone_fingerprint": model.fingerprint, "backbone": backbone_name,
                   "num_params": aset.num_params()}
         (tmp / ALIGN_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     return directory
+
+
+def peft_base(backbone: str) -> dict:
+    """peft's name of the base model: the path as given, or for a Hub id ``org/name@rev`` (not a
+    path on disk) the repository and its ``revision``, as peft loads them."""
+    from align.hub import parse_id
+    ref = parse_id(backbone) if backbone else None
+    if ref is None:
+        return {"base_model_name_or_path": backbone or None}
+    return {"base_model_name_or_path": ref.repo_id, **({"revision": ref.revision} if ref.revision else {})}
 
 
 def check_fingerprint(saved: str | None, model, what: str) -> None:

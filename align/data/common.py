@@ -29,13 +29,21 @@ def as_chat(record: dict) -> dict:
 
 def read_records(path: str | Path, chat: bool = False) -> list[dict]:
     """Records from JSONL (``.jsonl``, or ``.json`` holding one object per line), a JSON array,
-    Parquet, or a ``datasets`` directory saved with ``save_to_disk``. Errors name file and line.
+    Parquet, a ``datasets`` directory saved with ``save_to_disk``, or, when no such path exists, a
+    Hugging Face Hub dataset id ``org/name[@revision][:split]`` read from the local cache
+    (align/hub.py). Errors name file and line (for a Hub dataset: ``org/name:split: row N``).
     ``chat``: plain-text prompts and completions become conversation turns (``as_chat``)."""
-    records = _read(Path(path))
+    records = _read(path)
     return [as_chat(r) if isinstance(r, dict) else r for r in records] if chat else records
 
 
-def _read(path: Path) -> list[dict]:
+def _read(path: str | Path) -> list[dict]:
+    if not Path(path).exists():
+        from align.hub import read_dataset
+        rows = read_dataset(path)   # None: not a Hub dataset id either (the read below says so)
+        if rows is not None:
+            return rows
+    path = Path(path)
     if path.is_dir():
         import datasets
         ds = datasets.load_from_disk(str(path))

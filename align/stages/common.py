@@ -16,6 +16,7 @@ from align.checkpoint import check_resumable, find_checkpoint, set_aside
 from align.config import ConfigError, save_config, to_dict
 from align.distributed import Runtime
 from align.guard import FinishedRun, acquire, finished_summary
+from align.hub import model_problem, model_record
 from align.model import AlignModel
 from align.tracking import Tracker
 
@@ -78,8 +79,10 @@ def _make_run_dir(run_dir: Path) -> None:
 
 def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     run_dir = Path(cfg.output_dir)
-    if not backbone_path or not Path(backbone_path).exists():
+    if not backbone_path or (problem := model_problem(backbone_path)) == "no such file or directory":
         raise ConfigError(f"model.path: backbone {backbone_path!r} does not exist")
+    if problem is not None:
+        raise ConfigError(f"model.path={backbone_path!r}: {problem}")
     ckpt, skipped, holds_run = _resume_point(cfg, job_type, run_dir)
     resume_step = json.loads((ckpt / "state.json").read_text())["step"] if ckpt is not None else None
     fresh = not run_dir.exists() or not any(run_dir.iterdir())
@@ -112,8 +115,8 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     tok, model = load_model(backbone_path, cfg.model, rt.device,
                             chat_template=getattr(getattr(cfg, "data", None), "chat_template", None))
     if rt.is_main:
-        RunDir(run_dir).backbone_record.write_text(json.dumps(
-            {"path": str(Path(backbone_path).resolve()), "fingerprint": model.fingerprint,
+        RunDir(run_dir).backbone_record.write_text(json.dumps(   # a Hub id: pinned to its commit
+            {**model_record(backbone_path), "fingerprint": model.fingerprint,
              "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
              "num_params": model.backbone_num_params()}, indent=2))
     tracker = Tracker(run_dir, cfg.tracking, job_type=job_type, config=to_dict(cfg),

@@ -54,13 +54,13 @@ from align.data.preferences import TokenGroup, collate_groups, tokenize_train_an
 from align.data.sft import encode_prompts
 from align.rl.functional import logprobs_from_logits
 from align.rl.losses import counts_in_loss, dpo_loss
+from align.hub import RecordsPath
 from align.rules import (
     setting,
     AT_LEAST_ONE,
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
-    Exists,
     OneOf,
     Range,
 )
@@ -77,9 +77,10 @@ LOSSES = ("sigmoid", "ipo", "plackett_luce")
 class DPODataConfig:
     train: str = setting(
         "",
-        "pairs or K-wise rankings (the reward stage's records)",
-        Exists(required=True, what="a records file"))
-    eval: str = setting("", "optional held-out file; else eval_fraction of train by prompt", Exists())
+        "pairs or K-wise rankings (the reward stage's records); or a Hub dataset id org/name[:split] "
+        "in the local HF cache",
+        RecordsPath(required=True, what="a records file"))
+    eval: str = setting("", "optional held-out file; else eval_fraction of train by prompt", RecordsPath())
     eval_fraction: float = setting(0.1, "split by prompt: no prompt is on both sides", FRACTION)
     max_length: int = setting(512, "tokens per prompt+completion", AT_LEAST_ONE)
     chat_template: Optional[str] = setting(None, "Jinja template for tokenizers without one")

@@ -38,7 +38,8 @@ from align.rl.kl import make_kl_controller
 from align.rl.rollout import apply_missing_stop_penalty
 from align.rewardmix import REWARD_FN_SPEC, RewardMix, column_problems, entry_problems, sources_from_config
 from align.rundir import RunDir
-from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, Range, setting
+from align.hub import RecordsPath
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, Range, setting
 from align.scoring import (call_scorer, decode, evaluate_role, generate, load_callable, load_reward_role,
                            response_stats, reward_set_name, score)
 from align.stages.common import backbone_from_run, finish_stage, start_stage
@@ -51,9 +52,9 @@ from align.trainer import make_optimizer, make_scheduler
 class OnlineDataConfig:
     prompts: str = setting(
         "",
-        "records with a \"prompt\" (other fields ignored)",
-        Exists(required=True, what="a records file with prompts"))
-    eval_prompts: str = setting("", "held-out prompts; else eval_fraction of prompts", Exists())
+        "records with a \"prompt\" (other fields ignored); or a Hub dataset id org/name[:split] in the local HF cache",
+        RecordsPath(required=True, what="a records file with prompts"))
+    eval_prompts: str = setting("", "held-out prompts; else eval_fraction of prompts", RecordsPath())
     eval_fraction: float = setting(0.05, "held-out share of prompts when eval_prompts is empty", FRACTION)
     max_prompt_length: int = setting(256, "longer prompts keep their last tokens", AT_LEAST_ONE)
     chat_template: Optional[str] = setting(None, "Jinja template for tokenizers without one")

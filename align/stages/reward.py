@@ -33,7 +33,8 @@ from align.data.common import load_preference_splits
 from align.data.preferences import collate_groups, tokenize_train_and_eval
 from align.data.sft import prompt_text
 from align.rl.losses import counts_in_loss, kwise_loss, ranking_pairs
-from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Exists, OneOf, setting
+from align.hub import RecordsPath
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, setting
 from align.rundir import RunDir
 from align.scoring import generate, left_pad, score, sequence_rewards
 from align.stages.common import backbone_from_run, finish_stage, start_stage
@@ -46,9 +47,10 @@ from align.guard import stage_entry
 class RewardDataConfig:
     train: str = setting(
         "",
-        "pairs or K-wise rankings (canonical or TRL records)",
-        Exists(required=True, what="a records file"))
-    eval: str = setting("", "optional held-out file; else eval_fraction of train by prompt", Exists())
+        "pairs or K-wise rankings (canonical or TRL records); or a Hub dataset id org/name[:split] "
+        "in the local HF cache",
+        RecordsPath(required=True, what="a records file"))
+    eval: str = setting("", "optional held-out file; else eval_fraction of train by prompt", RecordsPath())
     eval_fraction: float = setting(0.1, "split by prompt: no prompt is on both sides", FRACTION)
     max_length: int = setting(512, "tokens per prompt+completion", AT_LEAST_ONE)
     chat_template: str | None = setting(None, "Jinja template for tokenizers without one")

@@ -21,7 +21,8 @@ from align.config import ModelConfig, TrackingConfig, TrainConfig, require_file,
 from align.data.common import check_eval_split, read_records, require_records, split_by_prompt
 from align.data.sft import Collator, build_examples, pack, render
 from align.rl.losses import label_positions, lm_loss_at
-from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Exists, OneOf, setting
+from align.hub import RecordsPath
+from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, OneOf, setting
 from align.rundir import RunDir
 from align.scoring import decode, generate
 from align.stages.common import finish_stage, start_stage
@@ -34,9 +35,10 @@ from align.guard import stage_entry
 class SFTDataConfig:
     train: str = setting(
         "",
-        "canonical/TRL records: JSONL, JSON, Parquet or a datasets dir",
-        Exists(required=True, what="a records file"))
-    eval: str = setting("", "optional held-out file; else eval_fraction of train by prompt", Exists())
+        "canonical/TRL records: JSONL, JSON, Parquet or a datasets dir; or a Hub dataset id org/name[:split] in the "
+        "local HF cache",
+        RecordsPath(required=True, what="a records file"))
+    eval: str = setting("", "optional held-out file; else eval_fraction of train by prompt", RecordsPath())
     eval_fraction: float = setting(0.05, "held-out share of prompts when data.eval is empty", FRACTION)
     max_length: int = setting(512, "tokens per example (the prompt is cut first, counted)", AT_LEAST_ONE)
     completion_only_loss: bool = setting(True, "false: loss on the prompt tokens too")
@@ -66,7 +68,7 @@ class SFTConfig:
         if not self.output_dir:
             yield f"{at}output_dir: required"
         if not self.model.path:
-            yield f"{at}model.path: required (a HF model directory or GGUF file)"
+            yield f"{at}model.path: required (a HF model directory, a GGUF file or a cached Hub id)"
 
 
 def sft_loss(model, batch):
