@@ -26,8 +26,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from align.rl.functional import logprobs_from_logits
+
 # positions per chunk: about 16 MiB of float32 logits per chunk on SmolLM2 (85 positions x 49,152)
 CHUNK_BYTES = 16 * 2**20
+
+
+def bare(model):
+    """The AlignModel inside a DDP / DeepSpeed wrapper (``.module``), or ``model`` itself."""
+    while hasattr(model, "module") and not hasattr(model, "roles"):
+        model = model.module
+    return model
 
 
 def fused_head(model) -> nn.Linear | None:
@@ -107,3 +116,17 @@ def token_logprobs(model, hidden: torch.Tensor, tokens: torch.Tensor, temperatur
                                   tokens.reshape(-1).long(), float(temperature), model.final_logit_softcapping,
                                   masked, entropy)
     return lp.view(shape), (ent.view(shape) if ent is not None else None)
+
+
+def logprobs_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tensor,
+                targets: torch.Tensor, temperature: float = 1.0, **forward) -> torch.Tensor:
+    """[N] log-probs of ``targets`` at the positions ``sel`` (a bool [B, T] selection, in its
+    row-major order) of one forward of ``model`` (an AlignModel, or its DDP / DeepSpeed wrapper;
+    ``forward``: e.g. ``role``, ``segment_ids``): from the hidden states through ``token_logprobs``
+    where the head allows, else from the logits computed at ``sel`` only."""
+    inner = bare(model)
+    if fused_head(inner) is not None:
+        out = model(input_ids, attention_mask, logits=False, **forward)
+        return token_logprobs(inner, out.hidden[sel], targets, temperature)[0]
+    out = model(input_ids, attention_mask, logits=True, logits_at=sel, **forward)
+    return logprobs_from_logits(out.logits, targets, temperature)

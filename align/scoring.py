@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from align.generation import sample
-from align.lmhead import fused_head, token_logprobs
+from align.lmhead import bare, fused_head, token_logprobs
 from align.rl.functional import entropy_from_logits, logprobs_from_logits
 from align.rl.rollout import response_mask_from_lengths, truncate_after_stop
 from align.rundir import RunDir
@@ -117,13 +117,6 @@ def response_stats(model, query, qmask, response, rmask, roles, temperature, *, 
             if logits:
                 res[r]["logits"] = o.logits
     return res
-
-
-def bare(model):
-    """The AlignModel inside a DDP / DeepSpeed wrapper (``.module``), or ``model`` itself."""
-    while hasattr(model, "module") and not hasattr(model, "roles"):
-        model = model.module
-    return model
 
 
 def score(engine, resp: Responses, roles, temperature: float, micro_batch_size: int,

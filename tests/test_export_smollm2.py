@@ -92,15 +92,17 @@ def test_smollm2_gguf_export_loads_in_transformers(smol_run, dtype):
     assert worst <= TOL[dtype] and agree >= 0.9 * total   # measured: f16 184/186, q8_0 178/186
 
 
-def test_smollm2_gguf_greedy_text_in_llama_cpp(smol_run):
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_smollm2_gguf_greedy_text_in_llama_cpp(smol_run, dtype):
     """llama.cpp itself (llama-cpp-python, built from source: not installed by default) decodes the
-    exported GGUF greedily to align's text on five prompts."""
+    exported GGUF greedily to align's text on five prompts, in float32 and float16."""
     llama_cpp = pytest.importorskip("llama_cpp")
     root, run, model, tok = smol_run
-    out = export(run, root / "gguf-llama-cpp", fmt="gguf", dtype="f32")
-    llm = llama_cpp.Llama(model_path=str(out / "policy-f32.gguf"), n_ctx=512, verbose=False)
+    out = export(run, root / f"gguf-llama-cpp-{dtype}", fmt="gguf", dtype=dtype)
+    llm = llama_cpp.Llama(model_path=str(out / f"policy-{dtype}.gguf"), n_ctx=512, verbose=False)
     for text in PROMPTS:
         ids = chat_ids(tok, text)
+        assert llm.tokenize(tok.decode(ids[0]).encode(), add_bos=False, special=True) == ids[0].tolist()
         want = tok.decode(greedy_align(model, tok, "policy", ids, 24), skip_special_tokens=True)
         got = llm.create_completion(tok.decode(ids[0]), max_tokens=24, temperature=0.0)["choices"][0]["text"]
         assert got.strip() == want.strip()

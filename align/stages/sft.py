@@ -20,6 +20,7 @@ from align.adapters.peft_format import save_adapter
 from align.config import ModelConfig, TrackingConfig, TrainConfig, require_file, validate
 from align.data.common import check_eval_split, read_records, require_records, split_by_prompt
 from align.data.sft import Collator, build_examples, pack, render
+from align.lmhead import logprobs_at
 from align.rl.losses import label_positions, lm_loss_at
 from align.hub import RecordsPath
 from align.rules import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, OneOf, setting
@@ -73,10 +74,11 @@ class SFTConfig:
 
 def sft_loss(model, batch):
     sel = label_positions(batch["labels"])
-    out = model(batch["input_ids"], batch["attention_mask"], segment_ids=batch.get("segment_ids"),
-                logits=True, logits_at=sel)
-    loss, n = lm_loss_at(out.logits, batch["labels"], sel)
-    return loss, {"tokens": n}
+    targets = batch["labels"][:, 1:][sel[:, :-1]]
+    lp = logprobs_at(model, batch["input_ids"], batch["attention_mask"], sel, targets,
+                     segment_ids=batch.get("segment_ids"))
+    n = torch.tensor(targets.numel(), device=lp.device)
+    return -lp.sum() / n.clamp(min=1), {"tokens": n}   # lm_loss_at's mean cross-entropy, no [N, V] kept
 
 
 @stage_entry
