@@ -361,7 +361,7 @@ def main(argv=None):
     payload = {"benchmark": "po_trl", "size": a.size, "device": a.device, "machine": machine(),
                "trl_version": trl_versions, "date": time.strftime("%Y-%m-%d"), "args": vars(a),
                "load_average": {"start": load_start, "end": load_average("end")}, "results": results}
-    name = f"po_trl_{a.size}_{a.device}" + ("" if a.gradient_checkpointing == "on" else "_gcoff")
+    name = f"po_trl_{a.size}_{a.device}" + ("" if a.gradient_checkpointing == "on" else "_gcoff") + ("_chat" if a.chat else "")
     write_results(name, payload, "\n".join(md), Path(a.out))
 
 

@@ -150,7 +150,7 @@ def trl_worker(a) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent
-def main(argv=None):
+def parse_arguments(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     side_by_side_arguments(ap, reps=3, warmup=1, steps=3)
     ap.add_argument("--batch", type=int, default=16, help="rollout batch (prompts per PPO step)")
@@ -160,7 +160,22 @@ def main(argv=None):
     ap.add_argument("--response-length", type=int, default=32)
     ap.add_argument("--gradient-checkpointing", default="off", choices=["on", "off"],
                     help="both sides (TRL's PPOConfig flag; align's model.gradient_checkpointing)")
-    a = ap.parse_args(argv)
+    ap.add_argument("--method", default="ppo", help=argparse.SUPPRESS)       # memory_phases.py's
+    ap.add_argument("--interval", type=float, default=5.0, help=argparse.SUPPRESS)
+    ap.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def worker_arguments(a, model: Path) -> list[str]:
+    """The arguments every worker process gets, both sides."""
+    return ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
+            "--batch", str(a.batch), "--micro-batch", str(a.micro_batch), "--minibatches", str(a.minibatches),
+            "--epochs", str(a.epochs), "--response-length", str(a.response_length),
+            "--gradient-checkpointing", a.gradient_checkpointing]
+
+
+def main(argv=None):
+    a = parse_arguments(argv)
     if a.worker:
         print(json.dumps((align_worker if a.which == "align" else trl_worker)(a)))
         return
@@ -171,10 +186,7 @@ def main(argv=None):
     if a.side != "align":
         trl_batch_args(a.batch, a.minibatches, a.micro_batch)  # fails early on settings TRL cannot match
     model = model_dir(a.size)
-    common = ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
-              "--batch", str(a.batch), "--micro-batch", str(a.micro_batch), "--minibatches", str(a.minibatches),
-              "--epochs", str(a.epochs), "--response-length", str(a.response_length),
-              "--gradient-checkpointing", a.gradient_checkpointing]
+    common = worker_arguments(a, model)
     results = run_sides(a, "ppo", Path(__file__), common, lambda wd: prepare_stage_runs(model, wd))
     al = results.get("align", {}).get("median", {})
     tr = results.get("trl", {}).get("median")

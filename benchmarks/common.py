@@ -203,10 +203,26 @@ def table(title: str, rows: list[tuple[str, str]], align: dict, trl: dict | None
     return "\n".join(out) + "\n"
 
 
+def front_matter(payload: dict) -> str:
+    """The run history a results file starts with (YAML): when, on what, by which command, at which
+    commit, with what machine load."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    load = payload.get("load_average") or {}
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(ROOT).as_posix() if ROOT in script.parents else sys.argv[0]
+    lines = ["---", f"measured: {payload.get('date') or time.strftime('%Y-%m-%d')}",
+             f"machine: {payload.get('machine') or machine()}", f"command: python {' '.join([script, *sys.argv[1:]])}"]
+    if commit.returncode == 0:
+        lines.append(f"commit: {commit.stdout.strip()}")
+    if load:
+        lines.append(f"load average (1/5/15 min) at start: {load.get('start')}, at end: {load.get('end')}")
+    return "\n".join(lines + ["---", ""])
+
+
 def write_results(name: str, payload: dict, markdown: str, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    (out_dir / f"{name}.md").write_text(markdown)
+    (out_dir / f"{name}.md").write_text(front_matter(payload) + markdown)
     print(markdown)
 
 

@@ -32,13 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Both sides run their backward and optimizer step through accelerate.
 BOTH = [("accelerate.Accelerator.backward", "backward"), ("accelerate.optimizer.AcceleratedOptimizer.step", "optimizer step")]
 ALIGN_PHASES = {
-    "common": [("align.backbone.load_backbone", "load"), ("align.stages.online.OnlineLoop.prepare", "load"),
+    "common": [("align.stages.common.load_backbone", "load"), ("align.stages.online.OnlineLoop.prepare", "load"),
                ("align.stages.online.generate", "sample"), ("align.stages.online.score", "score"),
                ("align.stages.online.GroupLoop.chunk_loss", "loss forward"),
                ("align.stages.ppo.PPOLoop.chunk_loss", "loss forward"),
                ("align.stages.online.OnlineLoop.evaluate", "evaluate"),
                ("align.stages.online.OnlineLoop.save_final", "save")],
-    "dpo": [("align.backbone.load_backbone", "load")],
+    "dpo": [("align.stages.dpo.group_logprobs", "score"),
+            ("align.stages.dpo.sequence_logprobs", "loss forward")],
 }
 TRL_PHASES = {
     "common": [("transformers.AutoModelForCausalLM.from_pretrained", "load"),
@@ -50,6 +51,9 @@ TRL_PHASES = {
              ("trl.RLOOTrainer._generate_and_score_completions", "score"),
              ("trl.RLOOTrainer.compute_loss", "loss forward")],
     "dpo": [("trl.DPOTrainer.__init__", "load"), ("trl.DPOTrainer.compute_loss", "loss forward")],
+    # trl 1.12's PPOTrainer.train is one function: its sampling is trl's batch_generation
+    "ppo": [("trl.experimental.ppo.ppo_trainer.batch_generation", "sample"),
+            ("trl.experimental.ppo.PPOTrainer.__init__", "load")],
 }
 
 
@@ -134,14 +138,23 @@ def imports(side: str, method: str) -> None:
     import transformers  # noqa: F401
     if side == "align":
         importlib.import_module(f"align.stages.{method}")
+    elif method == "ppo":
+        import peft  # noqa: F401
+        import trl.experimental.ppo  # noqa: F401
     else:
         import peft  # noqa: F401
         import trl
         getattr(trl, {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer", "dpo": "DPOTrainer"}[method])
 
 
+def bench(method: str):
+    """The side-by-side script whose workers run ``method``: bench_ppo.py (TRL 1.12) or bench_po.py."""
+    from benchmarks import bench_po, bench_ppo
+    return bench_ppo if method == "ppo" else bench_po
+
+
 def profile(a) -> dict:
-    from benchmarks import bench_po
+    bench_po = bench(a.method)
     t0 = time.time()
     imports(a.which, a.method)
     sampler = Sampler(a.interval)
@@ -150,7 +163,10 @@ def profile(a) -> dict:
     for dotted, name in BOTH + table["common"] + (table.get(a.method, []) if a.which == "trl" or a.method == "dpo" else []):
         if a.which == "align" and a.method == "dpo" and dotted.startswith("align.stages.online"):
             continue
-        wrap(sampler, dotted, name)
+        try:
+            wrap(sampler, dotted, name)
+        except AttributeError:   # not in this library version: the phase is not marked
+            print(f"[memory_phases] {dotted}: not found, phase {name!r} not marked", file=sys.stderr)
     sampler.start()
     with sampler.phase("run"):
         out = (bench_po.align_worker if a.which == "align" else bench_po.trl_worker)(a)
@@ -167,7 +183,8 @@ def markdown(a, results: dict) -> str:
     lines = ["---", f"measured: {time.strftime('%Y-%m-%d')}", f"machine: {os.cpu_count()} CPU cores, no GPU",
              f"command: python benchmarks/memory_phases.py {' '.join(sys.argv[1:])}", "---",
              f"#### Resident memory by phase: {a.method.upper()} on {a.size}"
-             f"{', chat-template prompts' if a.chat else ''} (MiB; sampled every {a.interval:g} ms)", ""]
+             f"{', chat-template prompts' if a.chat and a.method in ('grpo', 'rloo') else ''} (MiB; sampled every "
+             f"{a.interval:g} ms)", ""]
     for side, r in results.items():
         lines += [f"**{side}**: imports alone {r['imports_mb']:,.0f}; process peak (ru_maxrss) "
                   f"{r['ru_maxrss_mb']:,.0f}; {r['step_s']:.2f} s/step", "",
@@ -184,10 +201,12 @@ def markdown(a, results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    from benchmarks import bench_po
-    from benchmarks.common import WORK, model_dir, prepare_stage_runs, run_worker
-    a = bench_po.parse_arguments(argv)
-    a.method = a.method or "grpo"
+    from benchmarks.common import WORK, model_dir, prepare_stage_runs, run_worker, trl_python
+    method = next((argv or sys.argv[1:])[i + 1] for i, x in enumerate(argv or sys.argv[1:]) if x == "--method") \
+        if "--method" in (argv or sys.argv[1:]) else "grpo"
+    script = bench(method)
+    a = script.parse_arguments(argv)
+    a.method = method
     if a.worker:
         print(json.dumps(profile(a)))
         return
@@ -198,11 +217,12 @@ def main(argv=None) -> None:
         wd.mkdir(parents=True, exist_ok=True)
         if side == "align":
             prepare_stage_runs(model, wd)
-        args = ["--which", side, "--workdir", str(wd), "--method", a.method, "--interval", str(a.interval),
-                *bench_po.worker_arguments(a, model)]
-        results[side] = run_worker(sys.executable, Path(__file__), args)
+        python = trl_python(a.trl_python) if side == "trl" and method == "ppo" else sys.executable
+        args = ["--which", side, "--workdir", str(wd), "--method", method, "--interval", str(a.interval),
+                *script.worker_arguments(a, model)]
+        results[side] = run_worker(python, Path(__file__), args)
         print(f"[memory_phases] {side}: {results[side]}", file=sys.stderr)
-    name = f"memory_phases_{a.size}_{a.method}{'_chat' if a.chat else ''}"
+    name = f"memory_phases_{a.size}_{method}{'_chat' if a.chat else ''}"
     md = markdown(a, results)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -177,3 +177,29 @@ def test_bench_quant_memory_runs_align_in_float_and_nf4_on_the_tiny_config(tmp_p
         assert med[mode]["anon_peak_mb"] <= med[mode]["peak_mb"] + 1, med[mode]
     assert med["nf4"]["weights_mb"] < med["none"]["weights_mb"], med
     assert "| nf4 |" in (tmp_path / "quant_memory_tiny_cpu.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_memory_phases_profiles_a_step_by_phase_on_the_tiny_config(tmp_path, method):
+    """memory_phases.py: both sides when this interpreter has trl >= 1.16, else align's alone; every
+    side reports its imports alone, the process peak and, per phase, an entry level and a peak no
+    lower than it, with the step's phases (forward, backward, optimizer step) among them."""
+    side = "both" if _trl_at_least((1, 16)) else "align"
+    extra = ["--batch", "4", "--group-size", "2", "--micro-batch", "4", "--response-length", "4"] \
+        if method == "grpo" else ["--dpo-batch", "2"]
+    steps = ["--warmup", "0", "--steps", "1"] if method == "grpo" else ["--warmup", "1", "--steps", "1"]  # DPO times a step by the one before
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_phases.py"), "--size", "tiny", "--method",
+                        method, "--side", side, *steps, "--threads", "1", *extra,
+                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    name = f"memory_phases_tiny_{method}"
+    results = json.loads((tmp_path / f"{name}.json").read_text())["results"]
+    assert list(results) == (["align", "trl"] if side == "both" else ["align"])
+    for s, res in results.items():
+        phases = {p["phase"]: p for p in res["phases"]}
+        want = {"run", "loss forward", "backward", "optimizer step"} | ({"sample", "score"} if method == "grpo" else set())
+        assert want <= set(phases), (s, sorted(phases))
+        assert 0 < res["imports_mb"] <= res["ru_maxrss_mb"]
+        for p in res["phases"]:
+            assert p["peak_mb"] >= p["entry_mb"] > 0 and 0 < p["anon_at_peak_mb"] <= p["peak_mb"], (s, p)
+    assert "| phase | at first entry | peak inside | rise | anonymous at the peak |" in (tmp_path / f"{name}.md").read_text()
