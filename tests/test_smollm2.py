@@ -146,7 +146,8 @@ def test_gguf_in_aligned_gguf_out_answers_in_llama_cpp_as_align_does(runs, tmp_p
     answers = [json.loads(line)["responses"]["policy"] for line in capsys.readouterr().out.splitlines()
                if line.startswith("{")]
     assert len(answers) == len(held_out) and all(answers)
-    llm = llama_cpp.Llama(model_path=str(next(out.glob("*.gguf"))), n_ctx=512, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(next(out.glob("*.gguf"))), n_ctx=512, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)   # f32 KV cache
     for q, want in zip(held_out, answers):
         got = llm.create_chat_completion([{"role": "user", "content": q}], max_tokens=24, temperature=0.0)
         assert got["choices"][0]["message"]["content"].strip() == want.strip(), (q, want)
