@@ -223,6 +223,31 @@ def test_kill_and_resume_gives_the_same_final_adapters(tiny_llama, tmp_path, val
     assert [m["objective/scores"] for m in full_m] == [m["objective/scores"] for m in res_m]
 
 
+def test_value_then_policy_backward_gives_the_joint_forwards_adapters(tiny_llama, tmp_path, monkeypatch):
+    """In one plain process PPO runs the value loss's forward and backward before the policy's forward
+    (the two roles' activations are never held together); the adapters and statistics equal those
+    of both roles in one module call, as under DDP / DeepSpeed, to float rounding."""
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    rm = H.fake_reward_run(tiny_llama, tmp_path / "rm")
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 8)
+    common = [f"reward_run={rm}", "value.init=reward", "ppo.iterations=3", "ppo.response_length=6",
+              "ppo.num_ppo_epochs=2"]
+    seen = []
+    for separate in (True, False):
+        monkeypatch.setattr(ppo.PPOLoop, "separate_backward", property(lambda self, s=separate: seen.append(s) or s))
+        ppo.run(ppo_cfg(tmp_path, sft, prompts, *common, name=f"separate_{separate}"))
+    assert set(seen) == {True, False}
+    for name in ("policy", "value"):
+        a = load_file(tmp_path / "separate_True" / "adapters" / name / "adapter_model.safetensors")
+        b = load_file(tmp_path / "separate_False" / "adapters" / name / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    ma, mb = metrics(tmp_path / "separate_True"), metrics(tmp_path / "separate_False")
+    for key in ("policy/loss", "value/loss", "policy/entropy", "objective/kl"):
+        assert [m[key] for m in ma if key in m] == pytest.approx([m[key] for m in mb if key in m], rel=1e-4, abs=1e-6)
+
+
 def test_a_bad_rollout_logprobs_setting_fails_before_any_work(tiny_llama, tmp_path):
     from align.config import ConfigError
     sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")

@@ -563,6 +563,7 @@ class OnlineLoop:
         accelerate's accumulation says so. ``minibatch``: the global minibatch's rows (``idx`` is
         this rank's chunk of it); ``it``: the iteration (1-based). Returns the chunk's statistics."""
         a, rt = self.a, self.rt
+        self.step = it
         with rt.accelerator.accumulate(self.engine):
             loss, vals, entropy = self.chunk_loss(ro, adv, idx, minibatch)
             check_loss(loss, it, self.section, rt)

@@ -34,7 +34,7 @@ import torch
 
 from align.adapters.base import AdapterConfig
 from align.config import ConfigError
-from align.guard import stage_entry
+from align.guard import check_loss, stage_entry
 from align.rl.functional import masked_whiten
 from align.rl.gae import compute_gae
 from align.rl.kl import make_kl_controller, masked_kl
@@ -201,18 +201,34 @@ class PPOLoop(OnlineLoop):
     def advantages(self, ro: Rollout) -> dict[str, torch.Tensor]:
         return gae_advantages(ro, self.kl_ctl.value, self.a)
 
+    @property
+    def separate_backward(self) -> bool:
+        """Value and policy forward/backward one after the other (``chunk_loss``): a single process
+        without DeepSpeed or FSDP2, where no wrapper needs one forward per backward."""
+        rt = self.rt
+        return rt.world_size == 1 and rt.ds is None and rt.fsdp is None
+
     def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor):
-        """Policy and value in one module call: clipped policy loss + vf_coef x clipped value loss."""
-        a = self.a
-        out = response_stats(self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
-                             ro.response_mask[idx], ("policy", "value"), a.temperature, entropy=True)
+        """Clipped policy loss + vf_coef x clipped value loss. Under DDP, DeepSpeed or FSDP2 both roles
+        run in one module call (one forward per backward); in a single plain process the value
+        loss's forward and backward run first and the policy's forward after, so the two roles'
+        activations are never held together (the same gradients: the roles' parameters are
+        disjoint) and only the policy loss is left for the loop's backward."""
+        a, rt = self.a, self.rt
         m = ro.response_mask[idx]
+        args = (self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx], ro.response_mask[idx])
+        separate = self.separate_backward
+        out = response_stats(*args, ("value",) if separate else ("policy", "value"), a.temperature, entropy=True)
+        vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], adv["returns"][idx], m, a.cliprange_value)
+        if separate:
+            check_loss(vf, self.step, self.section, rt, what=" (value loss)")
+            rt.accelerator.backward(a.vf_coef * vf)
+            out = response_stats(*args, ("policy",), a.temperature, entropy=True)
         pg, pg_stats = policy_loss(out["policy"]["logprobs"], ro.logprobs[idx], adv["advantages"][idx], m,
                                    a.cliprange)
-        vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], adv["returns"][idx], m, a.cliprange_value)
-        vals = {"policy/loss": pg, "value/loss": vf, **{f"policy/{k}": v for k, v in pg_stats.items()},
+        vals = {"policy/loss": pg, "value/loss": vf.detach(), **{f"policy/{k}": v for k, v in pg_stats.items()},
                 **{f"value/{k}": v for k, v in vf_stats.items()}}
-        return pg + a.vf_coef * vf, vals, out["policy"]["entropy"]
+        return (pg if separate else pg + a.vf_coef * vf), vals, out["policy"]["entropy"]
 
     def extra_metrics(self, ro: Rollout, adv: dict, times: dict) -> dict:
         lrs = self.sched.get_last_lr()
