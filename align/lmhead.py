@@ -18,8 +18,8 @@ GEMM. A Gemma-style final soft-cap (``cap * tanh(x / cap)``) enters through its 
 
 Only for a head that is a plain, frozen ``nn.Linear`` whose weight is an ordinary tensor held
 whole by this process: a head an adapter targets (``lm_head`` in a LoRA's modules), a trainable
-one (``full`` fine-tuning), a quantized one, or one sharded by ZeRO-3 or FSDP2 takes the ordinary path (``fused_head`` says which), where the model computes the
-logits inside its forward as before. See docs/memory.md.
+one (``full`` fine-tuning), a quantized one, or one sharded by ZeRO-3 or FSDP2 takes the ordinary
+path (``fused_head`` says which), where the model computes the logits inside its forward as before. See docs/memory.md.
 """
 from __future__ import annotations
 

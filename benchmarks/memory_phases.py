@@ -15,6 +15,7 @@ interval). Results go to ``results/memory_phases_<size>_<method>[_chat].{md,json
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import importlib
@@ -202,8 +203,9 @@ def markdown(a, results: dict) -> str:
 
 def main(argv=None) -> None:
     from benchmarks.common import WORK, model_dir, prepare_stage_runs, run_worker, trl_python
-    method = next((argv or sys.argv[1:])[i + 1] for i, x in enumerate(argv or sys.argv[1:]) if x == "--method") \
-        if "--method" in (argv or sys.argv[1:]) else "grpo"
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="grpo")
+    method = pre.parse_known_args(argv)[0].method   # picks the script whose arguments the rest are
     script = bench(method)
     a = script.parse_arguments(argv)
     a.method = method

@@ -480,9 +480,10 @@ class OnlineLoop:
         stage's loss reads."""
         raise NotImplementedError
 
-    def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor):
-        """The loss of this rank's chunk ``idx`` of the global ``minibatch`` and its statistics,
-        plus the policy's per-token entropy [rows, R] (no gradient) or None."""
+    def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor, it: int):
+        """The loss of this rank's chunk ``idx`` of the global ``minibatch`` at iteration ``it``
+        (1-based) and its statistics, plus the policy's per-token entropy [rows, R] (no gradient)
+        or None."""
         raise NotImplementedError
 
     def extra_metrics(self, ro: Rollout, adv: dict, times: dict) -> dict:
@@ -563,9 +564,8 @@ class OnlineLoop:
         accelerate's accumulation says so. ``minibatch``: the global minibatch's rows (``idx`` is
         this rank's chunk of it); ``it``: the iteration (1-based). Returns the chunk's statistics."""
         a, rt = self.a, self.rt
-        self.step = it
         with rt.accelerator.accumulate(self.engine):
-            loss, vals, entropy = self.chunk_loss(ro, adv, idx, minibatch)
+            loss, vals, entropy = self.chunk_loss(ro, adv, idx, minibatch, it)
             check_loss(loss, it, self.section, rt)
             rt.accelerator.backward(loss)  # accelerate divides by the accumulation steps
             if rt.accelerator.sync_gradients:
@@ -848,7 +848,7 @@ class GroupLoop(OnlineLoop):
             out.update(getattr(self, "_dynamic", {}))
         return out
 
-    def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor):
+    def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor, it: int):
         out = response_stats(self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
                              ro.response_mask[idx], ("policy",), self.a.temperature)["policy"]
         loss, stats = self.loss(out["logprobs"], ro, adv, idx, minibatch)

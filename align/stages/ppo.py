@@ -208,7 +208,7 @@ class PPOLoop(OnlineLoop):
         rt = self.rt
         return rt.world_size == 1 and rt.ds is None and rt.fsdp is None
 
-    def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor):
+    def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor, it: int):
         """Clipped policy loss + vf_coef x clipped value loss. Under DDP, DeepSpeed or FSDP2 both roles
         run in one module call (one forward per backward); in a single plain process the value
         loss's forward and backward run first and the policy's forward after, so the two roles'
@@ -221,7 +221,7 @@ class PPOLoop(OnlineLoop):
         out = response_stats(*args, ("value",) if separate else ("policy", "value"), a.temperature, entropy=True)
         vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], adv["returns"][idx], m, a.cliprange_value)
         if separate:
-            check_loss(vf, self.step, self.section, rt, what=" (value loss)")
+            check_loss(vf, it, self.section, rt, what=" (value loss)")
             rt.accelerator.backward(a.vf_coef * vf)
             out = response_stats(*args, ("policy",), a.temperature, entropy=True)
         pg, pg_stats = policy_loss(out["policy"]["logprobs"], ro.logprobs[idx], adv["advantages"][idx], m,
