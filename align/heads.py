@@ -28,5 +28,9 @@ class ScalarHead(nn.Module):
             raise ValueError(f"head init {init!r}: choose reward or zero")
         nn.init.zeros_(self.linear.bias)
 
+    detach_input = False   # a value head on the policy's trunk with value.stop_gradient: trains itself only
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.detach_input:
+            hidden = hidden.detach()
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)

@@ -25,6 +25,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
+from transformers import DynamicCache
 
 from align import attention
 from align.adapters.base import AdapterConfig, AdapterSet, create_adapter_set
@@ -88,6 +89,7 @@ class AlignModel(nn.Module):
         self.active_head: str | None = None
         self._dispatch: dict[tuple[str, str], list] = {}
         self._handles = []
+        self.passes = 0   # backbone passes over whole sequences (not sampling steps): metrics' passes per step
         backbone.set_attn_implementation(attention.register())
         for i in range(self.arch.num_layers):
             attn = backbone.get_submodule(self.arch.attn_path(i))
@@ -275,7 +277,8 @@ class AlignModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 role: str | None = None, cache=None, past_mask: torch.Tensor | None = None,
                 logits: bool | None = None, segment_ids: torch.Tensor | None = None,
-                roles: tuple[str, ...] | None = None, logits_at: slice | torch.Tensor | None = None):
+                roles: tuple[str, ...] | None = None, logits_at: slice | torch.Tensor | None = None,
+                shared_prompt: int | None = None):
         """Run the backbone under ``role`` (or the role already active).
 
         ``attention_mask`` is the 2-D mask of ``input_ids`` (1 = real token; left or right padding).
@@ -287,20 +290,60 @@ class AlignModel(nn.Module):
         prefill or the response positions when scoring; or a bool [B, T] selection, giving [N, V])
         computes logits only there: with a 50k+
         vocabulary the [B, T, V] logits of every prompt position would dominate memory.
+
+        ``roles``: several roles over the same inputs in one module call (DDP / DeepSpeed see a
+        single forward per backward), ``{role: ModelOutput}``; roles with the same adapter stack
+        (a value head on the policy's adapters) share one pass of the backbone.
+        ``shared_prompt=q``: rows whose first ``q`` columns (ids and mask) are equal (a group of
+        samples of one prompt) run those columns once and continue from their keys/values
+        (``shared_prompt_plan``); the same results as the unshared pass up to float rounding.
         """
         if roles is not None:
-            # several roles over the same inputs inside one module call, so DDP / DeepSpeed see a
-            # single forward per backward; returns {role: ModelOutput}
-            return {r: self.forward(input_ids, attention_mask, role=r, logits=logits,
-                                    segment_ids=segment_ids, logits_at=logits_at) for r in roles}
+            return self._forward_roles(input_ids, attention_mask, tuple(roles), logits, segment_ids, logits_at,
+                                       shared_prompt)
         if role is not None:
             with self.use(role):
                 return self.forward(input_ids, attention_mask, cache=cache, past_mask=past_mask,
-                                    logits=logits, segment_ids=segment_ids, logits_at=logits_at)
-        b, t = input_ids.shape
+                                    logits=logits, segment_ids=segment_ids, logits_at=logits_at,
+                                    shared_prompt=shared_prompt)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(torch.long)
+        plan = None
+        if shared_prompt is not None and cache is None and segment_ids is None:
+            plan = self.shared_prompt_plan(input_ids, attention_mask, shared_prompt)
+        if cache is None:
+            self.passes += 1
+        if plan is not None:
+            hidden, full_mask = self._shared_trunk(input_ids, attention_mask, shared_prompt, *plan)
+            cache_out = None
+        else:
+            hidden, cache_out, full_mask = self._trunk(input_ids, attention_mask, cache, past_mask, segment_ids)
+        return self._outputs(hidden, logits, logits_at, cache_out, full_mask)
+
+    def _forward_roles(self, input_ids, attention_mask, roles, logits, segment_ids, logits_at, shared_prompt):
+        """``forward(roles=...)``: one backbone pass per distinct adapter stack; each head of a
+        stack reads that pass's hidden state."""
+        res = {}
+        for r in roles:
+            if r in res:
+                continue
+            stack = self.roles[r].adapters
+            same = [s for s in roles if self.roles[s].adapters == stack]
+            bare_role = next((s for s in same if self.roles[s].head is None), None)
+            want = logits if logits is not None else (bare_role is not None)
+            out = self.forward(input_ids, attention_mask, role=bare_role or r, logits=want, segment_ids=segment_ids,
+                               logits_at=logits_at, shared_prompt=shared_prompt)
+            for s in same:
+                head = self.roles[s].head
+                lm = out.logits if (logits if logits is not None else head is None) else None
+                res[s] = out._replace(logits=lm, values=self.heads[head](out.hidden) if head is not None else None)
+        return res
+
+    def _trunk(self, input_ids, attention_mask, cache, past_mask, segment_ids):
+        """The backbone under the active role: final hidden states (virtual tokens dropped), the
+        cache (when one is given) and the full 2-D mask it covers."""
+        b = input_ids.shape[0]
         embed = self.backbone.get_input_embeddings()
         embeds = embed(input_ids)
         n_virtual = 0
@@ -322,7 +365,58 @@ class AlignModel(nn.Module):
             out = self.backbone.base_model(
                 inputs_embeds=embeds, attention_mask=mask4[:, None], position_ids=positions,
                 use_cache=cache is not None, **{_cache_kwarg(type(self.backbone.base_model)): cache})
-        hidden = out.last_hidden_state[:, n_virtual:]
+        return (out.last_hidden_state[:, n_virtual:], _output_cache(out) if cache is not None else None,
+                full_mask)
+
+    def shared_prompt_plan(self, input_ids, attention_mask, q: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For ``forward(shared_prompt=q)``: (one row per distinct prompt, each row's prompt index),
+        or None where sharing saves nothing or is not exact: no two rows share their first ``q``
+        columns, nothing follows them, gradient checkpointing is on while gradients are taken (the
+        cached continuation is not recomputed), or the backbone's RoPE changes with the length
+        (longrope: a shorter prefill would rotate the prompt's keys differently). Where every
+        backbone pass is a collective (ZeRO-3, FSDP2), only those settings decide, never the rows,
+        so every process makes the same calls (a rank whose rows all differ still runs prompt and
+        continuation as two passes)."""
+        from align.generation import longrope_switch
+        b, t = input_ids.shape
+        if not 0 < q < t or (getattr(self, "_ckpt_layers", None) and torch.is_grad_enabled()):
+            return None
+        if longrope_switch(self.backbone) is not None:
+            return None
+        collective = self.sharded()
+        if b < 2 and not collective:
+            return None
+        key = torch.cat([input_ids[:, :q], attention_mask[:, :q]], 1)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if uniq.shape[0] == b and not collective:
+            return None
+        rows = torch.arange(b, device=input_ids.device)
+        first = torch.full((uniq.shape[0],), b, dtype=torch.long, device=input_ids.device)
+        first = first.scatter_reduce(0, inverse, rows, "amin")
+        return first, inverse
+
+    def sharded(self) -> str | None:
+        """How the backbone's weights are partitioned over processes ("zero3" | "fsdp2", where each
+        pass gathers them collectively), or None."""
+        from align.fsdp import is_sharded
+        for p in self.parameters():   # not the embedding alone: a wrapping may leave it whole
+            if hasattr(p, "ds_id"):
+                return "zero3"
+            if is_sharded(p):
+                return "fsdp2"
+        return None
+
+    def _shared_trunk(self, input_ids, attention_mask, q, first, inverse):
+        """The prompt columns of the rows ``first`` once, with a cache; the cache (and the hidden
+        states) copied to every row of their prompt (``inverse``); the rest of each row continued
+        from it. Autograd sums the copies' gradients into the shared prompt pass."""
+        hp, cache, pmask = self._trunk(input_ids[first, :q], attention_mask[first, :q], DynamicCache(), None, None)
+        cache.batch_select_indices(inverse)
+        hc, _, full_mask = self._trunk(input_ids[:, q:], attention_mask[:, q:], cache, pmask[inverse], None)
+        return torch.cat([hp[inverse], hc], 1), full_mask
+
+    def _outputs(self, hidden, logits, logits_at, cache, full_mask) -> ModelOutput:
+        """The LM head's logits (where asked) and the active head's values on ``hidden``."""
         head = self.active_head
         want_logits = logits if logits is not None else head is None
         lm = None
@@ -334,7 +428,7 @@ class AlignModel(nn.Module):
             else:
                 lm = self.lm_logits(hidden[:, logits_at])
         return ModelOutput(logits=lm, values=self.heads[head](hidden) if head is not None else None,
-                           hidden=hidden, cache=_output_cache(out) if cache is not None else None, mask=full_mask)
+                           hidden=hidden, cache=cache, mask=full_mask)
 
     def _mask_and_positions(self, full_mask: torch.Tensor, q_len: int, segment_ids: torch.Tensor | None):
         """The [B, Q, K] boolean attention mask (True = attend) and the [B, Q] positions of the

@@ -87,7 +87,7 @@ def sequence_rewards(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_stats(model, query, qmask, response, rmask, roles, temperature, *, logits: bool = False,
-                   entropy: bool = False) -> dict:
+                   entropy: bool = False, shared_prompt: bool = False) -> dict:
     """Log-probs (at ``temperature``) and values of ``response`` under ``roles``, in one module
     call (one forward per backward for DDP/DeepSpeed); a role with a head gives ``values`` and
     ``score`` (its value at the last real token), a role without one ``logprobs``, and with
@@ -95,13 +95,15 @@ def response_stats(model, query, qmask, response, rmask, roles, temperature, *, 
     returns ``logits`` [B, R, V]; otherwise they are not kept: where the LM head allows
     (``align.lmhead.fused_head``: frozen, unsharded) the log-probs come from the hidden states a
     chunk of positions at a time, else the logits are computed only at the positions that
-    predict response tokens and dropped after use."""
+    predict response tokens and dropped after use. ``shared_prompt``: rows with the same prompt
+    (a group's samples) run it once (``AlignModel.forward(shared_prompt=...)``)."""
     ids = torch.cat([query, response], 1)
     mask = torch.cat([qmask, rmask.long()], 1)
     q = query.shape[1]
     inner = bare(model)
     fused = not logits and fused_head(inner) is not None
-    outs = model(ids, mask, roles=tuple(roles), logits=False if fused else None, logits_at=slice(q - 1, -1))
+    outs = model(ids, mask, roles=tuple(roles), logits=False if fused else None, logits_at=slice(q - 1, -1),
+                 shared_prompt=q if shared_prompt else None)
     res = {}
     for r, o in outs.items():
         if o.values is not None:
@@ -120,15 +122,15 @@ def response_stats(model, query, qmask, response, rmask, roles, temperature, *, 
 
 
 def score(engine, resp: Responses, roles, temperature: float, micro_batch_size: int,
-          rows: slice | None = None) -> dict[str, dict[str, torch.Tensor]]:
+          rows: slice | None = None, shared_prompt: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """``response_stats`` over ``resp`` in chunks of ``micro_batch_size`` rows, concatenated:
-    ``{role: {"logprobs"|"values"|"score": tensor}}``."""
+    ``{role: {"logprobs"|"values"|"score": tensor}}``; ``shared_prompt``: as ``response_stats``."""
     n = resp.response.shape[0]
     parts: dict[str, dict[str, list]] = {}
     for i in range(0, n, micro_batch_size):
         sl = slice(i, i + micro_batch_size)
         st = response_stats(engine, resp.query[sl], resp.query_mask[sl], resp.response[sl],
-                            resp.response_mask[sl], roles, temperature)
+                            resp.response_mask[sl], roles, temperature, shared_prompt=shared_prompt)
         for r, d in st.items():
             for k, v in d.items():
                 parts.setdefault(r, {}).setdefault(k, []).append(v)

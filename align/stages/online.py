@@ -106,6 +106,11 @@ class OnlineAlgoConfig:
     save_every: int = setting(0, "iterations between checkpoints (0: at the end only)", NON_NEGATIVE)
     keep_checkpoints: int = setting(2, "most recent checkpoints kept", AT_LEAST_ONE)
     stop_after_iterations: int = setting(0, "testing aid: stop as if killed", NON_NEGATIVE)
+    share_prompt: bool = setting(
+        True,
+        "rows with the same prompt (a group's samples) run its tokens once per pass, in the rollout's scoring and the "
+        "update, and continue from its keys/values (the same results up to float rounding); minibatches then hold "
+        "whole groups. false: every row runs its prompt and minibatches are drawn row by row")
     entropy_warn_fraction: float = setting(
         0.2, "warn once when the rollouts' mean token entropy (policy/entropy_rollout) falls below this fraction of "
              "its first value in the run (entropy collapse); 0: never", FRACTION)
@@ -410,7 +415,7 @@ def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, mix: Reward
     with_value = "value" in model.roles
     roles = (("policy",) if recompute else ()) + (("reference",) if with_reference else ()) + \
         (("value",) if with_value else ()) + (("reward",) if mix.uses_role else ())
-    st = score(engine, resp, roles, a.temperature, a.micro_batch_size)
+    st = score(engine, resp, roles, a.temperature, a.micro_batch_size, shared_prompt=a.share_prompt)
     parts = _checked_parts(mix, rt, st, prompts, tok, resp, step)
     raw, scores = mix.combine(parts, normalised=False), mix.combine(parts)
     if a.missing_stop_mode != "none":
@@ -545,8 +550,7 @@ class OnlineLoop:
         a, rt = self.a, self.rt
         stats: dict[str, list] = {}
         for epoch in range(a.epochs):
-            g = torch.Generator().manual_seed(a.seed * 7919 + it * 131 + epoch)
-            perm = torch.randperm(a.rollout_batch_size, generator=g)
+            perm = self.permutation(it, epoch)
             for mb in range(a.num_minibatches):
                 gmb = perm[mb * self.split.minibatch:(mb + 1) * self.split.minibatch]
                 for k, idx in enumerate(self.split.chunks(gmb, rt.rank)):
@@ -557,6 +561,17 @@ class OnlineLoop:
                         for key in ("approxkl", "ratio_mean", "clipfrac"):
                             stats[f"policy/first_{key}"] = [step[f"policy/{key}"]]
         return stats
+
+    def permutation(self, it: int, epoch: int) -> torch.Tensor:
+        """The rollout's rows in this epoch's order: shuffled row by row, or, with ``share_prompt``
+        and groups that fit the minibatches evenly, group by group (each minibatch holds whole
+        groups, so a chunk runs each prompt once; verl's minibatches hold whole groups too)."""
+        a = self.a
+        g = torch.Generator().manual_seed(a.seed * 7919 + it * 131 + epoch)
+        if a.share_prompt and a.group > 1 and self.split.minibatch % a.group == 0:
+            groups = torch.randperm(a.rollout_batch_size // a.group, generator=g)
+            return (groups[:, None] * a.group + torch.arange(a.group)).flatten()
+        return torch.randperm(a.rollout_batch_size, generator=g)
 
     def train_chunk(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor,
                     it: int) -> dict[str, float]:
@@ -609,11 +624,14 @@ class OnlineLoop:
 
     def iteration(self, it: int) -> dict:
         """Rollout, advantages, update and the KL controller's step of iteration ``it``; its logs."""
+        p0 = self.model.passes
         ro, t_generate, t_rollout = self.rollout(it)
+        p1 = self.model.passes
         adv = self.advantages(ro)
         t1 = time.time()
         stats = self.update(ro, adv, it)
         t_update = time.time() - t1
+        stats["passes/rollout"], stats["passes/update"] = [p1 - p0], [self.model.passes - p1]
         mean_kl = self.rt.mean_across({"kl": float(adv["kl"].sum(1).mean())})["kl"]
         self.kl_ctl.update(mean_kl, self.a.rollout_batch_size)
         logs = self.metrics(ro, adv, stats, mean_kl, {"generate": t_generate, "rollout": t_rollout, "update": t_update})
@@ -850,7 +868,8 @@ class GroupLoop(OnlineLoop):
 
     def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor, it: int):
         out = response_stats(self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
-                             ro.response_mask[idx], ("policy",), self.a.temperature)["policy"]
+                             ro.response_mask[idx], ("policy",), self.a.temperature,
+                             shared_prompt=self.a.share_prompt)["policy"]
         loss, stats = self.loss(out["logprobs"], ro, adv, idx, minibatch)
         return loss, {"policy/loss": loss, **{f"policy/{k}": v for k, v in stats.items()}}, None
 

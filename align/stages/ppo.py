@@ -53,7 +53,12 @@ REWARD_KL_ESTIMATORS = ("k1",)
 @dataclass
 class ValueConfig:
     init: str = setting("reward", "reward: copy of the reward role (adapters + head) | fresh", OneOf("reward", "fresh"))
-    share_policy: bool = setting(False, "value head on the policy's adapters instead of its own set")
+    share_policy: bool = setting(
+        False,
+        "value head on the policy's adapters instead of its own set (a shared-trunk critic, as Hydra-RLHF): one "
+        "backbone pass gives the policy's log-probs and the values, in the rollout and in each update chunk")
+    stop_gradient: bool = setting(
+        False, "with share_policy: the value loss trains the value head only, not the policy's adapters")
     adapter: Optional[AdapterConfig] = setting(None, "for init=fresh (default: the policy's method and config)")
 
 
@@ -106,6 +111,9 @@ class PPOConfig(OnlineStageConfig):
             yield (f"{at}ppo.kl_estimator={self.ppo.kl_estimator!r}: as a per-token penalty in the reward only k1 "
                    f"regularises toward the reference (k2 and k3 as rewards have a policy gradient other than that "
                    f"of KL(pi || ref): Tang & Munos 2025); use k1 (docs/objectives.md)")
+        if self.value.stop_gradient and not self.value.share_policy:
+            yield (f"{at}value.stop_gradient=true is for value.share_policy=true (a critic with adapters of its own "
+                   f"trains them through its loss)")
         if not self.reward_run and (self.reward_fn or self.rewards) and self.value.init == "reward":
             yield f"{at}value.init='reward' needs a learned reward (reward_run); use value.init=fresh with reward_fn"
 
@@ -141,6 +149,7 @@ def _build_value(model, v: ValueConfig, reward_stack, norm: dict | None):
             _copy_reward_head_to_value(model, norm)
         else:
             model.add_head("value", init="zero")
+        model.heads["value"].detach_input = v.stop_gradient
     elif v.init == "reward":
         model.copy_adapter("reward", "value")
         _copy_reward_head_to_value(model, norm)
@@ -202,11 +211,19 @@ class PPOLoop(OnlineLoop):
         return gae_advantages(ro, self.kl_ctl.value, self.a)
 
     @property
+    def shared_trunk(self) -> bool:
+        """The value head reads the policy's adapters (``value.share_policy``): one backbone pass
+        serves both roles (``AlignModel.forward(roles=...)``)."""
+        roles = self.model.roles
+        return roles["value"].adapters == roles["policy"].adapters
+
+    @property
     def separate_backward(self) -> bool:
         """Value and policy forward/backward one after the other (``chunk_loss``): a single process
-        without DeepSpeed or FSDP2, where no wrapper needs one forward per backward."""
+        without DeepSpeed or FSDP2, where no wrapper needs one forward per backward, and a critic
+        with a trunk of its own (a shared trunk runs once for both)."""
         rt = self.rt
-        return rt.world_size == 1 and rt.ds is None and rt.fsdp is None
+        return rt.world_size == 1 and rt.ds is None and rt.fsdp is None and not self.shared_trunk
 
     def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor, it: int):
         """Clipped policy loss + vf_coef x clipped value loss. Under DDP, DeepSpeed or FSDP2 both roles
@@ -217,13 +234,14 @@ class PPOLoop(OnlineLoop):
         a, rt = self.a, self.rt
         m = ro.response_mask[idx]
         args = (self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx], ro.response_mask[idx])
-        separate = self.separate_backward
-        out = response_stats(*args, ("value",) if separate else ("policy", "value"), a.temperature, entropy=True)
+        separate, shared = self.separate_backward, a.share_prompt
+        out = response_stats(*args, ("value",) if separate else ("policy", "value"), a.temperature, entropy=True,
+                             shared_prompt=shared)
         vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], adv["returns"][idx], m, a.cliprange_value)
         if separate:
             check_loss(vf, it, self.section, rt, what=" (value loss)")
             rt.accelerator.backward(a.vf_coef * vf)
-            out = response_stats(*args, ("policy",), a.temperature, entropy=True)
+            out = response_stats(*args, ("policy",), a.temperature, entropy=True, shared_prompt=shared)
         pg, pg_stats = policy_loss(out["policy"]["logprobs"], ro.logprobs[idx], adv["advantages"][idx], m,
                                    a.cliprange)
         vals = {"policy/loss": pg, "value/loss": vf.detach(), **{f"policy/{k}": v for k, v in pg_stats.items()},
