@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
+from align.model import distinct_rows
+
 
 @dataclass
 class Samples:
@@ -29,7 +31,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
            max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
            stop_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
            generator: torch.Generator | None = None, use_cache: bool = True,
-           row_seeds: list[int] | None = None, all_done=None, top_p: float = 1.0) -> Samples:
+           row_seeds: list[int] | None = None, all_done=None, top_p: float = 1.0,
+           shared_prompt: bool = False) -> Samples:
     """Sample continuations of left-padded prompts from ``role``.
 
     ``row_seeds`` gives each row its own random stream (Gumbel-max with noise seeded by the row's
@@ -38,6 +41,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     With ``use_cache=False`` every step re-runs the whole sequence (used by tests to check the
     cache gives the same tokens). ``stop_token_id`` is one id or several (``Specials.stop_ids``:
     EOS, the checkpoint's other EOS ids, the chat template's end of turn); a row stops at the first.
+    ``shared_prompt`` (with the cache): rows with the same prompt (a group's samples) prefill it
+    once and continue from copies of its keys/values (the same logits up to float rounding).
     ``all_done`` (``Runtime.generation``: ZeRO-3 sampling layer by layer, where every forward is a
     collective) turns "this process's rows all stopped" into "every process's rows stopped".
     """
@@ -55,11 +60,19 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     step_ids, step_mask = seq, mask
     long_after = longrope_switch(model.backbone) if use_cache else None
     cache_long = False   # the cache holds keys rotated with longrope's long factors
+    groups = distinct_rows(torch.cat([seq, mask], 1)) if shared_prompt and use_cache and b > 1 else None
     with model.use(role):
         shift = sum(s.num_prefix_positions() for s in model.live_sets())
-        for _ in range(max_new_tokens):
-            out = model(step_ids, step_mask, cache=cache, past_mask=past_mask, logits=True,
-                        logits_at=slice(-1, None))
+        for step in range(max_new_tokens):
+            if step == 0 and groups is not None and len(groups[0]) < b:   # one prefill per prompt
+                first, inverse = groups
+                out = model(step_ids[first], step_mask[first], cache=cache, past_mask=None, logits=True,
+                            logits_at=slice(-1, None))
+                cache.batch_select_indices(inverse)
+                out = out._replace(logits=out.logits[inverse], mask=out.mask[inverse])
+            else:
+                out = model(step_ids, step_mask, cache=cache, past_mask=past_mask, logits=True,
+                            logits_at=slice(-1, None))
             logits = out.logits[:, -1].float()
             logp_all = torch.log_softmax(logits / temperature, dim=-1)
             nxt = _next_token(logp_all, greedy, row_seeds, generator, len(tokens), top_p)

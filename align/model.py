@@ -46,6 +46,15 @@ def _output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+def distinct_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct rows of ``key`` [B, N]: (the first row index of each, each row's index among
+    them), so ``key[first][inverse]`` equals ``key``."""
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    b = key.shape[0]
+    first = torch.full((uniq.shape[0],), b, dtype=torch.long, device=key.device)
+    return first.scatter_reduce(0, inverse, torch.arange(b, device=key.device), "amin"), inverse
+
+
 @dataclass(frozen=True)
 class Role:
     name: str
@@ -371,8 +380,8 @@ class AlignModel(nn.Module):
     def shared_prompt_plan(self, input_ids, attention_mask, q: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For ``forward(shared_prompt=q)``: (one row per distinct prompt, each row's prompt index),
         or None where sharing saves nothing or is not exact: no two rows share their first ``q``
-        columns, nothing follows them, gradient checkpointing is on while gradients are taken (the
-        cached continuation is not recomputed), or the backbone's RoPE changes with the length
+        columns, nothing follows them, gradient checkpointing is on while gradients are taken
+        (transformers' checkpointed layers drop the cache), or the backbone's RoPE changes with the length
         (longrope: a shorter prefill would rotate the prompt's keys differently). Where every
         backbone pass is a collective (ZeRO-3, FSDP2), only those settings decide, never the rows,
         so every process makes the same calls (a rank whose rows all differ still runs prompt and
@@ -386,13 +395,9 @@ class AlignModel(nn.Module):
         collective = self.sharded()
         if b < 2 and not collective:
             return None
-        key = torch.cat([input_ids[:, :q], attention_mask[:, :q]], 1)
-        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
-        if uniq.shape[0] == b and not collective:
+        first, inverse = distinct_rows(torch.cat([input_ids[:, :q], attention_mask[:, :q]], 1))
+        if len(first) == b and not collective:
             return None
-        rows = torch.arange(b, device=input_ids.device)
-        first = torch.full((uniq.shape[0],), b, dtype=torch.long, device=input_ids.device)
-        first = first.scatter_reduce(0, inverse, rows, "amin")
         return first, inverse
 
     def sharded(self) -> str | None:

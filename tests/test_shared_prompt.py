@@ -259,3 +259,23 @@ def test_stop_gradient_keeps_the_value_loss_out_of_the_policys_adapters(tiny_lla
                                                   "reward_fn=tests.ppo_helpers:count_target", "value.init=fresh",
                                                   "value.stop_gradient=true"]))
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "llama_adapter"])
+def test_sampling_prefills_each_prompt_once_and_draws_the_same_tokens(method):
+    from align.generation import sample
+    m = _model("llama", method)
+    query, qmask, _, _ = _groups(n_prompts=2, group=3)
+    calls = []
+    hook = m.backbone.base_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    out = {}
+    for shared in (False, True):
+        calls.clear()
+        out[shared] = sample(m, query, qmask, role="policy", max_new_tokens=6, temperature=0.9,
+                             row_seeds=list(range(6)), stop_token_id=5, shared_prompt=shared)
+        prefill = calls[0]
+    hook.remove()
+    assert prefill[0] == 2 and calls[1][0] == 6           # 2 prompts prefilled, 6 rows decoded
+    assert torch.equal(out[False].tokens, out[True].tokens)
+    torch.testing.assert_close(out[False].logprobs, out[True].logprobs, rtol=1e-4, atol=1e-5)

@@ -410,7 +410,7 @@ def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, mix: Reward
     a = cfg.algo
     resp = generate(model, [p["ids"] for p in prompts], tok, rt.device, role="policy",
                     max_new_tokens=a.response_length, temperature=a.temperature, width=width,
-                    row_seeds=row_seeds, runtime=rt)
+                    row_seeds=row_seeds, runtime=rt, shared_prompt=a.share_prompt)
     recompute = recompute_logprobs(a.rollout_logprobs, cfg.model.dtype, cfg.SECTION)
     with_value = "value" in model.roles
     roles = (("policy",) if recompute else ()) + (("reference",) if with_reference else ()) + \
