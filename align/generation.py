@@ -24,6 +24,7 @@ class Samples:
     tokens: torch.Tensor     # [B, max_new_tokens]; after the first stop token everything is PAD
     logprobs: torch.Tensor   # [B, max_new_tokens] log pi(token) under logits / temperature
     lengths: torch.Tensor    # [B] number of tokens up to and including the stop token
+    values: torch.Tensor | None = None   # [B, max_new_tokens] ``head`` at each sampled token's position
 
 
 @torch.no_grad()
@@ -32,7 +33,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
            stop_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
            generator: torch.Generator | None = None, use_cache: bool = True,
            row_seeds: list[int] | None = None, all_done=None, top_p: float = 1.0,
-           shared_prompt: bool = False) -> Samples:
+           shared_prompt: bool = False, head: str | None = None) -> Samples:
     """Sample continuations of left-padded prompts from ``role``.
 
     ``row_seeds`` gives each row its own random stream (Gumbel-max with noise seeded by the row's
@@ -43,6 +44,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     EOS, the checkpoint's other EOS ids, the chat template's end of turn); a row stops at the first.
     ``shared_prompt`` (with the cache): rows with the same prompt (a group's samples) prefill it
     once and continue from copies of its keys/values (the same logits up to float rounding).
+    ``head``: also read that scalar head on the hidden state each sampled token is drawn from (a
+    value head on the sampling role's adapters: the values a scoring pass would give, without it).
     ``all_done`` (``Runtime.generation``: ZeRO-3 sampling layer by layer, where every forward is a
     collective) turns "this process's rows all stopped" into "every process's rows stopped".
     """
@@ -53,7 +56,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stops = None if stop_token_id is None else torch.tensor(
         [stop_token_id] if isinstance(stop_token_id, int) else list(stop_token_id), dtype=torch.long, device=device)
-    tokens, logps = [], []
+    tokens, logps, values = [], [], []
     seq, mask = input_ids, attention_mask.long()
     cache = DynamicCache() if use_cache else None
     past_mask = None
@@ -69,11 +72,13 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
                 out = model(step_ids[first], step_mask[first], cache=cache, past_mask=None, logits=True,
                             logits_at=slice(-1, None))
                 cache.batch_select_indices(inverse)
-                out = out._replace(logits=out.logits[inverse], mask=out.mask[inverse])
+                out = out._replace(logits=out.logits[inverse], mask=out.mask[inverse], hidden=out.hidden[inverse])
             else:
                 out = model(step_ids, step_mask, cache=cache, past_mask=past_mask, logits=True,
                             logits_at=slice(-1, None))
             logits = out.logits[:, -1].float()
+            if head is not None:
+                values.append(model.heads[head](out.hidden[:, -1]).float())
             logp_all = torch.log_softmax(logits / temperature, dim=-1)
             nxt = _next_token(logp_all, greedy, row_seeds, generator, len(tokens), top_p)
             lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
@@ -106,17 +111,21 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
             finished = bool(done.all())
             if all_done(finished) if all_done is not None else finished:
                 break
-    return _finish(torch.stack(tokens, 1), torch.stack(logps, 1), stops, max_new_tokens, pad_token_id)
+    return _finish(torch.stack(tokens, 1), torch.stack(logps, 1), stops, max_new_tokens, pad_token_id,
+                   torch.stack(values, 1) if values else None)
 
 
-def _finish(toks: torch.Tensor, lps: torch.Tensor, stops, max_new_tokens: int, pad_token_id: int) -> Samples:
-    """The sampled tokens and log-probs padded to ``max_new_tokens`` (when every row stopped early),
-    with each row's length up to and including its first stop token."""
+def _finish(toks: torch.Tensor, lps: torch.Tensor, stops, max_new_tokens: int, pad_token_id: int,
+            values: torch.Tensor | None = None) -> Samples:
+    """The sampled tokens, log-probs (and values) padded to ``max_new_tokens`` (when every row
+    stopped early), with each row's length up to and including its first stop token."""
     b, device = toks.shape[0], toks.device
     if toks.shape[1] < max_new_tokens:  # everyone stopped early: pad to the fixed length
         extra = max_new_tokens - toks.shape[1]
         toks = torch.cat([toks, toks.new_full((b, extra), pad_token_id)], 1)
         lps = torch.cat([lps, lps.new_zeros(b, extra)], 1)
+        if values is not None:
+            values = torch.cat([values, values.new_zeros(b, extra)], 1)
     if stops is not None:
         is_stop = torch.isin(toks, stops)
         has = is_stop.any(1)
@@ -124,7 +133,7 @@ def _finish(toks: torch.Tensor, lps: torch.Tensor, stops, max_new_tokens: int, p
         lengths = torch.where(has, first + 1, torch.full_like(first, max_new_tokens))
     else:
         lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
-    return Samples(toks, lps, lengths)
+    return Samples(toks, lps, lengths, values)
 
 
 def longrope_switch(backbone) -> int | None:

@@ -35,6 +35,7 @@ class Responses:
     has_stop: torch.Tensor         # [B] bool
     sample_logprobs: torch.Tensor  # [B, R] the sampler's log-probs at its temperature
     generate_s: float = 0.0        # wall time of the sampling
+    sample_values: torch.Tensor | None = None   # [B, R] the sampler's ``head`` values, where asked
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,23 +53,24 @@ def left_pad(seqs: list[list[int]], pad_id: int, device, width: int | None = Non
 def generate(model, prompt_ids: list[list[int]], tok, device, *, role: str, max_new_tokens: int,
              temperature: float = 1.0, greedy: bool = False, width: int | None = None,
              generator: torch.Generator | None = None, row_seeds: list[int] | None = None,
-             runtime=None, top_p: float = 1.0, shared_prompt: bool = False) -> Responses:
+             runtime=None, top_p: float = 1.0, shared_prompt: bool = False, head: str | None = None) -> Responses:
     """Sample a response to each prompt from ``role`` and cut it after its first stop token.
     ``runtime`` (the stage's ``Runtime``; every process must call this when one is given) makes
     ZeRO-3-partitioned parameters available for sampling (``Runtime.generation``). ``top_p < 1``:
     nucleus sampling, for ``align generate`` only (training samples the full distribution).
-    ``shared_prompt``: one prefill per distinct prompt (``generation.sample``)."""
+    ``shared_prompt``: one prefill per distinct prompt; ``head``: that head's values at the sampled
+    positions too (``generation.sample``)."""
     query, qmask = left_pad(prompt_ids, tok.pad_token_id, device, width=width)
     stops = specials(tok).stop_ids
     t0 = time.time()
     with runtime.generation(model) if runtime is not None else contextlib.nullcontext() as all_done:
         s = sample(model, query, qmask, role=role, max_new_tokens=max_new_tokens, temperature=temperature,
                    greedy=greedy, stop_token_id=stops, pad_token_id=tok.pad_token_id, generator=generator,
-                   row_seeds=row_seeds, all_done=all_done, top_p=top_p, shared_prompt=shared_prompt)
+                   row_seeds=row_seeds, all_done=all_done, top_p=top_p, shared_prompt=shared_prompt, head=head)
     generate_s = time.time() - t0
     response, seq_lengths, has_stop = truncate_after_stop(s.tokens, stops, tok.pad_token_id)
     rmask = response_mask_from_lengths(seq_lengths, response.shape[1])
-    return Responses(query, qmask, response, rmask, seq_lengths, has_stop, s.logprobs, generate_s)
+    return Responses(query, qmask, response, rmask, seq_lengths, has_stop, s.logprobs, generate_s, s.values)
 
 
 def decode(tok, resp: Responses) -> list[str]:

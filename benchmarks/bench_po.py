@@ -150,7 +150,7 @@ def align_worker(a) -> dict:
         f"{s}.group_size={a.group_size}", f"{s}.micro_batch_size={a.micro_batch}", f"{s}.num_minibatches=1",
         f"{s}.num_epochs=1", f"{s}.response_length={a.response_length}", f"{s}.temperature=1.0",
         f"{s}.lr={a.lr}", f"{s}.lr_schedule=constant", f"{s}.max_grad_norm=1.0", f"{s}.cliprange=0.2",
-        f"{s}.missing_stop_mode=none", *extra])
+        f"{s}.missing_stop_mode=none", *extra, *a.align_set])
     summary = run(cfg)
     rows = [json.loads(x) for x in (work / s / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/rollout_s" in r][a.warmup:]
@@ -256,6 +256,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     ap.add_argument("--chat", action="store_true",
                     help="GRPO/RLOO: prompts as one-turn conversations, each side applying the tokenizer's chat "
                          "template (SmolLM2's adds its default system prompt)")
+    ap.add_argument("--align-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for align's stage config only (repeatable), e.g. grpo.share_prompt=false, to "
+                         "measure one lever against the same TRL run settings")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--interval", type=float, default=5.0, help=argparse.SUPPRESS)  # memory_phases.py's sampler
     return ap.parse_args(argv)
 
@@ -279,7 +283,8 @@ def worker_arguments(a, model: Path) -> list[str]:
             "--words", str(a.words), "--max-length", str(a.max_length), "--batch", str(a.batch),
             "--group-size", str(a.group_size), "--micro-batch", str(a.micro_batch),
             "--response-length", str(a.response_length), "--grpo-beta", str(a.grpo_beta),
-            "--rloo-beta", str(a.rloo_beta)] + (["--chat"] if a.chat else [])
+            "--rloo-beta", str(a.rloo_beta)] + (["--chat"] if a.chat else []) + \
+        [x for s in a.align_set for x in ("--align-set", s)]
 
 
 def add_ratios(res: dict, n_backbone: int) -> None:
@@ -361,7 +366,8 @@ def main(argv=None):
     payload = {"benchmark": "po_trl", "size": a.size, "device": a.device, "machine": machine(),
                "trl_version": trl_versions, "date": time.strftime("%Y-%m-%d"), "args": vars(a),
                "load_average": {"start": load_start, "end": load_average("end")}, "results": results}
-    name = f"po_trl_{a.size}_{a.device}" + ("" if a.gradient_checkpointing == "on" else "_gcoff") + ("_chat" if a.chat else "")
+    name = f"po_trl_{a.size}_{a.device}" + ("" if a.gradient_checkpointing == "on" else "_gcoff") + \
+        ("_chat" if a.chat else "") + (f"_{a.tag}" if a.tag else "")
     write_results(name, payload, "\n".join(md), Path(a.out))
 
 

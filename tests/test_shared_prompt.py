@@ -206,17 +206,17 @@ def test_grpo_trains_the_same_adapters_with_the_prompt_run_once_per_group(tiny_l
         assert x["policy/loss"] == pytest.approx(y["policy/loss"], abs=1e-5)
 
 
-def _ppo_passes(tiny_llama, tmp_path, sft, rm, prompts, share: bool) -> dict:
+def _ppo_passes(tmp_path, sft, rm, prompts, share: bool, logprobs: str) -> dict:
     import json
 
     from align.config import load_config
     from align.stages import ppo
-    run = tmp_path / f"ppo_{share}"
+    run = tmp_path / f"ppo_{share}_{logprobs}"
     ppo.run(load_config(ppo.PPOConfig, None, [
         f"output_dir={run}", f"sft_run={sft}", f"reward_run={rm}", f"data.prompts={prompts}",
         f"data.eval_prompts={prompts}", "value.init=reward", f"value.share_policy={share}", "ppo.iterations=1",
         "ppo.rollout_batch_size=8", "ppo.micro_batch_size=4", "ppo.num_minibatches=1", "ppo.num_ppo_epochs=2",
-        "ppo.response_length=4", "ppo.rollout_logprobs=recompute", "eval.num_prompts=2", "tracking.wandb=false"]))
+        "ppo.response_length=4", f"ppo.rollout_logprobs={logprobs}", "eval.num_prompts=2", "tracking.wandb=false"]))
     return next(json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "passes/update" in x)
 
 
@@ -224,12 +224,31 @@ def test_a_value_head_on_the_policys_adapters_takes_no_pass_of_its_own(tiny_llam
     import tests.ppo_helpers as H
     sft, rm = H.fake_sft_run(tiny_llama, tmp_path / "sft"), H.fake_reward_run(tiny_llama, tmp_path / "rm")
     prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 2)
-    own, shared = (_ppo_passes(tiny_llama, tmp_path, sft, rm, prompts, s) for s in (False, True))
+    own, shared = (_ppo_passes(tmp_path, sft, rm, prompts, s, "recompute") for s in (False, True))
     # rollout, 2 micro-batches: policy, reference, value, reward | policy+value, reference, reward
     assert own["passes/rollout"] == 8 and shared["passes/rollout"] == 6
     # update, 2 epochs x 2 chunks: value then policy | one pass for both
     assert own["passes/update"] == 8 and shared["passes/update"] == 4
     assert shared["value/explained_variance"] == shared["value/explained_variance"]   # finite, logged
+    own, shared = (_ppo_passes(tmp_path, sft, rm, prompts, s, "sample") for s in (False, True))
+    # the sampler's log-probs, and with a shared trunk its values: reference, value, reward | reference, reward
+    assert own["passes/rollout"] == 6 and shared["passes/rollout"] == 4
+
+
+def test_the_sampler_reads_the_values_a_scoring_pass_gives(monkeypatch):
+    from types import SimpleNamespace
+
+    import align.scoring as scoring
+    m = _model("llama", "lora")
+    monkeypatch.setattr(scoring, "specials", lambda tok: SimpleNamespace(stop_ids=[5]))
+    resp = scoring.generate(m, [[7, 8, 9, 10], [11, 12], [7, 8, 9, 10]], SimpleNamespace(pad_token_id=0), "cpu",
+                            role="policy", max_new_tokens=6, temperature=0.9, row_seeds=[1, 2, 3], head="value",
+                            shared_prompt=True)
+    with torch.no_grad():
+        st = response_stats(m, resp.query, resp.query_mask, resp.response, resp.response_mask, ("value",), 0.9)
+    mask = resp.response_mask
+    torch.testing.assert_close(resp.sample_values[mask], st["value"]["values"][mask], rtol=1e-4, atol=1e-5)
+    assert resp.sample_values.shape == resp.response.shape and float(resp.sample_values[mask].abs().sum()) > 0
 
 
 def test_stop_gradient_keeps_the_value_loss_out_of_the_policys_adapters(tiny_llama, tmp_path):

@@ -408,13 +408,18 @@ def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, mix: Reward
     identical whatever the world size). ``with_reference=False`` (a KL coefficient of 0): no
     reference forward; the reference log-probs are the old ones (a KL of 0, which nothing reads)."""
     a = cfg.algo
-    resp = generate(model, [p["ids"] for p in prompts], tok, rt.device, role="policy",
-                    max_new_tokens=a.response_length, temperature=a.temperature, width=width,
-                    row_seeds=row_seeds, runtime=rt, shared_prompt=a.share_prompt)
     recompute = recompute_logprobs(a.rollout_logprobs, cfg.model.dtype, cfg.SECTION)
     with_value = "value" in model.roles
+    # a value head on the policy's adapters is read by the sampler, as its log-probs are (float32,
+    # unsharded weights): the values of the states each token was drawn from
+    sampled_values = with_value and not recompute and model.sharded() is None and \
+        model.roles["value"].adapters == model.roles["policy"].adapters
+    resp = generate(model, [p["ids"] for p in prompts], tok, rt.device, role="policy",
+                    max_new_tokens=a.response_length, temperature=a.temperature, width=width,
+                    row_seeds=row_seeds, runtime=rt, shared_prompt=a.share_prompt,
+                    head=model.roles["value"].head if sampled_values else None)
     roles = (("policy",) if recompute else ()) + (("reference",) if with_reference else ()) + \
-        (("value",) if with_value else ()) + (("reward",) if mix.uses_role else ())
+        (("value",) if with_value and not sampled_values else ()) + (("reward",) if mix.uses_role else ())
     st = score(engine, resp, roles, a.temperature, a.micro_batch_size, shared_prompt=a.share_prompt)
     parts = _checked_parts(mix, rt, st, prompts, tok, resp, step)
     raw, scores = mix.combine(parts, normalised=False), mix.combine(parts)
@@ -423,9 +428,10 @@ def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, mix: Reward
     # old log-probs: the sampler's own (the temperature-warped distribution it drew from, within
     # ~1e-6 of a fresh forward in float32: docs/ppo-notes.md §B6), or a fresh policy forward
     logprobs = st["policy"]["logprobs"] if recompute else resp.sample_logprobs.masked_fill(~resp.response_mask, 0.0)
+    values = resp.sample_values.masked_fill(~resp.response_mask, 0.0) if sampled_values else \
+        st["value"]["values"] if with_value else torch.zeros_like(logprobs)
     return Rollout(resp.query, resp.query_mask, resp.response, resp.response_mask, resp.seq_lengths, resp.has_stop,
-                   logprobs, st["reference"]["logprobs"] if with_reference else logprobs.clone(),
-                   st["value"]["values"] if with_value else torch.zeros_like(logprobs), raw, scores,
+                   logprobs, st["reference"]["logprobs"] if with_reference else logprobs.clone(), values, raw, scores,
                    resp.sample_logprobs, parts), resp.generate_s
 
 
