@@ -176,3 +176,21 @@ def test_malformed_messages_name_the_file_record_and_field(tokenizers, bad, fiel
     rec = Record({"messages": [{"role": "user", "content": "hi"}, bad]}, "chats.jsonl: line 7")
     with pytest.raises(ValueError, match=rf"chats.jsonl: line 7: field 'messages': {field}"):
         build_examples([rec], tokenizers["chatml"], 512)
+
+
+def test_the_rendered_examples_in_docs_data_md_are_what_align_preview_prints(tokenizers):
+    import re
+    from pathlib import Path
+
+    from align.preview import marked
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    shown = dict(re.findall(r"<!-- example: (\w+) -->\n```text\n(.*?)\n```", doc, re.S))
+    assert set(shown) == set(FAMILIES)
+    msgs = [SYSTEM, *TURNS[:3], {"role": "assistant", "content": "Green."}]
+    for family, text in shown.items():
+        tok = tokenizers[family]
+        (ex,), _ = build_examples([{"messages": msgs[1:] if family == "gemma" else msgs}], tok, 512)
+        assert marked(tok, ex.input_ids, ex.labels, IGNORE) == text, family
+    (ex,), _ = build_examples([{"messages": TOOL_CONV, "tools": TOOLS}], tokenizers["tools"], 1024)
+    tools_shown = re.search(r"```text\n\.\.\.(.*?)\n```", doc, re.S).group(1)
+    assert marked(tokenizers["tools"], ex.input_ids, ex.labels, IGNORE).endswith(tools_shown)

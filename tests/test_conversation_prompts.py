@@ -47,8 +47,8 @@ def test_a_policy_prompt_may_be_a_conversation_ending_with_a_user_turn(tok):
 
 
 @pytest.mark.parametrize("rec, msg", [
-    ({"messages": CONV + [A2]}, "field 'messages': a prompt conversation ends with a user .* 'assistant' turn"),
-    ({"prompt": [SYSTEM]}, "field 'prompt': a prompt conversation ends with a user .* 'system' turn"),
+    ({"messages": CONV + [A2]}, "field 'messages': a prompt conversation ends with a user .* last turn is 'assistant'"),
+    ({"prompt": [SYSTEM]}, "field 'prompt': a prompt conversation ends with a user .* last turn is 'system'"),
     ({"messages": [{"role": "user"}]}, r"field 'messages': message 0 \(user\) has no 'content'"),
     ({"answer": "x"}, "missing field 'prompt' \\(or 'messages'"),
 ])

@@ -41,7 +41,7 @@ def check_messages(msgs, field: str, *, prompt: bool = False) -> list:
             raise ValueError(f"field {field!r}: message {j}: 'content' must be text, got {type(content).__name__}")
     if prompt and msgs[-1]["role"] not in PROMPT_ENDS:
         raise ValueError(f"field {field!r}: a prompt conversation ends with a user (or tool) turn, the completion "
-                         f"being the next assistant turn; this one ends with a {msgs[-1]['role']!r} turn")
+                         f"being the next assistant turn; this one's last turn is {msgs[-1]['role']!r}")
     return msgs
 
 
