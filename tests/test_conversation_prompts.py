@@ -134,3 +134,43 @@ def test_oasst_rankings_of_follow_up_replies_are_multi_turn_prompts(tmp_path, to
     g = tokenize_group(to_group(rank, "oasst"), tok, 512)
     text = tok.decode(g.sequences[0])
     assert text == tok.apply_chat_template(rank["prompt"] + rank["completions"][0], tokenize=False)
+
+
+def test_eval_and_generate_read_conversation_prompts_too(tok, tmp_path):
+    from align.evaluate import held_out_prompts, in_context_prompts
+    from align.generate import read_prompts
+    f = tmp_path / "held.jsonl"
+    f.write_text(json.dumps({"messages": CONV, "answer": "2 cm"}) + "\n" + json.dumps({"prompt": "Plain."}) + "\n")
+    cfg = SimpleNamespace(prompts=str(f), chat=False, num_prompts=8, chat_template="", demonstrations="", seed=0)
+    plain = held_out_prompts(cfg, tok)
+    assert [p["shown"] for p in plain] == ["How deep?", "Plain."] and plain[0]["ids"] == ids_of(tok, CONV)
+    assert [p["ids"] for p in in_context_prompts(cfg, tok, 0, plain)] == [p["ids"] for p in plain]
+    assert read_prompts(SimpleNamespace(prompt=[], prompts=str(f))) == [CONV, "Plain."]
+    f.write_text(json.dumps({"messages": CONV[:3]}) + "\n")
+    with pytest.raises(ValueError, match=f"{f}: record 1: field 'messages': a prompt conversation ends"):
+        read_prompts(SimpleNamespace(prompt=[], prompts=str(f)))
+    with pytest.raises(ValueError, match=f"{f}: line 1: field 'messages': a prompt conversation ends"):
+        in_context_prompts(cfg, tok, 0, [])
+
+
+def test_a_prompt_conversations_split_side_is_decided_by_all_its_turns():
+    from align.data.common import prompt_key
+    a, b = {"messages": [U1, A1, U2]}, {"messages": [U1, A1, U3]}
+    assert prompt_key(a) != prompt_key(b) and prompt_key(a) == prompt_key({"prompt": [U1, A1, U2]})
+    # a demonstration's prompt is the turns before its last
+    assert prompt_key({"messages": [U1, A1]}) == prompt_key({"prompt": [U1]})
+
+
+@pytest.mark.parametrize("shape", ["messages", "prompt"])
+def test_sft_pairs_with_a_long_conversation_prompt_lose_its_oldest_turns_whole(tok, shape):
+    from align.data.sft import build_examples
+    a3 = {"role": "assistant", "content": "Two centimetres."}
+
+    def rec(prompt):
+        return {"messages": prompt + [a3]} if shape == "messages" else {"prompt": prompt, "completion": [a3]}
+    (kept,), _ = build_examples([rec([SYSTEM, U2, A2, U3])], tok, 512, turns="last")
+    (ex,), rep = build_examples([rec(CONV)], tok, len(kept.input_ids), turns="last")
+    assert ex.input_ids == kept.input_ids and ex.labels == kept.labels
+    assert rep.prompt_turns_dropped == 2 and rep.prompt_truncated == 0
+    (ex,), rep = build_examples([rec(CONV)], tok, 512, turns="last")           # it fits: nothing dropped
+    assert len(ex.input_ids) > len(kept.input_ids) and rep.prompt_turns_dropped == 0

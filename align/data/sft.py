@@ -84,6 +84,36 @@ def _apply(prompt_msgs, completion_msgs, tokenizer, chat_template, tools=None) -
     return out["prompt"], out["completion"]
 
 
+def fitted_render(record: dict, tokenizer, chat_template: str | None, max_length: int,
+                  report: TruncationReport) -> tuple[str, str]:
+    """``render(record)``, its prompt conversation losing its oldest turns whole (system turns and
+    the last user turn stay, counted in ``report``) when prompt and completion would pass
+    ``max_length``; a text prompt, or one still too long, is cut by tokens later (``tokenize_pair``)."""
+    p, c = render(record, tokenizer, chat_template)
+    sp = specials(tokenizer)
+
+    def fits(pair) -> bool:
+        c_ids, ended = sp.cut_at_stop(encode(tokenizer, pair[1], bos=False))
+        return len(encode(tokenizer, pair[0], bos=True)) + len(c_ids) + (not ended) <= max_length
+
+    if "messages" in record:
+        msgs = record["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        prompt, completion = msgs[:last], msgs[last:last + 1]
+    else:
+        prompt, completion = record["prompt"], record["completion"]
+    if not isinstance(prompt, list) or fits((p, c)):
+        return p, c
+
+    def rendered(msgs):
+        return render({"prompt": msgs, "completion": completion, "tools": record.get("tools")}, tokenizer,
+                      chat_template)
+
+    kept, dropped = drop_oldest_turns(prompt, lambda msgs: fits(rendered(msgs)))
+    report.prompt_turns_dropped += dropped
+    return rendered(kept) if dropped else (p, c)
+
+
 def assistant_turns(record: dict, tokenizer, chat_template: str | None = None) -> list[tuple[str, str]]:
     """(prompt text, completion text) of every assistant turn of a ``messages`` record, each
     rendered with the conversation before it as its prompt."""
@@ -271,9 +301,10 @@ def _record_examples(rec, tokenizer, max_length, chat_template, turns, marks, re
     if not isinstance(rec, dict) or not ({"messages", "prompt"} & set(rec)):
         raise ValueError("a record needs 'messages', or 'prompt' and 'completion'")
     if turns != "all" or "messages" not in rec:
-        return [], [render(rec, tokenizer, chat_template)]
+        return [], [fitted_render(rec, tokenizer, chat_template, max_length, report)]
     if marks:
-        check_messages(rec["messages"], "messages")
+        if not any(m["role"] == "assistant" for m in check_messages(rec["messages"], "messages")):
+            raise ValueError("a 'messages' record needs at least one assistant turn")
         seq = marked_conversation(rec, tokenizer, chat_template, max_length, report)
         if seq is not None:
             return [seq], []
