@@ -150,11 +150,12 @@ def held_out_prompts(cfg: EvalConfig, tok) -> list[dict]:
     """The first ``num_prompts`` records' prompts as text (conversations through the chat template)
     and token ids."""
     from align.data.common import read_records
-    from align.data.sft import encode_prompts
+    from align.data.sft import encode_prompts, prompt_of
     records = read_records(cfg.prompts, cfg.chat)[:cfg.num_prompts]
     out = encode_prompts(records, cfg.prompts, tok, cfg.chat_template)
     for p, r in zip(out, records):  # what a reader is shown: the last user turn, or the text
-        p["shown"] = r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else p["text"]
+        prompt = prompt_of(r)[0]
+        p["shown"] = prompt[-1]["content"] if isinstance(prompt, list) else p["text"]
     return out
 
 
@@ -244,7 +245,8 @@ def in_context_prompts(cfg: EvalConfig, tok, k: int, plain: list[dict]) -> list[
     import random
 
     from align.data.common import read_records
-    from align.data.sft import encode_prompts
+    from align.data.records import where_of
+    from align.data.sft import encode_prompts, prompt_of
     records = read_records(cfg.prompts, cfg.chat)[:cfg.num_prompts]
     demos = []
     if k:
@@ -257,15 +259,20 @@ def in_context_prompts(cfg: EvalConfig, tok, k: int, plain: list[dict]) -> list[
         rng = random.Random(cfg.seed + 31)
         demos = rng.sample(pool, k)
     shown = []
-    for r in records:
-        if isinstance(r["prompt"], list):
+    for i, r in enumerate(records, 1):
+        try:
+            prompt, key = prompt_of(r)   # text or a conversation, in 'prompt' or 'messages'
+        except ValueError as e:
+            raise ValueError(f"{where_of(r, f'{cfg.prompts}: record {i}')}: {e}") from None
+        r = {k: v for k, v in r.items() if k != key}
+        if isinstance(prompt, list):
             turns = [t for d in demos for t in (d["prompt"] + (d["completion"] if isinstance(d["completion"], list)
                                                                   else [{"role": "assistant",
                                                                          "content": d["completion"]}]))]
-            shown.append({**r, "prompt": turns + r["prompt"]})
+            shown.append({**r, "prompt": turns + prompt})
         else:
             head = "".join(f"{d['prompt']} {d['completion']}\n\n" for d in demos)
-            shown.append({**r, "prompt": head + r["prompt"]})
+            shown.append({**r, "prompt": head + prompt})
     out = encode_prompts(shown, cfg.prompts, tok, cfg.chat_template)
     # scorers see the held-out prompt itself (``plain``: held_out_prompts), not the demonstrations
     for o, p in zip(out, plain):

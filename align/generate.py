@@ -85,10 +85,12 @@ def read_prompts(args) -> list:
             prompts += [line for line in path.read_text().splitlines() if line.strip()]
         else:
             from align.data.common import read_records
+            from align.data.sft import prompt_of
             for i, r in enumerate(read_records(path), 1):
-                if "prompt" not in r:
-                    raise ValueError(f"{path}: record {i}: missing field 'prompt'")
-                prompts.append(r["prompt"])
+                try:
+                    prompts.append(prompt_of(r)[0])    # 'prompt', or a 'messages' conversation
+                except ValueError as e:
+                    raise ValueError(f"{path}: record {i}: {e}") from None
     return prompts
 
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from align.data.chat import PROMPT_ENDS
 from align.data.records import Record, where_of
 
 COMPLETION_FIELDS = ("completion", "chosen", "rejected")
@@ -104,12 +105,16 @@ def implicit_prompt(chosen, rejected):
 
 
 def prompt_key(record: dict) -> str:
-    """A hash of the record's prompt (for 'messages' records: every turn before the last; for
+    """A hash of the record's prompt (for 'messages' records: every turn before the last, or all of
+    them when the last is a user turn, a prompt to continue; for
     implicit-prompt pairs the shared beginning of 'chosen' and 'rejected', never all of 'chosen')."""
     if "prompt" in record:
         p = record["prompt"]
-    elif "messages" in record:
-        p = record["messages"][:-1]
+    elif "messages" in record:   # a demonstration: the turns before its last; a prompt conversation: all
+        msgs = record["messages"]
+        ends_prompt = isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and \
+            msgs[-1].get("role") in PROMPT_ENDS
+        p = msgs if ends_prompt else msgs[:-1]
     elif "chosen" in record and "rejected" in record:
         p = implicit_prompt(record["chosen"], record["rejected"])
     else:

@@ -7,7 +7,10 @@ loss term, so a prompt with many completions is not weighted K(K-1)/2 times.
 
 Accepted records: canonical rankings ``{prompt, completions, ranks}``; pairs ``{prompt, chosen,
 rejected}`` (TRL explicit prompt, standard or conversational); implicit-prompt pairs ``{chosen,
-rejected}`` whose shared beginning is taken as the prompt.
+rejected}`` whose shared beginning is taken as the prompt. A prompt may be a conversation (in
+``prompt`` or ``messages``) ending with a user or tool turn; the completions are the next assistant
+turn. A conversation prompt too long for ``data.max_length`` loses its oldest turns whole (system
+turns and the last user turn stay) before tokens are cut from the left.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from align.data.chat import check_messages, drop_oldest_turns
 from align.data.sft import render
 
 
@@ -26,6 +30,7 @@ class Group:
     ranks: list[int]
     margin: float = 0.0             # pairs only: required reward gap (TRL's margin)
     weight: float = 1.0
+    tools: list | None = None       # function schemas the chat template renders (the record's ``tools``)
 
 
 def _common_prefix(a, b):
@@ -80,6 +85,18 @@ def _ranks(rec: dict, n: int, where: str) -> list[int]:
     return [int(r) for r in ranks]
 
 
+def _prompt(rec: dict):
+    """The record's prompt: ``prompt`` (text or a conversation), or ``messages``, a conversation;
+    a conversation ends with a user (or tool) turn, the completions being the next assistant turn."""
+    if "prompt" in rec:
+        prompt, key = rec["prompt"], "prompt"
+    else:
+        prompt, key = rec["messages"], "messages"
+    if not isinstance(prompt, str):
+        check_messages(prompt, key, prompt=True)
+    return prompt
+
+
 def to_group(rec: dict, where: str) -> Group:
     """The record as a prompt group; a field that cannot be trained on (a non-finite ``margin``,
     ``weight`` or ``scores``, a non-integer rank, a completion repeated inside one ranking) is
@@ -101,13 +118,13 @@ def to_group(rec: dict, where: str) -> Group:
             if scores is not None and (not isinstance(scores, list) or len(scores) != len(comps) or not all(
                     not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in scores)):
                 raise ValueError(f"field 'scores' needs one finite number per completion, got {scores!r}")
-            return Group(rec["prompt"], comps, ranks, 0.0, w)
+            return Group(_prompt(rec), comps, ranks, 0.0, w, rec.get("tools"))
         chosen, rejected = rec["chosen"], rec["rejected"]
-        if "prompt" in rec:
-            prompt = rec["prompt"]
+        if "prompt" in rec or "messages" in rec:
+            prompt = _prompt(rec)
         else:
             prompt, chosen, rejected = _common_prefix(chosen, rejected)
-        return Group(prompt, [chosen, rejected], [0, 1], _finite(rec, "margin", where, 0.0), w)
+        return Group(prompt, [chosen, rejected], [0, 1], _finite(rec, "margin", where, 0.0), w, rec.get("tools"))
     except KeyError as e:
         raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
@@ -124,20 +141,49 @@ class TokenGroup:
     prompt_lengths: list[int] = field(default_factory=list)  # prompt tokens at the front of each sequence
 
 
+def _pair_texts(g: Group, prompt, tokenizer, chat_template) -> list[tuple[str, str]]:
+    """(prompt text, completion text) of each of the group's completions after ``prompt``."""
+    out = []
+    for c in g.completions:
+        if isinstance(prompt, list) or isinstance(c, list):
+            out.append(render({"prompt": prompt, "tools": g.tools, "completion": c if isinstance(c, list) else
+                               [{"role": "assistant", "content": c}]}, tokenizer, chat_template))
+        else:
+            out.append((prompt, c))
+    return out
+
+
+def _fitting_prompt(g: Group, tokenizer, max_length: int, chat_template, rep):
+    """The group's prompt; a conversation that would push a completion past ``max_length`` loses
+    its oldest turns whole (system turns and the last user turn stay; counted in ``rep``)."""
+    if not isinstance(g.prompt, list):
+        return g.prompt
+    from align.tokens import encode, specials
+    sp = specials(tokenizer)
+
+    def fits(msgs):
+        for p, t in _pair_texts(g, msgs, tokenizer, chat_template):
+            c, ended = sp.cut_at_stop(encode(tokenizer, t, bos=False))
+            if len(encode(tokenizer, p, bos=True)) + len(c) + (not ended) > max_length:
+                return False
+        return True
+
+    prompt, dropped = drop_oldest_turns(g.prompt, fits)
+    rep.prompt_turns_dropped += dropped
+    return prompt
+
+
 def tokenize_group(g: Group, tokenizer, max_length: int, chat_template=None, report=None) -> TokenGroup | None:
     """Every completion as prompt + completion ids ending at its stop token (align/tokens.py).
-    Truncation is counted in ``report`` (a ``TruncationReport``); a group in which any
-    completion lost its end is refused (None, counted as dropped): the reward is read at the
-    last token, and a cut response would be scored at an arbitrary one."""
+    A conversation prompt too long for ``max_length`` first loses its oldest turns whole, then
+    tokens from the left. Truncation is counted in ``report`` (a ``TruncationReport``); a group in
+    which any completion lost its end is refused (None, counted as dropped): the reward is read at
+    the last token, and a cut response would be scored at an arbitrary one."""
     from align.data.sft import TruncationReport, tokenize_pair
     rep = report if report is not None else TruncationReport()
     seqs, plens, cut = [], [], False
-    for c in g.completions:
-        if isinstance(g.prompt, list) or isinstance(c, list):
-            p, t = render({"prompt": g.prompt, "completion": c if isinstance(c, list) else
-                           [{"role": "assistant", "content": c}]}, tokenizer, chat_template)
-        else:
-            p, t = g.prompt, c
+    prompt = _fitting_prompt(g, tokenizer, max_length, chat_template, rep)
+    for p, t in _pair_texts(g, prompt, tokenizer, chat_template):
         before = rep.completion_truncated
         pi, ci = tokenize_pair(p, t, tokenizer, max_length, rep)
         cut = cut or rep.completion_truncated > before
@@ -197,7 +243,8 @@ def tokenize_train_and_eval(groups: list[Group], eval_groups: list[Group], token
                                                where=str(data.train))
     egroups, ereport, erefused = tokenize_groups(eval_groups, tokenizer, data.max_length, data.chat_template,
                                                  where="eval")
-    if report.prompt_truncated or report.completion_truncated or ereport.completion_truncated:
+    if (report.prompt_truncated or report.prompt_turns_dropped or report.completion_truncated
+            or ereport.completion_truncated):
         log(f"[{stage}] truncation (max_length={data.max_length}): train {report.as_dict()}, "
             f"eval {ereport.as_dict()}; records refused because a completion lost its end: "
             f"train {refused[:20]}{' ...' if len(refused) > 20 else ''}, eval {erefused[:20]}")

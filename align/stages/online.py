@@ -52,11 +52,14 @@ from align.trainer import make_optimizer, make_scheduler
 class OnlineDataConfig:
     prompts: str = setting(
         "",
-        "records with a \"prompt\" (other fields ignored); or a Hub dataset id org/name[:split] in the local HF cache",
+        "records with a \"prompt\" (text, or a conversation ending with a user turn) or \"messages\" (such a "
+        "conversation), their other fields passed to reward functions; or a Hub dataset id org/name[:split] in the "
+        "local HF cache",
         RecordsPath(required=True, what="a records file with prompts"))
     eval_prompts: str = setting("", "held-out prompts; else eval_fraction of prompts", RecordsPath())
     eval_fraction: float = setting(0.05, "held-out share of prompts when eval_prompts is empty", FRACTION)
-    max_prompt_length: int = setting(256, "longer prompts keep their last tokens", AT_LEAST_ONE)
+    max_prompt_length: int = setting(256, "longer prompts lose their oldest turns whole (system and last user "
+                                          "turn kept), then keep their last tokens", AT_LEAST_ONE)
     chat_template: Optional[str] = setting(None, "Jinja template for tokenizers without one")
     chat: bool = setting(False, "plain-text prompts/completions as a user and an assistant turn (chat template)")
 

@@ -106,7 +106,7 @@ def run(cfg: SFTConfig) -> dict:
                                       cfg.data.chat_template, where="eval", turns=cfg.data.train_turns)
     if has_eval:
         check_eval_split(len(eval_examples), what="examples with a non-empty completion", **eval_check)
-    if report.prompt_truncated or report.completion_truncated or report.turns_dropped:
+    if report.prompt_truncated or report.prompt_turns_dropped or report.completion_truncated or report.turns_dropped:
         rt.print(f"[sft] truncation (max_length={cfg.data.max_length}): {report.as_dict()}")
     train_set = pack(examples, cfg.data.max_length) if cfg.data.packing else examples
     collate = Collator(tok.pad_token_id, packed=cfg.data.packing)
