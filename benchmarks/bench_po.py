@@ -368,6 +368,8 @@ def main(argv=None):
                "load_average": {"start": load_start, "end": load_average("end")}, "results": results}
     name = f"po_trl_{a.size}_{a.device}" + ("" if a.gradient_checkpointing == "on" else "_gcoff") + \
         ("_chat" if a.chat else "") + (f"_{a.tag}" if a.tag else "")
+    if a.align_set:
+        md.append(f"align's settings beyond the defaults: {', '.join(a.align_set)}\n")
     write_results(name, payload, "\n".join(md), Path(a.out))
 
 

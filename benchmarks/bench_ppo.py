@@ -79,7 +79,7 @@ def align_worker(a) -> dict:
         f"ppo.iterations={n_it}", f"ppo.rollout_batch_size={a.batch}", f"ppo.micro_batch_size={a.micro_batch}",
         f"ppo.num_minibatches={a.minibatches}", f"ppo.num_ppo_epochs={a.epochs}", f"ppo.response_length={a.response_length}",
         "ppo.temperature=1.0", "ppo.missing_stop_mode=none", "eval.num_prompts=1", "tracking.wandb=false",
-        f"model.gradient_checkpointing={str(a.gradient_checkpointing == 'on').lower()}"])
+        f"model.gradient_checkpointing={str(a.gradient_checkpointing == 'on').lower()}", *a.align_set])
     summary = ppo.run(cfg)
     rows = [json.loads(x) for x in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/rollout_s" in r][a.warmup:]
@@ -160,6 +160,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     ap.add_argument("--response-length", type=int, default=32)
     ap.add_argument("--gradient-checkpointing", default="off", choices=["on", "off"],
                     help="both sides (TRL's PPOConfig flag; align's model.gradient_checkpointing)")
+    ap.add_argument("--align-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for align's PPO config only (repeatable), e.g. value.share_policy=true")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--method", default="ppo", help=argparse.SUPPRESS)       # memory_phases.py's
     ap.add_argument("--interval", type=float, default=5.0, help=argparse.SUPPRESS)
     ap.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)
@@ -171,7 +174,7 @@ def worker_arguments(a, model: Path) -> list[str]:
     return ["--model", str(model), "--device", a.device, "--warmup", str(a.warmup), "--steps", str(a.steps),
             "--batch", str(a.batch), "--micro-batch", str(a.micro_batch), "--minibatches", str(a.minibatches),
             "--epochs", str(a.epochs), "--response-length", str(a.response_length),
-            "--gradient-checkpointing", a.gradient_checkpointing]
+            "--gradient-checkpointing", a.gradient_checkpointing] + [x for s in a.align_set for x in ("--align-set", s)]
 
 
 def main(argv=None):
@@ -216,7 +219,10 @@ def main(argv=None):
     payload = {"benchmark": "ppo", "size": a.size, "device": a.device, "machine": machine(),
                "date": time.strftime("%Y-%m-%d"), "args": vars(a),
                "load_average": {"start": load_start, "end": load_average("end")}, "results": results}
-    write_results(f"ppo_{a.size}_{a.device}_mb{a.micro_batch}_gc{a.gradient_checkpointing}", payload, md, Path(a.out))
+    if a.align_set:
+        md += f"\n\nalign's settings beyond the defaults: {', '.join(a.align_set)}\n"
+    write_results(f"ppo_{a.size}_{a.device}_mb{a.micro_batch}_gc{a.gradient_checkpointing}" +
+                  (f"_{a.tag}" if a.tag else ""), payload, md, Path(a.out))
 
 
 if __name__ == "__main__":
