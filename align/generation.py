@@ -67,15 +67,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
     with model.use(role):
         shift = sum(s.num_prefix_positions() for s in model.live_sets())
         for step in range(max_new_tokens):
-            if step == 0 and groups is not None and len(groups[0]) < b:   # one prefill per prompt
-                first, inverse = groups
-                out = model(step_ids[first], step_mask[first], cache=cache, past_mask=None, logits=True,
-                            logits_at=slice(-1, None))
-                cache.batch_select_indices(inverse)
-                out = out._replace(logits=out.logits[inverse], mask=out.mask[inverse], hidden=out.hidden[inverse])
-            else:
-                out = model(step_ids, step_mask, cache=cache, past_mask=past_mask, logits=True,
-                            logits_at=slice(-1, None))
+            out = _forward_step(model, step_ids, step_mask, cache, past_mask, groups if step == 0 else None)
             logits = out.logits[:, -1].float()
             if head is not None:
                 values.append(model.heads[head](out.hidden[:, -1]).float())
@@ -113,6 +105,18 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, role
                 break
     return _finish(torch.stack(tokens, 1), torch.stack(logps, 1), stops, max_new_tokens, pad_token_id,
                    torch.stack(values, 1) if values else None)
+
+
+def _forward_step(model, ids, mask, cache, past_mask, groups):
+    """One sampling forward, logits at the last position; with ``groups`` (the prefill of rows that
+    share prompts: ``distinct_rows``) each distinct prompt runs once and the cache, logits, hidden
+    states and mask are copied to its rows."""
+    if groups is None or len(groups[0]) == ids.shape[0]:
+        return model(ids, mask, cache=cache, past_mask=past_mask, logits=True, logits_at=slice(-1, None))
+    first, inverse = groups
+    out = model(ids[first], mask[first], cache=cache, past_mask=None, logits=True, logits_at=slice(-1, None))
+    cache.batch_select_indices(inverse)
+    return out._replace(logits=out.logits[inverse], mask=out.mask[inverse], hidden=out.hidden[inverse])
 
 
 def _finish(toks: torch.Tensor, lps: torch.Tensor, stops, max_new_tokens: int, pad_token_id: int,

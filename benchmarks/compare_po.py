@@ -30,14 +30,18 @@ sys.path.insert(0, str(ROOT))
 
 GOLD = "align.quickstart.task:gold_scores"
 METHODS = ("ppo", "grpo", "dr_grpo", "rloo", "dpo")
+# PPO's critic variants (not in the default list): a value head on the policy's adapters, and the
+# same with the value loss kept out of the shared adapters
+VARIANTS = {"ppo_shared": ["value.share_policy=true"],
+            "ppo_shared_sg": ["value.share_policy=true", "value.stop_gradient=true"]}
 
 
 def stage_args(method: str, q: Path, out: Path, iterations: int) -> tuple[str, list[str]]:
     common = [f"output_dir={out}", f"sft_run={q / 'sft'}", "tracking.wandb=false"]
     online = [f"data.prompts={q / 'data' / 'ppo_prompts.jsonl'}", f"data.eval_prompts={q / 'data' / 'eval_prompts.jsonl'}",
               f"reward_run={q / 'reward'}", "eval.every=0", "eval.num_prompts=64", f"eval.gold={GOLD}"]
-    if method == "ppo":
-        return "ppo", common + online + [f"ppo.iterations={iterations}", "ppo.rollout_batch_size=64",
+    if method == "ppo" or method in VARIANTS:
+        return "ppo", common + online + VARIANTS.get(method, []) + [f"ppo.iterations={iterations}", "ppo.rollout_batch_size=64",
                                          "ppo.micro_batch_size=32", "ppo.num_minibatches=2", "ppo.num_ppo_epochs=4",
                                          "ppo.response_length=32", "ppo.temperature=1.0", "ppo.lr=3e-3",
                                          "ppo.kl_coef=0.05", "value.init=reward"]
@@ -64,6 +68,9 @@ def worker(a) -> dict:
         if rc != 0:
             raise SystemExit(f"align {stage} failed ({rc})")
     train_s = time.time() - t
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ev_ = [m["value/explained_variance"] for m in logged if "value/explained_variance" in m]
+    step = [m["time/rollout_s"] + m["time/update_s"] for m in logged if "time/update_s" in m]
     ev = EvalConfig(sft_run=str(q / "sft"), reward_run=str(q / "reward"), policy_a="sft", policy_b=str(out),
                     prompts=str(q / "data" / "eval_prompts.jsonl"), num_prompts=a.eval_prompts, temperature=1.0,
                     response_length=32, gold=GOLD, seed=0)
@@ -73,7 +80,9 @@ def worker(a) -> dict:
             "gold_gain": cmp["gold_diff_mean"], "gold_gain_sem": cmp["gold_diff_sem"],
             "kl_to_sft": cmp["b"]["kl_to_sft_mean"], "reward_sft": cmp["a"]["reward_mean"],
             "reward_policy": cmp["b"]["reward_mean"], "win_rate_by_gold": cmp["win_rate_b_by_gold"],
-            "stop_rate": cmp["b"]["stop_rate"], "n_prompts": cmp["n_prompts"]}
+            "stop_rate": cmp["b"]["stop_rate"], "n_prompts": cmp["n_prompts"],
+            "explained_variance_last10": sum(ev_[-10:]) / len(ev_[-10:]) if ev_ else None,
+            "step_s_median": sorted(step)[len(step) // 2] if step else None}
 
 
 def markdown(rows: list[dict], a) -> str:
@@ -82,11 +91,14 @@ def markdown(rows: list[dict], a) -> str:
              f"#### Policy optimisation on the quickstart task ({a.iterations} iterations x 64 sampled responses for "
              f"the online methods; {a.eval_prompts} held-out prompts)", "",
              "| method | gold gain over SFT (± SEM) | win rate by gold | KL to SFT (nats/response) | "
-             "learned reward SFT → policy | stop rate | train wall time (s) | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "learned reward SFT → policy | stop rate | critic's explained variance (last 10 iterations) | "
+             "median step (s) | train wall time (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ev = r.get("explained_variance_last10")
         lines.append(f"| {r['method']} | {r['gold_gain']:+.3f} ± {r['gold_gain_sem']:.3f} | {r['win_rate_by_gold']:.3f} | "
                      f"{r['kl_to_sft']:.2f} | {r['reward_sft']:.3f} → {r['reward_policy']:.3f} | {r['stop_rate']:.2f} | "
+                     f"{'—' if ev is None else f'{ev:.2f}'} | {r.get('step_s_median') or 0:.2f} | "
                      f"{r['train_s']:.0f} | {r['peak_mb']:,.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -99,6 +111,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-prompts", type=int, default=256)
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / ".work" / "po_methods"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default="po_methods", help="the results files' name (NAME.json, NAME.md)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -119,8 +132,8 @@ def main(argv=None) -> None:
     print(md)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "po_methods.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=2))
-    (out / "po_methods.md").write_text(md)
+    (out / f"{a.name}.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=2))
+    (out / f"{a.name}.md").write_text(md)
 
 
 if __name__ == "__main__":
