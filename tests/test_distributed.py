@@ -347,10 +347,11 @@ def test_ppo_fsdp2_samples_group_by_group(ppo_split_runs, tmp_path):
         same_tensors(tmp_path / "two" / sub, one / sub, atol=1e-4)
 
 
-@pytest.mark.parametrize("stage", ["dpo", "grpo"])
-def test_fsdp2_dpo_and_grpo_two_processes_match_one_process(stage, tiny_llama, tmp_path):
+@pytest.mark.parametrize("preset,stage", [("fsdp2", "dpo"), ("fsdp2", "grpo"), ("zero3", "grpo")])
+def test_sharded_dpo_and_grpo_two_processes_match_one_process(preset, stage, tiny_llama, tmp_path):
     """The other policy-optimisation stages on the same sharded roles: DPO (policy and its SFT
-    reference, one trainer) and GRPO (rollout, no critic)."""
+    reference, one trainer) and GRPO (rollout, no critic; each group's prompt runs once, and a
+    rank whose chunk holds no shared prompt still makes the same collective passes)."""
     from tests.ppo_helpers import fake_reward_run, fake_sft_run, write_prompts
     from tests.test_reward import rule_rankings
     sft = fake_sft_run(tiny_llama, tmp_path / "sft")
@@ -367,7 +368,7 @@ def test_fsdp2_dpo_and_grpo_two_processes_match_one_process(stage, tiny_llama, t
                   "grpo.num_minibatches=2", "grpo.response_length=5", "grpo.lr=1e-2", "eval.num_prompts=2",
                   "tracking.wandb=false"]
         keys, accum = ("objective/scores", "policy/loss"), []
-    launch_bounded("fsdp2", stage, f"output_dir={tmp_path / 'two'}", *common, timeout=300)
+    launch_bounded(preset, stage, f"output_dir={tmp_path / 'two'}", *common, timeout=300)
     single(stage, f"output_dir={tmp_path / 'one'}", *common, *accum)
     for key in keys:
         torch.testing.assert_close(torch.tensor(losses(tmp_path / "two", key)),

@@ -111,9 +111,9 @@ class OnlineAlgoConfig:
     stop_after_iterations: int = setting(0, "testing aid: stop as if killed", NON_NEGATIVE)
     share_prompt: bool = setting(
         True,
-        "rows with the same prompt (a group's samples) run its tokens once per pass, in the rollout's scoring and the "
-        "update, and continue from its keys/values (the same results up to float rounding); minibatches then hold "
-        "whole groups. false: every row runs its prompt and minibatches are drawn row by row")
+        "GRPO/RLOO: a group's samples run their prompt once per pass (sampling, scoring, update) and continue from "
+        "its keys/values (the same results up to float rounding), and minibatches hold whole groups. false: every "
+        "row runs its prompt and minibatches are drawn row by row (PPO samples once per prompt: no effect)")
     entropy_warn_fraction: float = setting(
         0.2, "warn once when the rollouts' mean token entropy (policy/entropy_rollout) falls below this fraction of "
              "its first value in the run (entropy collapse); 0: never", FRACTION)
@@ -122,6 +122,11 @@ class OnlineAlgoConfig:
     def group(self) -> int:
         """Responses sampled per prompt (consecutive rows of the rollout)."""
         return 1
+
+    @property
+    def shares_prompt(self) -> bool:
+        """Whether passes run a group's prompt once (``share_prompt`` with groups of several)."""
+        return self.share_prompt and self.group > 1
 
     @property
     def epochs(self) -> int:
@@ -419,11 +424,11 @@ def rollout(model, engine, prompts, cfg: OnlineStageConfig, tok, rt, mix: Reward
         model.roles["value"].adapters == model.roles["policy"].adapters
     resp = generate(model, [p["ids"] for p in prompts], tok, rt.device, role="policy",
                     max_new_tokens=a.response_length, temperature=a.temperature, width=width,
-                    row_seeds=row_seeds, runtime=rt, shared_prompt=a.share_prompt,
+                    row_seeds=row_seeds, runtime=rt, shared_prompt=a.shares_prompt,
                     head=model.roles["value"].head if sampled_values else None)
     roles = (("policy",) if recompute else ()) + (("reference",) if with_reference else ()) + \
         (("value",) if with_value and not sampled_values else ()) + (("reward",) if mix.uses_role else ())
-    st = score(engine, resp, roles, a.temperature, a.micro_batch_size, shared_prompt=a.share_prompt)
+    st = score(engine, resp, roles, a.temperature, a.micro_batch_size, shared_prompt=a.shares_prompt)
     parts = _checked_parts(mix, rt, st, prompts, tok, resp, step)
     raw, scores = mix.combine(parts, normalised=False), mix.combine(parts)
     if a.missing_stop_mode != "none":
@@ -577,7 +582,7 @@ class OnlineLoop:
         groups, so a chunk runs each prompt once; verl's minibatches hold whole groups too)."""
         a = self.a
         g = torch.Generator().manual_seed(a.seed * 7919 + it * 131 + epoch)
-        if a.share_prompt and a.group > 1 and self.split.minibatch % a.group == 0:
+        if a.shares_prompt and self.split.minibatch % a.group == 0:
             groups = torch.randperm(a.rollout_batch_size // a.group, generator=g)
             return (groups[:, None] * a.group + torch.arange(a.group)).flatten()
         return torch.randperm(a.rollout_batch_size, generator=g)
@@ -878,7 +883,7 @@ class GroupLoop(OnlineLoop):
     def chunk_loss(self, ro: Rollout, adv: dict, idx: torch.Tensor, minibatch: torch.Tensor, it: int):
         out = response_stats(self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx],
                              ro.response_mask[idx], ("policy",), self.a.temperature,
-                             shared_prompt=self.a.share_prompt)["policy"]
+                             shared_prompt=self.a.shares_prompt)["policy"]
         loss, stats = self.loss(out["logprobs"], ro, adv, idx, minibatch)
         return loss, {"policy/loss": loss, **{f"policy/{k}": v for k, v in stats.items()}}, None
 

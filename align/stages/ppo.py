@@ -234,7 +234,7 @@ class PPOLoop(OnlineLoop):
         a, rt = self.a, self.rt
         m = ro.response_mask[idx]
         args = (self.engine, ro.query[idx], ro.query_mask[idx], ro.response[idx], ro.response_mask[idx])
-        separate, shared = self.separate_backward, a.share_prompt
+        separate, shared = self.separate_backward, a.shares_prompt
         out = response_stats(*args, ("value",) if separate else ("policy", "value"), a.temperature, entropy=True,
                              shared_prompt=shared)
         vf, vf_stats = value_loss(out["value"]["values"], ro.values[idx], adv["returns"][idx], m, a.cliprange_value)
