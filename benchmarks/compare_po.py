@@ -86,9 +86,7 @@ def worker(a) -> dict:
 
 
 def markdown(rows: list[dict], a) -> str:
-    import torch
-    lines = ["---", f"measured: {time.strftime('%Y-%m-%d')}", f"threads: {torch.get_num_threads()}", "---",
-             f"#### Policy optimisation on the quickstart task ({a.iterations} iterations x 64 sampled responses for "
+    lines = [f"#### Policy optimisation on the quickstart task ({a.iterations} iterations x 64 sampled responses for "
              f"the online methods; {a.eval_prompts} held-out prompts)", "",
              "| method | gold gain over SFT (± SEM) | win rate by gold | KL to SFT (nats/response) | "
              "learned reward SFT → policy | stop rate | critic's explained variance (last 10 iterations) | "
@@ -128,12 +126,9 @@ def main(argv=None) -> None:
             continue
         rows.append(json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1]))
         print(json.dumps(rows[-1]), flush=True)
-    md = markdown(rows, a)
-    print(md)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{a.name}.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=2))
-    (out / f"{a.name}.md").write_text(md)
+    from benchmarks.common import load_average, write_results
+    write_results(a.name, {"rows": rows, "args": vars(a), "load_average": {"end": load_average("end")}},
+                  markdown(rows, a), Path(a.out))
 
 
 if __name__ == "__main__":
