@@ -33,7 +33,8 @@ METHODS = ("ppo", "grpo", "dr_grpo", "rloo", "dpo")
 # PPO's critic variants (not in the default list): a value head on the policy's adapters, and the
 # same with the value loss kept out of the shared adapters
 VARIANTS = {"ppo_shared": ["value.share_policy=true"],
-            "ppo_shared_sg": ["value.share_policy=true", "value.stop_gradient=true"]}
+            "ppo_shared_sg": ["value.share_policy=true", "value.stop_gradient=true"],
+            "ppo_shared_vlr": ["value.share_policy=true", "ppo.value_lr=0.03"]}
 
 
 def stage_args(method: str, q: Path, out: Path, iterations: int) -> tuple[str, list[str]]:
