@@ -178,7 +178,7 @@ def test_malformed_messages_name_the_file_record_and_field(tokenizers, bad, fiel
         build_examples([rec], tokenizers["chatml"], 512)
 
 
-def test_the_rendered_examples_in_docs_data_md_are_what_align_preview_prints(tokenizers):
+def test_the_rendered_examples_in_docs_data_md_and_the_readme_are_what_align_preview_prints(tokenizers):
     import re
     from pathlib import Path
 
@@ -194,3 +194,6 @@ def test_the_rendered_examples_in_docs_data_md_are_what_align_preview_prints(tok
     (ex,), _ = build_examples([{"messages": TOOL_CONV, "tools": TOOLS}], tokenizers["tools"], 1024)
     tools_shown = re.search(r"```text\n\.\.\.(.*?)\n```", doc, re.S).group(1)
     assert marked(tokenizers["tools"], ex.input_ids, ex.labels, IGNORE).endswith(tools_shown)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    in_readme = dict(re.findall(r"<!-- example: (\w+) -->\n```text\n(.*?)\n```", readme, re.S))
+    assert in_readme == {"chatml": shown["chatml"]}   # the README's example is the page's, as printed
