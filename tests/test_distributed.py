@@ -206,6 +206,21 @@ def test_ppo_minibatch_splits_two_processes_match_one_process(case, preset, ppo_
         same_tensors(tmp_path / "two" / sub, one / sub, atol=1e-4)
 
 
+def test_ppo_with_the_critic_on_the_policys_trunk_two_processes_match_one_process(ppo_split_runs, tmp_path):
+    """value.share_policy: one pass per chunk for the policy and value losses and the values read by
+    the sampler, on 2 processes as on 1 (the policy's adapters and the value head)."""
+    common, _ = ppo_split_runs
+    case = "share_above_micro"
+    launch_bounded("ddp", "ppo", f"output_dir={tmp_path / 'two'}", *common(case), "value.share_policy=true")
+    single("ppo", f"output_dir={tmp_path / 'one'}", *common(case, SPLITS[case][3]), "value.share_policy=true")
+    for key in ("objective/scores", "policy/loss", "value/loss"):
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / "two", key)),
+                                   torch.tensor(losses(tmp_path / "one", key)), atol=1e-4, rtol=1e-4)
+    assert not (tmp_path / "one" / "adapters" / "value").exists()   # no adapters of its own
+    for sub in ("adapters/policy/adapter_model.safetensors", "heads/value/head.safetensors"):
+        same_tensors(tmp_path / "two" / sub, tmp_path / "one" / sub, atol=1e-4)
+
+
 # ---------------------------------------------------------------- ZeRO-3 partitioning (issue 17 item 2)
 @pytest.mark.parametrize("preset,method", [("zero3", "ia3"), ("zero3", "prefix"), ("zero3", "llama_adapter"),
                                            ("fsdp2", "ia3"), ("fsdp2", "prefix"), ("fsdp2", "llama_adapter"),

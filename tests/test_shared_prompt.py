@@ -298,3 +298,26 @@ def test_sampling_prefills_each_prompt_once_and_draws_the_same_tokens(method):
     assert prefill[0] == 2 and calls[1][0] == 6           # 2 prompts prefilled, 6 rows decoded
     assert torch.equal(out[False].tokens, out[True].tokens)
     torch.testing.assert_close(out[False].logprobs, out[True].logprobs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_critic_on_the_policys_trunk_resumes_exactly(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    import tests.ppo_helpers as H
+    from align.config import load_config
+    from align.stages import ppo
+    sft, rm = H.fake_sft_run(tiny_llama, tmp_path / "sft"), H.fake_reward_run(tiny_llama, tmp_path / "rm")
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 4)
+
+    def run(name, *extra):
+        return ppo.run(load_config(ppo.PPOConfig, None, [
+            f"output_dir={tmp_path / name}", f"sft_run={sft}", f"reward_run={rm}", f"data.prompts={prompts}",
+            f"data.eval_prompts={prompts}", "value.share_policy=true", "ppo.iterations=4", "ppo.save_every=1",
+            "ppo.rollout_batch_size=8", "ppo.micro_batch_size=4", "ppo.response_length=5", "ppo.lr=1e-2",
+            "eval.num_prompts=2", "tracking.wandb=false", *extra]))
+    run("full")
+    assert run("killed", "ppo.stop_after_iterations=2") == {"stopped_at": 2}
+    run("killed", "resume=true")
+    for sub in ("adapters/policy/adapter_model.safetensors", "heads/value/head.safetensors"):
+        a, b = load_file(tmp_path / "full" / sub), load_file(tmp_path / "killed" / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
