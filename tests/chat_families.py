@@ -8,6 +8,8 @@ from pathlib import Path
 from tokenizers import processors
 from transformers import AutoTokenizer
 
+from align.data.sft import IGNORE
+
 TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
 
 # family: (its special tokens, BOS, EOS, end of turn, does the tokenizer itself put the BOS in front)
@@ -42,3 +44,16 @@ def family_tokenizer(tiny_path, family: str, out_dir, chat_template: str | None 
     tok.chat_template = chat_template or template(family)
     tok.save_pretrained(out_dir)
     return load_tokenizer(out_dir)
+
+
+def spans(ex) -> list[list[int]]:
+    """The runs of labelled tokens (each label the token itself)."""
+    out, cur = [], []
+    for tok, lab in zip(ex.input_ids, ex.labels):
+        if lab != IGNORE:
+            assert lab == tok
+            cur.append(tok)
+        elif cur:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])

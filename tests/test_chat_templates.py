@@ -11,7 +11,7 @@ import pytest
 from align.data.records import Record
 from align.data.sft import IGNORE, build_examples
 from align.tokens import encode, specials
-from tests.chat_families import FAMILIES, family_tokenizer, template
+from tests.chat_families import FAMILIES, family_tokenizer, spans, template
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 TURNS = [
@@ -36,19 +36,6 @@ def tokenizers(tiny_llama, tmp_path_factory):
         toks[f + "_generation"] = family_tokenizer(tiny_llama, f, root / f"{f}_g", template(f + "_generation"))
     toks["tools"] = family_tokenizer(tiny_llama, "chatml", root / "tools", template("qwen2_5_tools"))
     return toks
-
-
-def spans(ex) -> list[list[int]]:
-    """The runs of labelled tokens (each label the token itself)."""
-    out, cur = [], []
-    for tok, lab in zip(ex.input_ids, ex.labels):
-        if lab != IGNORE:
-            assert lab == tok
-            cur.append(tok)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
 
 
 def rendered_until_last_end(tok, msgs, end: str, **kw) -> str:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from align.data.sft import IGNORE, TruncationReport, build_examples, render, tokenize_pair
+from align.data.sft import TruncationReport, build_examples, render, tokenize_pair
+from tests.chat_families import spans
 from tests.test_chat_data import chat_tok  # noqa: F401  (the ChatML tokenizer fixture)
 
 CONV = {"messages": [
@@ -21,46 +22,34 @@ CONV = {"messages": [
 ]}
 
 
-def _labelled_spans(ex):
-    spans, cur = [], []
-    for tok, lab in zip(ex.input_ids, ex.labels):
-        if lab != IGNORE:
-            assert lab == tok
-            cur.append(tok)
-        elif cur:
-            spans.append(cur)
-            cur = []
-    return spans + ([cur] if cur else [])
-
-
 def test_every_assistant_turn_is_labelled_and_nothing_else(chat_tok):  # noqa: F811
     (ex,), rep = build_examples([CONV], chat_tok, 512)
     end = chat_tok.convert_tokens_to_ids("<|im_end|>")
-    spans = _labelled_spans(ex)
-    assert [chat_tok.decode(s, skip_special_tokens=True) for s in spans] == \
+    runs = spans(ex)
+    assert [chat_tok.decode(s, skip_special_tokens=True) for s in runs] == \
         ["Blue.", "Green, and also red.", "You are welcome."]
-    assert all(s[-1] == end for s in spans)                 # each turn learns to stop
+    assert all(s[-1] == end for s in runs)                  # each turn learns to stop
     text = chat_tok.decode(ex.input_ids)
     assert text.count("<|im_start|>assistant") == 3 and "Thanks." in text and "Be brief." in text
     # the last turn's example is what the single-turn path makes: the same tokens at the end
     p, c = tokenize_pair(*render(CONV, chat_tok), chat_tok, 512)
-    assert ex.input_ids[-len(c):] == c and spans[-1] == c
+    assert ex.input_ids[-len(c):] == c and runs[-1] == c
     assert rep.turns_dropped == 0 and rep.conversations_split == 0
 
 
 def test_last_turn_only_keeps_the_earlier_behaviour(chat_tok):  # noqa: F811
     (ex,), _ = build_examples([CONV], chat_tok, 512, turns="last")
-    assert [chat_tok.decode(s, skip_special_tokens=True) for s in _labelled_spans(ex)] == ["You are welcome."]
+    assert [chat_tok.decode(s, skip_special_tokens=True) for s in spans(ex)] == ["You are welcome."]
 
 
 def test_turns_beyond_max_length_are_dropped_whole_and_counted(chat_tok):  # noqa: F811
     (full,), _ = build_examples([CONV], chat_tok, 512)
-    spans = _labelled_spans(full)
-    cut = full.input_ids.index(spans[1][0]) + 3               # room for turn 1 and part of turn 2
+    runs = spans(full)
+    cut = full.input_ids.index(runs[1][0]) + 3               # room for turn 1 and part of turn 2
     rep = TruncationReport()
     (ex,), rep = build_examples([CONV], chat_tok, cut)
     assert len(ex.input_ids) <= cut and rep.turns_dropped == 2
-    assert [chat_tok.decode(s, skip_special_tokens=True) for s in _labelled_spans(ex)] == ["Blue."]
+    assert [chat_tok.decode(s, skip_special_tokens=True) for s in spans(ex)] == ["Blue."]
 
 
 def test_a_template_that_rerenders_earlier_turns_gets_one_example_per_turn(chat_tok):  # noqa: F811
@@ -71,7 +60,7 @@ def test_a_template_that_rerenders_earlier_turns_gets_one_example_per_turn(chat_
            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     exs, rep = build_examples([CONV], chat_tok, 512, chat_template=tpl)
     assert rep.conversations_split == 1 and len(exs) == 3
-    assert [chat_tok.decode(_labelled_spans(e)[0], skip_special_tokens=True) for e in exs] == \
+    assert [chat_tok.decode(spans(e)[0], skip_special_tokens=True) for e in exs] == \
         ["Blue.", "Green, and also red.", "You are welcome."]
 
 

@@ -8,16 +8,9 @@ from align.adapters import AdapterConfig
 from align.model import AlignModel
 from align.scoring import response_stats
 from align.tiny import build_tiny_model, tiny_config
+from tests.test_arch_fused import METHODS as ALL_METHODS
 
-METHODS = {
-    "lora": AdapterConfig(method="lora", r=4, alpha=8),
-    "bottleneck": AdapterConfig(method="bottleneck", bottleneck_size=8),
-    "prefix": AdapterConfig(method="prefix", num_virtual_tokens=3),
-    "ia3": AdapterConfig(method="ia3"),
-    "prompt": AdapterConfig(method="prompt", num_virtual_tokens=3),
-    "ptuning": AdapterConfig(method="ptuning", num_virtual_tokens=3, encoder_hidden_size=16),
-    "llama_adapter": AdapterConfig(method="llama_adapter", num_virtual_tokens=3, adapter_layers=1),
-}
+METHODS = {m: c for m, c in ALL_METHODS.items() if m not in ("full", "top_k")}   # the methods that share a backbone
 VOCAB = 96
 
 
