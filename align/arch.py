@@ -260,3 +260,18 @@ def compute_dtype(module: nn.Module, fallback):
     if w is not None and w.is_floating_point():
         return w.dtype
     return getattr(module, "compute_dtype", None) or fallback
+
+
+def longrope_switch(backbone) -> int | None:
+    """For a LongRoPE backbone (Phi-3-*-128k, Phi-3.5, Phi-4-mini): the length
+    (``original_max_position_embeddings``) past which transformers rotates every position with the
+    long factors instead of the short ones, deciding per forward on its largest position; None
+    for any other backbone. A cache built under the short factors is not what a forward over the
+    whole sequence computes once the sequence passes that length, so ``sample`` rebuilds the cache
+    at that step, as transformers' own Phi-3 generation does."""
+    cfg = getattr(backbone, "config", None)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if not isinstance(rope, dict) or rope.get("rope_type") != "longrope":
+        return None
+    n = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+    return int(n) if n else None

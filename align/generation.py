@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
+from align.arch import longrope_switch
 from align.model import distinct_rows
 
 
@@ -138,21 +139,6 @@ def _finish(toks: torch.Tensor, lps: torch.Tensor, stops, max_new_tokens: int, p
     else:
         lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
     return Samples(toks, lps, lengths, values)
-
-
-def longrope_switch(backbone) -> int | None:
-    """For a LongRoPE backbone (Phi-3-*-128k, Phi-3.5, Phi-4-mini): the length
-    (``original_max_position_embeddings``) past which transformers rotates every position with the
-    long factors instead of the short ones, deciding per forward on its largest position; None
-    for any other backbone. A cache built under the short factors is not what a forward over the
-    whole sequence computes once the sequence passes that length, so ``sample`` rebuilds the cache
-    at that step, as transformers' own Phi-3 generation does."""
-    cfg = getattr(backbone, "config", None)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if not isinstance(rope, dict) or rope.get("rope_type") != "longrope":
-        return None
-    n = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
-    return int(n) if n else None
 
 
 def nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from align import attention
 from align.adapters.base import AdapterConfig, AdapterSet, create_adapter_set
-from align.arch import attn_implementation_problem, detect_arch
+from align.arch import attn_implementation_problem, detect_arch, longrope_switch
 from align.backbone import fingerprint, freeze
 from align.heads import ScalarHead
 
@@ -386,7 +386,6 @@ class AlignModel(nn.Module):
         backbone pass is a collective (ZeRO-3, FSDP2), only those settings decide, never the rows,
         so every process makes the same calls (a rank whose rows all differ still runs prompt and
         continuation as two passes)."""
-        from align.generation import longrope_switch
         b, t = input_ids.shape
         if not 0 < q < t or (getattr(self, "_ckpt_layers", None) and torch.is_grad_enabled()):
             return None

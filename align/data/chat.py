@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+IGNORE = -100   # the label of a token that carries no loss (cross-entropy's ignore_index)
 ROLES = ("system", "user", "assistant", "tool")
 PROMPT_ENDS = ("user", "tool")      # a prompt ends with one of these; the completion is the next assistant turn
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -90,7 +91,6 @@ def marked_conversation(record: dict, tokenizer, chat_template: str | None, max_
     (each turn up to its stop token), nothing after the last of them. Turns past ``max_length`` are
     dropped whole (counted in ``report``); None when not even the first turn fits (the caller then
     truncates the prompt as for a single turn)."""
-    from align.data.sft import IGNORE
     from align.tokens import specials
     sp = specials(tokenizer)
     kwargs = {"chat_template": chat_template} if chat_template else {}

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.data.chat import (
+from align.data.chat import (  # IGNORE is defined there (align.data.sft.IGNORE stays its public name)
+    IGNORE,
     check_messages,
     drop_oldest_turns,
     has_generation_marks,
@@ -32,7 +33,6 @@ from align.data.chat import (
 from align.data.records import where_of
 from align.tokens import encode, specials
 
-IGNORE = -100
 
 
 @dataclass
