@@ -113,6 +113,11 @@ def align_attention(module, query, key, value, attention_mask, **kwargs):
     owner = getattr(module, "_align_owner", None)
     implementation = getattr(owner, "attn_implementation", DEFAULT)
     b, _, q_len, _ = query.shape
+    if owner is not None and owner.record_kv is not None:     # a shared prompt's pass: keep its keys/values
+        owner.record_kv[module.layer_idx] = (key, value)
+    if owner is not None and owner.prompt_kv is not None:     # the rest of its rows: the prompt's in front
+        pk, pv = owner.prompt_kv[module.layer_idx]
+        key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
     window = kwargs.pop("sliding_window", None)
     if window is not None:
         attention_mask = apply_sliding_window(attention_mask, int(window), q_len, key.shape[2], b, query.device)

@@ -99,6 +99,10 @@ class AlignModel(nn.Module):
         self._dispatch: dict[tuple[str, str], list] = {}
         self._handles = []
         self.passes = 0   # backbone passes over whole sequences (not sampling steps): metrics' passes per step
+        # a shared-prompt pass (``_shared_trunk``): each layer's prompt keys/values, recorded by
+        # align's attention function in the prompt pass and put in front of the rows' own in the rest
+        self.record_kv: dict | None = None
+        self.prompt_kv: dict | None = None
         backbone.set_attn_implementation(attention.register())
         for i in range(self.arch.num_layers):
             attn = backbone.get_submodule(self.arch.attn_path(i))
@@ -183,16 +187,16 @@ class AlignModel(nn.Module):
             raise ValueError(f"{type(self.backbone).__name__} does not support gradient checkpointing")
 
     def _recompute_context(self):
-        saved = (self.active, self.active_head)
+        saved = (self.active, self.active_head, None, self.prompt_kv)   # nothing is recorded again
 
         @contextlib.contextmanager
         def recompute():
-            prev = (self.active, self.active_head)
-            self.active, self.active_head = saved
+            prev = (self.active, self.active_head, self.record_kv, self.prompt_kv)
+            self.active, self.active_head, self.record_kv, self.prompt_kv = saved
             try:
                 yield
             finally:
-                self.active, self.active_head = prev
+                self.active, self.active_head, self.record_kv, self.prompt_kv = prev
         return contextlib.nullcontext(), recompute()
 
     @contextlib.contextmanager
@@ -380,14 +384,13 @@ class AlignModel(nn.Module):
     def shared_prompt_plan(self, input_ids, attention_mask, q: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For ``forward(shared_prompt=q)``: (one row per distinct prompt, each row's prompt index),
         or None where sharing saves nothing or is not exact: no two rows share their first ``q``
-        columns, nothing follows them, gradient checkpointing is on while gradients are taken
-        (transformers' checkpointed layers drop the cache), or the backbone's RoPE changes with the length
+        columns, nothing follows them, or the backbone's RoPE changes with the length
         (longrope: a shorter prefill would rotate the prompt's keys differently). Where every
         backbone pass is a collective (ZeRO-3, FSDP2), only those settings decide, never the rows,
         so every process makes the same calls (a rank whose rows all differ still runs prompt and
         continuation as two passes)."""
         b, t = input_ids.shape
-        if not 0 < q < t or (getattr(self, "_ckpt_layers", None) and torch.is_grad_enabled()):
+        if not 0 < q < t:
             return None
         if longrope_switch(self.backbone) is not None:
             return None
@@ -411,12 +414,20 @@ class AlignModel(nn.Module):
         return None
 
     def _shared_trunk(self, input_ids, attention_mask, q, first, inverse):
-        """The prompt columns of the rows ``first`` once, with a cache; the cache (and the hidden
-        states) copied to every row of their prompt (``inverse``); the rest of each row continued
-        from it. Autograd sums the copies' gradients into the shared prompt pass."""
-        hp, cache, pmask = self._trunk(input_ids[first, :q], attention_mask[first, :q], DynamicCache(), None, None)
-        cache.batch_select_indices(inverse)
-        hc, _, full_mask = self._trunk(input_ids[:, q:], attention_mask[:, q:], cache, pmask[inverse], None)
+        """The prompt columns of the rows ``first`` once, recording each layer's keys/values; those
+        (and the hidden states) copied to every row of their prompt (``inverse``); the rest of each
+        row continued with them in front of its own (align's attention function: ``prompt_kv``).
+        Autograd sums the copies' gradients into the shared prompt pass. No cache object is
+        involved, so gradient checkpointing (which drops caches and recomputes each layer in the
+        backward, under the recorded keys/values: ``_recompute_context``) applies to both parts."""
+        self.record_kv = {}
+        try:
+            hp, _, pmask = self._trunk(input_ids[first, :q], attention_mask[first, :q], None, None, None)
+            self.prompt_kv = {i: (k[inverse], v[inverse]) for i, (k, v) in self.record_kv.items()}
+            self.record_kv = None
+            hc, _, full_mask = self._trunk(input_ids[:, q:], attention_mask[:, q:], None, pmask[inverse], None)
+        finally:
+            self.record_kv = self.prompt_kv = None
         return torch.cat([hp[inverse], hc], 1), full_mask
 
     def _outputs(self, hidden, logits, logits_at, cache, full_mask) -> ModelOutput:
