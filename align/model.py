@@ -25,7 +25,6 @@ from typing import Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
-from transformers import DynamicCache
 
 from align import attention
 from align.adapters.base import AdapterConfig, AdapterSet, create_adapter_set

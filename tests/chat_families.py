@@ -12,6 +12,17 @@ from align.data.sft import IGNORE
 
 TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
 
+# the conversation the template tests render: a system turn, then three user/assistant exchanges
+SYSTEM = {"role": "system", "content": "Be brief."}
+TURNS = [
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another?"},
+    {"role": "assistant", "content": "Green, and also red."},
+    {"role": "user", "content": "Thanks."},
+    {"role": "assistant", "content": "You are welcome."},
+]
+
 # family: (its special tokens, BOS, EOS, end of turn, does the tokenizer itself put the BOS in front)
 FAMILIES = {
     "chatml": (["<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>", False),

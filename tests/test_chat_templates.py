@@ -11,17 +11,8 @@ import pytest
 from align.data.records import Record
 from align.data.sft import IGNORE, build_examples
 from align.tokens import encode, specials
-from tests.chat_families import FAMILIES, family_tokenizer, spans, template
+from tests.chat_families import FAMILIES, SYSTEM, TURNS, family_tokenizer, spans, template
 
-SYSTEM = {"role": "system", "content": "Be brief."}
-TURNS = [
-    {"role": "user", "content": "Name a colour."},
-    {"role": "assistant", "content": "Blue."},
-    {"role": "user", "content": "Another?"},
-    {"role": "assistant", "content": "Green, and also red."},
-    {"role": "user", "content": "Thanks."},
-    {"role": "assistant", "content": "You are welcome."},
-]
 
 
 def conversation(family: str) -> list[dict]:

@@ -8,18 +8,10 @@ from __future__ import annotations
 import pytest
 
 from align.data.sft import TruncationReport, build_examples, render, tokenize_pair
-from tests.chat_families import spans
+from tests.chat_families import SYSTEM, TURNS, spans
 from tests.test_chat_data import chat_tok  # noqa: F401  (the ChatML tokenizer fixture)
 
-CONV = {"messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Name a colour."},
-    {"role": "assistant", "content": "Blue."},
-    {"role": "user", "content": "Another?"},
-    {"role": "assistant", "content": "Green, and also red."},
-    {"role": "user", "content": "Thanks."},
-    {"role": "assistant", "content": "You are welcome."},
-]}
+CONV = {"messages": [SYSTEM, *TURNS]}
 
 
 def test_every_assistant_turn_is_labelled_and_nothing_else(chat_tok):  # noqa: F811
