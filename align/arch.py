@@ -222,37 +222,6 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-# model.quantization: how the frozen backbone's Linear weights are stored (align.backbone loads them)
-QUANTIZATIONS = ("none", "int8", "nf4")
-
-
-def quantization_of(backbone: nn.Module) -> str:
-    """``none``, ``int8`` or ``nf4``: how the loaded backbone's Linear weights are stored."""
-    q = getattr(backbone, "_align_quantization", None)
-    if q is not None:
-        return q
-    if getattr(backbone, "is_loaded_in_4bit", False):
-        return "nf4"
-    if getattr(backbone, "is_loaded_in_8bit", False):
-        return "int8"
-    return "none"
-
-
-def quantized_refusal(method: str, quantization: str) -> str:
-    return (f"adapter method {method!r} trains backbone weights, which are frozen {quantization} "
-            f"integers on a quantized backbone (model.quantization={quantization}); use a "
-            f"parameter-efficient method (lora, bottleneck, prefix, ia3, prompt, ptuning, "
-            f"llama_adapter) or model.quantization=none")
-
-
-def refuse_quantized(method: str, backbone: nn.Module) -> None:
-    """A method that trains backbone weights (``AdapterSet.trains_backbone``: the ``full`` /
-    ``top_k`` baselines) is refused on an int8 / nf4 backbone."""
-    q = quantization_of(backbone)
-    if q != "none":
-        raise ValueError(quantized_refusal(method, q))
-
-
 def compute_dtype(module: nn.Module, fallback):
     """The dtype a Linear layer computes in: its weight's, or for a bitsandbytes layer (integer
     storage) its ``compute_dtype`` when set, else ``fallback`` (the activations' dtype)."""

@@ -22,7 +22,7 @@ through transformers' ``BitsAndBytesConfig`` (bitsandbytes ``Linear8bitLt`` / ``
 double quantization, ``model.dtype`` as the compute dtype), QLoRA style. Embeddings, norms and the
 LM head stay in ``model.dtype``. Adapters hook the quantized modules as they hook float ones; the
 ``full`` and ``top_k`` baselines, which train backbone weights, are refused on it
-(``align.arch.refuse_quantized``).
+(``align.quantization``).
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from align.arch import QUANTIZATIONS
 from align.tokens import PAD_TOKEN, compute_specials, specials
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -52,21 +51,10 @@ SOURCE_RECORD = "align_source.json"
 
 
 def quantization_config(quantization: str, dtype: str):
-    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``)."""
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"model.quantization: {quantization!r} is not one of {list(QUANTIZATIONS)}")
-    if quantization == "none":
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"model.quantization={quantization} needs bitsandbytes "
-                          f"(pip install 'align[quant]', i.e. bitsandbytes>=0.50): {e}") from None
-    from transformers import BitsAndBytesConfig
-    if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=DTYPES[dtype])
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` with ``model.dtype`` as the
+    compute dtype (None for ``none``): ``align.quantization.quantization_config``."""
+    from align.quantization import quantization_config as config_for
+    return config_for(quantization, DTYPES.get(dtype, dtype))
 
 
 def cache_root() -> Path:

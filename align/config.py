@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from align.adapters.base import AdapterConfig, methods_where
-from align.arch import ATTN_IMPLEMENTATIONS, QUANTIZATIONS, attn_implementation_problem, quantized_refusal
+from align.arch import ATTN_IMPLEMENTATIONS, attn_implementation_problem
+from align.quantization import QUANTIZATIONS, bitsandbytes_problem, quantized_refusal
 from align.hub import ModelPath, model_problem, records_problem
 from align.rules import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, OneOf, Range, field_help, field_rule,
                          setting)
@@ -65,11 +66,8 @@ class ModelConfig:
         "every token (docs/distributed.md)")
 
     def checks(self, at: str) -> Iterator[str]:
-        if self.quantization in ("int8", "nf4"):
-            import importlib.util
-            if importlib.util.find_spec("bitsandbytes") is None:
-                yield (f"{at}quantization={self.quantization!r}: needs bitsandbytes, which is not installed "
-                       f"(pip install 'align[quant]')")
+        if (problem := bitsandbytes_problem(self.quantization)) is not None:
+            yield f"{at}quantization={self.quantization!r}: {problem}"
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 
 from align.adapters.base import AdapterConfig, methods_where
 from align.backbone import cache_root
-from align.arch import QUANTIZATIONS, quantized_refusal
+from align.quantization import QUANTIZATIONS, quantized_refusal
 from align.config import ModelConfig, TrackingConfig, validate
 from align.registry import POLICY_STAGES, STAGES
 from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range, setting

@@ -349,7 +349,7 @@ def test_fsdp2_layer_classes_must_exist(tiny_llama):
 def test_the_quantized_sharding_refusal_names_what_the_run_was_launched_with(zero_stage, fsdp, named):
     """Any stage-3 launch (zero3, zero3_offload, a user's own stage-3 DeepSpeed config) and FSDP2 are
     refused for int8 / nf4 with the sharding named; replicating launches (ddp, zero2) pass."""
-    from align.stages.common import sharded_quantization_problem
+    from align.quantization import sharded_quantization_problem
     rt = type("Rt", (), {"zero_stage": zero_stage, "fsdp": fsdp})()
     for quantization in ("int8", "nf4"):
         problem = sharded_quantization_problem(quantization, rt)

@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from align.adapters.base import AdapterConfig, AdapterSet, register
 from align.adapters.lora import key
-from align.arch import Arch, refuse_quantized
+from align.arch import Arch
+from align.quantization import refuse_quantized
 from align.rules import AT_LEAST_ONE
 
 

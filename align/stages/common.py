@@ -18,6 +18,7 @@ from align.distributed import Runtime
 from align.guard import FinishedRun, acquire, finished_summary
 from align.hub import model_problem, model_record
 from align.model import AlignModel
+from align.quantization import sharded_quantization_problem
 from align.tracking import Tracker
 
 
@@ -122,27 +123,6 @@ def start_stage(cfg, job_type: str, backbone_path: str) -> Stage:
     tracker = Tracker(run_dir, cfg.tracking, job_type=job_type, config=to_dict(cfg),
                       is_main=rt.is_main, resume_step=resume_step)
     return Stage(run_dir, rt, tok, model, tracker, backbone_path, resume_step)
-
-
-def sharded_quantization_problem(quantization: str, rt) -> str | None:
-    """A quantized backbone (``model.quantization`` int8 / nf4) cannot be sharded: the zero3 and
-    fsdp2 presets partition every parameter of the model they are given, and bitsandbytes' packed
-    integer weights only mean something whole, next to their quantization state (absmax, code),
-    which is not a parameter and would not follow. Replicate it instead (ddp, zero2: the backbone
-    is frozen, so only the adapters' gradients and optimizer state are split) -- the 4-bit
-    backbone is a quarter of the bf16 one on every process. docs/distributed.md."""
-    if quantization in (None, "none"):
-        return None
-    if rt.zero_stage == 3:
-        sharding = "DeepSpeed ZeRO stage 3 (the zero3 / zero3_offload presets, or a stage-3 DeepSpeed config)"
-    elif rt.fsdp is not None:
-        sharding = "FSDP2 (the fsdp2 preset)"
-    else:
-        return None
-    return (f"model.quantization={quantization}: a quantized backbone cannot be sharded, and this run was "
-            f"launched with {sharding}, which partitions every parameter while bitsandbytes' packed weights "
-            f"only work whole; launch it with the ddp or zero2 preset (configs/accelerate/), which keep one "
-            f"quantized backbone per process, or set model.quantization=none")
 
 
 def load_model(backbone_path: str, model_cfg, device, chat_template: str | None = None):
