@@ -344,12 +344,14 @@ class AlignModel(nn.Module):
             same = [s for s in roles if self.roles[s].adapters == stack]
             bare_role = next((s for s in same if self.roles[s].head is None), None)
             want = logits if logits is not None else (bare_role is not None)
-            out = self.forward(input_ids, attention_mask, role=bare_role or r, logits=want, segment_ids=segment_ids,
+            ran = bare_role or r
+            out = self.forward(input_ids, attention_mask, role=ran, logits=want, segment_ids=segment_ids,
                                logits_at=logits_at, shared_prompt=shared_prompt)
             for s in same:
                 head = self.roles[s].head
                 lm = out.logits if (logits if logits is not None else head is None) else None
-                res[s] = out._replace(logits=lm, values=self.heads[head](out.hidden) if head is not None else None)
+                values = out.values if s == ran else self.heads[head](out.hidden) if head is not None else None
+                res[s] = out._replace(logits=lm, values=values)
         return res
 
     def _trunk(self, input_ids, attention_mask, cache, past_mask, segment_ids):
