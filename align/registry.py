@@ -1,5 +1,5 @@
 """The stages ``align`` runs, in one place: the command line (align/cli.py), the generated config
-reference (align/docs.py) and the pipeline (align/pipeline.py) read this table, so adding a stage
+reference (align/docs.py) and the pipeline (align/demo/pipeline.py) read this table, so adding a stage
 touches only this list and the stage's own module."""
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("rloo", "align.stages.rloo", "RLOOConfig",
           "RLOO: leave-one-out baseline, KL to the SFT policy in the reward", policy=True),
     Stage("eval", "align.evaluate", "EvalConfig", "Compare two policies on held-out prompts"),
-    Stage("pipeline", "align.pipeline", "PipelineConfig", "Run SFT -> reward -> PPO (the quickstart) end to end"),
+    Stage("pipeline", "align.demo.pipeline", "PipelineConfig", "Run SFT -> reward -> PPO (the quickstart) end to end"),
 )}
 
 POLICY_STAGES = tuple(n for n, s in STAGES.items() if s.policy)

@@ -37,9 +37,9 @@ def model_dir(size: str) -> Path:
     """A saved HF model + tokenizer of ``size`` (built once, cached under benchmarks/.work), or the
     de-quantized SmolLM2-135M-Instruct directory for ``smollm2``."""
     if size == "smollm2":
-        from align.real import smollm2_dir
+        from align.demo.smollm2 import smollm2_dir
         return smollm2_dir()
-    from align.tiny import make_tiny
+    from align.demo.tiny import make_tiny
     spec = SIZES[size]
     path = WORK / "models" / f"llama-{size}"
     if not (path / "config.json").exists():
@@ -78,7 +78,7 @@ def prepare_stage_runs(model: str | Path, work: Path) -> tuple[Path, Path]:
 def smollm2_stage_runs(name: str) -> tuple[Path, Path]:
     """SmolLM2-135M-Instruct's directory and ``WORK/name`` holding fake SFT and reward runs on it
     (the set-up of the SmolLM2 memory benchmarks)."""
-    from align.real import smollm2_dir
+    from align.demo.smollm2 import smollm2_dir
     model = smollm2_dir()
     work = WORK / name
     work.mkdir(parents=True, exist_ok=True)

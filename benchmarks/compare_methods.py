@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METHODS = ["lora", "bottleneck", "prefix", "ia3", "prompt", "ptuning", "llama_adapter", "full", "top_k"]
-GOLD = "align.quickstart.task:gold_scores"
+GOLD = "align.demo.tasks.quickstart:gold_scores"
 SEED, RESPONSE_LENGTH, TEMPERATURE = 0, 32, 1.0  # every stage and the evaluation
 # the pipeline's LoRA: rank 8, alpha 16, every linear layer of attention and MLP
 ALL_LINEAR = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GOLD = "align.quickstart.task:gold_scores"
+GOLD = "align.demo.tasks.quickstart:gold_scores"
 METHODS = ("ppo", "grpo", "dr_grpo", "rloo", "dpo")
 # PPO's critic variants (not in the default list): a value head on the policy's adapters, and the
 # same with the value loss kept out of the shared adapters

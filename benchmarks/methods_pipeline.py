@@ -7,7 +7,7 @@
 ``--from`` is a pipeline output dir of that config; without ``data/rankings.jsonl`` there, the
 pipeline's first steps (LoRA SFT, simulated annotation, import) run into it first.
 
-Each method row is the pipeline itself (``align.pipeline``'s SFT, reward and policy stages, with
+Each method row is the pipeline itself (``align.demo.pipeline``'s SFT, reward and policy stages, with
 the config's every setting) run with ``method=<method>`` in its own process, except:
 
 * the rankings are ``FROM/data/rankings.jsonl``, the ones the pipeline imported from the simulated
@@ -53,7 +53,7 @@ def scaled_lrs(cfg, method: str) -> dict:
 
 def method_config(a, method: str, work: Path):
     from align.config import load_config
-    from align.pipeline import PipelineConfig
+    from align.demo.pipeline import PipelineConfig
     cfg = load_config(PipelineConfig, a.config, a.overrides)
     cfg = dataclasses.replace(cfg, method=method, output_dir=str(work), **scaled_lrs(cfg, method))
     cfg.tracking.wandb = False
@@ -63,7 +63,7 @@ def method_config(a, method: str, work: Path):
 def worker(a) -> dict:
     start_rss, load_start = rss_mb(), [round(x, 2) for x in os.getloadavg()]
     import torch
-    from align import pipeline as pl
+    from align.demo import pipeline as pl
     from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
     m, work = a.method, Path(a.work_dir)
     # a finished stage in WORK is kept (the pipeline skips it; a killed one resumes): a later call
@@ -154,7 +154,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def annotate_first(a) -> None:
     """The pipeline's first steps into ``--from`` (backbone, LoRA SFT, simulated annotation through
     the importer), which every method's reward model then learns from."""
-    from align import pipeline as pl
+    from align.demo import pipeline as pl
     from align.config import load_config
     cfg = load_config(pl.PipelineConfig, a.config, [*a.overrides, f"output_dir={a.src}"])
     cfg.tracking.wandb = False
@@ -199,7 +199,8 @@ def main(argv=None):
     per.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     from align.config import load_config
-    from align.pipeline import PipelineConfig
+    from align.demo.pipeline import PipelineConfig
+    from align.demo.tasks import task_module_name
     cfg = load_config(PipelineConfig, a.config, a.overrides)
     passed = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--resume"]
     command = "python benchmarks/methods_pipeline.py " + shlex.join(passed)
@@ -232,7 +233,7 @@ def main(argv=None):
         print(f"[methods_pipeline] {m}: {res['wall_s']:.0f} s", file=sys.stderr, flush=True)
         rows.append(res)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "model": cfg.model or "pretrained tiny",
-            "task": cfg.task, "rm_gold_prompts": a.rm_gold_prompts, "command": command}
+            "task": task_module_name(cfg.task), "rm_gold_prompts": a.rm_gold_prompts, "command": command}
     md = markdown(rows, meta)
     (Path(a.out) / f"{a.name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     (Path(a.out) / f"{a.name}.md").write_text(md)

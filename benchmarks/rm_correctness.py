@@ -4,7 +4,7 @@ by one), same length, both ended (the task's ``correctness_pairs``), overall, pe
 and per answer style, beside its accuracy on the pipeline's ordinary held-out rankings.
 
     python benchmarks/rm_correctness.py runs/smollm2/reward [more reward runs] \\
-        --task align.tasks.short_answers --n 384 --chat --out benchmarks/results/rm_correctness_smollm2
+        --task align.demo.tasks.short_answers --n 384 --chat --out benchmarks/results/rm_correctness_smollm2
 
 Writes ``<out>.json`` and ``<out>.md`` (a row per reward run).
 """
@@ -65,7 +65,7 @@ def measure(reward_run: str, pairs: list[dict], chat: bool, max_length: int) -> 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("reward_runs", nargs="+")
-    ap.add_argument("--task", default="align.tasks.short_answers")
+    ap.add_argument("--task", default="align.demo.tasks.short_answers")
     ap.add_argument("--split", default="eval")
     ap.add_argument("--n", type=int, default=384, help="questions (two pairs each: short and sentence style)")
     ap.add_argument("--seed", type=int, default=0)

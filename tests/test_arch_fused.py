@@ -18,7 +18,7 @@ from align import attention
 from align.adapters import AdapterConfig
 from align.adapters.base import METHODS as REGISTERED
 from align.model import AlignModel
-from align.tiny import build_tiny_model, make_tiny, tiny_config
+from align.demo.tiny import build_tiny_model, make_tiny, tiny_config
 from tests.conftest import load
 from tests.test_adapters import (
     assert_cached_generation_equals_uncached,

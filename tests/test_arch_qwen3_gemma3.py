@@ -1,4 +1,4 @@
-"""Qwen3 and Gemma-3 (text) on tiny random configs of the real transformers classes (align/tiny.py).
+"""Qwen3 and Gemma-3 (text) on tiny random configs of the real transformers classes (align/demo/tiny.py).
 
 For each family: align's logits with no adapter equal transformers' own forward (left padding
 included; for Gemma-3 past the sliding window, so its local and global layers differ), every
@@ -27,7 +27,7 @@ from align.backbone import (
 )
 from align.generation import sample
 from align.model import AlignModel
-from align.tiny import build_tiny_model, make_tiny, tiny_config
+from align.demo.tiny import build_tiny_model, make_tiny, tiny_config
 from tests.conftest import load
 from tests.test_adapters import assert_cached_generation_equals_uncached, backbone_hash
 from tests.test_arch_fused import IDENTITY_AT_INIT

@@ -76,7 +76,7 @@ def test_bench_po_trl_runs_dpo_grpo_rloo_on_the_tiny_config(tmp_path):
 
 def _quickstart_like_data(d: Path) -> Path:
     """The four files compare_methods reads, from the quickstart task's generators (small)."""
-    from align.quickstart import task
+    from align.demo.tasks import quickstart as task
     d.mkdir(parents=True)
     demos = task.sft_demonstrations(64)
     rows = {"sft": demos, "ppo_prompts": [{"prompt": p} for p in task.prompts("ppo", 16)],

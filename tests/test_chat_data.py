@@ -11,7 +11,7 @@ from align.backbone import load_tokenizer
 from align.data.common import as_chat, read_records
 from align.data.preferences import to_group, tokenize_group
 from align.data.sft import build_examples, encode_prompts
-from align.tiny import make_tiny
+from align.demo.tiny import make_tiny
 from tests.test_real_tokenizers import _retokenize
 
 

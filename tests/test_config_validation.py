@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from align import evaluate, pipeline
+from align import evaluate
+from align.demo import pipeline
 from align.config import ConfigError, load_config, reference, validate
 from align.stages import ppo, reward, sft
 
@@ -24,13 +25,13 @@ class Tripwire(Exception):
 
 @pytest.fixture(autouse=True)
 def no_model_loading(monkeypatch):
-    import align.quickstart.pretrain
+    import align.demo.pretrain
     import align.stages.common
 
     def trip(*a, **k):
         raise Tripwire("validation passed; a model would be loaded now")
     monkeypatch.setattr(align.stages.common, "load_model", trip)
-    monkeypatch.setattr(align.quickstart.pretrain, "ensure_backbone", trip)
+    monkeypatch.setattr(align.demo.pretrain, "ensure_backbone", trip)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
 
@@ -390,7 +391,7 @@ def test_every_field_declares_its_help_and_the_reference_shows_all_of_it():
 def test_a_mapping_given_on_the_command_line_replaces_the_files_and_a_section_still_merges(tmp_path):
     """`policy_settings={}` must clear the file's mapping (a merge would keep its keys and run
     something else than asked); a dotted key sets one entry; a config section still merges."""
-    from align.pipeline import PipelineConfig
+    from align.demo.pipeline import PipelineConfig
     f = tmp_path / "p.yaml"
     f.write_text("policy_stage: grpo\npolicy_settings: {loss_type: dapo, cliprange_high: 0.28}\n"
                  "tracking: {project: p}\n")

@@ -255,7 +255,7 @@ def test_zero3_loads_the_backbone_partitioned_and_samples_it_layer_by_layer(tmp_
     half of it, plus the checkpoint pages only rank 0 reads), and below the gathering run's.
     As benchmarks/bench_zero3_memory.py runs it: DeepSpeed's residency limits scaled to this model,
     gradient checkpointing on, large allocations returned to the system when freed."""
-    from align.tiny import make_tiny
+    from align.demo.tiny import make_tiny
     from benchmarks.bench_zero3_memory import low_memory_zero3
     from tests.ppo_helpers import fake_reward_run, fake_sft_run, write_prompts
     backbone = make_tiny(tmp_path / "backbone", "llama", hidden=512, layers=8, heads=8, kv_heads=2,
@@ -295,7 +295,7 @@ def test_zero3_partitioned_load_holds_the_same_weights_and_a_zero_pad_row(tmp_pa
     the new rows under a gather. Gathered back whole, both processes hold exactly the weights of a
     plain single-process load, the added row is zero, and each process stored about half."""
     from align.backbone import load_backbone, load_tokenizer
-    from align.tiny import make_tiny
+    from align.demo.tiny import make_tiny
     from tests.test_real_tokenizers import _retokenize
     path = _retokenize(make_tiny(tmp_path / "padeos", "llama", kv_heads=2), pad_is_eos=True)
     tok = load_tokenizer(path)

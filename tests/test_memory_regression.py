@@ -36,7 +36,7 @@ import json, sys, threading, os
 import torch
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from align.tiny import build_tiny_model, default_corpus, tiny_config, train_tokenizer
+from align.demo.tiny import build_tiny_model, default_corpus, tiny_config, train_tokenizer
 from align.adapters import AdapterConfig
 from align.model import AlignModel
 from align.rl.group import grpo_loss

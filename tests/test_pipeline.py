@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_shortened_quickstart_aligns_the_model(tmp_path):
     from align.config import load_config
-    from align.pipeline import PipelineConfig, run
+    from align.demo.pipeline import PipelineConfig, run
     cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
         f"output_dir={tmp_path / 'qs'}", "tracking.wandb=false",
         "ppo_iterations=60", "eval_prompts=200"])
@@ -38,7 +38,7 @@ def test_the_pipeline_runs_the_policy_stage_it_is_given(tmp_path, stage):
     """Issue 20: ``policy_stage`` chooses the policy-optimisation stage; the report names it and
     compares its policy with SFT. A short budget: the mechanics, not the gains."""
     from align.config import load_config
-    from align.pipeline import PipelineConfig, run
+    from align.demo.pipeline import PipelineConfig, run
     out = tmp_path / stage
     cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
         f"output_dir={out}", "tracking.wandb=false", f"policy_stage={stage}", "sft_steps=20", "sft_examples=200",
@@ -57,7 +57,7 @@ def test_the_pipeline_runs_every_stage_on_the_quantized_backbone_it_is_given(tmp
     run records the nf4 backbone it ran on, and the report says so. A short budget: the mechanics."""
     pytest.importorskip("bitsandbytes")
     from align.config import load_config
-    from align.pipeline import PipelineConfig, run
+    from align.demo.pipeline import PipelineConfig, run
     out = tmp_path / "nf4"
     cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
         f"output_dir={out}", "tracking.wandb=false", "quantization=nf4", "sft_steps=20", "sft_examples=200",
@@ -71,7 +71,7 @@ def test_the_pipeline_runs_every_stage_on_the_quantized_backbone_it_is_given(tmp
 
 def test_the_pipeline_refuses_full_finetuning_on_a_quantized_backbone_before_writing(tmp_path):
     from align.config import ConfigError, load_config
-    from align.pipeline import PipelineConfig, run
+    from align.demo.pipeline import PipelineConfig, run
     out = tmp_path / "never"
     cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
         f"output_dir={out}", "tracking.wandb=false", "quantization=nf4", "method=full"])
@@ -92,14 +92,14 @@ def test_the_pipeline_trains_on_a_verifier_and_reports_pass_rates_per_kind(tmp_p
     a second policy stage (``policy_name``) reuses the first one's SFT, annotation and reward model.
     A short budget on the quickstart backbone: the mechanics, not the gains."""
     from align.config import load_config
-    from align.pipeline import PipelineConfig, run
+    from align.demo.pipeline import PipelineConfig, run
     out = tmp_path / "sa"
-    base = [f"output_dir={out}", "tracking.wandb=false", "task=align.tasks.short_answers", "sft_steps=10",
+    base = [f"output_dir={out}", "tracking.wandb=false", "task=align.demo.tasks.short_answers", "sft_steps=10",
             "sft_examples=64", "annotate_prompts=24", "reward_epochs=1", "ppo_iterations=1", "ppo_prompts=32",
             "ppo_rollout_batch_size=8", "ppo_micro_batch_size=8", "eval_prompts=12", "response_length=8",
             "policy_stage=grpo", "group_size=4"]
     cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), base + [
-        "policy_name=verifier", "rewards=[{fn: align.tasks.short_answers:correct}]",
+        "policy_name=verifier", "rewards=[{fn: align.demo.tasks.short_answers:correct}]",
         "eval_greedy=true", "eval_samples=2", "eval_shots=[0, 2]"])
     report = run(cfg)
     rec = json.loads((out / "data" / "ppo_prompts.jsonl").read_text().splitlines()[0])
@@ -124,7 +124,7 @@ def test_the_pipeline_trains_on_a_verifier_and_reports_pass_rates_per_kind(tmp_p
     # a second policy over the same SFT and reward model: learned reward + verifier, another seed
     cfg2 = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), base + [
         "policy_name=mixed", "policy_seed=1",
-        "rewards=[{role: reward}, {fn: align.tasks.short_answers:correct, weight: 2.0}]"])
+        "rewards=[{role: reward}, {fn: align.demo.tasks.short_answers:correct, weight: 2.0}]"])
     report2 = run(cfg2)
     assert (out / "sft" / "summary.json").stat().st_mtime == sft_time
     assert report2["runs"]["policy"] == str(out / "mixed")

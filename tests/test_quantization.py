@@ -432,7 +432,7 @@ def test_smollm2_nf4_logits_and_cached_decoding(smollm2):
 
 @pytest.fixture(scope="module")
 def fused_paths(tmp_path_factory):
-    from align.tiny import make_tiny
+    from align.demo.tiny import make_tiny
     root = tmp_path_factory.mktemp("fused_nf4")
     return {"phi3": make_tiny(root / "phi3", "phi3", kv_heads=2), "gpt_neox": make_tiny(root / "gpt_neox", "gpt_neox")}
 

@@ -8,8 +8,8 @@ import statistics
 
 import pytest
 
-from align.quickstart import task
-from align.quickstart.annotator import plackett_luce_order, simulate_label_studio_ranker, write_export
+from align.demo.tasks import quickstart as task
+from align.demo.annotator import plackett_luce_order, simulate_label_studio_ranker, write_export
 
 g = task.gold_score
 
@@ -200,7 +200,7 @@ def test_export_goes_through_the_label_studio_importer(tmp_path):
 def test_ensure_backbone_trains_once_and_caches(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.quickstart import pretrain
+    from align.demo import pretrain
     kw = dict(vocab_size=400, hidden=32, layers=1, heads=2, steps=3, batch_size=4, seq_len=32, n_docs=300)
     path = pretrain.ensure_backbone(tmp_path, **kw)
     assert path.parent == tmp_path and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -225,8 +225,8 @@ def test_ensure_backbone_trains_once_and_caches(tmp_path, monkeypatch):
 def test_report_kl_row_says_what_the_number_is_for_each_controller(tmp_path, controller):
     """Issue 16: the report printed "KL (target 6.0)" also under the fixed controller, which has no
     target. The row names the quantity and the controller setting actually used."""
-    from align.pipeline import PipelineConfig
-    from align.report import kl_label, write_report
+    from align.demo.pipeline import PipelineConfig
+    from align.demo.report import kl_label, write_report
     cfg = PipelineConfig(ppo_kl_controller=controller, ppo_kl_coef=0.05, ppo_kl_target=6.0)
     side = {"gold_mean": 0.1, "gold_sem": 0.01, "reward_mean": 0.2, "kl_to_sft_mean": 2.5, "stop_rate": 1.0}
     comparison = {"a": side, "b": side, "gold_diff_mean": 0.0, "gold_diff_sem": 0.01, "win_rate_b_by_gold": 0.5,
@@ -249,7 +249,7 @@ def test_annotation_sends_distinct_responses_and_drops_prompts_with_one():
     """A chat model samples the same short answer several times (SmolLM2 at temperature 0.7: 207 of
     256 prompts had a repeat); the importer refuses a ranking with repeated completions, so the
     pipeline lost 80% of its annotations before this. Duplicates are merged before ranking."""
-    from align.pipeline import distinct_samples
+    from align.demo.pipeline import distinct_samples
     p, r, e, skipped = distinct_samples(["a", "b", "c"], [["x", "y", "x", "z"], ["s", "s"], ["u", "v"]],
                                         [[True, False, True, True], [True, True], [False, True]])
     assert p == ["a", "c"] and skipped == 1

@@ -24,7 +24,7 @@ from align.data.sft import build_examples, encode_prompts
 from align.generation import sample
 from align.model import AlignModel
 from align.rl.rollout import truncate_after_stop
-from align.tiny import build_tiny_model, make_tiny
+from align.demo.tiny import build_tiny_model, make_tiny
 from align.tokens import specials
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"

@@ -442,7 +442,7 @@ def test_group_stage_result_does_not_depend_on_the_micro_batch_size(section, tin
 
 # ------------------------------------------------------------------------------ normalisation temperature
 def test_the_pipeline_samples_the_reward_statistics_at_the_policy_temperature(monkeypatch, tmp_path):
-    import align.pipeline as pipeline
+    import align.demo.pipeline as pipeline
     import align.stages.reward as reward
     seen = {}
     monkeypatch.setattr(reward, "run", lambda c: seen.setdefault("cfg", c))

@@ -7,7 +7,7 @@ import torch
 from align.adapters import AdapterConfig
 from align.model import AlignModel
 from align.scoring import response_stats
-from align.tiny import build_tiny_model, tiny_config
+from align.demo.tiny import build_tiny_model, tiny_config
 from tests.test_arch_fused import METHODS as ALL_METHODS
 
 METHODS = {m: c for m, c in ALL_METHODS.items() if m not in ("full", "top_k")}   # the methods that share a backbone

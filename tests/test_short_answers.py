@@ -1,11 +1,11 @@
-"""The SmolLM2 pipeline's task (align/tasks/short_answers.py): every generated question parses back
+"""The SmolLM2 pipeline's task (align/demo/tasks/short_answers.py): every generated question parses back
 to its answer, held-out prompts never occur in training splits, demonstrations are correct, and the
 gold cannot be gamed by empty, repeated or all-candidates text."""
 from __future__ import annotations
 
 import pytest
 
-from align.tasks import short_answers as t
+from align.demo.tasks import short_answers as t
 
 CHAT = "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
 

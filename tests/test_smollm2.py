@@ -181,14 +181,14 @@ def test_shortened_smollm2_pipeline_raises_gold_with_finite_kl(tmp_path, smollm2
     Studio importer, reward, PPO, eval, report) on a short budget. SmolLM2 as it ships scores
     below what SFT on the demonstrations and PPO reach; the report says what moved."""
     from align.config import load_config
-    from align.pipeline import PipelineConfig, run
-    from align.real import GGUF_NAME
+    from align.demo.pipeline import PipelineConfig, run
+    from align.demo.smollm2 import GGUF_NAME
     out = tmp_path / "s2"
     cfg = load_config(PipelineConfig, str(ROOT / "configs" / "smollm2.yaml"), [
         f"output_dir={out}", "tracking.wandb=false", "sft_steps=30", "sft_examples=240", "annotate_prompts=96",
         "reward_epochs=1", "ppo_iterations=5", "ppo_prompts=160", "eval_prompts=48", "response_length=24"])
     report = run(cfg)
-    assert report["task"] == "align.tasks.short_answers" and GGUF_NAME not in report["runs"]["backbone"]
+    assert report["task"] == "align.demo.tasks.short_answers" and GGUF_NAME not in report["runs"]["backbone"]
     assert report["rm_eval_pairs"] > 0 and report["rm_accuracy_vs_gold"] > 0.6, report
     assert report["gold_diff_mean"] > 0, report
     assert abs(report["kl_to_sft_mean"]) < 50, report

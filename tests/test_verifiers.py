@@ -85,7 +85,7 @@ def test_bad_entries_are_named(entry, match):
 
 
 def test_short_answers_verifier_agrees_with_the_gold_correctness_term():
-    from align.tasks import short_answers as t
+    from align.demo.tasks import short_answers as t
     recs = t.prompt_records("eval", 200, 3)
     assert [r["prompt"] for r in recs] == t.prompts("eval", 200, 3)
     responses = []

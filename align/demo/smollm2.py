@@ -53,5 +53,5 @@ def smollm2_dir(install: bool = True) -> Path:
     return resolve_checkpoint(smollm2_gguf(install))
 
 
-if __name__ == "__main__":  # python -m align.real: print the directory (materialising it)
+if __name__ == "__main__":  # python -m align.demo.smollm2: print the directory (materialising it)
     print(smollm2_dir())

@@ -58,8 +58,8 @@ STOPWORDS = frozenset("the a an in and is was of to it her his their she he they
                       "than now more".split())
 
 SPLITS = ("sft", "rm", "ppo", "eval")
-# what the pipeline's report gives pass rates of, per question kind (align/pipeline.py)
-VERIFIERS = ({"fn": "align.tasks.short_answers:correct", "name": "correct"},)
+# what the pipeline's report gives pass rates of, per question kind (align/demo/pipeline.py)
+VERIFIERS = ({"fn": "align.demo.tasks.short_answers:correct", "name": "correct"},)
 GROUP_BY = "kind"
 KINDS = ("where", "colour", "compare", "add")
 MAX_WORDS = 12
@@ -271,7 +271,7 @@ def correct(prompts: list[str], completions: list[str], ended: list[bool], answe
             kind: list) -> list[float | None]:
     """Verifier: 1.0 when a completion answers its question correctly, judged against the record's
     ``answer``, ``distractor`` and ``kind`` columns (:func:`prompt_records`), else 0.0; None for a
-    record without an answer. Use as a reward (``rewards: [{fn: align.tasks.short_answers:correct}]``)
+    record without an answer. Use as a reward (``rewards: [{fn: align.demo.tasks.short_answers:correct}]``)
     or in evaluation (``eval.verifiers``). Correctness only: length and the stop token are not its
     business (the gold's other terms)."""
     out: list[float | None] = []

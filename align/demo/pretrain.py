@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from align.quickstart import task
-from align.tiny import build_tiny_model, tiny_config, train_tokenizer
+from align.demo.tasks import quickstart as task
+from align.demo.tiny import build_tiny_model, tiny_config, train_tokenizer
 
 
 def _stream(tok, docs: list[str]) -> torch.Tensor:

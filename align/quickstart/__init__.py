@@ -1,1 +1,0 @@
-"""The quickstart task: corpus, gold scorer, backbone pretraining and the simulated annotator."""

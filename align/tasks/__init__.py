@@ -1,1 +1,0 @@
-"""Pipeline tasks: prompts, demonstrations and a hidden gold scorer (see align/pipeline.py)."""
