@@ -126,11 +126,14 @@ def load_config(cls, path: str | None = None, overrides: list[str] | tuple = ())
                 raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
             except UnicodeDecodeError:
                 raise ConfigError(f"{path}: not UTF-8 text") from None
+            if isinstance(loaded, DictConfig):
+                renamed_keys(cls, list(loaded.keys()), str(path))
             merged = OmegaConf.merge(merged, loaded)
         where = "command-line overrides"
         for o in overrides:
             if "=" not in o:
                 raise ConfigError(f"override {o!r} is not of the form key=value")
+        renamed_keys(cls, [o.split("=", 1)[0].strip() for o in overrides], where)
         for o in overrides:
             key = o.split("=", 1)[0].strip()
             value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
@@ -138,7 +141,7 @@ def load_config(cls, path: str | None = None, overrides: list[str] | tuple = ())
             if isinstance(value, DictConfig) and isinstance(current, DictConfig) \
                     and OmegaConf.get_type(current) is dict:
                 # a mapping setting given on the command line replaces the file's (as a list does):
-                # `policy_settings={}` clears it; a dotted key (a.b=1) still sets one entry
+                # `policy.settings={}` clears it; a dotted key (a.b=1) still sets one entry
                 OmegaConf.update(merged, key, value, merge=False)
             else:
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([o]))
@@ -148,6 +151,23 @@ def load_config(cls, path: str | None = None, overrides: list[str] | tuple = ())
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{where}: invalid config key {key!r}: {msg}") from None
     return obj
+
+
+def renamed_keys(cls, keys: list, where: str) -> None:
+    """Refuse keys a config class has renamed (its ``RENAMED``: old top-level key -> new dotted
+    key), naming the key that replaced each, instead of OmegaConf's bare "key not found"."""
+    renamed = getattr(cls, "RENAMED", {})
+    found = []
+    for key in map(str, keys):
+        head, _, rest = key.partition(".")
+        if head in renamed:
+            found.append(f"{key} is now {renamed[head]}{'.' + rest if rest else ''}")
+    if found:
+        from align.registry import STAGES
+        command = next((n for n, s in STAGES.items() if (s.module, s.config_name) == (cls.__module__, cls.__name__)),
+                       None)
+        hint = f" (`align config {command}` prints every current key)" if command else ""
+        raise ConfigError(f"{where}: renamed key{'s' if len(found) > 1 else ''}: {'; '.join(found)}{hint}")
 
 
 def to_dict(cfg) -> dict:

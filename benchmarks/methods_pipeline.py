@@ -17,7 +17,7 @@ the config's every setting) run with ``method=<method>`` in its own process, exc
   ``compare_methods.LRS`` (chosen by SFT/reward trials on the quickstart task; not re-tuned on this
   model: the table says so);
 * the reward model's accuracy against gold is measured on ``--rm-gold-prompts`` held-out prompts
-  (K = the config's ``annotate_k`` SFT samples each), and PPO plus the SFT-vs-PPO evaluation run only
+  (K = the config's ``annotate.k`` SFT samples each), and PPO plus the SFT-vs-PPO evaluation run only
   for ``--ppo-methods``.
 
 Peak RSS is each method process's own; seconds per step are medians over its ``metrics.jsonl``.
@@ -44,18 +44,27 @@ from benchmarks.compare_methods import (LRS, METHODS, _f, comparison_fields, fai
                                         ppo_iteration_seconds, read_metrics, rss_mb, step_seconds, table_head)
 
 
+def config_lrs(cfg) -> dict:
+    """The (SFT, reward, policy) learning rates of a pipeline config, as a row records them."""
+    return {"sft_lr": cfg.sft.lr, "reward_lr": cfg.reward.lr, "ppo_lr": cfg.policy.lr}
+
+
 def scaled_lrs(cfg, method: str) -> dict:
     """The config's LoRA learning rates times the method's factor relative to LoRA's."""
     base = LRS["lora"]
     f = [x / b for x, b in zip(LRS[method], base)]
-    return {"sft_lr": cfg.sft_lr * f[0], "reward_lr": cfg.reward_lr * f[1], "ppo_lr": cfg.ppo_lr * f[2]}
+    return {"sft_lr": cfg.sft.lr * f[0], "reward_lr": cfg.reward.lr * f[1], "ppo_lr": cfg.policy.lr * f[2]}
 
 
 def method_config(a, method: str, work: Path):
     from align.config import load_config
     from align.demo.pipeline import PipelineConfig
     cfg = load_config(PipelineConfig, a.config, a.overrides)
-    cfg = dataclasses.replace(cfg, method=method, output_dir=str(work), **scaled_lrs(cfg, method))
+    lrs = scaled_lrs(cfg, method)
+    cfg = dataclasses.replace(cfg, method=method, output_dir=str(work),
+                              sft=dataclasses.replace(cfg.sft, lr=lrs["sft_lr"]),
+                              reward=dataclasses.replace(cfg.reward, lr=lrs["reward_lr"]),
+                              policy=dataclasses.replace(cfg.policy, lr=lrs["ppo_lr"]))
     cfg.tracking.wandb = False
     return cfg
 
@@ -95,10 +104,10 @@ def worker(a) -> dict:
     if rm_kept:  # the same reward model and held-out samples: the earlier call's figure, not 2 min again
         acc = {"rm_accuracy_vs_gold": earlier["rm_accuracy_vs_gold"], "rm_eval_pairs": earlier["rm_gold_pairs"]}
     else:
-        acc = timed("rm_vs_gold", rm_accuracy_vs_gold, ev, cfg.annotate_k)
+        acc = timed("rm_vs_gold", rm_accuracy_vs_gold, ev, cfg.annotate.k)
     sft_sum, rm_sum = (json.loads((d / "summary.json").read_text()) for d in (sft_dir, rm_dir))
     sft_eval = [x for x in read_metrics(sft_dir) if "eval/loss" in x]
-    row = {"method": m, "lrs": {k: getattr(cfg, k) for k in ("sft_lr", "reward_lr", "ppo_lr")},
+    row = {"method": m, "lrs": config_lrs(cfg),
            "backbone_params": sft_sum["backbone_params"],
            "trainable": {"sft": sft_sum["trainable_params"], "reward": rm_sum["trainable_params"]},
            "sft_step_s": step_seconds(read_metrics(sft_dir)), "reward_step_s": step_seconds(read_metrics(rm_dir)),
@@ -108,7 +117,7 @@ def worker(a) -> dict:
     if a.ppo:
         policy_dir, held = timed("ppo", pl._policy, cfg, sft_dir, rm_dir, rankings, work, run_dir=work / "ppo")
         ppo_sum = json.loads((policy_dir / "summary.json").read_text())
-        ev = dataclasses.replace(ev, policy_b=str(policy_dir), num_prompts=cfg.eval_prompts)
+        ev = dataclasses.replace(ev, policy_b=str(policy_dir), num_prompts=cfg.eval.prompts)
         cmp = timed("eval", compare, ev)
         row.update(comparison_fields(cmp), ppo_iteration_s=ppo_iteration_seconds(read_metrics(policy_dir)),
                    ppo_iterations=ppo_sum.get("iterations"))

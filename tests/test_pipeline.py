@@ -18,7 +18,7 @@ def test_shortened_quickstart_aligns_the_model(tmp_path):
     from align.demo.pipeline import PipelineConfig, run
     cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
         f"output_dir={tmp_path / 'qs'}", "tracking.wandb=false",
-        "ppo_iterations=60", "eval_prompts=200"])
+        "policy.iterations=60", "eval.prompts=200"])
     report = run(cfg)
     assert report == json.loads((tmp_path / "qs" / "report.json").read_text())
     assert report["rm_accuracy_vs_gold"] >= 0.7, report
@@ -35,14 +35,14 @@ def test_shortened_quickstart_aligns_the_model(tmp_path):
 
 @pytest.mark.parametrize("stage", ["rloo", "dpo"])
 def test_the_pipeline_runs_the_policy_stage_it_is_given(tmp_path, stage):
-    """Issue 20: ``policy_stage`` chooses the policy-optimisation stage; the report names it and
+    """Issue 20: ``policy.stage`` chooses the policy-optimisation stage; the report names it and
     compares its policy with SFT. A short budget: the mechanics, not the gains."""
     from align.config import load_config
     from align.demo.pipeline import PipelineConfig, run
     out = tmp_path / stage
     cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
-        f"output_dir={out}", "tracking.wandb=false", f"policy_stage={stage}", "sft_steps=20", "sft_examples=200",
-        "annotate_prompts=64", "reward_epochs=1", "ppo_iterations=2", "ppo_prompts=128", "eval_prompts=16"])
+        f"output_dir={out}", "tracking.wandb=false", f"policy.stage={stage}", "sft.steps=20", "sft.examples=200",
+        "annotate.prompts=64", "reward.epochs=1", "policy.iterations=2", "policy.prompts=128", "eval.prompts=16"])
     report = run(cfg)
     assert report["policy_stage"] == stage and report["runs"]["policy"] == str(out / stage)
     assert (out / stage / "summary.json").exists() and (out / stage / "adapters" / "policy").is_dir()
@@ -60,8 +60,8 @@ def test_the_pipeline_runs_every_stage_on_the_quantized_backbone_it_is_given(tmp
     from align.demo.pipeline import PipelineConfig, run
     out = tmp_path / "nf4"
     cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [
-        f"output_dir={out}", "tracking.wandb=false", "quantization=nf4", "sft_steps=20", "sft_examples=200",
-        "annotate_prompts=64", "reward_epochs=1", "ppo_iterations=2", "ppo_prompts=128", "eval_prompts=16"])
+        f"output_dir={out}", "tracking.wandb=false", "quantization=nf4", "sft.steps=20", "sft.examples=200",
+        "annotate.prompts=64", "reward.epochs=1", "policy.iterations=2", "policy.prompts=128", "eval.prompts=16"])
     report = run(cfg)
     for stage in ("sft", "reward", "ppo"):
         assert json.loads((out / stage / "backbone.json").read_text())["quantization"] == "nf4", stage
@@ -87,20 +87,20 @@ def test_the_pipeline_refuses_full_finetuning_on_a_quantized_backbone_before_wri
 
 
 def test_the_pipeline_trains_on_a_verifier_and_reports_pass_rates_per_kind(tmp_path):
-    """The task's reference columns reach a verifier reward (``rewards``); the report gives the
+    """The task's reference columns reach a verifier reward (``policy.rewards``); the report gives the
     task's verifier per question kind, greedy and over k samples, beside the in-context baselines;
-    a second policy stage (``policy_name``) reuses the first one's SFT, annotation and reward model.
+    a second policy stage (``policy.name``) reuses the first one's SFT, annotation and reward model.
     A short budget on the quickstart backbone: the mechanics, not the gains."""
     from align.config import load_config
     from align.demo.pipeline import PipelineConfig, run
     out = tmp_path / "sa"
-    base = [f"output_dir={out}", "tracking.wandb=false", "task=align.demo.tasks.short_answers", "sft_steps=10",
-            "sft_examples=64", "annotate_prompts=24", "reward_epochs=1", "ppo_iterations=1", "ppo_prompts=32",
-            "ppo_rollout_batch_size=8", "ppo_micro_batch_size=8", "eval_prompts=12", "response_length=8",
-            "policy_stage=grpo", "group_size=4"]
+    base = [f"output_dir={out}", "tracking.wandb=false", "task=short_answers", "sft.steps=10",
+            "sft.examples=64", "annotate.prompts=24", "reward.epochs=1", "policy.iterations=1", "policy.prompts=32",
+            "policy.rollout_batch_size=8", "policy.micro_batch_size=8", "eval.prompts=12", "response_length=8",
+            "policy.stage=grpo", "policy.group_size=4"]
     cfg = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), base + [
-        "policy_name=verifier", "rewards=[{fn: align.demo.tasks.short_answers:correct}]",
-        "eval_greedy=true", "eval_samples=2", "eval_shots=[0, 2]"])
+        "policy.name=verifier", "policy.rewards=[{fn: align.demo.tasks.short_answers:correct}]",
+        "eval.greedy=true", "eval.samples=2", "eval.shots=[0, 2]"])
     report = run(cfg)
     rec = json.loads((out / "data" / "ppo_prompts.jsonl").read_text().splitlines()[0])
     assert {"prompt", "answer", "distractor", "kind"} <= set(rec)
@@ -123,8 +123,8 @@ def test_the_pipeline_trains_on_a_verifier_and_reports_pass_rates_per_kind(tmp_p
     sft_time = (out / "sft" / "summary.json").stat().st_mtime
     # a second policy over the same SFT and reward model: learned reward + verifier, another seed
     cfg2 = load_config(PipelineConfig, str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), base + [
-        "policy_name=mixed", "policy_seed=1",
-        "rewards=[{role: reward}, {fn: align.demo.tasks.short_answers:correct, weight: 2.0}]"])
+        "policy.name=mixed", "policy.seed=1",
+        "policy.rewards=[{role: reward}, {fn: align.demo.tasks.short_answers:correct, weight: 2.0}]"])
     report2 = run(cfg2)
     assert (out / "sft" / "summary.json").stat().st_mtime == sft_time
     assert report2["runs"]["policy"] == str(out / "mixed")

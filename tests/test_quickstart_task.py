@@ -225,9 +225,9 @@ def test_ensure_backbone_trains_once_and_caches(tmp_path, monkeypatch):
 def test_report_kl_row_says_what_the_number_is_for_each_controller(tmp_path, controller):
     """Issue 16: the report printed "KL (target 6.0)" also under the fixed controller, which has no
     target. The row names the quantity and the controller setting actually used."""
-    from align.demo.pipeline import PipelineConfig
+    from align.demo.pipeline import PipelineConfig, PolicySpec
     from align.demo.report import kl_label, write_report
-    cfg = PipelineConfig(ppo_kl_controller=controller, ppo_kl_coef=0.05, ppo_kl_target=6.0)
+    cfg = PipelineConfig(policy=PolicySpec(kl_controller=controller, kl_coef=0.05, kl_target=6.0))
     side = {"gold_mean": 0.1, "gold_sem": 0.01, "reward_mean": 0.2, "kl_to_sft_mean": 2.5, "stop_rate": 1.0}
     comparison = {"a": side, "b": side, "gold_diff_mean": 0.0, "gold_diff_sem": 0.01, "win_rate_b_by_gold": 0.5,
                   "win_rate_b_by_reward": 0.5, "n_prompts": 8, "samples": []}

@@ -185,8 +185,8 @@ def test_shortened_smollm2_pipeline_raises_gold_with_finite_kl(tmp_path, smollm2
     from align.demo.smollm2 import GGUF_NAME
     out = tmp_path / "s2"
     cfg = load_config(PipelineConfig, str(ROOT / "configs" / "smollm2.yaml"), [
-        f"output_dir={out}", "tracking.wandb=false", "sft_steps=30", "sft_examples=240", "annotate_prompts=96",
-        "reward_epochs=1", "ppo_iterations=5", "ppo_prompts=160", "eval_prompts=48", "response_length=24"])
+        f"output_dir={out}", "tracking.wandb=false", "sft.steps=30", "sft.examples=240", "annotate.prompts=96",
+        "reward.epochs=1", "policy.iterations=5", "policy.prompts=160", "eval.prompts=48", "response_length=24"])
     report = run(cfg)
     assert report["task"] == "align.demo.tasks.short_answers" and GGUF_NAME not in report["runs"]["backbone"]
     assert report["rm_eval_pairs"] > 0 and report["rm_accuracy_vs_gold"] > 0.6, report

@@ -101,7 +101,8 @@ def verifier_lines(report: dict, name: str) -> list[str]:
 def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, runs: dict) -> dict:
     out = Path(out)
     summaries = {k: RunDir(v).summary() for k, v in runs.items() if RunDir(v).summary_file.exists()}
-    stage = getattr(cfg, "policy_stage", "ppo")
+    pol = cfg.policy
+    stage = pol.stage
     name = stage.upper()
     ppo_metrics = _metrics(Path(runs["policy"])) if stage != "dpo" else []
     trainable = {"sft": summaries.get("sft", {}).get("trainable_params"),
@@ -123,8 +124,8 @@ def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, 
         "win_rate_policy_by_reward": comparison.get("win_rate_b_by_reward"),
         "n_eval_prompts": comparison["n_prompts"],
         "kl_to_sft_mean": b["kl_to_sft_mean"],
-        "kl_target": cfg.ppo_kl_target,
-        "kl_controller": cfg.ppo_kl_controller, "kl_coef": cfg.ppo_kl_coef,
+        "kl_target": pol.kl_target,
+        "kl_controller": pol.kl_controller, "kl_coef": pol.kl_coef,
         "stop_rate_sft": a["stop_rate"], "stop_rate_policy": b["stop_rate"],
         "seconds_per_stage": {k: round(v, 1) for k, v in seconds.items()},
         "trainable_params": trainable,
@@ -151,7 +152,7 @@ def write_report(out: Path, cfg, comparison: dict, rm_acc: dict, seconds: dict, 
              f"| learned reward, SFT → {name} | {report['reward_sft_mean']:.3f} → {report['reward_policy_mean']:.3f} |",
              f"| {name} win rate vs SFT by gold / by RM | {report['win_rate_policy_by_gold']:.3f} / "
              f"{report['win_rate_policy_by_reward']:.3f} |",
-             f"| {kl_label(cfg.ppo_kl_controller, cfg.ppo_kl_coef, cfg.ppo_kl_target, stage)} | "
+             f"| {kl_label(pol.kl_controller, pol.kl_coef, pol.kl_target, stage)} | "
              f"{report['kl_to_sft_mean']:.3f} |",
              f"| stop-token rate SFT / {name} | {report['stop_rate_sft']:.2f} / {report['stop_rate_policy']:.2f} |",
              f"| held-out prompts | {report['n_eval_prompts']} |",
