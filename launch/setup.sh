@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "${ALIGN_TORCH_SPEC:-torch==2.13.0}"
 fi
-if ! "$PY" -c "import align, peft, omegaconf, wandb, trl, bitsandbytes, gguf, math_verify" >/dev/null 2>&1 \
+if ! "$PY" -c "import align, peft, omegaconf, wandb, trl, bitsandbytes, gguf, math_verify, xdist" >/dev/null 2>&1 \
    || [ "$("$PY" -c 'import align,os;print(os.path.dirname(os.path.dirname(align.__file__)))' 2>/dev/null)" != "$PWD" ]; then
   "$PY" -m pip install -q -e ".[dev]"
 fi
