@@ -151,6 +151,7 @@ def test_grpo_kill_and_resume_gives_the_same_final_adapters(tiny_llama, tmp_path
     ("grpo.loss_type=dapox", "grpo.loss_type='dapox': choose one of grpo, dr_grpo, dapo, bnpo"),
     ("grpo.overlong_buffer=99", "grpo.overlong_buffer=99: at most response_length"),
     ("grpo.dynamic_sampling_rounds=-1", "grpo.dynamic_sampling_rounds"),
+    ("grpo.warmup_iterations=100", "grpo.warmup_iterations=100: not below grpo.iterations=100"),
 ])
 def test_a_bad_setting_is_refused_before_anything_is_written(tiny_llama, tmp_path, override, match):
     sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
@@ -228,6 +229,26 @@ def test_a_kl_coefficient_of_zero_skips_the_reference_forward_in_every_rollout(t
         assert all(("reference" in c) == (beta > 0) for c in calls), calls
     zero = [x for x in metrics(tmp_path / "zero") if "objective/scores" in x]
     assert zero and all("objective/kl" not in x for x in zero)
+
+
+def test_warmup_raises_the_learning_rate_per_optimizer_step_then_the_schedule_decays_it(tiny_llama, tmp_path):
+    """warmup_iterations=2 at 2 epochs x 2 minibatches: 4 optimizer steps per iteration, lr rising
+    over the first 8 steps ((step + 1) / 8 of lr), then linear to 0 over the other 8; the logged lr
+    is the one after each iteration's last step. Without warm-up the first iteration runs at lr."""
+    sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
+    prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} dog" for w in "happy sad quick lazy".split()] * 4)
+    lrs = {}
+    for warm in (0, 2):
+        run = grpo.run(cfg(grpo.GRPOConfig, "grpo", tmp_path, sft, prompts, "reward_fn=tests.ppo_helpers:count_target",
+                           "grpo.iterations=4", "grpo.rollout_batch_size=8", "grpo.response_length=4",
+                           "grpo.num_epochs=2", "grpo.num_minibatches=2", "grpo.lr=0.01",
+                           f"grpo.warmup_iterations={warm}", name=f"warm{warm}"))
+        assert run is not None
+        lrs[warm] = [m["lr"] for m in metrics(tmp_path / f"warm{warm}") if "lr" in m]
+    # after k optimizer steps (4 per iteration) the scheduler holds factor(k): (k + 1) / 8 while
+    # k < 8, then 1 - (k - 8) / 8; the first step itself ran at lr / 8
+    assert lrs[2] == pytest.approx([0.01 * 5 / 8, 0.01, 0.01 * 4 / 8, 0.0])
+    assert lrs[0] == pytest.approx([0.01 * (1 - 4 / 16), 0.01 * (1 - 8 / 16), 0.01 * (1 - 12 / 16), 0.0])
 
 
 def test_an_entropy_collapse_is_warned_once():

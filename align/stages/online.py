@@ -97,6 +97,12 @@ class OnlineAlgoConfig:
         OneOf("auto", "sample", "recompute"))
     lr: float = setting(1e-4, "peak learning rate of the policy", POSITIVE)
     lr_schedule: str = setting("linear", "linear (to 0, N+) | constant", OneOf("linear", "constant"))
+    warmup_iterations: int = setting(
+        0,
+        "iterations over which the learning rate rises linearly to lr (per optimizer step) before lr_schedule; "
+        "Adam's first step moves every adapter weight by lr whatever the gradient's size, which on SmolLM2 at lr "
+        "5e-4 moved the policy by an approximate KL of 1.4 within the first iteration (docs/grpo-rloo.md)",
+        NON_NEGATIVE)
     adam_eps: float = setting(1e-5, "AdamW epsilon", POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay", NON_NEGATIVE)
     max_grad_norm: float = setting(1.0, "gradient clipping (0: off)", NON_NEGATIVE)
@@ -187,6 +193,10 @@ class OnlineStageConfig:
         if a.group >= 2 and a.rollout_batch_size >= 1 and a.rollout_batch_size % a.group:
             yield (f"{at}{s}.rollout_batch_size={a.rollout_batch_size} is not a multiple of {s}.group_size="
                    f"{a.group} (every prompt gets group_size responses)")
+        if isinstance(a.warmup_iterations, int) and isinstance(a.iterations, int) \
+                and a.warmup_iterations >= a.iterations >= 1:
+            yield (f"{at}{s}.warmup_iterations={a.warmup_iterations}: not below {s}.iterations={a.iterations} "
+                   f"(the learning rate would never reach {s}.lr)")
         if all(AT_LEAST_ONE.problem(getattr(a, k)) is None
                for k in ("rollout_batch_size", "num_minibatches", "micro_batch_size")):
             try:
@@ -531,7 +541,9 @@ class OnlineLoop:
         self.params = self.model.trainable_parameters()
         optimizer = make_optimizer(self.optimizer_groups(self.params),
                                    TrainConfig(lr=a.lr, weight_decay=a.weight_decay, adam_eps=a.adam_eps))
-        self.sched = make_scheduler(optimizer, a.lr_schedule, 0, a.iterations * a.epochs * a.num_minibatches)
+        per_iteration = a.epochs * a.num_minibatches
+        self.sched = make_scheduler(optimizer, a.lr_schedule, a.warmup_iterations * per_iteration,
+                                    a.iterations * per_iteration)
         self.kl_ctl = self.kl_controller()
         self.engine, self.optimizer, start, _ = prepare_resumable(
             self.rt, self.model, optimizer, self.sched, self.st.run_dir, self.cfg.resume, self.split.chunk,
