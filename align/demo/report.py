@@ -23,7 +23,7 @@ def _plot(out: Path, ppo_metrics: list[dict]) -> list[str]:
     if train:
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
         steps = [m["step"] for m in train]
-        ax[0].plot(steps, [m["objective/scores"] for m in train], label="learned reward (normalised)")
+        ax[0].plot(steps, [m["objective/scores"] for m in train], label="reward optimised (objective/scores)")
         if evals and "eval/gold" in evals[0]:
             ax[0].errorbar([m["step"] for m in evals], [m["eval/gold"] for m in evals],
                            yerr=[m.get("eval/gold_sem", 0) for m in evals], label="gold score (held-out)",
