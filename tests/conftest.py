@@ -10,7 +10,29 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist each worker gets its share of the cores: two workers with two threads each on two
+# cores spin against each other in OpenMP and ran the suite slower than one process did. The
+# environment variable reaches the subprocesses tests start (the CLI, accelerate launches).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# The files whose tests take minutes (benchmarks/results/test_suite.md), longest first. Under
+# ``--dist loadfile`` the workers take files in collection order, so starting these first keeps one
+# of them from being the last thing running while the other worker idles.
+LONGEST_FIRST = ("test_smollm2_pipeline.py", "test_smollm2.py", "test_distributed.py", "test_pipeline.py",
+                 "test_export_smollm2.py", "test_ppo.py", "test_grpo.py", "test_sft.py", "test_fault_injection.py",
+                 "test_benchmarks_smoke.py", "test_distributed_settings.py", "test_rl_objectives.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if WORKERS > 1:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
 
 
 @pytest.fixture(scope="session")
