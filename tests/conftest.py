@@ -22,8 +22,9 @@ else:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # The files whose tests take minutes (benchmarks/results/test_suite.md), longest first. Under
-# ``--dist loadfile`` the workers take files in collection order, so starting these first keeps one
-# of them from being the last thing running while the other worker idles.
+# ``--dist loadfile --no-loadscope-reorder`` (launch/test.sh) the workers take files in collection
+# order, so starting these first keeps one of them from being the last thing running while the other
+# worker idles (xdist's default order, most tests first, put the one-test SmolLM2 pipeline last).
 LONGEST_FIRST = ("test_smollm2_pipeline.py", "test_smollm2.py", "test_distributed.py", "test_pipeline.py",
                  "test_export_smollm2.py", "test_ppo.py", "test_grpo.py", "test_sft.py", "test_fault_injection.py",
                  "test_benchmarks_smoke.py", "test_distributed_settings.py", "test_rl_objectives.py")

@@ -86,13 +86,18 @@ def test_the_pipeline_refuses_full_finetuning_on_a_quantized_backbone_before_wri
     assert not out.exists()
 
 
-def test_the_pipeline_trains_on_a_verifier_and_reports_pass_rates_per_kind(tmp_path):
+def test_the_pipeline_trains_on_a_verifier_and_reports_pass_rates_per_kind(tmp_path, monkeypatch):
     """The task's reference columns reach a verifier reward (``policy.rewards``); the report gives the
     task's verifier per question kind, greedy and over k samples, beside the in-context baselines;
     a second policy stage (``policy.name``) reuses the first one's SFT, annotation and reward model.
     A short budget on the quickstart backbone: the mechanics, not the gains."""
+    import align.evaluate
     from align.config import load_config
     from align.demo.pipeline import PipelineConfig, run
+    rm_accuracy_calls = []
+    real_rm_accuracy = align.evaluate.rm_accuracy_vs_gold
+    monkeypatch.setattr(align.evaluate, "rm_accuracy_vs_gold",
+                        lambda *a, **k: rm_accuracy_calls.append(1) or real_rm_accuracy(*a, **k))
     out = tmp_path / "sa"
     base = [f"output_dir={out}", "tracking.wandb=false", "task=short_answers", "sft.steps=10",
             "sft.examples=64", "annotate.prompts=24", "reward.epochs=1", "policy.iterations=1", "policy.prompts=32",
@@ -131,3 +136,32 @@ def test_the_pipeline_trains_on_a_verifier_and_reports_pass_rates_per_kind(tmp_p
     import yaml
     assert yaml.safe_load((out / "mixed" / "config.yaml").read_text())["grpo"]["seed"] == 1
     assert "reward/reward_model/mean" in (out / "mixed" / "metrics.jsonl").read_text()
+    # the reward model's accuracy on SFT samples does not depend on the policy: computed once
+    assert len(rm_accuracy_calls) == 1
+    assert (report2["rm_accuracy_vs_gold"], report2["rm_eval_pairs"]) == (
+        report["rm_accuracy_vs_gold"], report["rm_eval_pairs"])
+
+
+def test_the_reward_models_accuracy_is_recomputed_when_its_inputs_change(tmp_path, monkeypatch):
+    import align.evaluate
+    from align.demo.pipeline import _rm_accuracy
+    from align.evaluate import EvalConfig
+    calls = []
+    monkeypatch.setattr(align.evaluate, "rm_accuracy_vs_gold",
+                        lambda ev, k: calls.append(k) or {"rm_accuracy_vs_gold": 0.5 + len(calls), "rm_eval_pairs": k})
+    sft, rm, prompts = tmp_path / "sft", tmp_path / "rm", tmp_path / "prompts.jsonl"
+    for f, text in ((sft / "backbone.json", "{}"), (sft / "adapters" / "policy" / "a.safetensors", "s"),
+                    (rm / "adapters" / "reward" / "a.safetensors", "r"), (rm / "heads" / "reward" / "h.safetensors", "h"),
+                    (prompts, '{"prompt": "q"}')):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    ev = EvalConfig(sft_run=str(sft), reward_run=str(rm), prompts=str(prompts), num_prompts=4)
+    out = tmp_path / "out"
+    first = _rm_accuracy(ev, 4, out)
+    assert _rm_accuracy(ev, 4, out) == first and calls == [4]
+    assert _rm_accuracy(ev, 2, out)["rm_eval_pairs"] == 2 and calls == [4, 2]          # another k
+    (rm / "heads" / "reward" / "h.safetensors").write_text("h2")                         # another reward head
+    assert _rm_accuracy(ev, 2, out)["rm_accuracy_vs_gold"] == 3.5 and calls == [4, 2, 2]
+    ev.num_prompts = 8                                                                   # other prompts
+    _rm_accuracy(ev, 2, out)
+    assert calls == [4, 2, 2, 2]

@@ -24,6 +24,7 @@ align/demo/tasks/quickstart.py (review sentiment) and align/demo/tasks/short_ans
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import re
@@ -428,7 +429,7 @@ def _policy(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, rankings: Path, ou
 def run(cfg: PipelineConfig) -> dict:
     """backbone → SFT → simulated annotation through the importer → reward → policy optimisation
     → eval and report; finished stages are skipped, a stage killed midway resumes."""
-    from align.evaluate import EvalConfig, compare, rm_accuracy_vs_gold
+    from align.evaluate import EvalConfig, compare
     from align.demo.report import write_report
 
     validate(cfg)  # every key, before anything is written
@@ -458,10 +459,38 @@ def run(cfg: PipelineConfig) -> dict:
                     verifiers=[dict(v) for v in getattr(task, "VERIFIERS", ())], by=getattr(task, "GROUP_BY", ""),
                     greedy=cfg.eval.greedy, samples=cfg.eval.samples, shots=list(cfg.eval.shots),
                     demonstrations=str(out / "data" / "sft.jsonl") if cfg.eval.shots else "")
-    comparison, acc = timed("eval", lambda: (compare(ev), rm_accuracy_vs_gold(ev, k=cfg.annotate.k)))
+    comparison, acc = timed("eval", lambda: (compare(ev), _rm_accuracy(ev, cfg.annotate.k, out)))
     report_dir = out / "reports" / cfg.policy.name if cfg.policy.name else out
     report_dir.mkdir(parents=True, exist_ok=True)
     return write_report(report_dir, cfg, comparison, acc, seconds, runs)
+
+
+def _rm_accuracy(ev, k: int, out: Path) -> dict:
+    """The reward model's accuracy against gold on SFT samples does not depend on the policy: it is
+    computed once per SFT and reward weights (their digest), prompts and sampling settings, and read
+    back for every further policy run of the same output directory."""
+    from align.evaluate import rm_accuracy_vs_gold
+    h = hashlib.sha256()
+    sft, rm = RunDir(ev.sft_run), RunDir(ev.reward_run)
+    for d in (sft.backbone_record, sft.path / "adapters", rm.path / "adapters", rm.path / "heads", Path(ev.prompts)):
+        for f in sorted(p for p in ([d] if d.is_file() else d.rglob("*")) if p.is_file()):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    key = {"weights_and_prompts": h.hexdigest(), "k": k, "num_prompts": ev.num_prompts, "seed": ev.seed,
+           "temperature": ev.temperature, "response_length": ev.response_length, "gold": ev.gold, "chat": ev.chat}
+    cache = out / "reports" / "rm_accuracy_vs_gold.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            return cached["result"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    result = rm_accuracy_vs_gold(ev, k=k)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    tmp.write_text(json.dumps({"key": key, "result": result}, indent=1, sort_keys=True))
+    tmp.replace(cache)
+    return result
 
 
 def policy_seed(cfg: PipelineConfig) -> int:
