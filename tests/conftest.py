@@ -25,7 +25,10 @@ else:
 # ``--dist loadfile --no-loadscope-reorder`` (launch/test.sh) the workers take files in collection
 # order, so starting these first keeps one of them from being the last thing running while the other
 # worker idles (xdist's default order, most tests first, put the one-test SmolLM2 pipeline last).
-LONGEST_FIRST = ("test_smollm2_pipeline.py", "test_smollm2.py", "test_distributed.py", "test_pipeline.py",
+# The third is a quick one on purpose: xdist queues a second file behind each worker's first, and the
+# worker running the SmolLM2 pipeline (about 21 minutes on one thread) should not hold a long one back.
+LONGEST_FIRST = ("test_smollm2_pipeline.py", "test_smollm2.py", "test_config_validation.py", "test_distributed.py",
+                 "test_pipeline.py",
                  "test_export_smollm2.py", "test_ppo.py", "test_grpo.py", "test_sft.py", "test_fault_injection.py",
                  "test_benchmarks_smoke.py", "test_distributed_settings.py", "test_rl_objectives.py")
 

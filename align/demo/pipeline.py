@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -487,7 +488,7 @@ def _rm_accuracy(ev, k: int, out: Path) -> dict:
         pass
     result = rm_accuracy_vs_gold(ev, k=k)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp")
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}")  # two pipelines on one output_dir may finish together
     tmp.write_text(json.dumps({"key": key, "result": result}, indent=1, sort_keys=True))
     tmp.replace(cache)
     return result
