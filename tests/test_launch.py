@@ -44,3 +44,21 @@ def test_pipeline_chains_the_stage_run_dirs():
     assert "reward_run=runs/x/reward" in ppo and ppo.endswith("ppo.iterations=5")
     r = dry("pipeline.sh", "train.lr=1")
     assert r.returncode == 2 and "must name its stage" in r.stderr
+
+
+def test_the_suite_runs_its_longest_files_first_on_one_thread_per_worker():
+    """launch/test.sh spreads files over xdist workers in the order tests/conftest.py gives them
+    (longest first: xdist's own order put the one-test SmolLM2 pipeline last), and each worker runs
+    one torch thread (two threads per worker on two cores ran past CI's 90 minutes)."""
+    import os
+
+    import torch
+
+    from tests.conftest import LONGEST_FIRST, WORKERS
+    script = (Path(__file__).resolve().parents[1] / "launch" / "test.sh").read_text()
+    assert "--dist loadfile --no-loadscope-reorder" in script
+    here = Path(__file__).resolve().parent
+    assert [f for f in LONGEST_FIRST if not (here / f).is_file()] == []   # a renamed file would drop out silently
+    if WORKERS > 1:
+        threads = max(1, (os.cpu_count() or 1) // WORKERS)
+        assert torch.get_num_threads() == threads and os.environ["OMP_NUM_THREADS"] == str(threads)
