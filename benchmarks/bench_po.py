@@ -34,7 +34,9 @@ Same on both sides, per method:
   0.2, beta = kl_coef (``--grpo-beta`` 0.04: align's GRPO default, k3 in the loss; ``--rloo-beta``
   0.05: both sides' RLOO default, k1 summed over the response, in the reward). GRPO: TRL
   ``loss_type="grpo"`` (per-response mean over its tokens, then mean over responses: align's
-  ``loss_type=grpo``) and ``scale_rewards="group"``. RLOO: leave-one-out baseline, no advantage
+  ``loss_type=grpo``) and ``scale_rewards="group"``; ``--grpo-loss dapo`` (TRL ``loss_type="dapo",
+  epsilon_high=0.28``; align ``loss_type=dapo, cliprange_high=0.28``) or ``gspo`` (that, plus TRL
+  ``importance_sampling_level="sequence"``; align ``ratio_level=sequence``) changes the loss on both sides. RLOO: leave-one-out baseline, no advantage
   normalisation. The reward is the Python callable ``length_reward`` below (characters of the
   completion / 100) on both sides: align's ``reward_fn=benchmarks.bench_po:length_reward`` (no
   normalisation: with a programmatic reward align's statistics are mean 0, std 1; its missing-stop
@@ -142,8 +144,8 @@ def align_worker(a) -> dict:
     s = a.method
     stage = importlib.import_module(f"align.stages.{s}")
     cfg_cls, run = (stage.GRPOConfig if s == "grpo" else stage.RLOOConfig), stage.run
-    extra = ["grpo.loss_type=grpo", "grpo.kl_estimator=k3", f"grpo.kl_coef={a.grpo_beta}"] if s == "grpo" else \
-        [f"rloo.kl_coef={a.rloo_beta}"]
+    extra = [*GRPO_LOSSES[a.grpo_loss]["align"], "grpo.kl_estimator=k3", f"grpo.kl_coef={a.grpo_beta}"] \
+        if s == "grpo" else [f"rloo.kl_coef={a.rloo_beta}"]
     cfg = load_config(cfg_cls, None, [
         *common, f"reward_fn={REWARD_SPEC}", f"data.prompts={prompts}", f"data.eval_prompts={prompts}",
         "eval.num_prompts=0", f"{s}.iterations={n_steps}", f"{s}.rollout_batch_size={a.batch}",
@@ -160,7 +162,9 @@ def align_worker(a) -> dict:
             "update_s": statistics.median(r["time/update_s"] for r in rows),
             "response_tokens": statistics.median(r["response/length"] for r in rows),
             "peak_mb": peak_memory_mb(a.device), "trainable": summary["trainable_params"]["policy"],
-            "steps_timed": len(rows), "torch_threads": torch.get_num_threads()}
+            "steps_timed": len(rows), "torch_threads": torch.get_num_threads(),
+            **({"loss": {k: getattr(cfg.grpo, k) for k in ("loss_type", "cliprange_high", "ratio_level")}}
+               if s == "grpo" else {})}
 
 
 def trl_worker(a) -> dict:
@@ -209,7 +213,7 @@ def trl_worker(a) -> dict:
                      use_vllm=False, log_completions=False, adam_epsilon=1e-5, **common)
         if a.method == "grpo":
             from trl import GRPOConfig as Config, GRPOTrainer as Trainer
-            args = Config(beta=a.grpo_beta, loss_type="grpo", scale_rewards="group", **group)
+            args = Config(beta=a.grpo_beta, scale_rewards="group", **GRPO_LOSSES[a.grpo_loss]["trl"], **group)
         else:
             from trl import RLOOConfig as Config, RLOOTrainer as Trainer
             args = Config(beta=a.rloo_beta, normalize_advantages=False, **group)
@@ -221,10 +225,25 @@ def trl_worker(a) -> dict:
     trainer.train()
     times = [b - x for x, b in zip([t0] + stamps[:-1], stamps)][a.warmup:]
     out = {"step_s": statistics.median(times), "peak_mb": peak_memory_mb(a.device), "trainable": trainable,
-           "steps_timed": len(times), "torch_threads": torch.get_num_threads(), "trl_version": trl.__version__}
+           "steps_timed": len(times), "torch_threads": torch.get_num_threads(), "trl_version": trl.__version__,
+           **({"loss": {k: getattr(args, k) for k in ("loss_type", "epsilon_high", "importance_sampling_level")}}
+              if a.method == "grpo" else {})}
     if lengths:
         out["response_tokens"] = statistics.median(lengths[a.warmup:] or lengths)
     return out
+
+
+# The GRPO loss variants --grpo-loss sets on both sides (the same objective under each side's names):
+# grpo: per-response token mean, symmetric clip; dapo: every token of the batch weighs the same, clip-higher
+# 0.28 (DAPO, Yu et al. 2025; TRL 1.16's default loss); gspo: DAPO's loss with one ratio per response,
+# exp(mean token log-ratio), clipped per response (GSPO, Zheng et al. 2025; TRL importance_sampling_level).
+GRPO_LOSSES = {
+    "grpo": {"align": ["grpo.loss_type=grpo"], "trl": {"loss_type": "grpo"}},
+    "dapo": {"align": ["grpo.loss_type=dapo", "grpo.cliprange_high=0.28"],
+             "trl": {"loss_type": "dapo", "epsilon_high": 0.28}},
+    "gspo": {"align": ["grpo.loss_type=dapo", "grpo.cliprange_high=0.28", "grpo.ratio_level=sequence"],
+             "trl": {"loss_type": "dapo", "epsilon_high": 0.28, "importance_sampling_level": "sequence"}},
+}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -252,6 +271,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     ap.add_argument("--micro-batch", type=int, default=16, help="GRPO/RLOO: rows per forward/backward chunk")
     ap.add_argument("--response-length", type=int, default=32, help="GRPO/RLOO: max new tokens")
     ap.add_argument("--grpo-beta", type=float, default=0.04, help="GRPO: KL coefficient (k3, in the loss)")
+    ap.add_argument("--grpo-loss", default="grpo", choices=list(GRPO_LOSSES),
+                    help="GRPO: the loss on both sides: grpo (per-response token mean), dapo (token-level over the "
+                         "batch, clip-higher 0.28), gspo (dapo with a sequence-level ratio)")
     ap.add_argument("--rloo-beta", type=float, default=0.05, help="RLOO: KL coefficient (k1, in the reward)")
     ap.add_argument("--chat", action="store_true",
                     help="GRPO/RLOO: prompts as one-turn conversations, each side applying the tokenizer's chat "
@@ -282,7 +304,7 @@ def worker_arguments(a, model: Path) -> list[str]:
             "--lr", str(a.lr), "--gradient-checkpointing", a.gradient_checkpointing, "--dpo-batch", str(a.dpo_batch),
             "--words", str(a.words), "--max-length", str(a.max_length), "--batch", str(a.batch),
             "--group-size", str(a.group_size), "--micro-batch", str(a.micro_batch),
-            "--response-length", str(a.response_length), "--grpo-beta", str(a.grpo_beta),
+            "--response-length", str(a.response_length), "--grpo-beta", str(a.grpo_beta), "--grpo-loss", a.grpo_loss,
             "--rloo-beta", str(a.rloo_beta)] + (["--chat"] if a.chat else []) + \
         [x for s in a.align_set for x in ("--align-set", s)]
 
@@ -308,7 +330,8 @@ def method_table(a, m: str, res: dict, n_backbone: int, threads: str) -> str:
                 f"beta 0.1, reference log-probs precomputed")
     else:
         beta = a.grpo_beta if m == "grpo" else a.rloo_beta
-        what = (f"{m.upper()} step, {a.batch} responses ({a.batch // a.group_size} prompts x {a.group_size}), "
+        loss = f" ({a.grpo_loss} loss)" if m == "grpo" and a.grpo_loss != "grpo" else ""
+        what = (f"{m.upper()}{loss} step, {a.batch} responses ({a.batch // a.group_size} prompts x {a.group_size}), "
                 f"{a.response_length} new tokens, micro-batch {a.micro_batch}, beta {beta}")
         rows.append(("response_tokens", "mean response length (tokens)"))
     rows += [("trainable", "trainable parameters"), ("trainable_fraction_pct", "trainable / backbone (%)")]
@@ -367,7 +390,8 @@ def main(argv=None):
                "trl_version": trl_versions, "date": time.strftime("%Y-%m-%d"), "args": vars(a),
                "load_average": {"start": load_start, "end": load_average("end")}, "results": results}
     name = f"po_trl_{a.size}_{a.device}" + ("" if a.gradient_checkpointing == "on" else "_gcoff") + \
-        ("_chat" if a.chat else "") + (f"_{a.tag}" if a.tag else "")
+        ("_chat" if a.chat else "") + ("" if a.grpo_loss == "grpo" else f"_{a.grpo_loss}") + \
+        (f"_{a.tag}" if a.tag else "")
     if a.align_set:
         md.append(f"align's settings beyond the defaults: {', '.join(a.align_set)}\n")
     write_results(name, payload, "\n".join(md), Path(a.out))

@@ -74,6 +74,22 @@ def test_bench_po_trl_runs_dpo_grpo_rloo_on_the_tiny_config(tmp_path):
     assert "| metric | align | TRL | align / TRL |" in md
 
 
+@pytest.mark.skipif(not _trl_at_least((1, 16)), reason="the TRL side needs trl >= 1.16")
+def test_bench_po_grpo_loss_sets_the_same_loss_on_both_sides(tmp_path):
+    """--grpo-loss gspo: align's GRPO runs the DAPO loss with clip-higher and one ratio per response, and
+    TRL's GRPOTrainer the same under its names (each worker reports the settings its trainer ran with); the
+    results file is named after the loss and its title says it."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_po.py"), "--size", "tiny", "--methods", "grpo",
+                        "--grpo-loss", "gspo", "--reps", "1", "--warmup", "0", "--steps", "1", "--threads", "1",
+                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "po_trl_tiny_cpu_gspo.json").read_text())["results"]["grpo"]
+    assert res["align"]["runs"][0]["loss"] == {"loss_type": "dapo", "cliprange_high": 0.28, "ratio_level": "sequence"}
+    assert res["trl"]["runs"][0]["loss"] == {"loss_type": "dapo", "epsilon_high": 0.28,
+                                             "importance_sampling_level": "sequence"}
+    assert "#### GRPO (gspo loss) step" in (tmp_path / "po_trl_tiny_cpu_gspo.md").read_text()
+
+
 def _quickstart_like_data(d: Path) -> Path:
     """The four files compare_methods reads, from the quickstart task's generators (small)."""
     from align.demo.tasks import quickstart as task

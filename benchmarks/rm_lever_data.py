@@ -1,0 +1,78 @@
+"""Training files for the reward-model levers of benchmarks/rm_correctness.py: a pipeline's imported
+rankings plus comparisons labelled by the task's answer checker.
+
+    python benchmarks/rm_lever_data.py runs/smollm2/data --out runs/smollm2/data/levers
+
+Writes ``rankings_heldout.jsonl`` (the pipeline's held-out rankings: the reward stage's own
+``eval_fraction`` split by prompt, so the same records it held out) and, each starting with the
+rest of the pipeline's rankings unchanged, for ``data.train`` with ``data.eval`` the held-out file:
+
+* ``rankings_train.jsonl``: nothing more (for the levers that change only settings);
+* ``rankings_verifier.jsonl``: + for every annotated prompt whose K samples hold a right and a wrong
+  answer (the checker's verdict on the same samples the simulated people ranked), one pair per
+  (right, wrong) combination, right preferred. No new sampling: what a user with a verifier gets
+  from the data they already have.
+* ``rankings_synthetic.jsonl``: + the task's ``correctness_pairs`` on the reward split's questions
+  (``--n`` questions, two pairs each: the right answer against the same answer with the
+  distractor, same length, both ended). The reward split shares no question with the held-out
+  split rm_correctness.py measures on.
+
+Pairs on a held-out prompt are left out. Prints how many pairs each file adds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from itertools import product
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def verifier_pairs(export: list[dict]) -> list[dict]:
+    """(right, wrong) pairs among each Label Studio task's items, judged by the task's checker."""
+    from align.demo.tasks.short_answers import is_correct, parse_question
+    out = []
+    for task in export:
+        prompt, items = task["data"]["prompt"], task["data"]["items"]
+        q = parse_question(prompt)
+        if q is None:
+            continue
+        right = [it for it in items if is_correct(q["kind"], q["answer"], q["distractor"], it["body"],
+                                                  q.get("addends", set()))]
+        wrong = [it for it in items if it not in right]
+        out += [{"prompt": prompt, "chosen": r["body"], "rejected": w["body"], "source": "verifier"}
+                for r, w in product(right, wrong)]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data_dir", help="a pipeline's data/ (rankings.jsonl, label_studio_export.json)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, default=384, help="reward-split questions for the synthetic pairs")
+    ap.add_argument("--eval-fraction", type=float, default=0.1, help="the reward stage's data.eval_fraction")
+    a = ap.parse_args(argv)
+    from align.demo.tasks.short_answers import correctness_pairs
+    d, out = Path(a.data_dir), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from align.data.common import split_by_prompt
+    records = [json.loads(x) for x in (d / "rankings.jsonl").read_text().splitlines() if x.strip()]
+    train, held = split_by_prompt(records, a.eval_fraction)
+    held_prompts = {r["prompt"] for r in held}
+    lines = lambda rs: "".join(json.dumps(r) + "\n" for r in rs)  # noqa: E731
+    (out / "rankings_heldout.jsonl").write_text(lines(held))
+    extra = {"train": [],
+             "verifier": verifier_pairs(json.loads((d / "label_studio_export.json").read_text())),
+             "synthetic": [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in correctness_pairs("rm", a.n)]}
+    print(f"held out: {len(held)} rankings -> {out / 'rankings_heldout.jsonl'}")
+    for name, pairs in extra.items():
+        pairs = [p for p in pairs if p["prompt"] not in held_prompts]
+        (out / f"rankings_{name}.jsonl").write_text(lines(train) + lines(pairs))
+        print(f"{name}: {len(train)} rankings + {len(pairs)} pairs -> {out / f'rankings_{name}.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
