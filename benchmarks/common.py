@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORK = HERE / ".work"
@@ -210,13 +212,13 @@ def front_matter(payload: dict) -> str:
     load = payload.get("load_average") or {}
     script = Path(sys.argv[0]).resolve()
     script = script.relative_to(ROOT).as_posix() if ROOT in script.parents else sys.argv[0]
-    lines = ["---", f"measured: {payload.get('date') or time.strftime('%Y-%m-%d')}",
-             f"machine: {payload.get('machine') or machine()}", f"command: python {' '.join([script, *sys.argv[1:]])}"]
+    fm = {"measured": payload.get("date") or time.strftime("%Y-%m-%d"), "machine": payload.get("machine") or machine(),
+          "command": f"python {' '.join([script, *sys.argv[1:]])}"}
     if commit.returncode == 0:
-        lines.append(f"commit: {commit.stdout.strip()}")
+        fm["commit"] = commit.stdout.strip()
     if load:
-        lines.append(f"load average (1/5/15 min) at start: {load.get('start')}, at end: {load.get('end')}")
-    return "\n".join(lines + ["---", ""])
+        fm["load_average_1_5_15_min"] = {"start": load.get("start"), "end": load.get("end")}
+    return "---\n" + yaml.safe_dump(fm, sort_keys=False, width=10 ** 6, allow_unicode=True, default_flow_style=None) + "---\n"
 
 
 def write_results(name: str, payload: dict, markdown: str, out_dir: Path) -> None:

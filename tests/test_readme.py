@@ -85,3 +85,28 @@ def test_no_dates_issue_numbers_or_commits_in_the_docs():
 def test_every_config_key_has_a_meaning():
     missing = [ln for ln in config_reference().splitlines() if ln.startswith("| `") and ln.endswith("|  |")]
     assert not missing, missing
+
+
+def test_every_results_file_front_matter_is_a_yaml_mapping():
+    """The run history at the top of benchmarks/results/*.md is YAML a script can read (a value with
+    ': ' in it must be quoted), including what benchmarks/common.py's front_matter writes."""
+    import sys
+
+    import yaml
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import front_matter
+    bad = []
+    files = sorted((REPO / "benchmarks" / "results").rglob("*.md"))
+    written = front_matter({"date": "2026-01-01", "machine": "x86_64, 2 CPU cores: no GPU",
+                            "load_average": {"start": [0.5, 1.0, 1.5], "end": [1.0, 1.0, 1.0]}})
+    for name, text in [(f.relative_to(REPO), f.read_text(encoding="utf-8")) for f in files] + [("front_matter()", written)]:
+        if not text.startswith("---\n"):
+            continue
+        try:
+            data = yaml.safe_load(text.split("---\n", 2)[1])
+            if not isinstance(data, dict):
+                bad.append(f"{name}: front matter is not a mapping")
+        except yaml.YAMLError as e:
+            bad.append(f"{name}: {str(e).splitlines()[0]}")
+    assert len(files) > 20 and not bad, "\n".join(bad)
+    assert yaml.safe_load(written.split("---\n", 2)[1])["load_average_1_5_15_min"]["start"] == [0.5, 1.0, 1.5]
