@@ -275,6 +275,25 @@ def _reward_role_problems(run, path: str, key: str) -> list[str]:
             for p in parts if not run.resolve(p).is_dir()]
 
 
+def ignored_adapter_settings(adapter: AdapterConfig, sft_run: str, at: str) -> Iterator[str]:
+    """With ``init=sft_copy`` a stage trains a copy of the SFT run's adapters, so an ``adapter.*`` set
+    away from its default to a value the SFT run was not given would be silently ignored: each is
+    refused instead, naming the SFT run's config."""
+    from align.rundir import RunDir
+    record = RunDir(sft_run).config
+    try:
+        sft = yaml.safe_load(record.read_text())["adapter"]
+        sft = sft if isinstance(sft, dict) else {}
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return  # no readable config.yaml (a run made elsewhere): nothing to compare with
+    default = dataclasses.asdict(AdapterConfig())
+    for key, value in dataclasses.asdict(adapter).items():
+        if value != default.get(key) and key in sft and value != sft[key]:
+            yield (f"{at}adapter.{key}={value!r}: init=sft_copy trains a copy of the SFT run's adapters "
+                   f"({key}={sft[key]!r} in {record}), so this setting would be ignored; use init=sft_stack (new "
+                   f"adapters with these settings over the frozen SFT ones)")
+
+
 def backbone_problems(model_path: str, sft_run: str, key: str = "model.path") -> list[str]:
     """The backbone a stage will load: ``model.path`` when given, else the one the SFT run's
     backbone.json records; it must exist (a Hub id: be in the local cache)."""

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from align import evaluate
@@ -170,6 +171,27 @@ def test_reported_reward_init_sft_cpy(world):
     refused(world, "reward", "init=sft_cpy", match=r"init='sft_cpy': choose one of sft_copy, sft_stack, base")
     with pytest.raises(Tripwire):
         reward.run(config(world, "reward", "init=sft_copy"))
+
+
+def test_reward_adapter_settings_a_copy_of_the_sft_adapters_would_ignore_are_refused(world):
+    """init=sft_copy trains a copy of the SFT adapters: adapter.r=32 over an r=8 SFT run used to be
+    dropped without a word (a rank-32 lever measured the rank-8 model). Refused, in reward and DPO,
+    naming the SFT run's config; the SFT's own value, the defaults and init=sft_stack / base pass."""
+    from dataclasses import asdict
+
+    from align.adapters.base import AdapterConfig
+    from align.stages import dpo as dpo_stage
+    record = world["sft_run"] / "config.yaml"
+    record.write_text(yaml.safe_dump({"adapter": {**asdict(AdapterConfig()), "r": 8, "alpha": 16.0}}))
+    msg = refused(world, "reward", "adapter.r=32", "adapter.alpha=64", match=r"adapter.r=32: init=sft_copy trains a copy")
+    assert "adapter.alpha=64.0" in msg and str(record) in msg and "init=sft_stack" in msg
+    for ok in (["adapter.r=8"], [], ["init=sft_stack", "adapter.r=32"], ["init=base", "adapter.r=32"]):
+        validate(config(world, "reward", *ok))
+    dpo = [f"output_dir={world['out']}", f"sft_run={world['sft_run']}", f"data.train={world['tmp'] / 'prefs.jsonl'}",
+           "tracking.wandb=false"]
+    with pytest.raises(ConfigError, match=r"adapter.r=32: init=sft_copy trains a copy"):
+        validate(load_config(dpo_stage.DPOConfig, None, [*dpo, "adapter.r=32"]))
+    validate(load_config(dpo_stage.DPOConfig, None, [*dpo, "init=sft_stack", "adapter.r=32"]))
 
 
 def test_reported_missing_ppo_prompts_file(world):
