@@ -218,7 +218,8 @@ def front_matter(payload: dict) -> str:
         fm["commit"] = commit.stdout.strip()
     if load:
         fm["load_average_1_5_15_min"] = {"start": load.get("start"), "end": load.get("end")}
-    return "---\n" + yaml.safe_dump(fm, sort_keys=False, width=10 ** 6, allow_unicode=True, default_flow_style=None) + "---\n"
+    dumped = yaml.safe_dump(fm, sort_keys=False, width=10 ** 6, allow_unicode=True, default_flow_style=None)
+    return f"---\n{dumped}---\n"
 
 
 def write_results(name: str, payload: dict, markdown: str, out_dir: Path) -> None:

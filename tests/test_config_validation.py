@@ -183,7 +183,8 @@ def test_reward_adapter_settings_a_copy_of_the_sft_adapters_would_ignore_are_ref
     from align.stages import dpo as dpo_stage
     record = world["sft_run"] / "config.yaml"
     record.write_text(yaml.safe_dump({"adapter": {**asdict(AdapterConfig()), "r": 8, "alpha": 16.0}}))
-    msg = refused(world, "reward", "adapter.r=32", "adapter.alpha=64", match=r"adapter.r=32: init=sft_copy trains a copy")
+    msg = refused(world, "reward", "adapter.r=32", "adapter.alpha=64",
+                  match=r"adapter.r=32: init=sft_copy trains a copy")
     assert "adapter.alpha=64.0" in msg and str(record) in msg and "init=sft_stack" in msg
     for ok in (["adapter.r=8"], [], ["init=sft_stack", "adapter.r=32"], ["init=base", "adapter.r=32"]):
         validate(config(world, "reward", *ok))

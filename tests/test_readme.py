@@ -99,7 +99,8 @@ def test_every_results_file_front_matter_is_a_yaml_mapping():
     files = sorted((REPO / "benchmarks" / "results").rglob("*.md"))
     written = front_matter({"date": "2026-01-01", "machine": "x86_64, 2 CPU cores: no GPU",
                             "load_average": {"start": [0.5, 1.0, 1.5], "end": [1.0, 1.0, 1.0]}})
-    for name, text in [(f.relative_to(REPO), f.read_text(encoding="utf-8")) for f in files] + [("front_matter()", written)]:
+    texts = [(f.relative_to(REPO), f.read_text(encoding="utf-8")) for f in files] + [("front_matter()", written)]
+    for name, text in texts:
         if not text.startswith("---\n"):
             continue
         try:
