@@ -275,10 +275,12 @@ def _reward_role_problems(run, path: str, key: str) -> list[str]:
             for p in parts if not run.resolve(p).is_dir()]
 
 
-def ignored_adapter_settings(adapter: AdapterConfig, sft_run: str, at: str) -> Iterator[str]:
+def ignored_adapter_settings(init: str, adapter: AdapterConfig, sft_run: str, at: str) -> Iterator[str]:
     """With ``init=sft_copy`` a stage trains a copy of the SFT run's adapters, so an ``adapter.*`` set
     away from its default to a value the SFT run was not given would be silently ignored: each is
     refused instead, naming the SFT run's config."""
+    if init != "sft_copy" or not sft_run:
+        return
     from align.rundir import RunDir
     record = RunDir(sft_run).config
     try:

@@ -31,16 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def verifier_pairs(export: list[dict]) -> list[dict]:
-    """(right, wrong) pairs among each Label Studio task's items, judged by the task's checker."""
-    from align.demo.tasks.short_answers import is_correct, parse_question
+    """(right, wrong) pairs among each Label Studio task's items, judged by the task's checker (the
+    gold's correctness term)."""
+    from align.demo.tasks.short_answers import gold_terms, parse_question
     out = []
     for task in export:
         prompt, items = task["data"]["prompt"], task["data"]["items"]
-        q = parse_question(prompt)
-        if q is None:
+        if parse_question(prompt) is None:
             continue
-        right = [it for it in items if is_correct(q["kind"], q["answer"], q["distractor"], it["body"],
-                                                  q.get("addends", set()))]
+        right = [it for it in items if gold_terms(prompt, it["body"], it.get("ended", True))["correct"]]
         wrong = [it for it in items if it not in right]
         out += [{"prompt": prompt, "chosen": r["body"], "rejected": w["body"], "source": "verifier"}
                 for r, w in product(right, wrong)]
@@ -54,22 +53,20 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=384, help="reward-split questions for the synthetic pairs")
     ap.add_argument("--eval-fraction", type=float, default=0.1, help="the reward stage's data.eval_fraction")
     a = ap.parse_args(argv)
+    from align.data.common import read_records, split_by_prompt
     from align.demo.tasks.short_answers import correctness_pairs
+    from data_tools.canonical import write_records
     d, out = Path(a.data_dir), Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from align.data.common import split_by_prompt
-    records = [json.loads(x) for x in (d / "rankings.jsonl").read_text().splitlines() if x.strip()]
-    train, held = split_by_prompt(records, a.eval_fraction)
+    train, held = split_by_prompt(read_records(d / "rankings.jsonl"), a.eval_fraction)
     held_prompts = {r["prompt"] for r in held}
-    lines = lambda rs: "".join(json.dumps(r) + "\n" for r in rs)  # noqa: E731
-    (out / "rankings_heldout.jsonl").write_text(lines(held))
+    write_records(held, out / "rankings_heldout.jsonl")
     extra = {"train": [],
              "verifier": verifier_pairs(json.loads((d / "label_studio_export.json").read_text())),
              "synthetic": [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in correctness_pairs("rm", a.n)]}
     print(f"held out: {len(held)} rankings -> {out / 'rankings_heldout.jsonl'}")
     for name, pairs in extra.items():
         pairs = [p for p in pairs if p["prompt"] not in held_prompts]
-        (out / f"rankings_{name}.jsonl").write_text(lines(train) + lines(pairs))
+        write_records(train + pairs, out / f"rankings_{name}.jsonl")
         print(f"{name}: {len(train)} rankings + {len(pairs)} pairs -> {out / f'rankings_{name}.jsonl'}")
     return 0
 

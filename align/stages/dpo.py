@@ -150,8 +150,7 @@ class DPOConfig:
             yield f"{at}output_dir: required"
         yield from run_dir_problems(self.sft_run, f"{at}sft_run", "sft")
         yield from backbone_problems(self.model.path, self.sft_run, f"{at}model.path")
-        if self.init == "sft_copy" and self.sft_run:
-            yield from ignored_adapter_settings(self.adapter, self.sft_run, at)
+        yield from ignored_adapter_settings(self.init, self.adapter, self.sft_run, at)
 
 
 def build_dpo_roles(model, cfg: DPOConfig) -> tuple[list[dict], list[str]]:

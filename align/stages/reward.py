@@ -101,8 +101,7 @@ class RewardConfig:
         elif not self.model.path:
             yield f"{at}model.path: required with init=base and no sft_run (the backbone)"
         yield from backbone_problems(self.model.path, self.sft_run, f"{at}model.path")
-        if self.init == "sft_copy" and self.sft_run:
-            yield from ignored_adapter_settings(self.adapter, self.sft_run, at)
+        yield from ignored_adapter_settings(self.init, self.adapter, self.sft_run, at)
 
 
 def build_reward_role(model, cfg: RewardConfig) -> list[dict]:
