@@ -37,11 +37,12 @@ Same on both sides, per method:
   ``loss_type=grpo``) and ``scale_rewards="group"``; ``--grpo-loss dapo`` (TRL ``loss_type="dapo",
   epsilon_high=0.28``; align ``loss_type=dapo, cliprange_high=0.28``) or ``gspo`` (that, plus TRL
   ``importance_sampling_level="sequence"``; align ``ratio_level=sequence``) changes the loss on both sides.
-  RLOO: leave-one-out baseline, no advantage normalisation. The reward is the Python callable ``length_reward`` below (characters of the
-  completion / 100) on both sides: align's ``reward_fn=benchmarks.bench_po:length_reward`` (no
-  normalisation: with a programmatic reward align's statistics are mean 0, std 1; its missing-stop
-  penalty off, as TRL has none), TRL's ``reward_funcs=[length_reward]``. No vLLM, no continuous
-  batching (TRL's defaults), transformers ``generate`` with a KV cache.
+  RLOO: leave-one-out baseline, no advantage normalisation. The reward is the Python callable
+  ``length_reward`` below (characters of the completion / 100) on both sides: align's
+  ``reward_fn=benchmarks.bench_po:length_reward`` (no normalisation: with a programmatic reward
+  align's statistics are mean 0, std 1; its missing-stop penalty off, as TRL has none), TRL's
+  ``reward_funcs=[length_reward]``. No vLLM, no continuous batching (TRL's defaults), transformers
+  ``generate`` with a KV cache.
 
 What differs and could not be removed (each side does what its design does):
 
