@@ -16,8 +16,12 @@ rest of the pipeline's rankings unchanged, for ``data.train`` with ``data.eval``
   (``--n`` questions, two pairs each: the right answer against the same answer with the
   distractor, same length, both ended). The reward split shares no question with the held-out
   split rm_correctness.py measures on.
+* ``rankings_more.jsonl`` (with ``--more``): + another pipeline's rankings, annotated the same way on
+  more prompts of the same split (``annotate.prompts`` larger; the task's questions are the same
+  prefix), on the prompts this pipeline did not rank. The lever "more ranked prompts".
 
-Pairs on a held-out prompt are left out. Prints how many pairs each file adds.
+Records on a held-out prompt are left out (for ``--more``, also those the same hash split would hold
+out). Prints how many records each file adds.
 """
 from __future__ import annotations
 
@@ -51,13 +55,16 @@ def main(argv=None) -> int:
     ap.add_argument("data_dir", help="a pipeline's data/ (rankings.jsonl, label_studio_export.json)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=384, help="reward-split questions for the synthetic pairs")
+    ap.add_argument("--more", help="another pipeline's data/ annotated on more prompts (rankings.jsonl): "
+                                   "its rankings on prompts not ranked here become rankings_more.jsonl")
     ap.add_argument("--eval-fraction", type=float, default=0.1, help="the reward stage's data.eval_fraction")
     a = ap.parse_args(argv)
-    from align.data.common import read_records, split_by_prompt
+    from align.data.common import prompt_key, read_records, split_by_prompt
     from align.demo.tasks.short_answers import correctness_pairs
     from data_tools.canonical import write_records
     d, out = Path(a.data_dir), Path(a.out)
-    train, held = split_by_prompt(read_records(d / "rankings.jsonl"), a.eval_fraction)
+    ranked = read_records(d / "rankings.jsonl")
+    train, held = split_by_prompt(ranked, a.eval_fraction)
     held_prompts = {r["prompt"] for r in held}
     write_records(held, out / "rankings_heldout.jsonl")
     extra = {"train": [],
@@ -68,6 +75,13 @@ def main(argv=None) -> int:
         pairs = [p for p in pairs if p["prompt"] not in held_prompts]
         write_records(train + pairs, out / f"rankings_{name}.jsonl")
         print(f"{name}: {len(train)} rankings + {len(pairs)} pairs -> {out / f'rankings_{name}.jsonl'}")
+    if a.more:
+        seen = {prompt_key(r) for r in ranked}
+        more_train, _ = split_by_prompt(read_records(Path(a.more) / "rankings.jsonl"), a.eval_fraction)
+        new = [r for r in more_train if prompt_key(r) not in seen and r["prompt"] not in held_prompts]
+        write_records(train + new, out / "rankings_more.jsonl")
+        print(f"more: {len(train)} rankings + {len(new)} rankings on {len({prompt_key(r) for r in new})} "
+              f"more prompts -> {out / 'rankings_more.jsonl'}")
     return 0
 
 

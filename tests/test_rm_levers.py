@@ -49,3 +49,29 @@ def test_lever_files_keep_the_held_out_prompts_out_of_training(tmp_path):
     assert synthetic[:len(train)] == train and len(synthetic) > len(train)
     assert not {r["prompt"] for r in synthetic} & held_prompts
     assert read("rankings_verifier.jsonl")[:len(train)] == train
+
+
+def test_more_rankings_add_only_prompts_not_ranked_and_not_held_out(tmp_path):
+    """--more: a larger annotation round (the same questions as a prefix) adds its rankings on the
+    new prompts; the ones this pipeline ranked and the hash split's held-out prompts stay out."""
+    from align.data.common import split_by_prompt
+    from align.demo.tasks.short_answers import prompts
+    qs = prompts("rm", 80)
+    rank = lambda q, tag: {"prompt": q, "chosen": f"{tag} a.", "rejected": "b c d e."}  # noqa: E731
+    small, large = tmp_path / "small", tmp_path / "large"
+    for d, n, tag in ((small, 30, "first"), (large, 80, "second")):
+        d.mkdir()
+        (d / "rankings.jsonl").write_text("".join(json.dumps(rank(q, tag)) + "\n" for q in qs[:n]))
+        (d / "label_studio_export.json").write_text("[]")
+    assert main([str(small), "--out", str(tmp_path / "out"), "--n", "4", "--eval-fraction", "0.3",
+                 "--more", str(large)]) == 0
+    read = lambda name: [json.loads(x) for x in (tmp_path / "out" / name).read_text().splitlines()]  # noqa: E731
+    train, held = split_by_prompt([rank(q, "first") for q in qs[:30]], 0.3)
+    more = read("rankings_more.jsonl")
+    assert more[:len(train)] == train
+    added = more[len(train):]
+    _, held_large = split_by_prompt([rank(q, "second") for q in qs], 0.3)
+    want = [q for q in qs[30:] if q not in {r["prompt"] for r in held_large}]
+    assert [r["prompt"] for r in added] == want and want
+    assert all(r["chosen"] == "second a." for r in added)
+    assert not {r["prompt"] for r in more} & {r["prompt"] for r in held}
