@@ -265,3 +265,34 @@ def test_an_entropy_collapse_is_warned_once():
     for it, h in enumerate([2.0, 0.01]):
         loop.watch_entropy(it, h)
     assert len(printed) == 1
+
+
+@pytest.mark.parametrize("loss_type, scale_rewards, scaled", [
+    ("dapo", "auto", True), ("grpo", "auto", True), ("dr_grpo", "auto", False),
+    ("dapo", "none", False), ("dr_grpo", "group", True)])
+def test_scale_rewards_decides_the_division_by_the_group_std(loss_type, scale_rewards, scaled):
+    from types import SimpleNamespace
+    loop = grpo.GRPOLoop.__new__(grpo.GRPOLoop)   # advantages() reads only the algorithm's settings
+    loop.a = grpo.GRPOAlgoConfig(loss_type=loss_type, scale_rewards=scale_rewards, group_size=3)
+    s = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    lp = torch.zeros(6, 2)
+    ro = SimpleNamespace(scores=s, logprobs=lp, ref_logprobs=lp, response_mask=torch.ones(6, 2, dtype=torch.bool))
+    std = torch.tensor([1.0, 2.0, 3.0]).std() if scaled else torch.tensor(1.0)
+    want = torch.tensor([-1.0, 0, 1, 0, 0, 0]) / torch.tensor([std] * 3 + [1.0] * 3)
+    torch.testing.assert_close(loop.advantages(ro)["advantages"], want, atol=1e-5, rtol=0)
+
+
+def test_mixing_the_learned_reward_under_std_scaling_is_warned_about():
+    def cfg(rewards, **algo):
+        c = grpo.GRPOConfig()
+        c.rewards = rewards
+        for k, v in algo.items():
+            setattr(c.grpo, k, v)
+        return c
+    mix = [{"role": "reward", "weight": 1.0}, {"fn": "align.demo.tasks.short_answers:correct", "weight": 2.0}]
+    msg = grpo.mixed_reward_warning(cfg(mix, loss_type="dapo"))
+    assert msg and "scale_rewards=none" in msg and "loss_type=dapo" in msg
+    assert grpo.mixed_reward_warning(cfg(mix, loss_type="dapo", scale_rewards="none")) is None
+    assert grpo.mixed_reward_warning(cfg(mix, loss_type="dr_grpo")) is None
+    assert grpo.mixed_reward_warning(cfg(mix[1:], loss_type="dapo")) is None      # verifiers only
+    assert grpo.mixed_reward_warning(cfg(mix[:1], loss_type="dapo")) is None      # the learned reward alone

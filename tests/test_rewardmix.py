@@ -46,7 +46,7 @@ def test_a_bad_rewards_list_is_refused_before_anything_is_written(tiny_llama, tm
     assert not (tmp_path / "g").exists()
 
 
-def test_a_learned_reward_and_a_verifier_mixed_are_each_logged_and_summed_with_their_weights(tiny_llama, tmp_path):
+def test_a_learned_reward_and_a_verifier_mixed_are_each_logged_and_summed_with_their_weights(tiny_llama, tmp_path, capsys):
     sft = H.fake_sft_run(tiny_llama, tmp_path / "sft")
     rm = H.fake_reward_run(tiny_llama, tmp_path / "rm")
     prompts = H.write_prompts(tmp_path / "p.jsonl", [f"the {w} {a}" for w in "happy sad quick lazy".split()
@@ -55,6 +55,7 @@ def test_a_learned_reward_and_a_verifier_mixed_are_each_logged_and_summed_with_t
                  "rewards=[{role: reward, weight: 0.5}, {fn: tests.ppo_helpers:picky, weight: 2.0, name: dogs}]",
                  "grpo.iterations=2", "grpo.response_length=4", "grpo.normalize_reward=false",
                  "grpo.missing_stop_mode=none"))
+    assert "[grpo] warning: the learned reward is mixed with other rewards" in capsys.readouterr().out
     rows = [m for m in metrics(tmp_path / "run") if "objective/raw_scores" in m]
     assert len(rows) == 2
     for m in rows:
