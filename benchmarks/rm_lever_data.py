@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     if a.more:
         seen = {prompt_key(r) for r in ranked}
         more_train, _ = split_by_prompt(read_records(Path(a.more) / "rankings.jsonl"), a.eval_fraction)
-        new = [r for r in more_train if prompt_key(r) not in seen and r["prompt"] not in held_prompts]
+        new = [r for r in more_train if prompt_key(r) not in seen]   # seen holds the held-out prompts too
         write_records(train + new, out / "rankings_more.jsonl")
         print(f"more: {len(train)} rankings + {len(new)} rankings on {len({prompt_key(r) for r in new})} "
               f"more prompts -> {out / 'rankings_more.jsonl'}")
